@@ -1,0 +1,114 @@
+"""Drawing the mixup pairing and mixing weights: all of mixup's randomness, apart from compute."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PAIRINGS = ("permutation", "flip", "roll")
+LAM_MODES = ("batch", "sample")
+
+
+@dataclass(frozen=True)
+class MixPairs:
+    """Who is mixed with whom, and how much.
+
+    Sample ``i`` becomes ``lam[i] * x[i] + (1 - lam[i]) * x[perm[i]]``.
+
+    Attributes:
+        perm: (B,) int64 partner index of every sample.
+        lam: (B,) float32 weight of the sample itself, in [0, 1]. With ``lam_mode="batch"``
+            all entries are equal.
+    """
+
+    perm: torch.Tensor
+    lam: torch.Tensor
+
+    def __post_init__(self):
+        perm, lam = self.perm, self.lam
+        if not isinstance(perm, torch.Tensor) or not isinstance(lam, torch.Tensor):
+            raise TypeError("MixPairs: perm and lam must be torch tensors")
+        if perm.ndim != 1 or lam.ndim != 1 or perm.shape != lam.shape:
+            raise ValueError(
+                f"MixPairs: perm and lam must both have shape (B,), got {tuple(perm.shape)} and {tuple(lam.shape)}"
+            )
+        if perm.dtype != torch.int64:
+            raise TypeError(f"MixPairs: perm must be int64, got {perm.dtype}")
+        if not lam.dtype.is_floating_point:
+            raise TypeError(f"MixPairs: lam must be a float tensor, got {lam.dtype}")
+        b = perm.shape[0]
+        if b and (int(perm.min()) < 0 or int(perm.max()) >= b):
+            raise ValueError(f"MixPairs: perm entries must lie in [0, {b}), got [{int(perm.min())}, {int(perm.max())}]")
+        if b and not bool(((lam >= 0) & (lam <= 1)).all()):
+            raise ValueError(
+                f"MixPairs: lam must lie in [0, 1], got [{float(lam.min())}, {float(lam.max())}]"
+            )
+
+    def __len__(self) -> int:
+        return self.perm.shape[0]
+
+    def to(self, device) -> "MixPairs":
+        """The same pairs on another device."""
+        return MixPairs(self.perm.to(device), self.lam.to(device))
+
+
+def _rng(generator) -> np.random.Generator:
+    if generator is None:
+        return np.random.default_rng()
+    if isinstance(generator, np.random.Generator):
+        return generator
+    if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+        return np.random.default_rng(int(generator))
+    raise TypeError(
+        f"generator: expected a numpy.random.Generator, an int seed or None, got {type(generator).__name__}"
+    )
+
+
+def sample_pairs(
+    batch_size: int,
+    alpha: float = 1.0,
+    *,
+    pairing: str = "permutation",
+    lam_mode: str = "batch",
+    generator=None,
+) -> MixPairs:
+    """Draw the pairing and the mixing weights for one batch.
+
+    Args:
+        batch_size: B, the number of samples (0 gives empty pairs).
+        alpha: lambda ~ Beta(alpha, alpha); ``alpha <= 0`` means no mixing (lambda = 1 and the
+            identity pairing).
+        pairing: ``"permutation"`` (uniform random, the GenLabel authors' choice), ``"flip"``
+            (reversed batch, timm) or ``"roll"`` (shift by one, torchvision).
+        lam_mode: ``"batch"`` (one lambda for the batch, the default) or ``"sample"``.
+        generator: a ``numpy.random.Generator`` or an int seed; None draws fresh entropy.
+
+    Returns:
+        MixPairs with ``perm`` (B,) int64 and ``lam`` (B,) float32, on the CPU.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 0:
+        raise ValueError(f"batch_size: expected a non-negative integer, got {batch_size!r}")
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing: expected one of {PAIRINGS}, got {pairing!r}")
+    if lam_mode not in LAM_MODES:
+        raise ValueError(f"lam_mode: expected one of {LAM_MODES}, got {lam_mode!r}")
+    alpha = float(alpha)
+    if not np.isfinite(alpha):
+        raise ValueError(f"alpha: expected a finite number, got {alpha!r}")
+    rng = _rng(generator)
+    b = int(batch_size)
+    if alpha <= 0:
+        return MixPairs(torch.arange(b, dtype=torch.int64), torch.ones(b, dtype=torch.float32))
+    if pairing == "permutation":
+        perm = rng.permutation(b)
+    elif pairing == "flip":
+        perm = np.arange(b)[::-1]
+    else:
+        perm = np.roll(np.arange(b), 1)
+    draws = 1 if lam_mode == "batch" else b
+    lam = np.broadcast_to(rng.beta(alpha, alpha, size=draws), (b,))
+    return MixPairs(
+        torch.from_numpy(np.ascontiguousarray(perm, dtype=np.int64)),
+        torch.from_numpy(np.ascontiguousarray(lam, dtype=np.float32)),
+    )

@@ -1,0 +1,223 @@
+"""What every class-conditional model offers: fit, log-likelihoods, priors, safe files."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..functional._arrays import Array, as_tensor, check_float_features, check_labels, check_num_classes, like
+from . import io
+
+PRIORS = ("uniform", "empirical")
+LOG_2PI = math.log(2 * math.pi)
+
+# Work in chunks of at most this many float64 elements when a (N, K, ...) product is formed.
+CHUNK_ELEMENTS = 1 << 22
+
+
+class NotFittedError(RuntimeError):
+    """A model was used before ``fit``."""
+
+
+class ClassModel:
+    """Base of the per-class generative models.
+
+    Subclasses keep *sufficient statistics* (``self.stats``) that merge across batches and
+    processes, and derive their parameters from them in ``_finalize``. Everything is computed
+    in float64 on the statistics' device.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, prior: str = "uniform"):
+        if prior not in PRIORS:
+            raise ValueError(f"prior: expected one of {PRIORS}, got {prior!r}")
+        self.prior = prior
+        self.stats = None
+
+    # ---- configuration -------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-serialisable."""
+        return {"prior": self.prior}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        fitted = f", num_classes={self.num_classes}, dim={self.dim}" if self.stats is not None else ""
+        return f"{type(self).__name__}({args}{fitted})"
+
+    # ---- fitting -------------------------------------------------------------------------
+    def fit(self, z: Array, y: Array, num_classes: int) -> "ClassModel":
+        """Fit one density per class.
+
+        Args:
+            z: (N, d) finite float features.
+            y: (N,) integer labels in [0, num_classes).
+            num_classes: K.
+
+        Returns:
+            self, fitted.
+        """
+        return self.fit_stats(self.compute_stats(z, y, num_classes))
+
+    def compute_stats(self, z: Array, y: Array, num_classes: int):
+        """Sufficient statistics of one batch; merge them with ``stats.merge(other)``."""
+        k = check_num_classes(num_classes)
+        zt = as_tensor(z, "z")
+        check_float_features(zt, "z")
+        yt = check_labels(as_tensor(y, "y", device=zt.device), "y", k, n=zt.shape[0])
+        if zt.shape[1] < 1:
+            raise ValueError("z: expected at least one feature per row, got shape (N, 0)")
+        return self._stats_type().from_batch(zt.to(torch.float64), yt, k, **self._stats_options())
+
+    def fit_stats(self, stats) -> "ClassModel":
+        """Fit from (merged) sufficient statistics."""
+        if not isinstance(stats, self._stats_type()):
+            raise TypeError(f"stats: expected {self._stats_type().__name__}, got {type(stats).__name__}")
+        counts = stats.count
+        if float(counts.sum()) <= 0:
+            raise ValueError("z, y: no training samples; every class is empty")
+        empty = torch.nonzero(counts <= 0).flatten().tolist()
+        if empty:
+            warnings.warn(
+                f"{type(self).__name__}: class(es) {empty[:10]}{'...' if len(empty) > 10 else ''} have no "
+                "training samples; they get log-likelihood -inf and never receive GenLabel mass",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.stats = stats
+        self._finalize()
+        return self
+
+    def _stats_type(self):
+        raise NotImplementedError
+
+    def _stats_options(self) -> dict[str, Any]:
+        return {}
+
+    def _finalize(self) -> None:
+        raise NotImplementedError
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def _require_fitted(self) -> None:
+        if self.stats is None:
+            raise NotFittedError(f"{type(self).__name__} is not fitted; call fit(z, y, num_classes) first")
+
+    @property
+    def num_classes(self) -> int:
+        self._require_fitted()
+        return int(self.stats.count.shape[0])
+
+    @property
+    def dim(self) -> int:
+        self._require_fitted()
+        return int(self.stats.dim)
+
+    @property
+    def device(self) -> torch.device:
+        self._require_fitted()
+        return self.stats.count.device
+
+    @property
+    def class_counts(self) -> torch.Tensor:
+        """(K,) number of training samples seen per class."""
+        self._require_fitted()
+        return self.stats.count
+
+    @property
+    def log_prior(self) -> torch.Tensor:
+        """(K,) float64 log class priors (uniform or empirical); -inf for empty classes."""
+        self._require_fitted()
+        n = self.stats.count
+        if self.prior == "uniform":
+            lp = torch.full_like(n, -math.log(n.shape[0]))
+        else:
+            lp = torch.log(n / n.sum())
+        return torch.where(n > 0, lp, torch.full_like(lp, -math.inf))
+
+    def log_likelihood(self, z: Array) -> Array:
+        """Per-class log-densities, normalising constants included.
+
+        Args:
+            z: (N, d) finite float features.
+
+        Returns:
+            (N, K) log p_c(z) in float64 (same array type as ``z``); -inf for empty classes.
+        """
+        self._require_fitted()
+        zt = as_tensor(z, "z")
+        check_float_features(zt, "z", dim=self.dim)
+        zt = zt.to(device=self.device, dtype=torch.float64)
+        ll = self._log_likelihood(zt)
+        ll = torch.where(self.stats.count > 0, ll, torch.full_like(ll, -math.inf))
+        return like(ll, z)
+
+    def log_joint(self, z: Array) -> Array:
+        """(N, K) log p_c(z) + log pi_c; its softmax over classes is the GenLabel label."""
+        zt = as_tensor(z, "z")
+        out = as_tensor(self.log_likelihood(zt), "ll") + self.log_prior
+        return like(out, z)
+
+    def _log_likelihood(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- state and files -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Kind, options and sufficient statistics (NumPy arrays); enough to rebuild the model."""
+        self._require_fitted()
+        state = {"kind": self.kind, **self.config()}
+        state.update({f"stats.{k}": v for k, v in self.stats.to_numpy().items()})
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device=None) -> "ClassModel":
+        state = dict(state)
+        kind = state.pop("kind", None)
+        if kind != cls.kind:
+            raise ValueError(f"state: holds a {kind!r} model, not a {cls.kind!r} model")
+        arrays = {k[len("stats."):]: state.pop(k) for k in list(state) if k.startswith("stats.")}
+        try:
+            model = cls(**state)
+        except TypeError as e:
+            raise ValueError(f"state: unexpected options for {cls.__name__}: {e}") from e
+        stats = model._stats_type().from_numpy(arrays, device=device, **model._stats_options())
+        return model.fit_stats(stats)
+
+    def save(self, path) -> None:
+        """Write the model to ``path`` (a ``.npz`` file that loads without pickle)."""
+        state = self.state_dict()
+        arrays = {k: np.asarray(v) for k, v in state.items() if k.startswith("stats.")}
+        meta = {k: v for k, v in state.items() if not k.startswith("stats.")}
+        io.save_state(path, meta, arrays)
+
+    @classmethod
+    def load(cls, path, device=None) -> "ClassModel":
+        """Read a model written by :meth:`save`; raises ``ModelFileError`` on a bad file."""
+        model = load_model(path, device=device)
+        if not isinstance(model, cls):
+            raise io.ModelFileError(f"model file {path!r} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+
+_REGISTRY: dict[str, type[ClassModel]] = {}
+
+
+def register(cls: type[ClassModel]) -> type[ClassModel]:
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def load_model(path, device=None) -> ClassModel:
+    """Load any fastgenlabel class model file."""
+    meta, arrays = io.load_state(path)
+    kind = meta.get("kind")
+    if kind not in _REGISTRY:
+        raise io.ModelFileError(f"model file {path!r}: unknown model kind {kind!r}")
+    state = dict(meta)
+    state.update({k: v for k, v in arrays.items()})
+    try:
+        return _REGISTRY[kind].from_state_dict(state, device=device)
+    except (ValueError, TypeError, KeyError) as e:
+        raise io.ModelFileError(f"model file {path!r} holds an inconsistent model: {e}") from e

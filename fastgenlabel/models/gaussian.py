@@ -1,0 +1,182 @@
+"""One Gaussian per class: full, diagonal or tied (shared) covariance."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .base import CHUNK_ELEMENTS, LOG_2PI, ClassModel, register
+
+COVARIANCES = ("full", "diag", "tied")
+
+
+@dataclass(frozen=True)
+class GaussianStats:
+    """Per-class count, mean and centred scatter (M2), merged with Chan et al.'s pairwise rule.
+
+    ``m2`` is (K, d, d) for "full", (K, d) for "diag" and the pooled within-class (d, d) for
+    "tied". All tensors are float64 on the features' device.
+    """
+
+    covariance: str
+    count: torch.Tensor  # (K,)
+    mean: torch.Tensor  # (K, d)
+    m2: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[1]
+
+    @classmethod
+    def from_batch(cls, z: torch.Tensor, y: torch.Tensor, k: int, covariance: str) -> "GaussianStats":
+        d = z.shape[1]
+        count = torch.bincount(y, minlength=k).to(z.dtype)
+        total = torch.zeros(k, d, dtype=z.dtype, device=z.device).index_add_(0, y, z)
+        mean = total / count.clamp(min=1).unsqueeze(1)
+        centred = z - mean[y]
+        if covariance == "diag":
+            m2 = torch.zeros(k, d, dtype=z.dtype, device=z.device).index_add_(0, y, centred * centred)
+        elif covariance == "tied":
+            m2 = centred.T @ centred
+        else:
+            m2 = torch.zeros(k, d, d, dtype=z.dtype, device=z.device)
+            for c in torch.unique(y).tolist():
+                xc = centred[y == c]
+                m2[c] = xc.T @ xc
+        return cls(covariance, count, mean, m2)
+
+    def merge(self, other: "GaussianStats") -> "GaussianStats":
+        """Statistics of the union of both batches (exact, numerically stable)."""
+        if not isinstance(other, GaussianStats) or other.covariance != self.covariance:
+            raise TypeError("other: expected GaussianStats of the same covariance type")
+        if other.mean.shape != self.mean.shape:
+            raise ValueError(f"other: statistics of shape {tuple(other.mean.shape)} do not match {tuple(self.mean.shape)}")
+        na, nb = self.count, other.count.to(self.count.device)
+        n = na + nb
+        delta = other.mean.to(self.mean.device) - self.mean
+        w_b = torch.where(n > 0, nb / n.clamp(min=1), torch.zeros_like(n))
+        cross = torch.where(n > 0, na * nb / n.clamp(min=1), torch.zeros_like(n))
+        mean = self.mean + delta * w_b.unsqueeze(1)
+        m2b = other.m2.to(self.m2.device)
+        if self.covariance == "diag":
+            m2 = self.m2 + m2b + delta * delta * cross.unsqueeze(1)
+        elif self.covariance == "tied":
+            m2 = self.m2 + m2b + (delta * cross.unsqueeze(1)).T @ delta
+        else:
+            m2 = self.m2 + m2b + delta.unsqueeze(2) * delta.unsqueeze(1) * cross.view(-1, 1, 1)
+        return GaussianStats(self.covariance, n, mean, m2)
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        return {"count": self.count.cpu().numpy(), "mean": self.mean.cpu().numpy(), "m2": self.m2.cpu().numpy()}
+
+    @classmethod
+    def from_numpy(cls, arrays, device=None, covariance: str = "full") -> "GaussianStats":
+        t = {k: torch.as_tensor(np.asarray(arrays[k]), dtype=torch.float64, device=device) for k in ("count", "mean", "m2")}
+        k, d = t["mean"].shape if t["mean"].ndim == 2 else (-1, -1)
+        want = {"full": (k, d, d), "diag": (k, d), "tied": (d, d)}[covariance]
+        if t["count"].shape != (k,) or t["m2"].shape != want or k < 1 or d < 1:
+            raise ValueError(
+                f"stats: shapes count {tuple(t['count'].shape)}, mean {tuple(t['mean'].shape)}, "
+                f"m2 {tuple(t['m2'].shape)} do not form {covariance!r} statistics"
+            )
+        if not all(bool(torch.isfinite(v).all()) for v in t.values()) or bool((t["count"] < 0).any()):
+            raise ValueError("stats: non-finite values or negative counts")
+        return cls(covariance, t["count"], t["mean"], t["m2"])
+
+
+@register
+class GaussianClassModel(ClassModel):
+    """Class-conditional Gaussians (the paper's "GM": one Gaussian per class, not a mixture).
+
+    Sigma_c is the maximum-likelihood covariance (divided by n_c) plus ``reg * I``.
+
+    - ``covariance="full"``: one full covariance per class (the paper's model).
+    - ``"diag"``: per-class variances; ``"tied"``: one pooled within-class covariance shared by
+      all classes (cheap variants for large K and d).
+
+    Defined fallbacks: a class with one sample gets covariance ``reg * I`` (full, diag) and
+    relies on the pooled covariance (tied); a class with none gets log-likelihood -inf and a
+    warning. A covariance that is not positive definite (only possible with ``reg=0``) raises
+    ``ValueError`` naming the class.
+
+    Parameters derived on fit (float64): ``means`` (K, d) and either ``precision_chol``
+    (K, d, d) / (d, d) with Sigma^-1 = L L^T, or ``variances`` (K, d); ``log_norm`` (K,)
+    = sum(log diag L) - d/2 log(2 pi).
+    """
+
+    kind = "gaussian"
+
+    def __init__(self, covariance: str = "full", reg: float = 1e-4, prior: str = "uniform"):
+        super().__init__(prior)
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance: expected one of {COVARIANCES}, got {covariance!r}")
+        reg = float(reg)
+        if not (reg >= 0 and np.isfinite(reg)):
+            raise ValueError(f"reg: expected a finite number >= 0, got {reg!r}")
+        self.covariance = covariance
+        self.reg = reg
+
+    def config(self):
+        return {"covariance": self.covariance, "reg": self.reg, **super().config()}
+
+    def _stats_type(self):
+        return GaussianStats
+
+    def _stats_options(self):
+        return {"covariance": self.covariance}
+
+    def _finalize(self) -> None:
+        s = self.stats
+        if s.covariance != self.covariance:
+            raise ValueError(f"stats: {s.covariance!r} statistics cannot fit a {self.covariance!r} model")
+        n, d = s.count, s.dim
+        eye = torch.eye(d, dtype=torch.float64, device=n.device)
+        self.means = s.mean
+        if s.covariance == "diag":
+            var = s.m2 / n.clamp(min=1).unsqueeze(1) + self.reg
+            var = torch.where((n > 0).unsqueeze(1), var, torch.ones_like(var))
+            bad = torch.nonzero(~(var > 0).all(dim=1)).flatten().tolist()
+            if bad:
+                raise ValueError(f"reg: class(es) {bad[:10]} have a zero variance; use reg > 0")
+            self.variances = var
+            self.log_norm = -0.5 * torch.log(var).sum(dim=1) - 0.5 * d * LOG_2PI
+            return
+        if s.covariance == "tied":
+            sigma = (s.m2 / n.sum() + self.reg * eye).unsqueeze(0)
+        else:
+            sigma = s.m2 / n.clamp(min=1).view(-1, 1, 1) + self.reg * eye
+            sigma = torch.where((n > 0).view(-1, 1, 1), sigma, eye.expand_as(sigma))
+        chol, info = torch.linalg.cholesky_ex(sigma)
+        bad = torch.nonzero(info != 0).flatten().tolist()
+        if bad:
+            which = "the tied covariance" if s.covariance == "tied" else f"class(es) {bad[:10]}"
+            raise ValueError(f"reg: the covariance of {which} is not positive definite; use reg > 0")
+        # Sigma = C C^T  =>  Sigma^-1 = C^-T C^-1 = L L^T with L = C^-T.
+        c_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+        prec_chol = c_inv.transpose(-1, -2)
+        log_norm = torch.log(torch.diagonal(prec_chol, dim1=-2, dim2=-1)).sum(-1) - 0.5 * d * LOG_2PI
+        if s.covariance == "tied":
+            self.precision_chol = prec_chol[0]
+            self.log_norm = log_norm.expand(n.shape[0]).clone()
+        else:
+            self.precision_chol = prec_chol
+            self.log_norm = log_norm
+
+    def _log_likelihood(self, z: torch.Tensor) -> torch.Tensor:
+        k, d = self.means.shape
+        out = torch.empty(z.shape[0], k, dtype=torch.float64, device=z.device)
+        step = max(1, CHUNK_ELEMENTS // max(1, z.shape[0] * d))
+        for c0 in range(0, k, step):
+            c1 = min(k, c0 + step)
+            diff = z.unsqueeze(1) - self.means[c0:c1].unsqueeze(0)  # (N, k, d)
+            if self.covariance == "diag":
+                maha = (diff * diff / self.variances[c0:c1]).sum(-1)
+            elif self.covariance == "tied":
+                u = diff @ self.precision_chol  # rows: (z - mu)^T L
+                maha = (u * u).sum(-1)
+            else:
+                u = torch.einsum("nkd,kde->nke", diff, self.precision_chol[c0:c1])
+                maha = (u * u).sum(-1)
+            out[:, c0:c1] = -0.5 * maha + self.log_norm[c0:c1]
+        return out
