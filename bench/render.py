@@ -1,0 +1,93 @@
+"""Render a pytest-benchmark JSON file as one markdown table, plus the issue's goal ratios.
+
+    python bench/render.py out/bench.json [--out out/bench.md]
+
+Every row: workload (the benchmark group), implementation, median, interquartile range, rounds,
+and the ratio to the fastest implementation of the same workload. Goals compare two
+implementations of one workload measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+
+# (goal, workload regex, fast impl, baseline impl, the baseline must be at least this many times slower)
+GOALS = [
+    ("GPU pixel B=256: >= 2x faster than torch.compile", r"^pixel .*B=256 .*\[cuda\]", "numba-cuda", "torch.compile", 2.0),
+    ("GPU pixel B=256: >= 10x faster than torch eager normalise + timm Mixup",
+     r"^pixel .*B=256 .*\[cuda\]", "numba-cuda", "torch eager + timm Mixup(batch)", 10.0),
+    ("CPU pixel: >= 3x faster than torch eager normalise + mixup", r"^pixel .*\[cpu\]", "numba-cpu",
+     "torch eager + timm Mixup(batch)", 3.0),
+    ("CPU pixel: >= 3x faster than torch eager normalise + mixup (timm stand-in)", r"^pixel .*\[cpu\]", "numba-cpu",
+     "torch eager + eager mixup (timm batch stand-in)", 3.0),
+    ("GPU relabel B=256 K=1000 full: >= 10x faster than MultivariateNormal.log_prob + softmax",
+     r"^relabel .*full.*B=256 .*K=1000.*\[cuda\]", "numba-cuda", "torch MultivariateNormal", 10.0),
+]
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds:.2f} s"
+
+
+def render(data: dict) -> str:
+    machine = data.get("machine_info", {})
+    commit = machine.get("fastgenlabel_commit") or data.get("commit_info", {}).get("id", "?")[:10]
+    cpu = machine.get("cpu", {}).get("brand_raw", machine.get("processor", "?"))
+    lines = [
+        f"Machine: {cpu} ({machine.get('cpu', {}).get('count', '?')} cores)"
+        + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU")
+        + f"; torch threads {machine.get('torch_threads', '?')}",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in machine.get('versions', {}).items())}; commit {commit}; "
+        f"{data.get('datetime', '')}",
+        "",
+        "| workload | implementation | median | IQR | rounds | x fastest |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    groups: dict[str, list] = defaultdict(list)
+    for b in data.get("benchmarks", []):
+        groups[b.get("group") or b["name"]].append(b)
+    medians: dict[tuple[str, str], float] = {}
+    for group in sorted(groups):
+        rows = sorted(groups[group], key=lambda b: b["stats"]["median"])
+        best = rows[0]["stats"]["median"]
+        for b in rows:
+            impl = b.get("extra_info", {}).get("impl", b["name"])
+            s = b["stats"]
+            medians[(group, impl)] = s["median"]
+            lines.append(f"| {group} | {impl} | {_fmt_time(s['median'])} | {_fmt_time(s['iqr'])} | {s['rounds']} | "
+                         f"{s['median'] / best:.2f} |")
+    goal_lines = []
+    for goal, pattern, fast, base, factor in GOALS:
+        for group in sorted(groups):
+            if re.search(pattern, group) and (group, fast) in medians and (group, base) in medians:
+                ratio = medians[(group, base)] / medians[(group, fast)]
+                verdict = "met" if ratio >= factor else "NOT met"
+                goal_lines.append(f"| {goal} | {group} | {ratio:.1f}x | {verdict} |")
+    if goal_lines:
+        lines += ["", "| goal | workload | measured | |", "|---|---|---:|---|", *goal_lines]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json_file")
+    parser.add_argument("--out", help="also write the markdown here")
+    args = parser.parse_args(argv)
+    with open(args.json_file) as f:
+        text = render(json.load(f))
+    sys.stdout.write(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
