@@ -17,7 +17,7 @@ def as_tensor(x: Array, name: str, *, dtype: torch.dtype | None = None, device=N
         a = np.asarray(x)
         if a.dtype == object:
             raise TypeError(f"{name}: expected a numeric array, got an object array")
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))  # ascontiguousarray makes 0-d 1-d
     else:
         raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
     if device is not None:
@@ -82,7 +82,10 @@ def check_num_classes(num_classes, name: str = "num_classes") -> int:
 
 
 def check_unit_interval(value: float, name: str) -> float:
-    v = float(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}") from None
     if not (0.0 <= v <= 1.0):
         raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
     return v

@@ -5,7 +5,9 @@ import math
 
 import torch
 
-from ._arrays import Array, as_tensor, check_labels, check_num_classes, check_unit_interval, like
+from ._arrays import (
+    Array, as_tensor, check_float_features, check_labels, check_num_classes, check_unit_interval, like,
+)
 from .mixing import _mixup_target
 
 
@@ -63,11 +65,11 @@ def genlabel_target(
     """
     k = check_num_classes(num_classes)
     g = check_unit_interval(gamma, "gamma")
+    eps = check_unit_interval(smoothing, "smoothing")
     if model.num_classes != k:
         raise ValueError(f"num_classes: {k}, but the model was fitted for {model.num_classes} classes")
     z = as_tensor(z_mix, "z_mix")
-    if z.ndim != 2:
-        raise ValueError(f"z_mix: expected shape (N, d), got {tuple(z.shape)}")
+    check_float_features(z, "z_mix", dim=model.dim)
     n = z.shape[0]
     ya = check_labels(as_tensor(y_a, "y_a"), "y_a", k, n=n)
     yb = check_labels(as_tensor(y_b, "y_b"), "y_b", k, n=n)
@@ -80,15 +82,10 @@ def genlabel_target(
         raise ValueError(f"lam: values must lie in [0, 1], got [{float(lam_t.min())}, {float(lam_t.max())}]")
     out_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     y_mix = _mixup_target(ya, yb, lam_t.to(ya.device), k, 0.0, dtype=torch.float64)
+    t = y_mix
     if g > 0 and n:
         lj = as_tensor(model.log_joint(z), "log_joint").to(y_mix.device)
-        y_gen = genlabel_posterior(lj, top2=top2)
-        t = g * y_gen + (1 - g) * y_mix
-    else:
-        if n:
-            model.log_likelihood(z)  # validates z exactly as the gamma > 0 path does
-        t = y_mix
-    eps = check_unit_interval(smoothing, "smoothing")
+        t = g * genlabel_posterior(lj, top2=top2) + (1 - g) * y_mix
     if eps:
         t = t * (1 - eps) + eps / k
     return like(t.to(out_dtype), z_mix)

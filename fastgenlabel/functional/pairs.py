@@ -1,6 +1,7 @@
 """Drawing the mixup pairing and mixing weights: all of mixup's randomness, apart from compute."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,8 @@ def _rng(generator) -> np.random.Generator:
     if isinstance(generator, np.random.Generator):
         return generator
     if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+        if generator < 0:
+            raise ValueError(f"generator: an int seed must be >= 0, got {generator!r}")
         return np.random.default_rng(int(generator))
     raise TypeError(
         f"generator: expected a numpy.random.Generator, an int seed or None, got {type(generator).__name__}"
@@ -93,9 +96,13 @@ def sample_pairs(
         raise ValueError(f"pairing: expected one of {PAIRINGS}, got {pairing!r}")
     if lam_mode not in LAM_MODES:
         raise ValueError(f"lam_mode: expected one of {LAM_MODES}, got {lam_mode!r}")
-    alpha = float(alpha)
-    if not np.isfinite(alpha):
+    try:
+        alpha_f = float(alpha)
+    except (TypeError, ValueError):
+        alpha_f = math.nan
+    if isinstance(alpha, bool) or not math.isfinite(alpha_f):
         raise ValueError(f"alpha: expected a finite number, got {alpha!r}")
+    alpha = alpha_f
     rng = _rng(generator)
     b = int(batch_size)
     if alpha <= 0:
@@ -103,7 +110,7 @@ def sample_pairs(
     if pairing == "permutation":
         perm = rng.permutation(b)
     elif pairing == "flip":
-        perm = np.arange(b)[::-1]
+        perm = np.arange(b - 1, -1, -1)  # not arange(b)[::-1]: torch rejects its negative stride
     else:
         perm = np.roll(np.arange(b), 1)
     draws = 1 if lam_mode == "batch" else b

@@ -87,8 +87,9 @@ class ClassModel:
                 RuntimeWarning,
                 stacklevel=3,
             )
+        params = self._finalize(stats)  # may raise: the model keeps its previous state
         self.stats = stats
-        self._finalize()
+        self.__dict__.update(params)
         return self
 
     def _stats_type(self):
@@ -97,7 +98,8 @@ class ClassModel:
     def _stats_options(self) -> dict[str, Any]:
         return {}
 
-    def _finalize(self) -> None:
+    def _finalize(self, stats) -> dict[str, Any]:
+        """The parameters derived from ``stats``, as attributes to set; raises on bad statistics."""
         raise NotImplementedError
 
     # ---- evaluation ----------------------------------------------------------------------
@@ -213,11 +215,11 @@ def load_model(path, device=None) -> ClassModel:
     """Load any fastgenlabel class model file."""
     meta, arrays = io.load_state(path)
     kind = meta.get("kind")
-    if kind not in _REGISTRY:
+    if not isinstance(kind, str) or kind not in _REGISTRY:
         raise io.ModelFileError(f"model file {path!r}: unknown model kind {kind!r}")
     state = dict(meta)
     state.update({k: v for k, v in arrays.items()})
     try:
         return _REGISTRY[kind].from_state_dict(state, device=device)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise io.ModelFileError(f"model file {path!r} holds an inconsistent model: {e}") from e

@@ -9,6 +9,9 @@ import torch
 from .base import CHUNK_ELEMENTS, LOG_2PI, ClassModel, register
 
 COVARIANCES = ("full", "diag", "tied")
+# With reg = 0, a covariance in which some feature keeps at most this fraction of its variance
+# once the other features are known (a collinearity up to 1e-5 of its std) counts as singular.
+SINGULAR_TOL = 1e-10
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class GaussianStats:
         count = torch.bincount(y, minlength=k).to(z.dtype)
         total = torch.zeros(k, d, dtype=z.dtype, device=z.device).index_add_(0, y, z)
         mean = total / count.clamp(min=1).unsqueeze(1)
+        # A second pass removes the mean's rounding error: a constant feature gets exactly zero variance.
+        mean += torch.zeros_like(mean).index_add_(0, y, z - mean[y]) / count.clamp(min=1).unsqueeze(1)
         centred = z - mean[y]
         if covariance == "diag":
             m2 = torch.zeros(k, d, dtype=z.dtype, device=z.device).index_add_(0, y, centred * centred)
@@ -97,8 +102,9 @@ class GaussianClassModel(ClassModel):
 
     Defined fallbacks: a class with one sample gets covariance ``reg * I`` (full, diag) and
     relies on the pooled covariance (tied); a class with none gets log-likelihood -inf and a
-    warning. A covariance that is not positive definite (only possible with ``reg=0``) raises
-    ``ValueError`` naming the class.
+    warning. With ``reg=0``, a singular covariance (collinear or constant features, a class of
+    at most d samples; numerically, ``SINGULAR_TOL``) raises ``ValueError`` naming ``reg`` and
+    the class.
 
     Parameters derived on fit (float64): ``means`` (K, d) and either ``precision_chol``
     (K, d, d) / (d, d) with Sigma^-1 = L L^T, or ``variances`` (K, d); ``log_norm`` (K,)
@@ -126,42 +132,41 @@ class GaussianClassModel(ClassModel):
     def _stats_options(self):
         return {"covariance": self.covariance}
 
-    def _finalize(self) -> None:
-        s = self.stats
+    def _finalize(self, s: GaussianStats) -> dict:
         if s.covariance != self.covariance:
             raise ValueError(f"stats: {s.covariance!r} statistics cannot fit a {self.covariance!r} model")
         n, d = s.count, s.dim
         eye = torch.eye(d, dtype=torch.float64, device=n.device)
-        self.means = s.mean
         if s.covariance == "diag":
             var = s.m2 / n.clamp(min=1).unsqueeze(1) + self.reg
             var = torch.where((n > 0).unsqueeze(1), var, torch.ones_like(var))
             bad = torch.nonzero(~(var > 0).all(dim=1)).flatten().tolist()
             if bad:
                 raise ValueError(f"reg: class(es) {bad[:10]} have a zero variance; use reg > 0")
-            self.variances = var
-            self.log_norm = -0.5 * torch.log(var).sum(dim=1) - 0.5 * d * LOG_2PI
-            return
+            return {"means": s.mean, "variances": var, "log_norm": -0.5 * torch.log(var).sum(dim=1) - 0.5 * d * LOG_2PI}
         if s.covariance == "tied":
             sigma = (s.m2 / n.sum() + self.reg * eye).unsqueeze(0)
         else:
             sigma = s.m2 / n.clamp(min=1).view(-1, 1, 1) + self.reg * eye
             sigma = torch.where((n > 0).view(-1, 1, 1), sigma, eye.expand_as(sigma))
         chol, info = torch.linalg.cholesky_ex(sigma)
-        bad = torch.nonzero(info != 0).flatten().tolist()
+        singular = info != 0
+        if self.reg == 0 and not bool(singular.any()):
+            # Rounding lets Cholesky pass a singular matrix; C_ii^2 / Sigma_ii is the fraction of
+            # feature i's variance that the previous features leave unexplained.
+            unexplained = torch.diagonal(chol, dim1=-2, dim2=-1).square() / torch.diagonal(sigma, dim1=-2, dim2=-1)
+            singular = (unexplained <= SINGULAR_TOL).any(dim=-1)
+        bad = torch.nonzero(singular).flatten().tolist()
         if bad:
-            which = "the tied covariance" if s.covariance == "tied" else f"class(es) {bad[:10]}"
-            raise ValueError(f"reg: the covariance of {which} is not positive definite; use reg > 0")
+            which = "the tied covariance is" if s.covariance == "tied" else f"the covariance of class(es) {bad[:10]} is"
+            raise ValueError(f"reg: {which} singular (not positive definite); use reg > 0")
         # Sigma = C C^T  =>  Sigma^-1 = C^-T C^-1 = L L^T with L = C^-T.
         c_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
         prec_chol = c_inv.transpose(-1, -2)
         log_norm = torch.log(torch.diagonal(prec_chol, dim1=-2, dim2=-1)).sum(-1) - 0.5 * d * LOG_2PI
         if s.covariance == "tied":
-            self.precision_chol = prec_chol[0]
-            self.log_norm = log_norm.expand(n.shape[0]).clone()
-        else:
-            self.precision_chol = prec_chol
-            self.log_norm = log_norm
+            return {"means": s.mean, "precision_chol": prec_chol[0], "log_norm": log_norm.expand(n.shape[0]).clone()}
+        return {"means": s.mean, "precision_chol": prec_chol, "log_norm": log_norm}
 
     def _log_likelihood(self, z: torch.Tensor) -> torch.Tensor:
         k, d = self.means.shape

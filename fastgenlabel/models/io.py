@@ -61,7 +61,10 @@ def load_state(path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     except OSError as e:
         raise ModelFileError(f"model file {path!r}: cannot read ({e.strerror})") from e
     try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        archive = np.load(io.BytesIO(raw), allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError("not an .npz archive")
+        with archive as z:
             arrays = {name: z[name] for name in z.files}
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
         raise ModelFileError(

@@ -13,13 +13,35 @@ BANDWIDTHS = ("scott", "silverman")
 JITTER = 1e-8  # added to the data covariance before scaling, as GENLABEL.md specifies
 
 
+_M64 = (1 << 64) - 1
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    h = h + np.uint64(0x9E3779B97F4A7C15)
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def _row_keys(z: torch.Tensor, seed: int) -> torch.Tensor:
+    """(N,) float64 keys in [0, 1): a seeded hash of every row's float64 bits."""
+    bits = np.ascontiguousarray(z.detach().to("cpu", torch.float64).numpy()).view(np.uint64)
+    h = _mix64(np.full(bits.shape[0], seed & _M64, dtype=np.uint64))
+    for j in range(bits.shape[1]):
+        h = _mix64(h ^ bits[:, j])
+    return torch.from_numpy((h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
+
+
 @dataclass(frozen=True)
 class KDEStats:
     """The kept sample of every class, and how many samples each class had in all.
 
-    When a cap applies, every sample carries a random key and each class keeps the
+    When a cap applies, every sample carries a pseudo-random key (a seeded hash of its features,
+    so a sample gets the same key in whichever batch it arrives) and each class keeps the
     ``max_points`` samples with the smallest keys: a uniform sample without replacement that
     merges exactly (the union's smallest keys) however the data was split into batches.
+    Without a cap the keys are unused and zero.
     """
 
     count: torch.Tensor  # (K,) float64, samples seen per class
@@ -34,8 +56,8 @@ class KDEStats:
 
     @classmethod
     def from_batch(cls, z, y, k, max_points_per_class=None, seed=0) -> "KDEStats":
-        gen = np.random.default_rng(seed)
-        keys = torch.from_numpy(gen.random(z.shape[0])).to(z.device)
+        keys = _row_keys(z, seed) if max_points_per_class else torch.zeros(z.shape[0], dtype=torch.float64)
+        keys = keys.to(z.device)
         count = torch.bincount(y, minlength=k).to(torch.float64)
         stats = cls(count, z, y, keys, int(max_points_per_class or 0))
         return stats._capped()
@@ -113,7 +135,7 @@ class KDEClassModel(ClassModel):
         max_points_per_class: keep at most this many points per class (a seeded uniform sample);
             None keeps all.
         prior: "uniform" (the paper) or "empirical".
-        seed: seed of the sampling keys when capping.
+        seed: seed of the hash that draws the kept sample when capping.
 
     Defined fallbacks: a class with a single point borrows the pooled within-class covariance of
     the classes with two or more points (the identity if there are none); a class with no points
@@ -140,6 +162,8 @@ class KDEClassModel(ClassModel):
                     or max_points_per_class < 1:
                 raise ValueError(f"max_points_per_class: expected a positive integer or None, got {max_points_per_class!r}")
             max_points_per_class = int(max_points_per_class)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed: expected an integer, got {seed!r}")
         self.bandwidth = bandwidth
         self.max_points_per_class = max_points_per_class
         self.seed = int(seed)
@@ -162,8 +186,7 @@ class KDEClassModel(ClassModel):
             return (n * (d + 2) / 4.0) ** (-1.0 / (d + 4))
         return float(self.bandwidth)
 
-    def _finalize(self) -> None:
-        s = self.stats
+    def _finalize(self, s: KDEStats) -> dict:
         if s.max_points != int(self.max_points_per_class or 0):
             raise ValueError("stats: gathered with another max_points_per_class than this model's")
         k, d = s.count.shape[0], s.dim
@@ -178,12 +201,12 @@ class KDEClassModel(ClassModel):
                 pooled += xc.T @ xc
                 dof += x.shape[0] - 1
         pooled = pooled / dof if dof else eye
-        self.class_points, self.log_norm, self.kernel_chol = [], torch.full((k,), -math.inf, dtype=torch.float64), []
+        class_points, kernel_chol, log_norm = [], [], torch.full((k,), -math.inf, dtype=torch.float64)
         for c, x in enumerate(groups):
             n = x.shape[0]
             if n == 0:
-                self.class_points.append(x)
-                self.kernel_chol.append(eye)
+                class_points.append(x)
+                kernel_chol.append(eye)
                 continue
             h = self.factor(n, d)
             cov = h * h * (covs.get(c, pooled) + JITTER * eye)
@@ -191,10 +214,10 @@ class KDEClassModel(ClassModel):
             if int(info) != 0:
                 raise ValueError(f"z: the kernel covariance of class {c} is not positive definite")
             # Whitened points: the kernel becomes an isotropic unit Gaussian in whitened space.
-            self.class_points.append(torch.linalg.solve_triangular(chol, x.T, upper=False).T)
-            self.kernel_chol.append(chol)
-            self.log_norm[c] = -torch.log(torch.diagonal(chol)).sum() - 0.5 * d * LOG_2PI - math.log(n)
-        self.log_norm = self.log_norm.to(dev)
+            class_points.append(torch.linalg.solve_triangular(chol, x.T, upper=False).T)
+            kernel_chol.append(chol)
+            log_norm[c] = -torch.log(torch.diagonal(chol)).sum() - 0.5 * d * LOG_2PI - math.log(n)
+        return {"class_points": class_points, "kernel_chol": kernel_chol, "log_norm": log_norm.to(dev)}
 
     def _log_likelihood(self, z: torch.Tensor) -> torch.Tensor:
         k = len(self.class_points)

@@ -1,0 +1,278 @@
+"""Model files: exact round trips, no pickle, and a clear ModelFileError for every bad file."""
+import io
+import json
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+import fastgenlabel.models.io as model_io
+from fastgenlabel import GaussianClassModel, KDEClassModel, ModelFileError, load_model
+
+MODELS = {
+    "gaussian-full": lambda: GaussianClassModel("full"),
+    "gaussian-diag": lambda: GaussianClassModel("diag", reg=0.01, prior="empirical"),
+    "gaussian-tied": lambda: GaussianClassModel("tied", reg=0.3),
+    "kde-scott": lambda: KDEClassModel(),
+    "kde-silverman": lambda: KDEClassModel("silverman", prior="empirical"),
+    "kde-float-capped": lambda: KDEClassModel(0.37, max_points_per_class=6, seed=-5),
+}
+
+
+def make_data(seed=0, sizes=(12, 1, 9, 20)):
+    rng = np.random.default_rng(seed)
+    z = np.concatenate([rng.normal(size=(n, 3)) + 2 * c for c, n in enumerate(sizes)])
+    return z, np.repeat(np.arange(len(sizes)), sizes)
+
+
+def save(kind, tmp_path):
+    z, y = make_data()
+    model = MODELS[kind]().fit(z, y, 4)
+    path = tmp_path / "model.npz"
+    model.save(path)
+    return model, path, z
+
+
+@pytest.fixture(params=sorted(MODELS))
+def saved(request, tmp_path):
+    """Every model kind: for the tests whose outcome depends on the arrays a kind stores."""
+    return save(request.param, tmp_path)
+
+
+@pytest.fixture(params=["gaussian-full", "kde-float-capped"])
+def saved_one(request, tmp_path):
+    """One model of each family: for tests of the file format itself."""
+    return save(request.param, tmp_path)
+
+
+def test_round_trip_is_exact(saved):
+    model, path, z = saved
+    loaded = load_model(path)
+    assert type(loaded) is type(model) and loaded.config() == model.config()
+    assert loaded.num_classes == model.num_classes and loaded.dim == model.dim
+    np.testing.assert_array_equal(loaded.class_counts.numpy(), model.class_counts.numpy())
+    np.testing.assert_array_equal(loaded.log_likelihood(z), model.log_likelihood(z))
+    np.testing.assert_array_equal(loaded.log_joint(z), model.log_joint(z))
+    assert type(model).load(str(path)).config() == model.config()  # str paths too
+    assert [p.name for p in path.parent.iterdir()] == ["model.npz"]  # no temporary file left
+
+
+def test_empty_classes_survive_the_round_trip(tmp_path):
+    z, y = make_data()
+    with pytest.warns(RuntimeWarning):
+        model = GaussianClassModel().fit(z, np.where(y == 1, 0, y), 4)
+    model.save(tmp_path / "m.npz")
+    with pytest.warns(RuntimeWarning):
+        loaded = load_model(tmp_path / "m.npz")
+    np.testing.assert_array_equal(loaded.log_likelihood(z), model.log_likelihood(z))
+
+
+def test_loading_the_wrong_class_is_an_error(saved_one):
+    model, path, _ = saved_one
+    other = KDEClassModel if isinstance(model, GaussianClassModel) else GaussianClassModel
+    with pytest.raises(ModelFileError, match=other.__name__):
+        other.load(path)
+
+
+def test_unfitted_models_cannot_be_saved(tmp_path):
+    from fastgenlabel.models import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        GaussianClassModel().save(tmp_path / "m.npz")
+
+
+def test_loading_never_unpickles(saved, monkeypatch):
+    model, path, z = saved
+    calls = []
+    real_load = np.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("allow_pickle"))
+        return real_load(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle was used")
+
+    monkeypatch.setattr(model_io.np, "load", recording_load)
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    np.testing.assert_array_equal(load_model(path).log_likelihood(z), model.log_likelihood(z))
+    assert calls == [False]
+
+
+def rewrite(path, change):
+    """Rewrite a valid archive with ``change(arrays)`` applied; the zip itself stays valid."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {name: f[name] for name in f.files}
+    change(arrays)
+    with open(path, "wb") as out:
+        np.savez(out, **arrays)
+
+
+def header(arrays):
+    return json.loads(arrays["__meta__"].tobytes().decode())
+
+
+def set_header(arrays, meta, redigest=False):
+    meta = dict(meta)
+    if redigest:
+        meta.pop("digest")
+        body = {k: v for k, v in arrays.items() if k != "__meta__"}
+        meta["digest"] = model_io._digest(body, meta)
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+
+
+def test_an_object_array_is_rejected(saved_one):
+    _, path, _ = saved_one
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {name: f[name] for name in f.files}
+    arrays["stats.count"] = np.array([1, "x", None], dtype=object)
+    with open(path, "wb") as out:
+        np.savez(out, **arrays)  # numpy pickles object arrays
+    with pytest.raises(ModelFileError, match="truncated or not a fastgenlabel model"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.001, 0.1, 0.5, 0.9, 0.999])
+def test_truncated_files(saved_one, keep):
+    _, path, _ = saved_one
+    raw = path.read_bytes()
+    path.write_bytes(raw[: min(int(len(raw) * keep), len(raw) - 1)])
+    with pytest.raises(ModelFileError):
+        load_model(path)
+
+
+def test_a_flipped_byte_inside_an_array(saved):
+    model, path, _ = saved
+    raw = bytearray(path.read_bytes())
+    data = model.state_dict()["stats.mean" if isinstance(model, GaussianClassModel) else "stats.points"].tobytes()
+    at = bytes(raw).find(data)
+    assert at > 0
+    raw[at + len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError):
+        load_model(path)
+
+
+def test_a_modified_array_fails_the_checksum(saved):
+    model, path, _ = saved
+    original = path.read_bytes()
+    for field in (k for k in model.state_dict() if k.startswith("stats.")):
+        path.write_bytes(original)
+
+        def change(arrays):
+            a = arrays[field].copy()
+            a.reshape(-1)[a.size // 2] += 1
+            arrays[field] = a
+
+        rewrite(path, change)
+        with pytest.raises(ModelFileError, match="checksum"):
+            load_model(path)
+
+
+def test_a_removed_or_added_array_fails_the_checksum(saved_one):
+    _, path, _ = saved_one
+    rewrite(path, lambda arrays: arrays.pop("stats.count"))
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(path)
+    rewrite(path, lambda arrays: arrays.update(extra=np.zeros(3)))
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(path)
+
+
+def test_a_tampered_header_fails_the_checksum(saved_one):
+    model, path, _ = saved_one
+
+    def change(arrays):
+        meta = header(arrays)
+        meta["prior"] = "empirical" if meta["prior"] == "uniform" else "uniform"
+        set_header(arrays, meta)
+
+    rewrite(path, change)
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(path)
+
+
+def test_a_tampered_header_in_place_is_rejected(saved_one):
+    # Same length, so the zip's offsets stay valid; the zip's CRC or our digest catches it.
+    _, path, _ = saved_one
+    raw = path.read_bytes()
+    tampered = raw.replace(b'"uniform"', b'"unifrom"')
+    assert tampered != raw
+    path.write_bytes(tampered)
+    with pytest.raises(ModelFileError):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"kind": "mixture"}, {"kind": ["gaussian"]}, {"kind": None}, {"prior": "learned"}, {"unknown_option": 1},
+        {"reg": -1.0}, {"reg": "tiny"}, {"covariance": "spherical"}, {"bandwidth": "wide"}, {"seed": "x"},
+        {"max_points_per_class": 0},
+    ],
+)
+def test_a_consistent_digest_does_not_admit_bad_contents(saved_one, edit):
+    # Someone rewrote the header and its digest: the model must still be checked, never half-built.
+    _, path, _ = saved_one
+    rewrite(path, lambda arrays: set_header(arrays, {**header(arrays), **edit}, redigest=True))
+    with pytest.raises(ModelFileError, match="model file"):
+        load_model(path)
+
+
+def test_inconsistent_statistics_are_rejected(saved):
+    model, path, _ = saved
+    original = path.read_bytes()
+    for field in ("stats.count", "stats.mean", "stats.m2", "stats.labels", "stats.points"):
+        if field not in model.state_dict():
+            continue
+        path.write_bytes(original)
+
+        def change(arrays):
+            arrays[field] = arrays[field][:-1]
+            set_header(arrays, header(arrays), redigest=True)
+
+        rewrite(path, change)
+        with pytest.raises(ModelFileError, match="inconsistent"):
+            load_model(path)
+
+
+def test_files_of_other_formats(tmp_path):
+    cases = {
+        "text.npz": b"GaussianClassModel(covariance='full')\n",
+        "empty.npz": b"",
+        "pickle.npz": pickle.dumps({"kind": "gaussian"}),
+    }
+    buf = io.BytesIO()
+    np.save(buf, np.arange(4))
+    cases["array.npy"] = buf.getvalue()
+    buf = io.BytesIO()
+    np.savez(buf, weights=np.ones(3))
+    cases["plain.npz"] = buf.getvalue()
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(b'{"format": "someone.else", "version": 1}', dtype=np.uint8))
+    cases["foreign.npz"] = buf.getvalue()
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(b"\xff\xfe not json", dtype=np.uint8))
+    cases["garbled.npz"] = buf.getvalue()
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(b"[1, 2]", dtype=np.uint8))
+    cases["list.npz"] = buf.getvalue()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("notes.txt", "hello")
+    cases["zip.npz"] = buf.getvalue()
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(ModelFileError):
+            load_model(tmp_path / name)
+    with pytest.raises(ModelFileError, match="cannot read"):
+        load_model(tmp_path / "missing.npz")
+
+
+def test_another_format_version_is_rejected(saved_one):
+    _, path, _ = saved_one
+    rewrite(path, lambda arrays: set_header(arrays, {**header(arrays), "version": 99}, redigest=True))
+    with pytest.raises(ModelFileError, match="version"):
+        load_model(path)
