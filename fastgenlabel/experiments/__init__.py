@@ -1,0 +1,10 @@
+"""The paper's small-scale reproductions (``fastgenlabel reproduce``; docs/REPRODUCTION.md).
+
+- :mod:`.datasets`: the synthetic sets and scikit-learn's tabular sets, drawn from seeded generators.
+- :mod:`.protocol`: the authors' per-dataset training settings.
+- :mod:`.training`: the MLP and the vanilla / mixup / mixup + GenLabel training loop.
+- :mod:`.plotting`: the decision-boundary figure.
+- :mod:`.reproduce`: the command line, the table and the JSON.
+
+Needs scikit-learn and matplotlib (the ``experiments`` extra); importing this package imports neither.
+"""

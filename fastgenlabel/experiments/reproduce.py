@@ -1,0 +1,277 @@
+"""``fastgenlabel reproduce``: vanilla vs mixup vs mixup + GenLabel on the paper's small sets.
+
+Trains every (dataset, method, seed) cell with the authors' small-net protocol
+(:mod:`.protocol`), prints a table of last-epoch test accuracy (mean +- std over seeds, in %),
+and optionally writes JSON (``--out``) and a decision-boundary PNG of the 2-D sets (``--plot``).
+See docs/REPRODUCTION.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from . import datasets as ds
+from .protocol import QUICK_DATASETS, QUICK_SEEDS, protocol_for, with_epochs
+from .training import METHOD_LABELS, METHODS, RunResult, train_run
+
+DEFAULT_SEEDS = 5
+DEFAULT_PLOT_NAME = "decision_boundaries.png"
+GROUPS = {"all": tuple(ds.LOADERS), "synthetic": ds.SYNTHETIC, "tabular": ds.TABULAR}
+
+
+def _names(values, allowed, groups, what):
+    out = []
+    for v in values:
+        for name in filter(None, (s.strip() for s in v.split(","))):
+            picked = groups.get(name, (name,))
+            for p in picked:
+                if p not in allowed:
+                    raise argparse.ArgumentTypeError(
+                        f"{what}: unknown name {p!r}; expected any of {', '.join(allowed)}"
+                        + (f" or {', '.join(groups)}" if groups else "")
+                    )
+                if p not in out:
+                    out.append(p)
+    return out
+
+
+def _bandwidth(text: str):
+    if text in ("scott", "silverman"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'scott', 'silverman' or a positive factor, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite factor, got {text!r}")
+    return value
+
+
+def _unit(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a value in [0, 1], got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``reproduce`` subcommand's options."""
+    parser.description = (
+        "Train vanilla, mixup and mixup + GenLabel (Gaussian and KDE class models fitted on the training "
+        "set) on the paper's synthetic sets and scikit-learn's tabular sets; print last-epoch test "
+        "accuracy, mean +- std over seeds (%)."
+    )
+    parser.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
+                        help=f"datasets (space- or comma-separated): {', '.join(ds.LOADERS)}, or the groups "
+                             f"{', '.join(GROUPS)} (default: all; with --quick: {', '.join(QUICK_DATASETS)})")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                        help=f"methods: {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+                        help=f"number of seeds, run as --seed-start ... --seed-start + N - 1 "
+                             f"(default {DEFAULT_SEEDS}; with --quick {QUICK_SEEDS})")
+    parser.add_argument("--seed-start", type=_nonnegative_int, default=0, metavar="S", help="first seed (default 0)")
+    parser.add_argument("--gamma", type=_unit, default=None,
+                        help="GenLabel weight gamma in [0, 1] for every dataset (default: per dataset, "
+                             "docs/REPRODUCTION.md)")
+    parser.add_argument("--bandwidth", type=_bandwidth, default=None,
+                        help="KDE bandwidth for every dataset: scott, silverman or a factor such as 0.2 "
+                             "(scipy's bw_method; default: per dataset)")
+    parser.add_argument("--kde-max-points", type=_nonnegative_int, default=None, metavar="N",
+                        help="keep at most N training points per class in the KDE, 0 = all "
+                             "(default: per dataset; 500 on grid9, all elsewhere)")
+    parser.add_argument("--epochs", type=_positive_int, default=None,
+                        help="train every dataset this many epochs, lr milestones scaled alike (default: per dataset)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a small subset: {', '.join(QUICK_DATASETS)}, {QUICK_SEEDS} seeds, fewer epochs "
+                             "on moon and grid9 (under two minutes on two CPU cores)")
+    parser.add_argument("--out", default=None, metavar="FILE",
+                        help="write results as JSON: dataset -> method -> {mean, std, runs, ...} (accuracy in %%)")
+    parser.add_argument("--plot", default=None, metavar="FILE",
+                        help=f"decision-boundary PNG of the 2-D sets (default: {DEFAULT_PLOT_NAME} next to --out, "
+                             "else in the current directory)")
+    parser.add_argument("--no-plot", action="store_true", help="draw no PNG")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="torch CPU threads (default 1: the small MLPs run fastest single-threaded)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _summary(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": round(float(a.mean()), 4),
+        "std": round(float(a.std(ddof=1)) if a.size > 1 else 0.0, 4),
+        "runs": [round(float(v), 4) for v in a],
+    }
+
+
+def summarise(results: list[RunResult], protocols: dict) -> dict:
+    """dataset -> method -> {"mean", "std", "runs", "seeds"[, "val_selected"][, "gamma", ...]} in %."""
+    out: dict = {}
+    for r in results:
+        out.setdefault(r.dataset, {}).setdefault(r.method, []).append(r)
+    table: dict = {}
+    for name, per_method in out.items():
+        table[name] = {}
+        for method, runs in per_method.items():
+            cell = _summary([100 * r.test_acc for r in runs])
+            cell["seeds"] = [r.seed for r in runs]
+            if all(r.val_selected_acc is not None for r in runs):
+                cell["val_selected"] = _summary([100 * r.val_selected_acc for r in runs])
+            proto = protocols[name]
+            if method.startswith("genlabel"):
+                cell["gamma"] = proto.gamma
+                cell["top2"] = proto.top2
+            if method == "genlabel-kde":
+                cell["bandwidth"] = proto.bandwidth
+                cell["kde_max_points"] = proto.kde_max_points
+            table[name][method] = cell
+    return table
+
+
+def format_table(table: dict, methods: list[str], key: str | None = None) -> str:
+    """Datasets x methods, 'mean ± std' in %. ``key="val_selected"`` formats that sub-entry."""
+    header = ["dataset"] + [METHOD_LABELS[m] for m in methods]
+    rows = []
+    for name, cells in table.items():
+        row = [name]
+        for m in methods:
+            cell = cells.get(m)
+            if cell is not None and key is not None:
+                cell = cell.get(key)
+            row.append("-" if cell is None else f"{cell['mean']:6.2f} ± {cell['std']:5.2f}")
+        if key is None or any(c != "-" for c in row[1:]):
+            rows.append(row)
+    if not rows:
+        return ""
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [header] + rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _plot_path(args) -> str | None:
+    if args.no_plot:
+        return None
+    if args.plot:
+        return args.plot
+    base = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
+    return os.path.join(base, DEFAULT_PLOT_NAME)
+
+
+def _config(args):
+    quick = bool(args.quick)
+    default_names = list(QUICK_DATASETS) if quick else ["all"]
+    names = _names(args.datasets or default_names, tuple(ds.LOADERS), GROUPS, "--datasets")
+    methods = _names(args.methods or list(METHODS), METHODS, {}, "--methods")
+    n_seeds = args.seeds or (QUICK_SEEDS if quick else DEFAULT_SEEDS)
+    seeds = list(range(args.seed_start, args.seed_start + n_seeds))
+    return quick, names, methods, seeds
+
+
+def _protocol(name: str, data: ds.Dataset, args, quick: bool):
+    proto = protocol_for(name, len(data.train), quick=quick)
+    if args.epochs is not None:
+        proto = with_epochs(proto, args.epochs)
+    if args.gamma is not None:
+        proto = replace(proto, gamma=args.gamma)
+    if args.bandwidth is not None:
+        proto = replace(proto, bandwidth=args.bandwidth)
+    if args.kde_max_points is not None:
+        proto = replace(proto, kde_max_points=args.kde_max_points or None)
+    return proto
+
+
+def run(args) -> dict:
+    """Train every cell; returns the summary table (see :func:`summarise`) and writes the files."""
+    import torch
+    from tqdm import tqdm
+
+    quick, names, methods, seeds = _config(args)
+    plot_path = _plot_path(args)
+    results: list[RunResult] = []
+    protocols: dict = {}
+    panels: dict = {}
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    try:
+        with tqdm(total=len(names) * len(seeds) * len(methods), file=sys.stderr, disable=args.quiet,
+                  unit="run", dynamic_ncols=True) as bar:
+            for name in names:
+                for seed in seeds:
+                    data = ds.load(name, seed)
+                    proto = _protocol(name, data, args, quick)
+                    protocols[name] = proto
+                    keep = plot_path is not None and data.dim == 2 and seed == seeds[0]
+                    for method in methods:
+                        bar.set_postfix_str(f"{name} seed {seed} {method}", refresh=False)
+                        r = train_run(data, proto, method, seed, keep_net=keep)
+                        results.append(r)
+                        if keep:
+                            panels.setdefault(name, (data, {}))[1][method] = r.net
+                            r.net = None
+                        bar.update(1)
+    finally:
+        torch.set_num_threads(previous_threads)
+    elapsed = time.perf_counter() - start
+
+    table = summarise(results, protocols)
+    print(f"Last-epoch test accuracy (%), mean ± std over {len(seeds)} seed(s) {seeds[0]}..{seeds[-1]}"
+          + (" [--quick]" if quick else ""))
+    print(format_table(table, methods))
+    val = format_table(table, methods, key="val_selected")
+    if val:
+        print()
+        print("Validation-selected epoch, test accuracy (%) (sets with a validation split)")
+        print(val)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(table, f, indent=1)
+            f.write("\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    if plot_path is not None and panels:
+        from .plotting import decision_boundaries
+
+        accs = {r.dataset: {} for r in results}
+        for r in results:
+            if r.seed == seeds[0]:
+                accs[r.dataset][r.method] = r.test_acc
+        os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
+        decision_boundaries(plot_path, panels, METHOD_LABELS, accs, seed=seeds[0])
+        print(f"wrote {plot_path}", file=sys.stderr)
+    print(f"{len(results)} runs in {elapsed:.1f} s ({args.threads} torch thread(s))", file=sys.stderr)
+    return table
+
+
+def main(args) -> int:
+    """Entry point of ``fastgenlabel reproduce``; returns the exit code."""
+    try:
+        _config(args)
+    except argparse.ArgumentTypeError as e:
+        print(f"fastgenlabel reproduce: error: {e}", file=sys.stderr)
+        return 2
+    run(args)
+    return 0

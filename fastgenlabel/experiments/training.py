@@ -1,0 +1,155 @@
+"""An MLP and its training loop for vanilla, mixup and mixup + GenLabel (z = x, the input itself).
+
+One run is a pure function of (dataset, protocol, method, seed): ``torch.manual_seed(seed)``
+fixes the initial weights (the same for every method of a seed), and a ``numpy`` generator
+seeded from ``seed`` draws the batch order and the mixup pairs.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..functional import genlabel_target, mix, mixup_target, sample_pairs, soft_target_cross_entropy
+from ..models import GaussianClassModel, KDEClassModel
+from .datasets import Dataset, Split
+from .protocol import Protocol
+
+METHODS = ("vanilla", "mixup", "genlabel-gauss", "genlabel-kde")
+METHOD_LABELS = {
+    "vanilla": "vanilla",
+    "mixup": "mixup",
+    "genlabel-gauss": "mixup+GenLabel (Gauss)",
+    "genlabel-kde": "mixup+GenLabel (KDE)",
+}
+
+
+def mlp(dim: int, hidden: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    """``dim - hidden[0] - ... - hidden[-1] - num_classes`` with ReLU between layers."""
+    layers: list[nn.Module] = []
+    width = dim
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def fit_class_model(method: str, proto: Protocol, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0):
+    """The class model a GenLabel method relabels with, fitted on the training split (no oracle)."""
+    z = torch.from_numpy(x).to(torch.float64)
+    labels = torch.from_numpy(y)
+    if method == "genlabel-gauss":
+        return GaussianClassModel(covariance="full").fit(z, labels, num_classes)
+    if method == "genlabel-kde":
+        return KDEClassModel(bandwidth=proto.bandwidth, max_points_per_class=proto.kde_max_points,
+                             seed=seed).fit(z, labels, num_classes)
+    raise ValueError(f"method: {method!r} uses no class model")
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, split: Split, batch_size: int = 20_000) -> float:
+    """Fraction of ``split`` classified correctly."""
+    net.eval()
+    x = torch.from_numpy(split.x)
+    y = torch.from_numpy(split.y)
+    correct = 0
+    for i in range(0, x.shape[0], batch_size):
+        correct += int((net(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    return correct / max(1, x.shape[0])
+
+
+@dataclass
+class RunResult:
+    """One training run. Accuracies are fractions in [0, 1].
+
+    ``val_selected_acc`` is the test accuracy of the epoch with the best validation accuracy
+    (the latest such epoch on ties); None when the dataset has no validation split.
+    """
+
+    dataset: str
+    method: str
+    seed: int
+    test_acc: float
+    val_selected_acc: float | None
+    best_epoch: int | None
+    net: nn.Module | None = None
+
+
+def _optimizer(net: nn.Module, proto: Protocol) -> torch.optim.Optimizer:
+    if proto.optimizer == "adam":
+        return torch.optim.Adam(net.parameters(), lr=proto.lr, weight_decay=proto.weight_decay)
+    return torch.optim.SGD(net.parameters(), lr=proto.lr, momentum=proto.momentum, weight_decay=proto.weight_decay)
+
+
+def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_net: bool = False) -> RunResult:
+    """Train one MLP on ``data`` with ``method`` and report its test accuracy after the last epoch.
+
+    Args:
+        data: the dataset draw.
+        proto: the training protocol.
+        method: one of :data:`METHODS`.
+        seed: fixes the initial weights, the batch order and the mixup pairs.
+        keep_net: return the trained network (for plots).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    k = data.num_classes
+    model = None
+    if method.startswith("genlabel"):
+        model = fit_class_model(method, proto, data.train.x, data.train.y, k, seed=seed)
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([int(seed), 1])
+    net = mlp(data.dim, proto.hidden, k)
+    opt = _optimizer(net, proto)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(proto.milestones), gamma=0.1)
+    x_all = torch.from_numpy(data.train.x)
+    y_all = torch.from_numpy(data.train.y)
+    n = x_all.shape[0]
+
+    best_val, best_state, best_epoch = -1.0, None, None
+    for epoch in range(proto.epochs):
+        net.train()
+        order = torch.from_numpy(rng.permutation(n))
+        for i in range(0, n, proto.batch_size):
+            idx = order[i:i + proto.batch_size]
+            x, y = x_all[idx], y_all[idx]
+            if method == "vanilla":
+                logits = net(x)
+                loss = nn.functional.cross_entropy(logits, y)
+            else:
+                pairs = sample_pairs(x.shape[0], alpha=proto.alpha, pairing="permutation", lam_mode="batch",
+                                     generator=rng)
+                x_mix = mix(x, pairs)
+                if method == "mixup":
+                    target = mixup_target(y, pairs, k)
+                else:
+                    target = genlabel_target(model, x_mix, y, y[pairs.perm], pairs.lam, proto.gamma,
+                                             num_classes=k, top2=proto.top2)
+                logits = net(x_mix)
+                loss = soft_target_cross_entropy(logits, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if proto.clip is not None:
+                nn.utils.clip_grad_norm_(net.parameters(), proto.clip)
+            opt.step()
+        sched.step()
+        if data.val is not None:
+            val = accuracy(net, data.val)
+            if val >= best_val:
+                best_val, best_epoch = val, epoch + 1
+                best_state = copy.deepcopy(net.state_dict())
+
+    test_acc = accuracy(net, data.test)
+    val_selected = None
+    if best_state is not None:
+        last_state = copy.deepcopy(net.state_dict())
+        net.load_state_dict(best_state)
+        val_selected = accuracy(net, data.test)
+        net.load_state_dict(last_state)
+    net.eval()
+    return RunResult(data.name, method, seed, test_acc, val_selected, best_epoch, net if keep_net else None)

@@ -1,0 +1,194 @@
+"""fastgenlabel.experiments: datasets, protocols, training runs and the ``reproduce`` command."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from fastgenlabel import cli  # noqa: E402
+from fastgenlabel.experiments import datasets as ds  # noqa: E402
+from fastgenlabel.experiments.protocol import PROTOCOLS, protocol_for, tabular_batch_size, with_epochs  # noqa: E402
+from fastgenlabel.experiments.training import METHODS, train_run  # noqa: E402
+
+# name: (d, K, train size, validation size or None, test size)
+SHAPES = {
+    "2d-cube": (2, 2, 40, None, 20_000),
+    "3d-cube": (3, 8, 160, None, 80_000),
+    "grid9": (2, 9, 45_000, None, 9_000),
+    "moon": (2, 2, 1000, 1000, 1000),
+    "circle": (2, 2, 1000, 1000, 1000),
+    "two-circle": (2, 2, 2000, 2000, 2000),
+    "iris": (4, 3, 105, None, 45),
+    "wine": (13, 3, 124, None, 54),
+    "breast-cancer": (30, 2, 398, None, 171),
+    "digits": (64, 10, 1257, None, 540),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny MLPs run fastest single-threaded (as ``reproduce`` does); restore the count afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _rows(x):
+    return {tuple(r) for r in np.round(x, 6)}
+
+
+@pytest.mark.parametrize("name", list(ds.LOADERS))
+def test_dataset_shapes_classes_and_separate_draws(name):
+    assert set(SHAPES) == set(ds.LOADERS)
+    d, k, n_train, n_val, n_test = SHAPES[name]
+    data = ds.load(name, seed=0)
+    assert (data.dim, data.num_classes) == (d, k)
+    assert (len(data.train), len(data.test)) == (n_train, n_test)
+    assert (None if data.val is None else len(data.val)) == n_val
+    for split in filter(None, (data.train, data.val, data.test)):
+        assert split.x.dtype == np.float32 and split.y.dtype == np.int64
+        assert np.isfinite(split.x).all()
+        assert set(np.unique(split.y)) == set(range(k))  # every class in every split
+    if name in ds.TABULAR:
+        # A split of the whole set (iris holds duplicate rows, so rows are not compared).
+        assert n_train + n_test == {"iris": 150, "wine": 178, "breast-cancer": 569, "digits": 1797}[name]
+    else:
+        # Separate draws: train, validation and test share no point.
+        train_rows = _rows(data.train.x)
+        assert not train_rows & _rows(data.test.x)
+        if data.val is not None:
+            assert not train_rows & _rows(data.val.x) and not _rows(data.val.x) & _rows(data.test.x)
+    # Seeded: same seed, same arrays; another seed, another draw.
+    again, other = ds.load(name, seed=0), ds.load(name, seed=1)
+    np.testing.assert_array_equal(again.train.x, data.train.x)
+    np.testing.assert_array_equal(again.test.y, data.test.y)
+    assert not np.array_equal(other.train.x, data.train.x)
+
+
+@pytest.mark.parametrize("name", ds.TABULAR)
+def test_tabular_sets_are_stratified_and_standardised_with_train_statistics(name):
+    data = ds.load(name, seed=3)
+    x = data.train.x.astype(np.float64)
+    np.testing.assert_allclose(x.mean(0), 0, atol=1e-5)
+    std = x.std(0)
+    assert np.all((np.abs(std - 1) < 1e-4) | (std < 1e-6))  # constant features are only centred
+    train_frac = np.bincount(data.train.y) / len(data.train)
+    test_frac = np.bincount(data.test.y) / len(data.test)
+    np.testing.assert_allclose(train_frac, test_frac, atol=0.05)
+
+
+def test_synthetic_geometry():
+    cube = ds.load("2d-cube", seed=0)
+    x, y = cube.test.x, cube.test.y
+    assert np.all(x[y == 0, 0] <= 0) and np.all(x[y == 1, 0] >= 0) and np.all(np.abs(x[:, 1]) <= 1)
+    cube3 = ds.load("3d-cube", seed=0)
+    signs = np.sign(cube3.train.x)
+    np.testing.assert_array_equal(signs, ds.CUBE3D_CENTRES[cube3.train.y])
+    grid = ds.load("grid9", seed=0)
+    centred = grid.train.x - ds.GRID9_CENTRES[grid.train.y]
+    np.testing.assert_allclose(centred.var(0), ds.GRID9_VARIANCE, rtol=0.05)
+
+
+def test_protocols_follow_the_authors_table():
+    assert PROTOCOLS["2d-cube"].hidden == (64, 128) and PROTOCOLS["2d-cube"].epochs == 40
+    assert PROTOCOLS["3d-cube"].gamma == 0.8 and PROTOCOLS["3d-cube"].top2
+    grid = PROTOCOLS["grid9"]
+    assert (grid.optimizer, grid.lr, grid.batch_size, grid.epochs) == ("adam", 1e-3, 1000, 10)
+    assert grid.hidden == (64, 128, 128) and grid.clip is None
+    moon = PROTOCOLS["moon"]
+    assert moon.hidden == (64, 128, 128, 128)
+    assert (moon.optimizer, moon.lr, moon.momentum, moon.weight_decay, moon.clip) == ("sgd", 0.1, 0.9, 1e-4, 5.0)
+    assert (moon.epochs, moon.milestones, moon.batch_size, moon.bandwidth, moon.gamma) == (100, (60, 80), 128, 0.2, 1.0)
+    assert (PROTOCOLS["circle"].gamma, PROTOCOLS["circle"].bandwidth) == (0.8, 0.2)
+    assert (PROTOCOLS["two-circle"].milestones, PROTOCOLS["two-circle"].bandwidth) == ((20, 50), 0.1)
+    assert all(p.alpha == 1.0 for p in PROTOCOLS.values())
+    assert protocol_for("iris", 105).batch_size == tabular_batch_size(105) == 14
+    assert tabular_batch_size(5000) == 128
+    assert with_epochs(moon, 10).milestones == (6, 8)
+
+
+def _tiny(name, epochs=2):
+    data = ds.load(name, seed=0)
+    return data, with_epochs(protocol_for(name, len(data.train)), epochs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_tiny_run_of_each_method_works_and_is_deterministic(method):
+    data, proto = _tiny("moon")
+    a = train_run(data, proto, method, seed=7, keep_net=True)
+    b = train_run(data, proto, method, seed=7, keep_net=True)
+    assert 0.0 <= a.test_acc <= 1.0 and a.val_selected_acc is not None and 1 <= a.best_epoch <= 2
+    assert (a.test_acc, a.val_selected_acc, a.best_epoch) == (b.test_acc, b.val_selected_acc, b.best_epoch)
+    for pa, pb in zip(a.net.parameters(), b.net.parameters()):
+        assert torch.equal(pa, pb)
+    c = train_run(data, proto, method, seed=8, keep_net=True)
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.net.parameters(), c.net.parameters()))
+
+
+def test_top2_genlabel_run_on_the_3d_cube():
+    data, proto = _tiny("3d-cube", epochs=3)
+    assert proto.top2
+    r = train_run(data, proto, "genlabel-gauss", seed=0)
+    assert 0.0 <= r.test_acc <= 1.0 and r.val_selected_acc is None
+
+
+def test_unknown_method_is_refused():
+    data, proto = _tiny("2d-cube")
+    with pytest.raises(ValueError, match="method"):
+        train_run(data, proto, "cutmix", seed=0)
+
+
+def _check_cell(cell, n_seeds):
+    assert set(cell) >= {"mean", "std", "runs"}
+    assert len(cell["runs"]) == n_seeds and all(0 <= v <= 100 for v in cell["runs"])
+    assert cell["mean"] == pytest.approx(np.mean(cell["runs"]), abs=1e-3)
+    assert cell["std"] == pytest.approx(np.std(cell["runs"], ddof=1) if n_seeds > 1 else 0.0, abs=1e-3)
+
+
+def test_cli_writes_json_with_the_documented_schema_and_a_png(tmp_path, capsys):
+    out = tmp_path / "res" / "r.json"
+    threads = torch.get_num_threads()
+    rc = cli.main(["reproduce", "--datasets", "2d-cube,iris", "--seeds", "2", "--seed-start", "3", "--epochs", "2",
+                   "--threads", "2", "--out", str(out), "--quiet"])
+    assert rc == 0
+    assert torch.get_num_threads() == threads  # restored after running with 2
+    printed = capsys.readouterr().out
+    assert "2d-cube" in printed and "iris" in printed and "±" in printed
+    table = json.loads(out.read_text())
+    assert list(table) == ["2d-cube", "iris"]
+    for name, cells in table.items():
+        assert list(cells) == list(METHODS)
+        for method, cell in cells.items():
+            _check_cell(cell, 2)
+            assert cell["seeds"] == [3, 4] and "val_selected" not in cell
+        assert cells["genlabel-kde"]["bandwidth"] == "scott"
+    png = out.parent / "decision_boundaries.png"  # default: next to --out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_options_override_protocol_and_plot_path(tmp_path):
+    out, png = tmp_path / "r.json", tmp_path / "figs" / "b.png"
+    rc = cli.main(["reproduce", "--datasets", "moon", "--methods", "mixup", "genlabel-kde", "--seeds", "1",
+                   "--epochs", "1", "--gamma", "0.5", "--bandwidth", "0.3", "--out", str(out), "--plot", str(png),
+                   "--quiet"])
+    assert rc == 0
+    cells = json.loads(out.read_text())["moon"]
+    assert list(cells) == ["mixup", "genlabel-kde"]
+    assert cells["genlabel-kde"]["gamma"] == 0.5 and cells["genlabel-kde"]["bandwidth"] == 0.3
+    _check_cell(cells["genlabel-kde"]["val_selected"], 1)
+    assert png.read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "decision_boundaries.png").exists()
+
+
+def test_cli_no_plot_and_bad_names(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli.main(["reproduce", "--datasets", "iris", "--methods", "vanilla", "--seeds", "1", "--epochs", "1",
+                     "--out", str(out), "--no-plot", "--quiet"]) == 0
+    assert out.exists() and not list(tmp_path.glob("*.png"))
+    assert cli.main(["reproduce", "--datasets", "mnist", "--quiet"]) == 2
+    assert "mnist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["reproduce", "--gamma", "1.5"])
