@@ -1,0 +1,271 @@
+"""Benchmarks of the pixel stage: uint8 NHWC 224 x 224 x 3 batch -> mixed, normalised NCHW batch.
+
+Run: ``python -m pytest bench/test_bench_pixel.py --benchmark-columns=median,iqr,min,rounds``
+(add ``-k "not reference"`` to skip the slow float64 reference, ``-k cuda`` for the GPU cases).
+
+Method: B in {64, 256}, per-sample lambda and a random permutation (the general case) unless a
+competitor only does batch lambda with the flipped batch (timm's batch mode); warm-up rounds
+compile kernels (Numba, torch.compile) before timing; CUDA cases synchronise inside the timed
+function; outputs are preallocated where the implementation allows it. Report medians with their
+spread, the commit, the device and the versions (pytest-benchmark's JSON records the machine).
+
+What users run today is measured beside fastgenlabel: torch eager (layout + float + normalise, then
+the mixup expression), torch eager normalisation followed by timm's batch-mode mixup written out in
+place (``x.mul_(lam).add_(x.flip(0).mul_(1 - lam))``: the stand-in where timm is not installed),
+``torch.compile`` of the fused expression, and timm / torchvision where they import.
+The start-up cases time a fresh process's first call with an empty and with a warm Numba cache.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from fastgenlabel import mix_images, sample_pairs
+
+H = W = 224
+C = 3
+MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+BATCHES = [64, 256]
+HAS_CUDA = torch.cuda.is_available()
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+_DATA = {}
+
+
+def data(b: int, device: str = "cpu") -> dict:
+    """The batch (NumPy and torch), its pairs and the per-channel constants, made once per (B, device)."""
+    key = (b, device)
+    if key not in _DATA:
+        rng = np.random.default_rng(b)
+        x = rng.integers(0, 256, (b, H, W, C), dtype=np.uint8)
+        pairs = sample_pairs(b, 1.0, lam_mode="sample", generator=b)
+        t = torch.from_numpy(x).to(device)
+        _DATA[key] = dict(
+            x=x, t=t, pairs=pairs, lam=pairs.lam.to(device).view(-1, 1, 1, 1), perm=pairs.perm.to(device),
+            lam_batch=float(pairs.lam[0]),
+            mean=torch.tensor(MEAN, device=device).view(1, C, 1, 1),
+            std=torch.tensor(STD, device=device).view(1, C, 1, 1),
+        )
+    return _DATA[key]
+
+
+def eager_fused(x, lam, perm, mean, std):
+    """Layout + float + normalise, then the mixup expression (per-sample lambda, any permutation)."""
+    y = (x.permute(0, 3, 1, 2).contiguous().float() - mean) / std
+    return lam * y + (1 - lam) * y[perm]
+
+
+def eager_normalise_timm_batch_mixup(x, lam: float, mean, std):
+    """Eager normalisation, then timm's ``Mixup(mode="batch")`` arithmetic (flipped batch, one lambda)."""
+    y = x.permute(0, 3, 1, 2).contiguous().float().sub_(mean).div_(std)
+    flipped = y.flip(0).mul_(1.0 - lam)
+    return y.mul_(lam).add_(flipped)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- fastgenlabel ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_numba_cpu(benchmark, b, dtype):
+    d = data(b)
+    out = torch.empty((b, C, H, W), dtype=getattr(torch, dtype))
+    benchmark.extra_info.update(backend="numba-cpu", batch=b, dtype=dtype)
+    benchmark.pedantic(mix_images, args=(d["t"], d["pairs"], MEAN, STD), kwargs=dict(out=out, backend="numba-cpu"),
+                       rounds=30 if b == 64 else 10, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("b", BATCHES)
+def test_reference(benchmark, b):
+    d = data(b)
+    benchmark.extra_info.update(backend="reference", batch=b)
+    benchmark.pedantic(mix_images, args=(d["t"], d["pairs"], MEAN, STD), kwargs=dict(backend="reference"),
+                       rounds=2, warmup_rounds=0)
+
+
+# --- what users run today, CPU ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("b", BATCHES)
+def test_torch_eager(benchmark, b):
+    d = data(b)
+    benchmark.pedantic(eager_fused, args=(d["t"], d["lam"], d["perm"], d["mean"], d["std"]),
+                       rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("b", BATCHES)
+def test_torch_eager_normalise_timm_batch_standin(benchmark, b):
+    d = data(b)
+    benchmark.extra_info.update(note="timm Mixup(mode='batch') arithmetic written out; timm not installed here")
+    benchmark.pedantic(eager_normalise_timm_batch_mixup, args=(d["t"], d["lam_batch"], d["mean"], d["std"]),
+                       rounds=5, warmup_rounds=1)
+
+
+_COMPILED = {}
+
+
+def compiled_fused():
+    if "fn" not in _COMPILED:
+        try:
+            fn = torch.compile(eager_fused)
+            d = data(2)
+            fn(d["t"], d["lam"], d["perm"], d["mean"], d["std"])
+            _COMPILED["fn"] = fn
+        except Exception as e:  # no compiler, unsupported platform, ...
+            _COMPILED["fn"] = None
+            _COMPILED["why"] = f"torch.compile unavailable: {type(e).__name__}: {str(e)[:200]}"
+    if _COMPILED["fn"] is None:
+        pytest.skip(_COMPILED["why"])
+    return _COMPILED["fn"]
+
+
+@pytest.mark.parametrize("b", BATCHES)
+def test_torch_compile(benchmark, b):
+    fn = compiled_fused()
+    d = data(b)
+    benchmark.pedantic(fn, args=(d["t"], d["lam"], d["perm"], d["mean"], d["std"]), rounds=10, warmup_rounds=2)
+
+
+def _timm_mixup():
+    try:
+        from timm.data import Mixup
+    except Exception as e:  # not installed, or does not import beside this torch
+        pytest.skip(f"timm not importable here ({type(e).__name__}: {str(e)[:120]}); see the eager stand-in")
+    return Mixup
+
+
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+def test_timm_mixup(benchmark, b, mode):
+    mixup = _timm_mixup()(mixup_alpha=1.0, mode=mode, num_classes=1000)
+    d = data(b)
+    target = torch.zeros(b, dtype=torch.int64)
+
+    def run():
+        y = d["t"].permute(0, 3, 1, 2).contiguous().float().sub_(d["mean"]).div_(d["std"])
+        return mixup(y, target)
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("b", BATCHES)
+def test_torchvision_mixup(benchmark, b):
+    try:
+        from torchvision.transforms import v2
+    except Exception as e:
+        pytest.skip(f"torchvision not importable here ({type(e).__name__}: {str(e)[:120]})")
+    mixup = v2.MixUp(alpha=1.0, num_classes=1000)
+    d = data(b)
+    target = torch.zeros(b, dtype=torch.int64)
+
+    def run():
+        y = d["t"].permute(0, 3, 1, 2).contiguous().float().sub_(d["mean"]).div_(d["std"])
+        return mixup(y, target)
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+
+
+# --- CUDA ---------------------------------------------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+
+
+@cuda_only
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_numba_cuda(benchmark, b, dtype):
+    d = data(b, "cuda")
+    out = torch.empty((b, C, H, W), dtype=getattr(torch, dtype), device="cuda")
+
+    def run():
+        mix_images(d["t"], d["pairs"], MEAN, STD, out=out, backend="numba-cuda")
+        torch.cuda.synchronize()
+
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(0))
+    benchmark.pedantic(run, rounds=30, warmup_rounds=3)
+
+
+@cuda_only
+@pytest.mark.parametrize("b", BATCHES)
+def test_torch_cuda_eager(benchmark, b):
+    d = data(b, "cuda")
+
+    def run():
+        eager_fused(d["t"], d["lam"], d["perm"], d["mean"], d["std"])
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=30, warmup_rounds=3)
+
+
+@cuda_only
+@pytest.mark.parametrize("b", BATCHES)
+def test_torch_cuda_eager_normalise_timm_batch_standin(benchmark, b):
+    d = data(b, "cuda")
+
+    def run():
+        eager_normalise_timm_batch_mixup(d["t"], d["lam_batch"], d["mean"], d["std"])
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=30, warmup_rounds=3)
+
+
+@cuda_only
+@pytest.mark.parametrize("b", BATCHES)
+def test_torch_cuda_compile(benchmark, b):
+    fn = torch.compile(eager_fused)
+    d = data(b, "cuda")
+
+    def run():
+        fn(d["t"], d["lam"], d["perm"], d["mean"], d["std"])
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=30, warmup_rounds=3)
+
+
+# --- start-up: compile vs on-disk cache ----------------------------------------------------------------------------
+
+_FIRST_CALL = """
+import json, time
+t0 = time.perf_counter()
+import numpy as np
+from fastgenlabel import mix_images, sample_pairs
+t1 = time.perf_counter()
+import numba
+t2 = time.perf_counter()
+x = np.zeros((2, 8, 8, 3), np.uint8)
+mix_images(x, sample_pairs(2, generator=0), 127.0, 64.0, backend="numba-cpu")
+t3 = time.perf_counter()
+mix_images(x, sample_pairs(2, generator=0), 127.0, 64.0, backend="numba-cpu")
+t4 = time.perf_counter()
+print(json.dumps({"import_fastgenlabel_s": t1 - t0, "import_numba_s": t2 - t1, "first_call_s": t3 - t2,
+                  "second_call_s": t4 - t3}))
+"""
+
+
+def first_call(cache_dir: str) -> dict:
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    proc = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, check=True,
+                          cwd=ROOT)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("cache", ["cold", "warm"])
+def test_numba_cpu_startup(benchmark, cache):
+    """A fresh process's first numba-cpu call (uint8 -> float32): compile (cold cache) or load (warm)."""
+    with tempfile.TemporaryDirectory() as cache_dir:
+        if cache == "warm":
+            first_call(cache_dir)
+        result = {}
+        benchmark.pedantic(lambda: result.update(first_call(cache_dir)), rounds=1, iterations=1)
+        benchmark.extra_info.update(result)
+        print(f"\nnumba-cpu start-up, {cache} cache: {result}")

@@ -1,0 +1,167 @@
+"""The pixel stage, fused: mix, normalise, change layout and dtype in one pass over memory.
+
+:func:`mix_images` validates its arguments once (:func:`~fastgenlabel.functional.images.prepare_pixel_job`)
+and runs the first backend of ``IMPLS`` that accepts them, or the one named by ``backend``:
+
+- ``numba-cuda``: CUDA torch tensors, through ``__cuda_array_interface__`` on torch's current
+  stream; no copies of the batch (CPU pairs and the per-channel constants, a few hundred bytes,
+  go up asynchronously from pinned memory).
+- ``numba-cpu``: NumPy arrays and CPU tensors, ``njit(parallel=True)`` over image rows.
+- ``reference``: :func:`fastgenlabel.functional.images.mix_images`, plain torch in float64.
+
+Both kernels read C-contiguous batches only (a strided batch is refused with the reason, and
+``backend="auto"`` then falls back to the reference). Neither compiles or touches a GPU at
+import: the kernel modules are imported on first use, and compiled kernels are cached on disk.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import torch
+
+from ...functional.images import PixelJob, prepare_pixel_job, run_reference
+from .._interop import cuda_modules, host_view
+from ..compat import numba_cuda_status
+from ..registry import Impl, dispatch, explain
+
+__all__ = ["IMPLS", "explain_mix_images", "mix_images"]
+
+CHUNKS_PER_THREAD = 8
+MAX_CUDA_BATCH = 65535
+
+
+def mix_images(images, pairs, mean=None, std=None, *, dtype=None, layout="CHW", input_layout="HWC", out=None,
+               backend: str = "auto"):
+    """Mix a batch of images with its partners and normalise it, fused.
+
+    ``out[i] = (lam[i] * x[i] + (1 - lam[i]) * x[perm[i]] - mean) / std`` per channel, in the
+    requested layout and dtype. Arguments and result are those of the reference,
+    :func:`fastgenlabel.functional.images.mix_images`; in short:
+
+    Args:
+        images: (B, H, W, C) uint8/float16/float32 batch ((B, C, H, W) with
+            ``input_layout="CHW"``), or a list of B samples of one size (stacked first: one
+            copy); NumPy or torch, CPU or CUDA.
+        pairs: the batch's MixPairs (per-batch or per-sample lambda, any permutation). CPU pairs
+            with CUDA images are copied to the device (asynchronously, from pinned memory).
+        mean, std: per-channel constants in the input's units (0-255 for uint8), host values;
+            both None to only mix (the variant for already-normalised float batches).
+        dtype: "float32" (default), "float16" or "bfloat16" (torch input only).
+        layout: output layout per sample, "CHW" -> (B, C, H, W) or "HWC" -> (B, H, W, C).
+        input_layout: layout of ``images`` per sample, "HWC" (default) or "CHW".
+        out: optional C-contiguous output buffer (same type, device, shape and dtype as the
+            result, not overlapping ``images``); filled and returned.
+        backend: "auto", "numba-cuda", "numba-cpu" or "reference".
+
+    Returns:
+        The result: NumPy for NumPy input, a torch tensor on the images' device otherwise.
+
+    Raises:
+        TypeError, ValueError: invalid arguments (the message names the argument).
+        BackendError: no requested backend accepts the inputs; the message gives each reason.
+    """
+    job = prepare_pixel_job(images, pairs, mean, std, dtype=dtype, layout=layout, input_layout=input_layout,
+                            out=out)
+    return dispatch("mix_images", backend, IMPLS, job)
+
+
+def explain_mix_images(images, pairs, mean=None, std=None, **kwargs) -> dict[str, str | None]:
+    """Every backend's verdict on these arguments (None = would run), without running anything."""
+    return explain(IMPLS, prepare_pixel_job(images, pairs, mean, std, **kwargs))
+
+
+def _contiguity(job: PixelJob) -> str | None:
+    x = job.images
+    if isinstance(x, torch.Tensor):
+        if not x.is_contiguous():
+            return (f"images are not contiguous (strides {tuple(x.stride())}); the kernel reads one dense batch "
+                    "without copying: call .contiguous()")
+    elif not x.flags.c_contiguous:
+        return (f"images are not C-contiguous (strides {x.strides}); the kernel reads one dense batch "
+                "without copying: use np.ascontiguousarray")
+    return None
+
+
+# --- numba-cpu -------------------------------------------------------------------------------------------------
+
+def _refuse_cpu(job: PixelJob) -> str | None:
+    if importlib.util.find_spec("numba") is None:
+        return "numba is not installed"
+    if job.device.type != "cpu":
+        return f"images are on {job.device}; numba-cpu runs on host memory (NumPy arrays or CPU tensors)"
+    return _contiguity(job)
+
+
+def _flat_bits(a) -> np.ndarray:
+    """A flat NumPy view of an array/tensor; 16-bit floats as their uint16 bit patterns."""
+    if isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16):
+        a = a.view(torch.int16)
+    v = host_view(a).reshape(-1)
+    if v.dtype.itemsize == 2:
+        v = v.view(np.uint16)
+    return v
+
+
+def _run_cpu(job: PixelJob):
+    import numba
+
+    from . import cpu
+
+    out = job.allocate()
+    if job.size[0] * job.size[1] * job.size[2] == 0:
+        return out
+    scale, shift = job.scale_shift()
+    kind = {"float32": cpu.OUT_FLOAT, "float16": cpu.OUT_F16, "bfloat16": cpu.OUT_BF16}[job.dtype]
+    _, h, w, c = job.size
+    cpu.run(_flat_bits(job.images), host_view(job.perm), host_view(job.lam), scale, shift, _flat_bits(out),
+            h, w, c, job.input_layout == "CHW", job.layout == "CHW", job.input_dtype == "float16", kind,
+            CHUNKS_PER_THREAD * numba.get_num_threads())
+    return out
+
+
+# --- numba-cuda ------------------------------------------------------------------------------------------------
+
+def _refuse_cuda(job: PixelJob) -> str | None:
+    ok, why = numba_cuda_status()
+    if not ok:
+        return why
+    if not job.is_torch:
+        return "images are a NumPy array; numba-cuda runs on CUDA torch tensors"
+    if job.device.type != "cuda":
+        return f"images are on {job.device}; numba-cuda runs on CUDA torch tensors"
+    if job.size[0] > MAX_CUDA_BATCH:
+        return f"batch of {job.size[0]} samples; the kernel's grid takes at most {MAX_CUDA_BATCH} per call"
+    return _contiguity(job)
+
+
+def _run_cuda(job: PixelJob):
+    from . import cuda as kernels
+
+    cuda = cuda_modules()
+    out = job.allocate()
+    b, h, w, c = job.size
+    if b * h * w == 0:
+        return out
+    device = job.device
+    scale, shift = job.scale_shift()
+    consts = torch.from_numpy(np.concatenate([scale, shift])).pin_memory().to(device, non_blocking=True)
+    out_bf16 = job.dtype == "bfloat16"
+    flat_out = out.reshape(-1)
+    with torch.cuda.device(device), cuda.gpus[device.index if device.index is not None else 0]:
+        stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+        dev_out = cuda.as_cuda_array(flat_out.view(torch.int16) if out_bf16 else flat_out)
+        if out_bf16:
+            dev_out = dev_out.view(np.uint16)
+        kernels.launch(
+            cuda.as_cuda_array(job.images.reshape(-1)), cuda.as_cuda_array(job.perm), cuda.as_cuda_array(job.lam),
+            cuda.as_cuda_array(consts[:c]), cuda.as_cuda_array(consts[c:]), dev_out, h, w, c,
+            job.input_layout == "CHW", job.layout == "CHW", out_bf16, stream=stream)
+    return out
+
+
+IMPLS = (
+    Impl("numba-cuda", _refuse_cuda, _run_cuda),
+    Impl("numba-cpu", _refuse_cpu, _run_cpu),
+    Impl("reference", lambda job: None, run_reference),
+)

@@ -1,0 +1,81 @@
+"""The pixel stage on CUDA: ``numba.cuda.jit(cache=True)``, one thread per pixel and all its channels.
+
+Matches :func:`fastgenlabel.functional.images.mix_images`. One pass over memory: a thread reads
+the C values of one pixel of its sample and of the partner and writes the C output values; for
+an HWC -> CHW conversion consecutive threads take consecutive pixels, so each channel plane is
+written with coalesced stores (and the byte reads of a warp cover one contiguous span). The
+grid is (pixel blocks, B): the sample's lambda and partner come from ``blockIdx.y``, and each
+thread strides over ``PIXELS_PER_THREAD`` pixels. float16 output is a native float16 store;
+bfloat16 output is written as bits into a uint16 view (the bit conversion is :mod:`.math`'s).
+
+Importing this module imports ``numba.cuda`` (patched, see ``kernels/compat.py``) but neither
+touches a GPU nor compiles; the first launch compiles (or loads the on-disk cache) for the
+argument types it sees. Under ``NUMBA_ENABLE_CUDASIM=1`` the same code runs in the simulator.
+"""
+import numpy as np
+
+from .._interop import cuda_modules
+from . import math as _math
+
+cuda = cuda_modules()
+
+THREADS = 256
+PIXELS_PER_THREAD = 4
+MAX_BATCH = 65535  # gridDim.y
+
+_mix = cuda.jit(device=True)(_math.mix_normalize)
+_to_bf16 = cuda.jit(device=True)(_math.f32_to_bf16_bits)
+
+
+@cuda.jit(cache=True)
+def mix_kernel(x, perm, lam, scale, shift, out, HW, C, in_chw, out_chw, out_bf16):
+    """``out = (lam * x + (1 - lam) * x[perm] - mean) / std`` for a whole batch.
+
+    Args:
+        x: (B*H*W*C,) the batch, flat and C-contiguous, uint8/float16/float32, samples in CHW
+            order if ``in_chw`` else HWC.
+        perm: (B,) int64 partners; lam: (B,) float32 weights of the samples themselves.
+        scale: (C,) float32 ``1 / std``; shift: (C,) float32 ``-mean / std``.
+        out: (B*H*W*C,) float32 or float16, or uint16 receiving bfloat16 bits when
+            ``out_bf16``; CHW order if ``out_chw`` else HWC.
+        HW, C: pixels per image and channels.
+    """
+    s = cuda.blockIdx.y
+    p = perm[s]
+    ka = lam[s]
+    kb = np.float32(1.0) - ka
+    img = HW * C
+    x_self = s * img
+    x_partner = p * img
+    # element (pixel q, channel c) sits at q * pix + c * chan within a sample
+    in_pix = 1 if in_chw else C
+    in_chan = HW if in_chw else 1
+    out_pix = 1 if out_chw else C
+    out_chan = HW if out_chw else 1
+    start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    step = cuda.gridDim.x * cuda.blockDim.x
+    for q in range(start, HW, step):
+        for c in range(C):
+            i = q * in_pix + c * in_chan
+            v = _mix(x[x_self + i], x[x_partner + i], ka, kb, scale[c], shift[c])
+            o = x_self + q * out_pix + c * out_chan
+            if out_bf16:
+                out[o] = np.uint16(_to_bf16(v))
+            else:
+                out[o] = v
+
+
+def grid(batch: int, pixels: int, threads: int = THREADS) -> tuple[int, int]:
+    """Blocks (x over pixels, y over samples) for ``mix_kernel``."""
+    return max(1, min(-(-pixels // (threads * PIXELS_PER_THREAD)), 2**31 - 1)), batch
+
+
+def launch(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, out_bf16, stream=0, threads=THREADS):
+    """Run ``mix_kernel`` on device arrays (see its docstring) on ``stream``; empty batches do nothing."""
+    batch = perm.shape[0]
+    if batch == 0 or H * W == 0:
+        return
+    if batch > MAX_BATCH:
+        raise ValueError(f"images: numba-cuda handles at most {MAX_BATCH} samples per call, got {batch}")
+    mix_kernel[grid(batch, H * W, threads), threads, stream](
+        x, perm, lam, scale, shift, out, H * W, C, bool(in_chw), bool(out_chw), bool(out_bf16))

@@ -1,0 +1,397 @@
+"""The relabel stage on the GPU: Numba ``cuda.jit(cache=True)`` kernels.
+
+Each kernel matches the reference ``genlabel_target(model, mix(z, pairs), ...)``. Like the CPU
+target, a call has two phases, both launched on the caller's stream:
+
+1. a scores kernel per model kind writes the raw scores (B, K) of the mixed samples into ``out``
+   (tied: the scores of the unmixed samples into a scratch matrix). Mixing is fused into the
+   loads of z, so no z_mix array exists in global memory, and no B x K x d intermediate either:
+
+   - ``diag_scores``, ``tied_scores``: one block per tile of ``TS`` samples, threads over
+     classes (coalesced reads of the feature-major (d, K) parameters), the tile's features
+     staged through shared memory ``TD`` at a time; float32 partial sums per chunk, added with
+     Kahan compensation.
+   - ``tri_scores`` (full covariance): one block per (sample tile, class), threads over the
+     output coordinates j of u = L_c^T (z_mix - mu_c) (coalesced reads of the factor's rows),
+     skipping its zero triangle; the squared norm is reduced across the block (pairwise). The
+     grid's fastest index is the sample tile, so the blocks of one class run together: L_c is
+     read from memory about once per call and served from L2 to its B / TS tiles. SIMT float32,
+     no tensor cores (Numba exposes none; a cuBLAS route would need split-precision TF32).
+   - ``kde_scores``: one block per (sample, class): whiten into shared memory, threads over the
+     class's points with an online log-sum-exp, then a block-level log-sum-exp merge.
+
+2. ``finish``: one block per sample, threads over classes: logits = scores + bias, block-level
+   max and sum reductions for the softmax, then the gamma blend and label smoothing, in place.
+
+Everything is float32 (the PTX for sm_90 has no f64 instruction, no local-memory traffic and
+no spills: 40-96 registers per thread). Block sizes are compile-time constants; under the
+simulator (``NUMBA_ENABLE_CUDASIM=1``) they are tiny so that every strided loop and partial tile
+runs. Nothing here launches or compiles at import (importing numba.cuda touches no device).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import config, float32
+
+from .._interop import cuda_modules
+from . import math as rm
+
+cuda = cuda_modules()
+
+SIM = bool(config.ENABLE_CUDASIM)
+TPB = 8 if SIM else 128  # threads per block (a power of two)
+TS = 2 if SIM else 8  # samples per block tile (<= TPB)
+TD = 4 if SIM else 32  # features staged in shared memory at a time
+MAX_SHARED_BYTES = 48 * 1024
+MAX_GRID_Y = 65535
+
+ZERO = rm.ZERO
+ONE = rm.ONE
+NEG_INF = rm.NEG_INF
+
+_dev = cuda.jit(device=True)
+mixed = _dev(rm.mixed)
+diag_term = _dev(rm.diag_term)
+gauss_score = _dev(rm.gauss_score)
+kahan_add = _dev(rm.kahan_add)
+lse_update = _dev(rm.lse_update)
+lse_merge = _dev(rm.lse_merge)
+lse_value = _dev(rm.lse_value)
+row_logit = _dev(rm.row_logit)
+mixup_mass = _dev(rm.mixup_mass)
+target_value = _dev(rm.target_value)
+
+
+@cuda.jit(device=True)
+def block_max(red, v):
+    """Maximum of ``v`` over the block (all threads must call it)."""
+    tid = cuda.threadIdx.x
+    red[tid] = v
+    cuda.syncthreads()
+    step = TPB // 2
+    while step > 0:
+        if tid < step and red[tid + step] > red[tid]:
+            red[tid] = red[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    res = red[0]
+    cuda.syncthreads()
+    return res
+
+
+@cuda.jit(device=True)
+def block_sum(red, v):
+    """Sum of ``v`` over the block, pairwise (all threads must call it)."""
+    tid = cuda.threadIdx.x
+    red[tid] = v
+    cuda.syncthreads()
+    step = TPB // 2
+    while step > 0:
+        if tid < step:
+            red[tid] += red[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    res = red[0]
+    cuda.syncthreads()
+    return res
+
+
+@cuda.jit(device=True)
+def stage_mixed(tile, z, perm, lam, s0, i0):
+    """tile[t, ii] = z_mix[s0 + t, i0 + ii] (0 outside the batch/features). Cooperative: every
+    thread of the block calls it."""
+    b, d = z.shape
+    for idx in range(cuda.threadIdx.x, TS * TD, TPB):
+        t = idx // TD
+        ii = idx - t * TD
+        s = s0 + t
+        i = i0 + ii
+        v = ZERO
+        if s < b and i < d:
+            l = lam[s]
+            v = mixed(z[s, i], z[perm[s], i], l, ONE - l)
+        tile[t, ii] = v
+
+
+@cuda.jit(device=True)
+def stage_centered(tile, z, perm, lam, s0, i0, order, center, c):
+    """tile[t, ii] = z_mix[s0 + t, order[i]] - center[c, i], i = i0 + ii (kernel feature order)."""
+    b, d = z.shape
+    for idx in range(cuda.threadIdx.x, TS * TD, TPB):
+        t = idx // TD
+        ii = idx - t * TD
+        s = s0 + t
+        i = i0 + ii
+        v = ZERO
+        if s < b and i < d:
+            l = lam[s]
+            f = order[i]
+            v = mixed(z[s, f], z[perm[s], f], l, ONE - l) - center[c, i]
+        tile[t, ii] = v
+
+
+@cuda.jit(cache=True)
+def diag_scores(z, perm, lam, mu_t, istd_t, out):
+    """out[s, c] = -1/2 sum_i ((z_mix[s, i] - mu_ci) istd_ci)^2."""
+    b, d = z.shape
+    k = out.shape[1]
+    s0 = cuda.blockIdx.x * TS
+    tile = cuda.shared.array((TS, TD), float32)
+    acc = cuda.local.array(TS, float32)
+    comp = cuda.local.array(TS, float32)
+    part = cuda.local.array(TS, float32)
+    for c0 in range(0, k, TPB):
+        c = c0 + cuda.threadIdx.x
+        for t in range(TS):
+            acc[t] = ZERO
+            comp[t] = ZERO
+        for i0 in range(0, d, TD):
+            stage_mixed(tile, z, perm, lam, s0, i0)
+            cuda.syncthreads()
+            if c < k:
+                for t in range(TS):
+                    part[t] = ZERO
+                for ii in range(min(TD, d - i0)):
+                    mu = mu_t[i0 + ii, c]
+                    w = istd_t[i0 + ii, c]
+                    for t in range(TS):
+                        part[t] += diag_term(tile[t, ii], mu, w)
+                for t in range(TS):
+                    acc[t], comp[t] = kahan_add(acc[t], comp[t], part[t])
+            cuda.syncthreads()
+        if c < k:
+            for t in range(TS):
+                if s0 + t < b:
+                    out[s0 + t, c] = gauss_score(acc[t])
+
+
+@cuda.jit(cache=True)
+def tied_scores(z, center, w_t, out):
+    """out[s, c] = w_c^T (z[s] - m) for the UNMIXED samples (affine; mixed in ``finish``)."""
+    b, d = z.shape
+    k = out.shape[1]
+    s0 = cuda.blockIdx.x * TS
+    tile = cuda.shared.array((TS, TD), float32)
+    acc = cuda.local.array(TS, float32)
+    comp = cuda.local.array(TS, float32)
+    part = cuda.local.array(TS, float32)
+    for c0 in range(0, k, TPB):
+        c = c0 + cuda.threadIdx.x
+        for t in range(TS):
+            acc[t] = ZERO
+            comp[t] = ZERO
+        for i0 in range(0, d, TD):
+            for idx in range(cuda.threadIdx.x, TS * TD, TPB):
+                t = idx // TD
+                ii = idx - t * TD
+                v = ZERO
+                if s0 + t < b and i0 + ii < d:
+                    v = z[s0 + t, i0 + ii] - center[i0 + ii]
+                tile[t, ii] = v
+            cuda.syncthreads()
+            if c < k:
+                for t in range(TS):
+                    part[t] = ZERO
+                for ii in range(min(TD, d - i0)):
+                    w = w_t[i0 + ii, c]
+                    for t in range(TS):
+                        part[t] += tile[t, ii] * w
+                for t in range(TS):
+                    acc[t], comp[t] = kahan_add(acc[t], comp[t], part[t])
+            cuda.syncthreads()
+        if c < k:
+            for t in range(TS):
+                if s0 + t < b:
+                    out[s0 + t, c] = acc[t]
+
+
+@cuda.jit(cache=True)
+def tri_scores(z, perm, lam, order, center, factor, tri, bias, out):
+    """Full covariance: out[s, c] = -1/2 ||L_c^T (z_mix[s] - mu_c)||^2, computed as ||u||^2 with
+    u_j = sum_{i >= j} diff_i factor[c, i, j] in kernel feature order. Grid (tiles, K)."""
+    b, d = z.shape
+    s0 = cuda.blockIdx.x * TS
+    c = cuda.blockIdx.y
+    tid = cuda.threadIdx.x
+    if bias[c] == NEG_INF:  # empty class: the bias masks it; uniform over the block
+        if tid < TS and s0 + tid < b:
+            out[s0 + tid, c] = ZERO
+        return
+    tile = cuda.shared.array((TS, TD), float32)
+    red = cuda.shared.array((TS, TPB), float32)
+    acc = cuda.local.array(TS, float32)
+    part = cuda.local.array(TS, float32)
+    for t in range(TS):
+        part[t] = ZERO
+    for j0 in range(0, d, TPB):
+        j = j0 + tid
+        for t in range(TS):
+            acc[t] = ZERO
+        for i0 in range(j0 if tri else 0, d, TD):  # factor[c, i, j] = 0 for i < j when triangular
+            stage_centered(tile, z, perm, lam, s0, i0, order, center, c)
+            cuda.syncthreads()
+            if j < d:
+                for ii in range(min(TD, d - i0)):
+                    i = i0 + ii
+                    if i >= j or not tri:
+                        f = factor[c, i, j]
+                        for t in range(TS):
+                            acc[t] += tile[t, ii] * f
+            cuda.syncthreads()
+        for t in range(TS):
+            part[t] += acc[t] * acc[t]
+    for t in range(TS):
+        red[t, tid] = part[t]
+    cuda.syncthreads()
+    step = TPB // 2
+    while step > 0:
+        if tid < step:
+            for t in range(TS):
+                red[t, tid] += red[t, tid + step]
+        cuda.syncthreads()
+        step //= 2
+    if tid < TS and s0 + tid < b:
+        out[s0 + tid, c] = gauss_score(red[tid, 0])
+
+
+@cuda.jit(cache=True)
+def kde_scores(z, perm, lam, order, center, factor, tri, points, offsets, bias, out):
+    """KDE: out[s, c] = logsumexp_j -1/2 ||A_c (z_mix[s] - centre_c) - x_j||^2. Grid (B, K);
+    dynamic shared memory: 2 d float32."""
+    b, d = z.shape
+    s = cuda.blockIdx.x
+    c = cuda.blockIdx.y
+    tid = cuda.threadIdx.x
+    if bias[c] == NEG_INF:
+        if tid == 0:
+            out[s, c] = ZERO
+        return
+    buf = cuda.shared.array(0, float32)  # [0, d): z_mix - centre; [d, 2d): whitened
+    red_m = cuda.shared.array(TPB, float32)
+    red_s = cuda.shared.array(TPB, float32)
+    l = lam[s]
+    p = perm[s]
+    for i in range(tid, d, TPB):
+        f = order[i]
+        buf[i] = mixed(z[s, f], z[p, f], l, ONE - l) - center[c, i]
+    cuda.syncthreads()
+    for j in range(tid, d, TPB):
+        a = ZERO
+        for i in range(j if tri else 0, d):
+            a += buf[i] * factor[c, i, j]
+        buf[d + j] = a
+    cuda.syncthreads()
+    m = NEG_INF
+    acc = ZERO
+    for q in range(offsets[c] + tid, offsets[c + 1], TPB):
+        dist = ZERO
+        for j in range(d):
+            v = buf[d + j] - points[q, j]
+            dist += v * v
+        m, acc = lse_update(m, acc, gauss_score(dist))
+    red_m[tid] = m
+    red_s[tid] = acc
+    cuda.syncthreads()
+    step = TPB // 2
+    while step > 0:
+        if tid < step:
+            m2, s2 = lse_merge(red_m[tid], red_s[tid], red_m[tid + step], red_s[tid + step])
+            red_m[tid] = m2
+            red_s[tid] = s2
+        cuda.syncthreads()
+        step //= 2
+    if tid == 0:
+        out[s, c] = lse_value(red_m[0], red_s[0])
+
+
+@cuda.jit(cache=True)
+def finish(src, mix_rows_flag, perm, lam, labels, bias, gamma, keep, add, out):
+    """Scores -> targets; one block per sample. ``src`` may be ``out`` (each element is read by
+    the thread that writes it, before it writes). gamma == 0 never reads ``src``; a row whose
+    logits are all -inf (float32 overflow) takes the mixup label as y_gen: never NaN."""
+    s = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    k = out.shape[1]
+    red = cuda.shared.array(TPB, float32)
+    l = lam[s]
+    lc = ONE - l
+    p = perm[s]
+    ya = labels[s]
+    yb = labels[p]
+    gamma_c = ONE - gamma
+    mx = NEG_INF
+    if gamma > ZERO:
+        for c in range(tid, k, TPB):
+            v = row_logit(src, mix_rows_flag, s, p, c, l, lc, bias)
+            if v > mx:
+                mx = v
+        mx = block_max(red, mx)
+    if mx > NEG_INF:
+        total = ZERO
+        for c in range(tid, k, TPB):
+            e = math.exp(row_logit(src, mix_rows_flag, s, p, c, l, lc, bias) - mx)
+            out[s, c] = e
+            total += e
+        inv = ONE / block_sum(red, total)
+        for c in range(tid, k, TPB):
+            out[s, c] = target_value(out[s, c] * inv, mixup_mass(c, ya, yb, l, lc), gamma, gamma_c, keep, add)
+    else:
+        for c in range(tid, k, TPB):
+            ym = mixup_mass(c, ya, yb, l, lc)
+            out[s, c] = target_value(ym, ym, gamma, gamma_c, keep, add)
+
+
+def refuse_shape(params, batch: int) -> str | None:
+    """Why the kernels' launch configuration cannot cover this model/batch (None: it can)."""
+    if params.kind == "kde" and 2 * params.dim * 4 > MAX_SHARED_BYTES:
+        return f"shape: the KDE kernel stages 2 d floats in shared memory; d = {params.dim} is too large"
+    if params.kind in ("full", "kde") and params.num_classes > MAX_GRID_Y:
+        return f"shape: the {params.kind} kernel launches one grid row per class; needs K <= {MAX_GRID_Y}"
+    del batch  # every batch size fits the grid's x dimension
+    return None
+
+
+def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, *, scratch=None, stream=0):
+    """Launch the relabel stage on device arrays (anything with ``__cuda_array_interface__``).
+
+    Args:
+        params: the model's :class:`RelabelParams` (kind, K, d, tri).
+        arrays: its arrays on the device, by name (see ``params.py``).
+        z: (B, d) float32 C-contiguous; perm: (B,) int64; lam: (B,) float32; labels: (B,) int64.
+        gamma, smoothing: floats in [0, 1].
+        out: (B, K) float32 C-contiguous, fully overwritten.
+        scratch: (B, K) float32 for the tied model's per-sample scores (allocated here if None).
+        stream: a Numba stream (torch's current stream in the torch path) or 0.
+
+    Returns:
+        out. The launches are asynchronous on ``stream``.
+    """
+    b = z.shape[0]
+    k = params.num_classes
+    if b == 0:
+        return out
+    g = np.float32(gamma)
+    keep = np.float32(1.0 - smoothing)
+    add = np.float32(smoothing / k)
+    bias = arrays["bias"]
+    tiles = (b + TS - 1) // TS
+    src, mix_flag = out, 0
+    if g > 0:
+        if params.kind == "diag":
+            diag_scores[tiles, TPB, stream](z, perm, lam, arrays["mu_t"], arrays["istd_t"], out)
+        elif params.kind == "tied":
+            if scratch is None:
+                scratch = cuda.device_array((b, k), dtype=np.float32, stream=stream)
+            tied_scores[tiles, TPB, stream](z, arrays["center"], arrays["w_t"], scratch)
+            src, mix_flag = scratch, 1
+        elif params.kind == "full":
+            tri_scores[(tiles, k), TPB, stream](z, perm, lam, arrays["order"], arrays["center"],
+                                                arrays["factor"], int(params.tri), bias, out)
+        else:
+            kde_scores[(b, k), TPB, stream, 8 * params.dim](
+                z, perm, lam, arrays["order"], arrays["center"], arrays["factor"], int(params.tri),
+                arrays["points"], arrays["offsets"], bias, out)
+    finish[b, TPB, stream](src, mix_flag, perm, lam, labels, bias, g, keep, add, out)
+    return out

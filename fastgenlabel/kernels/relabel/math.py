@@ -1,0 +1,106 @@
+"""The relabel stage's scalar math, written once.
+
+Every function here is plain Python. ``cpu.py`` compiles them with ``numba.njit`` and ``cuda.py``
+with ``numba.cuda.jit(device=True)``; the simulator runs them as they are. Constants are
+``np.float32`` globals (Numba freezes them as float32 constants), and no function introduces a
+float64 literal, so float32 arguments keep every operation in float32 on the GPU; the CPU
+kernels pass float64 accumulators where that is cheap and get float64 arithmetic.
+
+Notation (GENLABEL.md sections 3 and 5): a raw score is the class-dependent part of
+``log p_c(z_mix)`` without the per-class constant; the *logit* is raw score + bias, with
+``bias_c = log_norm_c + log_prior_c`` (shifted by a constant) and ``-inf`` for empty classes.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+HALF = np.float32(0.5)
+NEG_INF = np.float32(-np.inf)
+
+
+def mixed(a, b, lam, lam_c):
+    """``lam * a + (1 - lam) * b`` with ``lam_c = 1 - lam`` computed once by the caller."""
+    return lam * a + lam_c * b
+
+
+def diag_term(x, mu, istd):
+    """One feature's term of the diagonal Mahalanobis norm: ``((x - mu) / sigma)^2``."""
+    t = (x - mu) * istd
+    return t * t
+
+
+def gauss_score(maha):
+    """Raw Gaussian score from a squared Mahalanobis norm: ``-maha / 2``."""
+    return -HALF * maha
+
+
+def kahan_add(total, comp, x):
+    """Compensated summation step: returns the new ``(total, compensation)``.
+
+    Only for targets that keep IEEE order (the CUDA kernels); the CPU kernels, compiled with
+    reassociation allowed, accumulate in float64 instead.
+    """
+    y = x - comp
+    t = total + y
+    return t, (t - total) - y
+
+
+def lse_update(m, s, x):
+    """Online log-sum-exp: fold ``x`` into the running ``(max, sum of exp(. - max))``."""
+    if x == NEG_INF:
+        return m, s
+    if x > m:
+        return x, s * math.exp(m - x) + ONE
+    return m, s + math.exp(x - m)
+
+
+def lse_merge(m1, s1, m2, s2):
+    """Combine two online log-sum-exp states."""
+    if m2 > m1:
+        m1, s1, m2, s2 = m2, s2, m1, s1
+    if m2 == NEG_INF:
+        return m1, s1
+    return m1, s1 + s2 * math.exp(m2 - m1)
+
+
+def lse_value(m, s):
+    """``log(sum exp)`` of an online state; ``-inf`` when nothing (finite) was folded in."""
+    if s > ZERO:
+        return m + math.log(s)
+    return NEG_INF
+
+
+def row_logit(src, mix_rows, s, p, c, lam, lam_c, bias):
+    """Logit of class ``c`` for mixed sample ``s`` (partner ``p``); NaN is mapped to ``-inf``.
+
+    ``mix_rows`` false: ``src[s, c]`` already holds the raw score of the mixed sample.
+    ``mix_rows`` true (tied covariance): ``src`` holds raw scores of the *unmixed* samples, which
+    are affine in z, so the mixed sample's score is ``lam * src[s, c] + (1 - lam) * src[p, c]``.
+    """
+    if mix_rows:
+        v = lam * src[s, c] + lam_c * src[p, c] + bias[c]
+    else:
+        v = src[s, c] + bias[c]
+    if v != v:
+        return NEG_INF
+    return v
+
+
+def mixup_mass(c, y_a, y_b, lam, lam_c):
+    """Class ``c``'s entry of the mixup label ``lam * e(y_a) + (1 - lam) * e(y_b)``."""
+    v = lam - lam  # a zero of lam's type
+    if c == y_a:
+        v += lam
+    if c == y_b:
+        v += lam_c
+    return v
+
+
+def target_value(p, y_mix, gamma, gamma_c, keep, add):
+    """``(gamma * y_gen + (1 - gamma) * y_mix) * (1 - eps) + eps / K``, with ``keep = 1 - eps``
+    and ``add = eps / K`` (timm's label smoothing)."""
+    return (gamma * p + gamma_c * y_mix) * keep + add

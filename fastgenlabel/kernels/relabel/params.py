@@ -1,0 +1,232 @@
+"""A fitted class model, packed into the flat float32 arrays the relabel kernels read.
+
+Parameters reach the kernels as arrays, never as compiled-in constants, so refitting a model
+never recompiles. Packing reads only the models' public attributes (``means``, ``variances``,
+``precision_chol``, ``log_norm``, ``log_prior``, ``class_counts``, ``class_points``,
+``kernel_chol``), derives everything in float64 and rounds once to float32.
+
+What each kind packs (K classes, d features, M kept KDE points), in terms of GENLABEL.md:
+
+- every kind: ``bias`` (K,) = log_norm_c + log_prior_c minus its largest finite value (a
+  constant, which the softmax ignores; it keeps float32 logits small), ``-inf`` for empty classes.
+- ``diag``: ``mu_t`` (d, K) and ``istd_t`` (d, K) = 1 / sqrt(var), feature-major so that the
+  CPU's inner loop and the GPU's threads run over classes on contiguous memory.
+  Raw score: -1/2 sum_i ((z_i - mu_ci) istd_ci)^2.
+- ``tied`` (shared precision P = L L^T, centre m = the training mean): with v_c = L^T (mu_c - m),
+  log p_c(z) = -1/2 ||L^T (z - m)||^2 + w_c^T (z - m) - 1/2 ||v_c||^2 + log_norm_c, where
+  w_c = L v_c = P (mu_c - m). The first term is the same for all classes and cancels in the
+  softmax, so the raw score is s_c(z) = w_c^T (z - m), the bias takes -1/2 ||v_c||^2, and
+  because s is affine, s(z_mix) = lam s(z_i) + (1 - lam) s(z_p): O(K) per mixed sample once s
+  is known per sample. Packs ``center`` (d,) and ``w_t`` (d, K). Centring at m keeps the float32
+  products small (no cancellation against a large offset shared by all classes).
+- ``full``: ``center`` (K, d) = the class means and ``factor`` (K, d, d) = the model's precision
+  Cholesky factor L_c (Sigma_c^-1 = L_c L_c^T), both with their features permuted by ``order``
+  (d,) int64 so that the factor is lower triangular (``tri``; see :func:`_feature_order`).
+  Raw score: -1/2 ||u||^2, u_j = sum_{i >= j} diff_i factor[c, i, j], diff_i = z_mix[order[i]] -
+  center[c, i]: ||u|| = ||L_c^T (z_mix - mu_c)||.
+- ``kde``: per class the inverse kernel Cholesky factor A_c = C_c^-1 (kernel covariance
+  C_c C_c^T), stored transposed, ``factor[c] = A_c^T``, so that whitening has exactly the
+  full-covariance form u = factor[c]^T (z - centre_c); ``center`` (K, d) = the class's mean
+  point; ``points`` (M, d) = whitened points minus their class mean, class after class;
+  ``offsets`` (K + 1,) int64; features permuted by ``order`` as for ``full`` (distances do not
+  change). Raw score: logsumexp_j -1/2 ||u - x_j||^2 (the kernel's normaliser and -log n_c are
+  in the bias).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+KINDS = ("diag", "tied", "full", "kde")
+_CACHE_ATTR = "_fastgenlabel_relabel_params"
+
+
+@dataclass(frozen=True)
+class RelabelParams:
+    """A model's kernel parameters (host copies). Treat the arrays as read-only.
+
+    Attributes:
+        kind: "diag", "tied", "full" or "kde".
+        num_classes: K.
+        dim: d.
+        tri: ``factor`` is lower triangular (the kernels then skip its zero half).
+        arrays: name -> C-contiguous float32 array (``offsets``: int64); see the module docstring.
+    """
+
+    kind: str
+    num_classes: int
+    dim: int
+    tri: bool
+    arrays: dict[str, np.ndarray]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def model_kind(model) -> str | None:
+    """The packed kind of ``model``, or None if the kernels do not support it."""
+    from ...models import GaussianClassModel, KDEClassModel
+
+    if type(model) is GaussianClassModel:
+        return model.covariance
+    if type(model) is KDEClassModel:
+        return "kde"
+    return None
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the kernels cannot run ``model`` (None: they can)."""
+    if model_kind(model) is None:
+        return (f"model: the kernels support GaussianClassModel (full, diag, tied) and KDEClassModel, "
+                f"got {type(model).__name__}")
+    return None
+
+
+def _f32(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _bias(model, extra: torch.Tensor | None = None) -> np.ndarray:
+    """log_norm + log_prior (+ extra), shifted so its largest finite entry is 0; -inf if empty."""
+    counts = model.class_counts.detach().to("cpu", torch.float64)
+    b = model.log_norm.detach().to("cpu", torch.float64) + model.log_prior.detach().to("cpu", torch.float64)
+    if extra is not None:
+        b = b + extra
+    b = torch.where(counts > 0, b, torch.full_like(b, -math.inf))
+    finite = torch.isfinite(b)
+    if not bool(finite.any()):
+        raise ValueError("model: no class has a finite log-likelihood constant (every class is empty)")
+    b = torch.where(finite, b - b[finite].max(), torch.full_like(b, -math.inf))
+    return _f32(b)
+
+
+def _feature_order(factor: torch.Tensor) -> tuple[np.ndarray, bool]:
+    """The feature order in which the (K, d, d) factors are lower triangular, and whether any is.
+
+    u_j = sum_i diff_i F[i, j] is invariant in norm under a common permutation of i and j, so the
+    kernels read features in ``order``: reversed for an upper triangular F (the models' L = C^-T),
+    as is for a lower one, and as is (``tri`` False: full loops) for anything else. Lower, the
+    CPU's KDE whitening loop ``for j in range(i + 1)`` starts at 0, which Numba vectorises well
+    (an upper loop ``range(i, d)`` ran several times slower), and the GPU kernels skip the zeros.
+    """
+    d = factor.shape[-1]
+    if bool(torch.equal(torch.tril(factor, diagonal=-1), torch.zeros_like(factor))):
+        return np.arange(d - 1, -1, -1, dtype=np.int64), True
+    if bool(torch.equal(torch.triu(factor, diagonal=1), torch.zeros_like(factor))):
+        return np.arange(d, dtype=np.int64), True
+    return np.arange(d, dtype=np.int64), False
+
+
+def pack(model) -> RelabelParams:
+    """Pack a fitted model (no caching; see :func:`params_for`)."""
+    kind = model_kind(model)
+    if kind is None:
+        raise TypeError(unsupported_reason(model))
+    k, d = model.num_classes, model.dim
+    counts = model.class_counts.detach().to("cpu", torch.float64)
+    arrays: dict[str, np.ndarray] = {}
+    tri = True
+    if kind == "diag":
+        means = model.means.detach().to("cpu", torch.float64)
+        var = model.variances.detach().to("cpu", torch.float64)
+        arrays["mu_t"] = _f32(means.T)
+        arrays["istd_t"] = _f32(torch.rsqrt(var).T)
+        arrays["bias"] = _bias(model)
+    elif kind == "tied":
+        means = model.means.detach().to("cpu", torch.float64)
+        chol = model.precision_chol.detach().to("cpu", torch.float64)
+        live = counts > 0
+        center = (means * counts.unsqueeze(1)).sum(0) / counts.sum()
+        v = (means - center) @ chol  # rows: v_c^T = (mu_c - m)^T L
+        w = v @ chol.T  # rows: w_c^T = (L v_c)^T
+        w = torch.where(live.unsqueeze(1), w, torch.zeros_like(w))
+        half_sq = torch.where(live, -0.5 * (v * v).sum(1), torch.zeros_like(counts))
+        arrays["center"] = _f32(center)
+        arrays["w_t"] = _f32(w.T)
+        arrays["bias"] = _bias(model, half_sq)
+    elif kind == "full":
+        means = model.means.detach().to("cpu", torch.float64)
+        chol = model.precision_chol.detach().to("cpu", torch.float64)
+        order, tri = _feature_order(chol)
+        idx = torch.from_numpy(order)
+        arrays["order"] = order
+        arrays["center"] = _f32(means[:, idx])
+        arrays["factor"] = _f32(chol[:, idx][:, :, idx])
+        arrays["bias"] = _bias(model)
+    else:  # kde
+        centers = np.zeros((k, d), np.float64)
+        factors = np.zeros((k, d, d), np.float64)
+        pts, offsets = [], [0]
+        for c in range(k):
+            x = model.class_points[c].detach().to("cpu", torch.float64)
+            chol = model.kernel_chol[c].detach().to("cpu", torch.float64)
+            eye = torch.eye(d, dtype=torch.float64)
+            if x.shape[0]:
+                wmean = x.mean(0)
+                centers[c] = (chol @ wmean).numpy()
+                x = x - wmean
+                a = torch.linalg.solve_triangular(chol, eye, upper=False)  # C^-1, lower triangular
+                factors[c] = a.T.numpy()
+            else:
+                factors[c] = eye.numpy()
+            pts.append(x.numpy())
+            offsets.append(offsets[-1] + x.shape[0])
+        order, tri = _feature_order(torch.from_numpy(factors))
+        arrays["order"] = order
+        arrays["center"] = _f32(centers[:, order])
+        arrays["factor"] = _f32(factors[:, order][:, :, order])
+        arrays["points"] = _f32(np.concatenate(pts)[:, order])  # whitened coordinates, kernel order
+        arrays["offsets"] = np.asarray(offsets, dtype=np.int64)
+        arrays["bias"] = _bias(model)
+    return RelabelParams(kind, k, d, tri, arrays)
+
+
+@dataclass
+class _Cache:
+    stats: Any
+    config: dict
+    host: RelabelParams
+    devices: dict = field(default_factory=dict)  # device -> {name: torch.Tensor}
+    views: dict = field(default_factory=dict)  # device -> {name: kernel view of that tensor}
+
+
+def _cache(model) -> _Cache:
+    model._require_fitted()
+    cache = model.__dict__.get(_CACHE_ATTR)
+    config = model.config()
+    if cache is None or cache.stats is not model.stats or cache.config != config:
+        # The cache holds the statistics object it was packed from: a refit replaces
+        # model.stats, so identity (not an id() that could be reused) detects it.
+        cache = _Cache(model.stats, config, pack(model))
+        model.__dict__[_CACHE_ATTR] = cache
+    return cache
+
+
+def params_for(model) -> RelabelParams:
+    """The model's packed parameters, cached on the model until it is refitted or reconfigured."""
+    return _cache(model).host
+
+
+def device_params_for(model, device: torch.device, view=None) -> dict[str, Any]:
+    """The packed arrays as torch tensors on ``device``, uploaded once and cached with the host
+    copy; with ``view`` (a function of a tensor, e.g. ``_interop.device_view``), the cached views
+    of those tensors instead, so a call creates no views either."""
+    cache = _cache(model)
+    key = str(torch.device(device))
+    tensors = cache.devices.get(key)
+    if tensors is None:
+        tensors = {name: torch.from_numpy(a).to(device) for name, a in cache.host.arrays.items()}
+        cache.devices[key] = tensors
+    if view is None:
+        return tensors
+    views = cache.views.get(key)
+    if views is None:
+        views = {name: view(t) for name, t in tensors.items()}
+        cache.views[key] = views
+    return views

@@ -1,0 +1,147 @@
+"""The relabel stage's CUDA kernels under NUMBA_ENABLE_CUDASIM=1, against the reference.
+
+Torch CUDA tensors do not exist here, so ``relabel_device`` is launched on simulator device arrays
+(``cuda.to_device``), exactly as the torch glue launches it on views of torch tensors. Under the
+simulator ``cuda.py`` uses tiny blocks (8 threads, 2-sample tiles, 4-feature chunks), so with K up
+to 10 and d = 9 every strided loop, partial tile and chunk runs. Tolerances: tests/test_relabel.py.
+"""
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "run through tests/test_cudasim.py"
+
+import fastgenlabel as fg  # noqa: E402
+from fastgenlabel.kernels import BackendError  # noqa: E402
+from fastgenlabel.kernels._interop import cuda_modules  # noqa: E402
+from fastgenlabel.kernels.relabel import cuda as kernels  # noqa: E402
+from fastgenlabel.kernels.relabel import params as relabel_params  # noqa: E402
+from fastgenlabel.kernels.relabel import params_for, relabel  # noqa: E402
+
+cuda = cuda_modules()
+ATOL = {"diag": 1e-5, "tied": 1e-5, "full": 5e-5, "kde": 1e-5}
+KINDS = ("diag", "tied", "full", "kde")
+
+
+def make_model(kind, k, d, *, prior="uniform", empty=(), seed=0):
+    rng = np.random.default_rng(seed)
+    n = max(2 * d, 12)
+    mu = rng.standard_normal((k, d)) * 1.5
+    y = np.arange(n * k) % k
+    y = y[~np.isin(y, empty)]
+    z = ((mu[y] + rng.standard_normal((y.size, d))) * (0.5 + rng.random(d)) + 3).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = fg.KDEClassModel(prior=prior) if kind == "kde" else fg.GaussianClassModel(kind, prior=prior)
+        model.fit(z, y, k)
+    return model, z, y
+
+
+def batch(rng, z, y, b, lam_mode):
+    idx = rng.choice(len(z), b)
+    zb = np.ascontiguousarray(z[idx] + 0.1 * rng.standard_normal((b, z.shape[1])).astype(np.float32))
+    return zb, fg.sample_pairs(b, 1.0, lam_mode=lam_mode, generator=rng), y[idx].astype(np.int64)
+
+
+def run_device(model, zb, pairs, labels, gamma, smoothing, *, params=None, scratch=False):
+    """Launch the kernels like ``_run_cuda`` does; poisoned output, inputs checked unchanged."""
+    params = params or params_for(model)
+    b, k = zb.shape[0], params.num_classes
+    arrays = {name: cuda.to_device(a) for name, a in params.arrays.items()}
+    args = [cuda.to_device(a) for a in (zb, pairs.perm.numpy(), pairs.lam.numpy(), labels)]
+    out = cuda.to_device(np.full((b, k), np.nan, np.float32))
+    extra = cuda.to_device(np.full((b, k), np.nan, np.float32)) if scratch else None
+    stream = cuda.stream()
+    kernels.relabel_device(params, arrays, *args, gamma, smoothing, out, scratch=extra, stream=stream)
+    stream.synchronize()
+    for dev, host in zip(args, (zb, pairs.perm.numpy(), pairs.lam.numpy(), labels)):
+        np.testing.assert_array_equal(dev.copy_to_host(), host)
+    for name, a in params.arrays.items():
+        np.testing.assert_array_equal(arrays[name].copy_to_host(), a)
+    got = out.copy_to_host()
+    assert np.isfinite(got).all(), "output not fully written"
+    return got
+
+
+def reference(model, zb, pairs, labels, gamma, smoothing):
+    return relabel(model, zb, pairs, labels, gamma, num_classes=model.num_classes, smoothing=smoothing,
+                   backend="reference")
+
+
+CASES = [
+    # (B, K, d, gamma, smoothing, lam_mode, prior, empty classes)
+    pytest.param(1, 2, 2, 1.0, 0.0, "batch", "uniform", (), id="B1-K2-d2"),
+    pytest.param(5, 10, 9, 0.5, 0.1, "sample", "empirical", (3,), id="B5-K10-d9-empty"),
+    pytest.param(3, 3, 3, 0.0, 0.2, "sample", "uniform", (), id="B3-K3-d3-gamma0"),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("b,k,d,gamma,eps,lam_mode,prior,empty", CASES)
+def test_kernels_match_reference(kind, b, k, d, gamma, eps, lam_mode, prior, empty):
+    if kind in ("full", "kde") and k == 10:
+        k = 6  # the per-(tile, class) and per-(sample, class) grids are the slowest to simulate
+        empty = (1,)
+    model, z, y = make_model(kind, k, d, prior=prior, empty=empty, seed=b + k + d)
+    rng = np.random.default_rng(b * 100 + k)
+    zb, pairs, labels = batch(rng, z, y, b, lam_mode)
+    got = run_device(model, zb, pairs, labels, gamma, eps)
+    np.testing.assert_allclose(got, reference(model, zb, pairs, labels, gamma, eps), rtol=0, atol=ATOL[kind])
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    for c in empty:
+        if gamma == 1.0 and eps == 0.0:
+            assert (got[:, c] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_classes_get_exactly_zero(kind):
+    model, z, y = make_model(kind, 4, 3, empty=(0, 2))
+    zb, pairs, labels = batch(np.random.default_rng(1), z, y, 3, "sample")
+    got = run_device(model, zb, pairs, labels, 1.0, 0.0)
+    assert (got[:, [0, 2]] == 0).all()
+    np.testing.assert_allclose(got, reference(model, zb, pairs, labels, 1.0, 0.0), atol=ATOL[kind])
+
+
+def test_tied_with_caller_scratch():
+    model, z, y = make_model("tied", 5, 4)
+    zb, pairs, labels = batch(np.random.default_rng(2), z, y, 4, "sample")
+    got = run_device(model, zb, pairs, labels, 0.7, 0.0, scratch=True)
+    np.testing.assert_allclose(got, reference(model, zb, pairs, labels, 0.7, 0.0), atol=ATOL["tied"])
+
+
+def test_full_with_a_non_triangular_factor():
+    model, z, y = make_model("full", 3, 9)
+    q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((9, 9)))
+    model.precision_chol = model.precision_chol @ torch.from_numpy(q)  # same precision, dense factor
+    params = relabel_params.pack(model)
+    assert not params.tri
+    zb, pairs, labels = batch(np.random.default_rng(3), z, y, 3, "sample")
+    got = run_device(model, zb, pairs, labels, 1.0, 0.0, params=params)
+    np.testing.assert_allclose(got, reference(model, zb, pairs, labels, 1.0, 0.0), atol=ATOL["full"])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator's NumPy scalars report the overflow
+@pytest.mark.parametrize("kind", ["diag", "full"])
+def test_float32_overflow_falls_back_to_the_mixup_label(kind):
+    """Every logit -inf (|z| ~ 1e30 squares past float32): y_gen = y_mix, never NaN."""
+    model, z, y = make_model(kind, 3, 2)
+    zb = np.array([[1e30, -1e30], [3e30, 1e30]], np.float32)
+    pairs = fg.MixPairs(torch.tensor([1, 0]), torch.tensor([0.25, 1.0]))
+    labels = np.array([0, 2])
+    got = run_device(model, zb, pairs, labels, 0.5, 0.0)
+    np.testing.assert_allclose(got, [[0.25, 0, 0.75], [0, 0, 1]], atol=1e-6)
+
+
+def test_refusals():
+    model, z, y = make_model("diag", 3, 2)
+    zb, pairs, labels = batch(np.random.default_rng(0), z, y, 2, "batch")
+    with pytest.raises(BackendError, match="numba-cuda: device"):
+        relabel(model, zb, pairs, labels, num_classes=3, backend="numba-cuda")
+    with pytest.raises(BackendError, match="numba-cuda: device"):
+        relabel(model, torch.from_numpy(zb), pairs, torch.from_numpy(labels), num_classes=3, backend="numba-cuda")
+    big = relabel_params.RelabelParams("kde", 2, 10_000, True, {})
+    assert "shape" in kernels.refuse_shape(big, 4)
+    assert kernels.refuse_shape(params_for(model), 4) is None
