@@ -1,4 +1,5 @@
-"""The relabel stage's CUDA kernels under NUMBA_ENABLE_CUDASIM=1, against the reference.
+"""The relabel stage's CUDA kernels under NUMBA_ENABLE_CUDASIM=1 (or on a GPU with
+FASTGENLABEL_GPU_TESTS=1), against the reference.
 
 Torch CUDA tensors do not exist here, so ``relabel_device`` is launched on simulator device arrays
 (``cuda.to_device``), exactly as the torch glue launches it on views of torch tensors. Under the
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "run through tests/test_cudasim.py"
+assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or os.environ.get("FASTGENLABEL_GPU_TESTS") == "1", \
+    "run through tests/test_cudasim.py (or with FASTGENLABEL_GPU_TESTS=1 on a GPU)"
 
 import fastgenlabel as fg  # noqa: E402
 from fastgenlabel.kernels import BackendError  # noqa: E402
