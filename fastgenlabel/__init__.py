@@ -16,12 +16,14 @@ from .functional import (
 )
 from .kernels.pixel import mix_images
 from .kernels.relabel import relabel
+from .loader import GenLabelLoader, LoaderConfig
 from .models import GaussianClassModel, KDEClassModel, ModelFileError, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GaussianClassModel", "KDEClassModel", "MixPairs", "ModelFileError", "genlabel_posterior", "genlabel_target",
+    "GaussianClassModel", "GenLabelLoader", "KDEClassModel", "LoaderConfig", "MixPairs", "ModelFileError",
+    "genlabel_posterior", "genlabel_target",
     "load_model", "mix", "mix_images", "mixup_target", "one_hot", "relabel", "sample_pairs", "smooth_labels",
     "soft_target_cross_entropy",
 ]

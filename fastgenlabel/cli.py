@@ -1,4 +1,4 @@
-"""``fastgenlabel`` command line: info, reproduce."""
+"""``fastgenlabel`` command line: info, reproduce, demo, bench loader."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,24 @@ def _cmd_reproduce(args) -> int:
     return reproduce.main(args)
 
 
+def _cmd_demo(args) -> int:
+    from . import demo
+
+    return demo.main(args)
+
+
+def _cmd_fit(args) -> int:
+    from .fit import command
+
+    return command.main(args)
+
+
+def _cmd_bench_loader(args) -> int:
+    from .loader import bench
+
+    return bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgenlabel", description="GenLabel mixup relabeling, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     if add_arguments is not None:
         add_arguments(rep)
     rep.set_defaults(func=_cmd_reproduce)
+    demo = sub.add_parser("demo", help="real digits as JPEGs -> DALI loader -> CNN with mixup vs mixup + GenLabel")
+    from .demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
+    demo.set_defaults(func=_cmd_demo)
+    fit = sub.add_parser("fit", help="fit a class model (and its PCA feature map) on a folder of images")
+    from .fit.command import add_arguments as add_fit_arguments
+
+    add_fit_arguments(fit)
+    fit.set_defaults(func=_cmd_fit)
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bench_loader = bench_sub.add_parser("loader", help="images/s of the loader against a torch DataLoader + mixup")
+    from .loader.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench_loader)
+    bench_loader.set_defaults(func=_cmd_bench_loader)
     return parser
 
 

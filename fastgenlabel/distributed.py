@@ -30,6 +30,28 @@ def _gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
     return [o[:s] for o, s in zip(out, sizes)]
 
 
+def collective_device(group=None, preferred=None) -> torch.device:
+    """Where tensors must live for ``group``'s backend: CUDA for NCCL (``preferred`` if it is a CUDA
+    device, else the current one), ``preferred`` or the CPU otherwise."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend:
+        if preferred is not None and torch.device(preferred).type == "cuda":
+            return torch.device(preferred)
+        return torch.device("cuda", torch.cuda.current_device())
+    if preferred is not None and torch.device(preferred).type == "cuda" and "gloo" in backend \
+            and "cuda" not in backend:
+        return torch.device("cpu")  # gloo's all_gather takes CPU tensors
+    return torch.device(preferred) if preferred is not None else torch.device("cpu")
+
+
+def all_gather_ints(values, group=None, device=None) -> list[list[int]]:
+    """Every rank's list of ints (same length on every rank), in rank order."""
+    t = torch.tensor(list(values), dtype=torch.int64, device=device or collective_device(group))
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return [o.tolist() for o in out]
+
+
 def all_gather_stats(stats, group=None):
     """Merge every rank's statistics (in rank order); every rank gets the same result."""
     if isinstance(stats, GaussianStats):
@@ -44,6 +66,37 @@ def all_gather_stats(stats, group=None):
     for other in ranks[1:]:
         merged = merged.merge(other)
     return merged
+
+
+def all_reduce_stats(stats, group=None):
+    """Every rank's statistics combined; every rank gets the same result (as :func:`all_gather_stats`).
+
+    Gaussian statistics are summed in place, in three ``all_reduce(SUM)`` calls: the counts, the
+    count-weighted means (giving the global means), then each rank's scatter re-centred on the
+    global means, ``M2_r + n_r (mean_r - mean)(mean_r - mean)^T`` (Chan's rule, written as a sum).
+    Memory: one extra copy of the statistics per rank, where :func:`all_gather_stats` holds every
+    rank's copy (world x K d^2 doubles for full covariances). KDE statistics are all-gathered.
+    """
+    if isinstance(stats, KDEStats):
+        return all_gather_stats(stats, group)
+    if not isinstance(stats, GaussianStats):
+        raise TypeError(f"stats: expected GaussianStats or KDEStats, got {type(stats).__name__}")
+    count = stats.count.clone()
+    dist.all_reduce(count, group=group)
+    total = stats.mean * stats.count.unsqueeze(1)
+    dist.all_reduce(total, group=group)
+    mean = torch.where(count.unsqueeze(1) > 0, total / count.clamp(min=1).unsqueeze(1), torch.zeros_like(total))
+    delta = stats.mean - mean  # (K, d); weighted by this rank's counts (0 for its empty classes)
+    weighted = delta * stats.count.unsqueeze(1)
+    m2 = stats.m2.clone()
+    if stats.covariance == "diag":
+        m2 += weighted * delta
+    elif stats.covariance == "tied":
+        m2 += weighted.T @ delta
+    else:
+        m2.baddbmm_(weighted.unsqueeze(2), delta.unsqueeze(1))
+    dist.all_reduce(m2, group=group)
+    return GaussianStats(stats.covariance, count, mean, m2)
 
 
 def fit_distributed(model: ClassModel, z, y, num_classes: int, group=None) -> ClassModel:

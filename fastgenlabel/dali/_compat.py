@@ -1,0 +1,161 @@
+"""Workarounds for the DALI 2.4 defects fastgenlabel meets, each narrow, version-checked, in one place.
+
+1. ``minimal_numba_version`` in ``nvidia/dali/plugin/numba/__init__.py`` knows CUDA 11 and 12 only,
+   so the GPU Numba operator refuses a CUDA 13 toolkit ("Unsupported CUDA toolkit version").
+   :func:`patch_numba_cuda13` adds the CUDA 13 key (numba-cuda >= 0.30 targets CUDA 13) for
+   DALI <= 2.4 when the key is missing.
+2. ``NumbaFunction.__init__`` rejects FLOAT16 inputs and outputs whenever numba *has* float16 (a
+   leftover inverted check). fastgenlabel never hands FLOAT16 to the operator: kernels write the
+   float16 bit patterns into UINT16 buffers and the graph reinterprets them
+   (:func:`float16_output`), which works on every DALI version, so nothing is patched.
+3. On the GPU the operator launches one kernel per sample (no batch processing), each with the
+   fixed ``blocks``/``threads_per_block`` of the operator: DALI's per-sample handling costs
+   milliseconds per batch of 256 (anchors.md: permute_batch 3.2 ms + per-sample mix 3.5 ms on an
+   H200, against 0.11-0.18 ms for one fused launch over the batch). fastgenlabel's GPU default
+   therefore mixes *after* the pipeline with :func:`fastgenlabel.mix_images` on the output batch
+   (one launch, no partner copy); the in-graph GPU stage exists for pipelines that must emit mixed
+   images, and gives each launch a whole image (grid-stride loop) so that no launch is starved.
+4. The CPU ``setup_fn`` wrapper reads the input shapes with ``num_outs`` instead of ``num_ins``
+   (``_get_setup_fn_cpu``): a setup function sees only the first ``num_outs`` inputs. Our
+   operators put the image first and never have more outputs than inputs, so that is enough.
+5. Every ``numba_function`` call compiles its run/setup functions again (about 3 s on a CPU core
+   for the mix stage). :func:`cached_numba_function` compiles each distinct stage once per process
+   and reuses the compiled addresses (the compiled functions are kept alive here), so rebuilding a
+   pipeline (``reset`` mid-epoch, a new loader in a test) costs well under a second.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata as metadata
+import threading
+
+DALI_MIN = (1, 30)
+_lock = threading.Lock()
+_compiled: dict = {}  # (kind, key) -> address, plus the cfunc objects that own the code
+
+
+def dali_version() -> tuple[int, ...] | None:
+    """The installed DALI's (major, minor, patch), or None when DALI is not installed."""
+    for dist in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali"):
+        try:
+            raw = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in raw.split(".")[:3])
+    return None
+
+
+def require_dali():
+    """Import ``nvidia.dali`` or raise an ImportError that says how to install it."""
+    try:
+        import nvidia.dali as dali
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "fastgenlabel.dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 (CUDA 13) or "
+            "nvidia-dali-cuda120 (CUDA 12); or use GenLabelLoader(config, backend='torch')"
+        ) from e
+    v = dali_version()
+    if v is not None and v[:2] < DALI_MIN:
+        raise ImportError(f"fastgenlabel.dali needs DALI >= {DALI_MIN[0]}.{DALI_MIN[1]}, found {v}")
+    return dali
+
+
+def patch_numba_cuda13() -> bool:
+    """Defect 1: let DALI <= 2.4's GPU Numba operator accept a CUDA 13 toolkit.
+
+    Returns:
+        True when the table was extended now (False: not needed or not applicable).
+    """
+    v = dali_version()
+    if v is None or v[:2] > (2, 4):
+        return False
+    from packaging.version import Version
+
+    import nvidia.dali.plugin.numba as dali_numba
+
+    table = dali_numba.minimal_numba_version
+    if 13 in table:
+        return False
+    table[13] = Version("0.61.0")  # the first numba whose CUDA target (numba-cuda) supports CUDA 13
+    return True
+
+
+def float16_output(node):
+    """Defect 2: view a UINT16 node that holds float16 bit patterns as FLOAT16 (no copy).
+
+    Args:
+        node: a DALI DataNode of dtype UINT16 (CPU or GPU).
+
+    Returns:
+        The same data as a FLOAT16 DataNode.
+    """
+    from nvidia.dali import fn, types
+
+    return fn.reinterpret(node, dtype=types.FLOAT16)
+
+
+def cached_numba_function(key, *inputs, run_fn, out_types, in_types, outs_ndim, ins_ndim, setup_fn=None,
+                          device="cpu", batch_processing=False, blocks=None, threads_per_block=None):
+    """``numba_function`` with defect 5 worked around: compile each stage once per process.
+
+    Args:
+        key: a hashable that identifies ``run_fn``/``setup_fn`` and everything they close over;
+            two calls with the same key must describe the same computation.
+        *inputs: the operator's DataNodes.
+        run_fn, out_types, in_types, outs_ndim, ins_ndim, setup_fn, device, batch_processing,
+            blocks, threads_per_block: as for ``nvidia.dali.plugin.numba.fn.experimental.numba_function``.
+
+    Returns:
+        The operator's output DataNode(s).
+    """
+    from nvidia.dali.plugin.numba import NumbaFunction
+
+    if device == "gpu":
+        patch_numba_cuda13()
+    cls = _caching_class(NumbaFunction)
+    op = cls(key=key, run_fn=run_fn, out_types=out_types, in_types=in_types, outs_ndim=outs_ndim,
+             ins_ndim=ins_ndim, setup_fn=setup_fn, device=device, batch_processing=batch_processing,
+             blocks=blocks, threads_per_block=threads_per_block)
+    return op(*inputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _caching_class(base):
+    """A NumbaFunction subclass whose compile steps look in the process-wide cache first."""
+
+    class CachedNumbaFunction(base):
+        def __init__(self, *, key, **kwargs):
+            self._fgl_key = key
+            super().__init__(**kwargs)
+
+        def _get_run_fn_cpu(self, *args):
+            return _memo(("run-cpu", self._fgl_key, args[1:]), lambda: super(CachedNumbaFunction, self)
+                         ._get_run_fn_cpu(*args))
+
+        def _get_run_fn_gpu(self, *args):
+            return _memo(("run-gpu", self._fgl_key, args[1:]), lambda: super(CachedNumbaFunction, self)
+                         ._get_run_fn_gpu(*args))
+
+        def _get_setup_fn_cpu(self, setup_fn):
+            if setup_fn is None:
+                return None
+            return _memo(("setup", self._fgl_key), lambda: super(CachedNumbaFunction, self)
+                         ._get_setup_fn_cpu(setup_fn))
+
+    CachedNumbaFunction.__name__ = base.__name__  # DALI names the operator after the class
+    CachedNumbaFunction.__qualname__ = base.__qualname__
+    return CachedNumbaFunction
+
+
+def _freeze(x):
+    if isinstance(x, (list, tuple)):
+        return tuple(_freeze(v) for v in x)
+    return x
+
+
+def _memo(key, compile_fn):
+    key = _freeze(key)
+    with _lock:
+        if key not in _compiled:
+            _compiled[key] = compile_fn()
+        return _compiled[key]

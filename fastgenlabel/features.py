@@ -1,0 +1,214 @@
+"""Per-sample features ``z`` for relabeling (GENLABEL.md section 4): where the loader gets them.
+
+Three sources, each a small object with ``kind``, ``dim`` and ``exact_under_mixing``:
+
+- :class:`ThumbnailPCA` (``kind="linear"``): a linear map of the image, fitted by the library:
+  the (t, t, C) adaptive-average thumbnail of the uint8 crop, centred and projected on its first
+  d principal components. Thumbnail and projection are affine in the pixels, so the features of
+  a mixed image are exactly the mixed features, ``z(x_mix) = lam z(x_i) + (1 - lam) z(x_p)``: the
+  GenLabel label is exact. The thumbnail is computed in the DALI graph (the mix stage writes it);
+  the projection, a (B, t*t*C) x (t*t*C, d) product, runs after it, so refitting never recompiles.
+- :class:`StoredEmbeddings` (``kind="stored"``): precomputed per-sample embeddings (N, d) in a
+  ``.npy`` file, memory-mapped and looked up by sample index. The mixed feature is *interpolated*,
+  ``lam e_i + (1 - lam) e_p``, which approximates the embedding of the mixed image only as far as
+  the embedding network is linear: an approximation, not GenLabel's exact label.
+- :class:`NoFeatures` (``kind="none"``): no relabeling; targets are plain mixup targets.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FEATURE_KINDS = ("linear", "stored", "none")
+
+
+def thumbnails(images, size: int) -> np.ndarray:
+    """(N, t * t * C) float32 thumbnails of (N, H, W, C) images, as the DALI mix stage writes them.
+
+    Adaptive average pooling with ``torch.nn.functional.adaptive_avg_pool2d``'s bins, flattened
+    in (t, t, C) order. A reference in torch (the graph runs the same map in Numba).
+
+    Args:
+        images: (N, H, W, C) uint8 or float array/tensor.
+        size: t, the thumbnail side.
+    """
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if x.ndim != 4:
+        raise ValueError(f"images: expected (N, H, W, C), got shape {tuple(x.shape)}")
+    pooled = torch.nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2).to(torch.float32), size)
+    return pooled.permute(0, 2, 3, 1).reshape(x.shape[0], -1).contiguous().numpy()
+
+
+def thumbnails_torch(images_hwc: torch.Tensor, size: int) -> torch.Tensor:
+    """The same map on a torch batch (any device): (B, H, W, C) -> (B, t * t * C) float32."""
+    pooled = torch.nn.functional.adaptive_avg_pool2d(images_hwc.permute(0, 3, 1, 2).to(torch.float32), size)
+    return pooled.permute(0, 2, 3, 1).reshape(images_hwc.shape[0], -1)
+
+
+class ThumbnailPCA:
+    """PCA of small thumbnails: a fixed linear feature map, exact under mixing.
+
+    Args:
+        thumbnail: t, the thumbnail side (features come from t * t * C pooled pixels).
+        dim: d, the number of principal components kept.
+
+    Attributes (after :meth:`fit`): ``mean`` (F,) and ``components`` (d, F) float32, F = t*t*C.
+    """
+
+    kind = "linear"
+    exact_under_mixing = True
+
+    def __init__(self, thumbnail: int = 8, dim: int = 32):
+        if isinstance(thumbnail, bool) or not isinstance(thumbnail, int) or thumbnail < 1:
+            raise ValueError(f"thumbnail: expected a side length >= 1, got {thumbnail!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+        self.thumbnail, self.dim = thumbnail, dim
+        self.mean: np.ndarray | None = None
+        self.components: np.ndarray | None = None
+        self._torch: dict = {}
+
+    @property
+    def fitted(self) -> bool:
+        return self.components is not None
+
+    @property
+    def in_features(self) -> int:
+        self._require_fitted()
+        return int(self.components.shape[1])
+
+    def fit(self, thumbs) -> "ThumbnailPCA":
+        """Fit the map on (N, F) thumbnails (from :func:`thumbnails` or a pass of the loader).
+
+        Raises:
+            ValueError: fewer samples than 2, non-finite values, or d > min(N, F).
+        """
+        x = np.asarray(thumbs, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(f"thumbs: expected (N, F) with N >= 2, got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("thumbs: contain NaN or infinity")
+        if self.dim > min(x.shape):
+            raise ValueError(f"dim: {self.dim} components, but the thumbnails allow at most {min(x.shape)} "
+                             f"({x.shape[0]} samples of {x.shape[1]} values)")
+        mean = x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+        comps = vt[: self.dim]
+        comps *= np.where(comps[np.arange(self.dim), np.abs(comps).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]
+        self.mean, self.components = mean.astype(np.float32), np.ascontiguousarray(comps, dtype=np.float32)
+        self._torch = {}
+        return self
+
+    def transform(self, thumbs):
+        """(B, F) thumbnails -> (B, d) float32 features (NumPy in, NumPy out; torch in, torch out)."""
+        self._require_fitted()
+        if isinstance(thumbs, torch.Tensor):
+            mean, comps = self._params_on(thumbs.device)
+            if thumbs.shape[-1] != comps.shape[1]:
+                raise ValueError(f"thumbs: expected {comps.shape[1]} values per sample "
+                                 f"(thumbnail {self.thumbnail}), got {thumbs.shape[-1]}")
+            return (thumbs.to(torch.float32) - mean) @ comps.T
+        x = np.asarray(thumbs, np.float32)
+        if x.shape[-1] != self.components.shape[1]:
+            raise ValueError(f"thumbs: expected {self.components.shape[1]} values per sample, got {x.shape[-1]}")
+        return (x - self.mean) @ self.components.T
+
+    def _params_on(self, device):
+        key = str(device)
+        if key not in self._torch:
+            self._torch[key] = (torch.from_numpy(self.mean).to(device), torch.from_numpy(self.components).to(device))
+        return self._torch[key]
+
+    def _require_fitted(self):
+        if not self.fitted:
+            raise RuntimeError("ThumbnailPCA: not fitted; call fit(thumbs) or load(path)")
+
+    def save(self, path) -> None:
+        """Write the map to an .npz file (plain arrays, no pickle)."""
+        self._require_fitted()
+        np.savez(path, kind=np.array("thumbnail-pca"), thumbnail=np.array(self.thumbnail),
+                 mean=self.mean, components=self.components)
+
+    @classmethod
+    def load(cls, path) -> "ThumbnailPCA":
+        """Read a map written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as f:
+            if "kind" not in f or str(f["kind"]) != "thumbnail-pca":
+                raise ValueError(f"{path}: not a fastgenlabel ThumbnailPCA file")
+            comps = f["components"]
+            obj = cls(int(f["thumbnail"]), int(comps.shape[0]))
+            obj.mean, obj.components = f["mean"].astype(np.float32), comps.astype(np.float32)
+        return obj
+
+    def __repr__(self) -> str:
+        return f"ThumbnailPCA(thumbnail={self.thumbnail}, dim={self.dim}, fitted={self.fitted})"
+
+
+class StoredEmbeddings:
+    """Precomputed per-sample embeddings, memory-mapped, looked up by sample index.
+
+    Under mixing the loader interpolates them (``lam e_i + (1 - lam) e_p``): an approximation of
+    the mixed image's embedding, exact only for linear embeddings.
+
+    Args:
+        path: an (N, d) float ``.npy`` file; row i belongs to sample i of the dataset (in the
+            loader's sample order: sorted class folders, sorted files, or the file list's order).
+        num_samples: N expected (the dataset's size); a mismatch is an error.
+
+    Raises:
+        FileNotFoundError, ValueError: missing file, wrong shape or dtype, wrong N.
+    """
+
+    kind = "stored"
+    exact_under_mixing = False
+
+    def __init__(self, path, num_samples: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"embeddings file {str(self.path)!r} does not exist")
+        try:
+            self.array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"embeddings file {str(self.path)!r} is not a plain .npy array: {e}") from None
+        if self.array.ndim != 2 or self.array.dtype.kind != "f":
+            raise ValueError(f"embeddings file {str(self.path)!r}: expected an (N, d) float array, got shape "
+                             f"{self.array.shape} and dtype {self.array.dtype}")
+        if num_samples is not None:
+            self.check_matches(num_samples)
+
+    @property
+    def dim(self) -> int:
+        return int(self.array.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    def check_matches(self, num_samples: int) -> None:
+        """Raise ValueError unless there is one row per sample of the dataset."""
+        if len(self) != num_samples:
+            raise ValueError(f"embeddings file {str(self.path)!r} has {len(self)} rows, but the dataset has "
+                             f"{num_samples} samples; it must hold one row per sample, in the dataset's order")
+
+    def lookup(self, indices) -> torch.Tensor:
+        """(B,) sample indices -> (B, d) float32 CPU tensor (rows read from the memory map)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"sample index out of range [0, {len(self)}): {idx.min()}..{idx.max()}")
+        return torch.from_numpy(np.ascontiguousarray(self.array[idx], dtype=np.float32))
+
+    def __repr__(self) -> str:
+        return f"StoredEmbeddings({os.fspath(self.path)!r}, N={len(self)}, d={self.dim})"
+
+
+class NoFeatures:
+    """No features: the loader emits plain mixup targets."""
+
+    kind = "none"
+    exact_under_mixing = True
+    dim = 0
+
+    def __repr__(self) -> str:
+        return "NoFeatures()"

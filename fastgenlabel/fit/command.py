@@ -1,0 +1,114 @@
+"""``fastgenlabel fit``: fit a class model (and its feature map) on a folder of images."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..models import GaussianClassModel, KDEClassModel
+from .folder import FEATURES, features_path_for, fit_image_folder
+
+
+def _bandwidth(value: str):
+    if value in ("scott", "silverman"):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'scott', 'silverman' or a positive factor, got {value!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", help="folder of class sub-folders of images (or a 'path label' list file)")
+    parser.add_argument("--out", required=True, help="model file to write (.npz)")
+    parser.add_argument("--model", choices=("gaussian", "kde"), default="gaussian")
+    parser.add_argument("--covariance", choices=("full", "diag", "tied"), default="full", help="gaussian only")
+    parser.add_argument("--reg", type=float, default=1e-4, help="gaussian only: added to the covariance diagonal")
+    parser.add_argument("--prior", choices=("uniform", "empirical"), default="uniform")
+    parser.add_argument("--bandwidth", type=_bandwidth, default="scott", help="kde only: scott, silverman or a factor")
+    parser.add_argument("--max-points-per-class", type=int, default=None, help="kde only: keep a seeded sample")
+    parser.add_argument("--features", choices=FEATURES, default="pca",
+                        help="pca: PCA of thumbnails (fitted here, exact under mixing); stored: --embeddings")
+    parser.add_argument("--dim", type=int, default=32, help="pca: principal components kept (d)")
+    parser.add_argument("--thumbnail", type=int, default=8, help="pca: thumbnail side t")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="pca: centre-crop side the thumbnails come from (use the training loader's)")
+    parser.add_argument("--pca-samples", type=int, default=20000, help="pca: images the PCA is fitted on")
+    parser.add_argument("--embeddings", default=None, help="stored: (N, d) .npy in the dataset's sample order")
+    parser.add_argument("--features-out", default=None,
+                        help="pca: where the feature map goes (default: MODEL.features.npz next to --out)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--backend", choices=("auto", "dali", "torch"), default="auto",
+                        help="image reading: DALI or PIL (auto: DALI when installed)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=2, help="DALI decoding threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(args) -> int:
+    """Run the fit; under torchrun (WORLD_SIZE > 1) every rank reads its shard and rank 0 writes the files."""
+    started = _init_distributed(args.device)
+    try:
+        return _main(args)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _init_distributed(device: str) -> bool:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def _main(args) -> int:
+    from .folder import _rank_world
+
+    rank, world = _rank_world()
+    if args.model == "gaussian":
+        model = GaussianClassModel(args.covariance, reg=args.reg, prior=args.prior)
+    else:
+        model = KDEClassModel(args.bandwidth, max_points_per_class=args.max_points_per_class, prior=args.prior,
+                              seed=args.seed)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    say = print if rank == 0 else None
+    result = fit_image_folder(
+        args.data, model, features=args.features, dim=args.dim, thumbnail=args.thumbnail,
+        image_size=args.image_size, embeddings=args.embeddings, batch_size=args.batch_size,
+        pca_samples=args.pca_samples, backend=args.backend, device=args.device, num_threads=args.threads,
+        seed=args.seed, progress=False if args.no_progress or rank else None, log=say)
+    seconds = time.perf_counter() - t0
+    if world > 1:
+        from ..distributed import model_checksum
+
+        print(f"rank {rank}: class-model checksum {model_checksum(result.model)}", flush=True)
+    if rank != 0:
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.model.save(out)
+    n = int(result.model.class_counts.sum())
+    ranks = f" on {world} ranks" if world > 1 else ""
+    print(f"wrote {out}: {result.model!r}, {n} samples of {len(result.classes)} classes "
+          f"in {seconds:.1f} s{ranks} ({n / seconds:,.0f} samples/s overall)")
+    if result.feature_map is not None:
+        fpath = Path(args.features_out) if args.features_out else features_path_for(out)
+        result.feature_map.save(fpath)
+        print(f"wrote {fpath}: {result.feature_map!r}")
+        print(f"use: LoaderConfig(data=..., model={str(out)!r}, feature_map={str(fpath)!r}, "
+              f"image_size={args.image_size})")
+    else:
+        print(f"use: LoaderConfig(data=..., model={str(out)!r}, embeddings={str(args.embeddings)!r})")
+    return 0

@@ -1,0 +1,40 @@
+"""What a GenLabelLoader yields."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..functional.pairs import MixPairs
+
+
+@dataclass
+class LoaderBatch:
+    """One batch. Unpacks as ``images, targets = batch``; the rest is there on request.
+
+    Attributes:
+        images: (B, C, H, W) (or (B, H, W, C) for ``layout="HWC"``) mixed, normalised images,
+            float32 or float16, on the loader's device.
+        targets: (B, K) float32 training targets (GenLabel's, or mixup's without a model), rows
+            summing to 1, on the loader's device.
+        labels: (B,) int64 class of every (unmixed) sample; ``labels[pairs.perm]`` are the partners'.
+        pairs: the MixPairs (perm, lam) the batch was mixed with (CPU).
+        indices: (B,) int64 sample indices into the dataset (None when a torch dataset gives none).
+        features: (B, d) float32 features of the unmixed samples, or None without features.
+        thumbnails: (B, t*t*C) float32 unmixed thumbnails, when asked for (``return_thumbnails``).
+    """
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    labels: torch.Tensor
+    pairs: MixPairs
+    indices: torch.Tensor | None
+    features: torch.Tensor | None = None
+    thumbnails: torch.Tensor | None = None
+
+    def __iter__(self):
+        yield self.images
+        yield self.targets
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])

@@ -1,0 +1,207 @@
+"""``fastgenlabel bench loader``: images/s of the loader, with and without mixup + GenLabel, and a baseline.
+
+Three contestants read the same JPEG folder at the same batch size and crop size:
+
+- ``dali``: the DALI pipeline without mixing or relabeling (decode + random resized crop +
+  ``crop_mirror_normalize`` with a random flip), one-hot targets.
+- ``dali+mixup+genlabel``: the same pipeline with the in-graph mix stage (flip, normalise, mix,
+  thumbnails) and GenLabel targets (PCA of 8x8 thumbnails, d = 32, full Gaussians) by ``relabel``.
+- ``torch-baseline``: what users run today. With torchvision and timm importable:
+  ``ImageFolder`` + ``RandomResizedCrop`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``
+  in a ``DataLoader``, then ``timm.data.Mixup``. Without them (as beside torch 2.13 CPU here): the
+  same steps written with PIL and torch ops (:class:`ImageFileDataset`, normalisation, batch mixup
+  with the flipped batch, timm's default), and it is labelled ``torch-baseline (PIL + torch ops)``.
+
+Method: every contestant runs ``--warmup`` batches first (compiles kernels, fills prefetch
+queues), then ``--batches`` timed batches, ``--repeats`` times, the contestants taking turns
+(so a slow spell of a shared machine hits all of them); the median images/s is reported with
+the spread (min, max). On the CPU there is nothing to synchronise; on a GPU the timed region ends with
+``torch.cuda.synchronize()``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="a folder of class sub-folders of JPEG files")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per repeat")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="DALI threads / DataLoader workers")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--only", default=None, help="comma-separated contestants to run")
+
+
+def _time_once(it, batches: int, sync) -> float:
+    """images/s over ``batches`` batches of an already warm iterator."""
+    n = 0
+    sync()
+    t = time.perf_counter()
+    for _ in range(batches):
+        images, _targets = next(it)
+        n += images.shape[0]
+    sync()
+    return n / (time.perf_counter() - t)
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def genlabel_parts(data, *, image_size: int, threads: int, device: str, batch_size: int, fit_batches: int = 8):
+    """A ThumbnailPCA and full Gaussians fitted on a few unmixed batches (enough for timing)."""
+    from ..features import ThumbnailPCA
+    from ..models import GaussianClassModel
+    from .config import LoaderConfig
+    from .loader import GenLabelLoader
+
+    loader = GenLabelLoader(LoaderConfig(data=data, batch_size=batch_size, image_size=image_size, alpha=0.0,
+                                         return_thumbnails=True, thumbnail=8, device=device, num_threads=threads,
+                                         last_batch="partial"))
+    thumbs, labels = [], []
+    for i, b in enumerate(loader):
+        thumbs.append(b.thumbnails.cpu())
+        labels.append(b.labels.cpu())
+        if i + 1 == fit_batches:
+            break
+    thumbs = torch.cat(thumbs).numpy()
+    fmap = ThumbnailPCA(8, min(32, thumbs.shape[0] - 1, thumbs.shape[1])).fit(thumbs)
+    z = torch.from_numpy(fmap.transform(thumbs))
+    model = GaussianClassModel("full").fit(z, torch.cat(labels), loader.num_classes)
+    return fmap, model
+
+
+def dali_loader(data, *, genlabel: bool, batch_size: int, image_size: int, threads: int, device: str,
+                parts=None, mix_mode: str = "auto"):
+    from .config import LoaderConfig
+    from .loader import GenLabelLoader
+
+    c = LoaderConfig(data=data, batch_size=batch_size, image_size=image_size, device=device, num_threads=threads,
+                     mix_mode=mix_mode)
+    if not genlabel:
+        return GenLabelLoader(c, alpha=0.0, extra={"baseline": True})
+    fmap, model = parts
+    return GenLabelLoader(c, alpha=1.0, feature_map=fmap, model=model, gamma=1.0)
+
+
+def baseline_loader(data, *, batch_size: int, image_size: int, threads: int, device: str):
+    """torch DataLoader + transforms + mixup; torchvision/timm when importable. Returns (name, iterable)."""
+    from .config import IMAGENET_MEAN, IMAGENET_STD
+
+    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    have_tv = importlib.util.find_spec("torchvision") is not None
+    have_timm = importlib.util.find_spec("timm") is not None
+    if have_tv:
+        import torchvision
+        from torchvision import transforms as T
+
+        tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize([m / 255 for m in IMAGENET_MEAN], [s / 255 for s in IMAGENET_STD])])
+        dataset = torchvision.datasets.ImageFolder(data, transform=tf)
+        num_classes = len(dataset.classes)
+    else:
+        from .files import scan
+        from .images import ImageFileDataset
+
+        files = scan(data)
+        dataset = ImageFileDataset(files, image_size, train=True)
+        num_classes = files.num_classes
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=threads,
+                                         drop_last=True, pin_memory=dev.type == "cuda", persistent_workers=threads > 0)
+    if have_timm:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, num_classes=num_classes, label_smoothing=0.0)
+    else:
+        mixup = _torch_mixup(num_classes)
+    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+
+    def batches():
+        for item in _cycle(loader):
+            x, y = item[0].to(dev, non_blocking=True), torch.as_tensor(item[1]).to(dev, non_blocking=True)
+            if not have_tv:  # (B, H, W, C) uint8 -> normalised (B, C, H, W) float, as ToTensor + Normalize
+                x = (x.permute(0, 3, 1, 2).float() - mean) / std
+            yield mixup(x, y)
+
+    parts = ("torchvision" if have_tv else "PIL") + " + " + ("timm Mixup" if have_timm else "torch ops")
+    return f"torch-baseline ({parts})", batches
+
+
+def _torch_mixup(num_classes: int):
+    """timm's ``Mixup(mode="batch")`` without cutmix: one lambda, partner = the flipped batch."""
+    rng = np.random.default_rng(0)
+
+    def mixup(x, y):
+        lam = float(rng.beta(1.0, 1.0))
+        x = x.mul(lam).add_(x.flip(0), alpha=1 - lam)
+        one_hot = torch.nn.functional.one_hot(y, num_classes).float()
+        return x, lam * one_hot + (1 - lam) * one_hot.flip(0)
+
+    return mixup
+
+
+def run(data, *, batch_size: int, image_size: int, batches: int, warmup: int, repeats: int, threads: int,
+        device: str = "cpu", only=None) -> list[dict]:
+    """Measure every contestant; returns rows with name, median and spread of images/s.
+
+    Repeats are interleaved (contestant A, B, C, A, B, C, ...) so that a slow spell of a shared
+    machine lands on every contestant alike.
+    """
+    sync = torch.cuda.synchronize if device != "cpu" and torch.cuda.is_available() else (lambda: None)
+    want = None if only is None else set(only)
+    iters = {}
+    if want is None or "dali" in want:
+        iters["dali"] = _cycle(dali_loader(data, genlabel=False, batch_size=batch_size, image_size=image_size,
+                                           threads=threads, device=device))
+    if want is None or "dali+mixup+genlabel" in want:
+        parts = genlabel_parts(data, image_size=image_size, threads=threads, device=device, batch_size=batch_size)
+        iters["dali+mixup+genlabel"] = _cycle(dali_loader(data, genlabel=True, batch_size=batch_size,
+                                                          image_size=image_size, threads=threads, device=device,
+                                                          parts=parts))
+    if want is not None and "dali+mixup+genlabel(per-sample)" in want:
+        parts = genlabel_parts(data, image_size=image_size, threads=threads, device=device, batch_size=batch_size)
+        iters["dali+mixup+genlabel(per-sample)"] = _cycle(dali_loader(
+            data, genlabel=True, batch_size=batch_size, image_size=image_size, threads=threads, device=device,
+            parts=parts, mix_mode="sample"))
+    if want is None or "torch-baseline" in want:
+        name, make = baseline_loader(data, batch_size=batch_size, image_size=image_size, threads=threads,
+                                     device=device)
+        iters[name] = make()
+    for it in iters.values():
+        for _ in range(warmup):
+            next(it)
+    rates = {name: [] for name in iters}
+    for _ in range(repeats):
+        for name, it in iters.items():
+            rates[name].append(_time_once(it, batches, sync))
+    return [{"name": n, "median": statistics.median(r), "min": min(r), "max": max(r), "runs": r}
+            for n, r in rates.items()]
+
+
+def main(args) -> int:
+    only = args.only.split(",") if args.only else None
+    rows = run(args.data, batch_size=args.batch_size, image_size=args.image_size, batches=args.batches,
+               warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device, only=only)
+    print(f"fastgenlabel bench loader: {args.data}, batch {args.batch_size}, crop {args.image_size}, "
+          f"{args.threads} threads/workers, device {args.device}; {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}")
+    print(f"{'contestant':<44} {'images/s (median)':>18} {'min':>8} {'max':>8}")
+    for r in rows:
+        print(f"{r['name']:<44} {r['median']:>18.0f} {r['min']:>8.0f} {r['max']:>8.0f}")
+    by = {r["name"]: r["median"] for r in rows}
+    if "dali" in by and "dali+mixup+genlabel" in by:
+        print(f"\nmixup + GenLabel keeps {100 * by['dali+mixup+genlabel'] / by['dali']:.1f}% of the DALI "
+              "pipeline's throughput")
+    return 0

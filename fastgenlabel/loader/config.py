@@ -1,0 +1,161 @@
+"""LoaderConfig: everything a GenLabelLoader needs, validated once."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..functional.pairs import LAM_MODES, PAIRINGS
+from .sampling import LAST_BATCH_POLICIES
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+FEATURES = ("auto", "thumbnail", "stored", "none")
+BACKENDS = ("dali", "torch")
+DEVICES = ("auto", "cpu", "cuda")
+ON_BAD_IMAGE = ("error", "skip")
+
+
+@dataclass
+class LoaderConfig:
+    """Configuration of :class:`fastgenlabel.GenLabelLoader`.
+
+    Data and batching:
+        data: a folder of class sub-folders, or a ``path label`` file list (the DALI backend;
+            the torch backend may take a Dataset instead).
+        batch_size: B, samples per batch (per shard).
+        last_batch: "drop" (only full batches), "partial" (a shorter last batch, possibly of one
+            sample) or "fill" (complete it with samples from the start of the epoch).
+        shuffle, seed: a fresh order per epoch, a pure function of (seed, epoch).
+        shard_id, num_shards: this rank's share (every shard gets ceil(N / num_shards) samples).
+        on_bad_image: "error" (raise CorruptImageError naming the file) or "skip" (warn with the
+            file's name and leave it out of its batch, which is one sample shorter). Files whose
+            container is fine but whose data fail to decode always raise, naming the file.
+
+    Augmentation and output:
+        image_size: side of the square output crop.
+        train: random resized crop (``crop_scale``, ``crop_ratio``) and, with ``flip``, a random
+            horizontal flip; False: resize the shorter side to ``image_size / 0.875`` and
+            centre-crop, no flip.
+        mean, std: per-channel normalisation in pixel units (0-255); ImageNet's by default.
+        dtype: "float32" or "float16" images; layout "CHW" gives (B, C, H, W).
+        device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda" (device 0 or ``device_id``).
+
+    Mixup and GenLabel:
+        alpha: lambda ~ Beta(alpha, alpha); 0 disables mixing (images unmixed, one-hot targets).
+        pairing, lam_mode: as for :func:`fastgenlabel.sample_pairs`.
+        model: a fitted class model, or the path of a saved one (``load_model``); None for plain
+            mixup targets.
+        features: "thumbnail" (a fitted ThumbnailPCA in ``feature_map``: exact), "stored"
+            (``embeddings``: an (N, d) .npy file, interpolated: approximate), "none", or "auto"
+            (whichever is given).
+        feature_map: a fitted :class:`fastgenlabel.features.ThumbnailPCA` or its .npz path.
+        embeddings: path of the (N, d) .npy embeddings (one row per sample, in sample order).
+        gamma, smoothing: GenLabel's weight and label smoothing (GENLABEL.md section 3).
+        num_classes: K; defaults to the model's, else to the dataset's class count.
+
+    Pipeline:
+        backend: "dali" (decode, crop, flip, mix in the DALI graph) or "torch" (any Dataset or
+            DataLoader, mix and relabel after collation).
+        num_threads: DALI CPU threads; prefetch: batches DALI prepares ahead.
+        mix_mode: the CPU mix stage: "batch" (one call per batch on one thread, partners read in
+            place), "sample" (partners gathered by permute_batch, the mix spread over all
+            threads) or "auto" ("sample" from 4 threads on, where one thread per batch would
+            become the bottleneck; "batch" below).
+        thumbnail: thumbnail side when no feature map is given but thumbnails are wanted
+            (``return_thumbnails``, used to fit a ThumbnailPCA from a pass of the loader).
+        relabel_backend: backend of :func:`fastgenlabel.relabel` ("auto" picks the fastest).
+        extra: backend options: ``num_workers`` (torch backend: DataLoader workers, default 0),
+            ``baseline`` (DALI backend: DALI's crop_mirror_normalize instead of the mix stage, no
+            mixing: the throughput benchmark's reference).
+        target_threads: torch/Numba threads for the per-batch projection and relabel on the CPU
+            (1 by default: the work is tiny and DALI's threads are busy on the same cores; None
+            leaves the process's settings alone).
+    """
+
+    data: Any = None
+    batch_size: int = 64
+    last_batch: str = "drop"
+    shuffle: bool = True
+    seed: int = 0
+    shard_id: int = 0
+    num_shards: int = 1
+    on_bad_image: str = "error"
+    image_size: int = 224
+    train: bool = True
+    crop_scale: tuple = (0.08, 1.0)
+    crop_ratio: tuple = (3 / 4, 4 / 3)
+    flip: bool = True
+    mean: tuple | None = IMAGENET_MEAN
+    std: tuple | None = IMAGENET_STD
+    dtype: str = "float32"
+    layout: str = "CHW"
+    device: str = "auto"
+    device_id: int = 0
+    alpha: float = 1.0
+    pairing: str = "permutation"
+    lam_mode: str = "batch"
+    model: Any = None
+    features: str = "auto"
+    feature_map: Any = None
+    embeddings: Any = None
+    gamma: float = 1.0
+    smoothing: float = 0.0
+    num_classes: int | None = None
+    backend: str = "dali"
+    num_threads: int = 2
+    prefetch: int = 2
+    mix_mode: str = "auto"
+    thumbnail: int = 0
+    return_thumbnails: bool = False
+    relabel_backend: str = "auto"
+    target_threads: int | None = 1
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _positive_int(self.batch_size, "batch_size")
+        _positive_int(self.image_size, "image_size")
+        _positive_int(self.num_shards, "num_shards")
+        _positive_int(self.num_threads, "num_threads")
+        _positive_int(self.prefetch, "prefetch")
+        if isinstance(self.shard_id, bool) or not isinstance(self.shard_id, int) \
+                or not 0 <= self.shard_id < self.num_shards:
+            raise ValueError(f"shard_id: expected an integer in [0, {self.num_shards}), got {self.shard_id!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        _choice(self.last_batch, LAST_BATCH_POLICIES, "last_batch")
+        _choice(self.on_bad_image, ON_BAD_IMAGE, "on_bad_image")
+        _choice(self.dtype, ("float32", "float16"), "dtype")
+        _choice(self.layout, ("CHW", "HWC"), "layout")
+        _choice(self.device, DEVICES, "device")
+        _choice(self.pairing, PAIRINGS, "pairing")
+        _choice(self.lam_mode, LAM_MODES, "lam_mode")
+        _choice(self.features, FEATURES, "features")
+        _choice(self.backend, BACKENDS, "backend")
+        _choice(self.mix_mode, ("auto", "batch", "sample"), "mix_mode")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"alpha: expected a finite number, got {self.alpha!r}")
+        for name in ("gamma", "smoothing"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
+        if self.num_classes is not None:
+            _positive_int(self.num_classes, "num_classes")
+        if isinstance(self.thumbnail, bool) or not isinstance(self.thumbnail, int) or self.thumbnail < 0:
+            raise ValueError(f"thumbnail: expected a side length >= 0, got {self.thumbnail!r}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale: expected 0 < min <= max <= 1, got {self.crop_scale!r}")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"crop_ratio: expected 0 < min <= max, got {self.crop_ratio!r}")
+
+
+def _positive_int(v, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+
+
+def _choice(v, allowed, name: str) -> None:
+    if v not in allowed:
+        raise ValueError(f"{name}: expected one of {allowed}, got {v!r}")

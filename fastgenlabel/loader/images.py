@@ -1,0 +1,103 @@
+"""A plain torch Dataset over image files: PIL decode, random resized crop, flip (no torchvision needed).
+
+The torch backend's default dataset and the benchmark's baseline. The crop follows
+torchvision's ``RandomResizedCrop`` (10 tries at a random area and log-uniform aspect ratio,
+then a centre crop of the clamped ratio) and ``RandomHorizontalFlip``; randomness comes from a
+generator seeded by (seed, epoch, index), so results do not depend on worker scheduling.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .files import CorruptImageError, ImageFiles
+
+
+def random_resized_box(width: int, height: int, scale, ratio, rng: np.random.Generator):
+    """(left, top, w, h) of a random resized crop (torchvision's algorithm)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Items ``(image (S, S, 3) uint8 tensor, label, index)`` of an :class:`ImageFiles`.
+
+    Args:
+        files: the samples.
+        image_size: S.
+        train: random resized crop + random flip (with ``flip``); else resize the shorter side to S / 0.875 and
+            centre-crop.
+        crop_scale, crop_ratio: the crop's area and aspect-ratio ranges.
+        seed: base seed; :meth:`set_epoch` changes the crops per epoch.
+        skip_bad: return None for an undecodable file (the collate function drops it) instead of
+            raising :class:`CorruptImageError`.
+    """
+
+    def __init__(self, files: ImageFiles, image_size: int, *, train: bool = True, crop_scale=(0.08, 1.0),
+                 crop_ratio=(3 / 4, 4 / 3), flip: bool = True, seed: int = 0,
+                 skip_bad: bool = False):
+        self.files, self.image_size, self.train = files, image_size, train
+        self.crop_scale, self.crop_ratio, self.seed, self.skip_bad = crop_scale, crop_ratio, seed, skip_bad
+        self.flip = flip
+        self.epoch = 0
+        self.num_classes = files.num_classes
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path = self.files.paths[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - any decoder failure names the file
+            if self.skip_bad:
+                import warnings
+
+                warnings.warn(f"skipping corrupt or truncated image {path!r} ({e})", stacklevel=2)
+                return None
+            raise CorruptImageError(path, f"{type(e).__name__}: {e}") from e
+        s = self.image_size
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+            left, top, w, h = random_resized_box(im.width, im.height, self.crop_scale, self.crop_ratio, rng)
+            im = im.resize((s, s), Image.BILINEAR, box=(left, top, left + w, top + h))
+            if rng.random() < 0.5 and self.flip:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            short = round(s / 0.875)
+            scale = short / min(im.width, im.height)
+            im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BILINEAR)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s))
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()), int(self.files.labels[i]), int(i)
+
+
+def collate_skipping_none(items):
+    """``default_collate`` after dropping the None items of skipped files."""
+    kept = [it for it in items if it is not None]
+    if not kept:
+        raise CorruptImageError("<batch>", "every image of the batch is corrupt")
+    return torch.utils.data.default_collate(kept)

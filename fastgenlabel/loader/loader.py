@@ -1,0 +1,219 @@
+"""GenLabelLoader: a stand-in for ``torch.utils.data.DataLoader`` that yields mixed images and GenLabel targets."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..features import NoFeatures, StoredEmbeddings, ThumbnailPCA
+from ..models import load_model
+from .batch import LoaderBatch
+from .config import LoaderConfig
+from .files import scan
+from .sampling import num_batches
+from .targets import TargetMaker, cpu_threads
+
+
+class GenLabelLoader:
+    """Iterate mixed, normalised image batches with their GenLabel (or mixup) targets.
+
+    ``for images, targets in loader`` gives (B, C, H, W) images and (B, K) float32 targets on the
+    loader's device; each item is a :class:`LoaderBatch`, which also carries the labels, the pairs,
+    the sample indices and the features the targets were computed from. The targets of every batch
+    equal ``fastgenlabel.genlabel_target(model, mix(features, pairs), labels, labels[perm], lam,
+    gamma, ...)`` (or ``mixup_target`` without a model), computed by ``fastgenlabel.relabel``.
+
+    Epochs: each complete pass is one epoch and advances :attr:`epoch` by one; ``set_epoch(e)``
+    chooses the next pass's epoch (as with ``DistributedSampler``). The order of samples and the
+    pairs are pure functions of (seed, epoch, shard, batch). Leaving a pass early is fine: the next
+    pass starts :attr:`epoch` again from its beginning (the DALI pipeline is rebuilt; its kernels
+    are compiled once per process, so that takes well under a second).
+
+    Args:
+        config: a :class:`LoaderConfig` (``**overrides`` replace its fields).
+        dataset: for ``backend="torch"`` only: a ``torch.utils.data.Dataset`` whose items are
+            ``(image, label)`` or ``(image, label, index)``, with (H, W, C) uint8 images of one
+            size; or a ``DataLoader`` yielding such batches. None reads ``config.data``.
+
+    Raises:
+        ValueError: a config that cannot work (the message names the field): a model fitted for
+            another K, features of another d, embeddings that do not match the dataset, a batch
+            larger than the shard, an empty dataset.
+    """
+
+    def __init__(self, config: LoaderConfig | None = None, dataset=None, **overrides):
+        config = config if config is not None else LoaderConfig()
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        self.device = _resolve_device(config)
+        self.files = None
+        if dataset is None:
+            if config.data is None:
+                raise ValueError("data: give a folder of class sub-folders or a file list (or a dataset for "
+                                 "backend='torch')")
+            self.files = scan(config.data)
+        elif config.backend == "dali":
+            raise ValueError("dataset: the DALI backend reads config.data; pass a dataset with backend='torch'")
+        self.model = _resolve_model(config.model)
+        self.num_classes = self._resolve_num_classes(dataset)
+        self.features = self._resolve_features(dataset)
+        self.targets = TargetMaker(self.model, self.features, num_classes=self.num_classes, gamma=config.gamma,
+                                   smoothing=config.smoothing, backend=config.relabel_backend)
+        self.thumbnail = (self.features.thumbnail if isinstance(self.features, ThumbnailPCA)
+                          else (config.thumbnail if config.return_thumbnails else 0))
+        if config.return_thumbnails and not self.thumbnail:
+            raise ValueError("return_thumbnails: set thumbnail (the side t) or give a ThumbnailPCA feature_map")
+        self.epoch = 0
+        self._backend = self._make_backend(dataset)
+
+    # ---- resolution of the configuration -----------------------------------------------------------
+
+    def _dataset_size(self, dataset) -> int | None:
+        if self.files is not None:
+            return len(self.files)
+        try:
+            return len(dataset.dataset if isinstance(dataset, torch.utils.data.DataLoader) else dataset)
+        except TypeError:
+            return None
+
+    def _resolve_num_classes(self, dataset) -> int:
+        c = self.config
+        if self.files is not None:
+            data_k = self.files.num_classes
+        else:
+            inner = dataset.dataset if isinstance(dataset, torch.utils.data.DataLoader) else dataset
+            data_k = getattr(inner, "num_classes", None)
+        k = c.num_classes or (self.model.num_classes if self.model is not None else None) or data_k
+        if k is None:
+            raise ValueError("num_classes: cannot tell K from the dataset; set config.num_classes")
+        if self.model is not None and self.model.num_classes != k:
+            raise ValueError(f"model: fitted for {self.model.num_classes} classes, but the loader has {k} "
+                             f"(num_classes={c.num_classes}, dataset classes={data_k}); refit it on this dataset")
+        if data_k is not None and data_k > k:
+            raise ValueError(f"num_classes: {k}, but the dataset has {data_k} classes")
+        return int(k)
+
+    def _resolve_features(self, dataset):
+        c = self.config
+        kind = c.features
+        if kind == "auto":
+            kind = "thumbnail" if c.feature_map is not None else ("stored" if c.embeddings is not None else "none")
+        if kind == "thumbnail":
+            fmap = c.feature_map
+            if fmap is None:
+                raise ValueError("feature_map: features='thumbnail' needs a fitted ThumbnailPCA (or its .npz path)")
+            if isinstance(fmap, (str, Path)):
+                fmap = ThumbnailPCA.load(fmap)
+            if not isinstance(fmap, ThumbnailPCA) or not fmap.fitted:
+                raise ValueError(f"feature_map: expected a fitted ThumbnailPCA, got {fmap!r}")
+            features = fmap
+        elif kind == "stored":
+            if c.embeddings is None:
+                raise ValueError("embeddings: features='stored' needs the path of an (N, d) .npy file")
+            features = c.embeddings if isinstance(c.embeddings, StoredEmbeddings) else StoredEmbeddings(c.embeddings)
+            n = self._dataset_size(dataset)
+            if n is not None:
+                features.check_matches(n)
+        else:
+            features = NoFeatures()
+        if self.model is not None:
+            if isinstance(features, NoFeatures):
+                raise ValueError("model: a class model needs features (feature_map or embeddings); without "
+                                 "them the loader can only emit mixup targets (set model=None)")
+            if features.dim != self.model.dim:
+                raise ValueError(f"model: fitted on {self.model.dim}-dimensional features, but the "
+                                 f"{features.kind} features have d = {features.dim}")
+        return features
+
+    def _make_backend(self, dataset):
+        c = self.config
+        if c.backend == "dali":
+            self._check_batch_fits(len(self.files))
+            from .dali_backend import DaliBackend
+
+            return DaliBackend(c, self.files, device=self.device, thumbnail=self.thumbnail)
+        from .torch_backend import TorchBackend
+
+        backend = TorchBackend(c, self.files, dataset, device=self.device, thumbnail=self.thumbnail)
+        if backend.sampled_size is not None:
+            self._check_batch_fits(backend.sampled_size)
+        return backend
+
+    def _check_batch_fits(self, n: int) -> None:
+        c = self.config
+        shard = -(-n // c.num_shards)
+        if n == 0:
+            raise ValueError("data: the dataset is empty")
+        if c.batch_size > shard:
+            where = f"shard {c.shard_id} of {c.num_shards} has" if c.num_shards > 1 else "the dataset has"
+            raise ValueError(f"batch_size: {c.batch_size} is larger than the {shard} samples {where}; "
+                             f"use batch_size <= {shard}")
+
+    # ---- the DataLoader protocol ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Batches per pass on this shard."""
+        n = self._backend.sampled_size
+        if n is None:
+            return len(self._backend.loader)
+        return num_batches(-(-n // self.config.num_shards), self.config.batch_size, self.config.last_batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch`` (its order and pairs)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch: expected an integer >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def reset(self) -> None:
+        """Drop any half-finished pass; the next pass starts at the beginning of :attr:`epoch`."""
+        self._backend.close()
+
+    def __iter__(self):
+        backend = self._backend
+        backend.start_epoch(self.epoch)
+        while True:
+            try:
+                images, thumbs, indices, labels, pairs = backend.next_raw()
+            except StopIteration:
+                break
+            yield self._finish(images, thumbs, indices, labels, pairs)
+        self.epoch += 1
+        backend.finished_epoch(self.epoch)
+
+    def _finish(self, images, thumbs, indices, labels, pairs) -> LoaderBatch:
+        labels = labels.to(self.device)
+        if indices is None and self.targets.needs_indices:
+            raise ValueError("dataset: stored embeddings are looked up by sample index; the dataset's items "
+                             "must be (image, label, index)")
+        with cpu_threads(self.config.target_threads if labels.device.type == "cpu" else None):
+            z = self.targets.features_of(thumbs, indices)
+            targets = self.targets(z, pairs, labels)
+        return LoaderBatch(images=images, targets=targets, labels=labels, pairs=pairs, indices=indices,
+                           features=z, thumbnails=thumbs)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"GenLabelLoader(backend={c.backend!r}, device={str(self.device)!r}, batch_size={c.batch_size}, "
+                f"num_classes={self.num_classes}, features={self.features!r}, model={self.model!r})")
+
+
+def _resolve_device(config) -> torch.device:
+    if config.device == "cpu":
+        return torch.device("cpu")
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' asked for, but torch sees no GPU; use device='cpu' or 'auto'")
+        return torch.device("cuda", config.device_id)
+    return torch.device("cpu")
+
+
+def _resolve_model(model):
+    if model is None:
+        return None
+    if isinstance(model, (str, Path)):
+        return load_model(model)
+    if not hasattr(model, "log_joint") or not hasattr(model, "num_classes"):
+        raise ValueError(f"model: expected a fitted class model or its file, got {type(model).__name__}")
+    return model

@@ -1,0 +1,89 @@
+"""The DALI backend's external source: encoded files, sample indices and pairs, batch by batch."""
+from __future__ import annotations
+
+import warnings
+from collections import deque
+
+import numpy as np
+
+from ..dali.stages import PairFeed, split_pairs
+from .files import CorruptImageError, ImageFiles, check_encoded
+from .sampling import batch_indices, shard_order
+
+
+class EpochSource:
+    """An iterable for ``fn.external_source(num_outputs=4, batch=True)``; one pass = one epoch.
+
+    Each item is (encoded images, indices, perm, lam) for one batch (see
+    ``fastgenlabel.dali.pipelines.image_pipeline``). DALI calls ``iter`` once, at build, and
+    ``next`` across epochs: after an epoch's StopIteration the next call starts a pass over epoch
+    ``self.epoch``, whose batches are computed then (``pass_epoch`` says which epoch the pass in
+    progress belongs to, None before its first batch).
+
+    Args:
+        files: the dataset.
+        feed: draws each batch's pairs.
+        batch_size, last_batch, shuffle, seed, shard_id, num_shards: see LoaderConfig.
+        on_bad_image: "error" or "skip".
+    """
+
+    def __init__(self, files: ImageFiles, feed: PairFeed, *, batch_size: int, last_batch: str, shuffle: bool,
+                 seed: int, shard_id: int, num_shards: int, on_bad_image: str = "error", history: int = 8):
+        self.files, self.feed = files, feed
+        self.batch_size, self.last_batch, self.shuffle = batch_size, last_batch, shuffle
+        self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
+        self.on_bad_image = on_bad_image
+        self.epoch = 0
+        self.recent = deque(maxlen=history)  # (epoch, batch, paths) of the batches handed out last
+        self._batches = None
+        self._pass_epoch = 0
+        self._next = 0
+        self._warned: set = set()
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """The sample indices of every batch of ``epoch`` on this shard."""
+        order = shard_order(len(self.files), seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                            shard_id=self.shard_id, num_shards=self.num_shards)
+        return batch_indices(order, self.batch_size, self.last_batch)
+
+    @property
+    def pass_epoch(self) -> int | None:
+        return None if self._batches is None else self._pass_epoch
+
+    def __iter__(self):
+        self._batches = None
+        self._next = 0
+        return self
+
+    def __next__(self):
+        if self._batches is None:
+            self._pass_epoch = self.epoch
+            self._batches = self.batches(self.epoch)
+            self._next = 0
+        if self._next >= len(self._batches):
+            self._batches = None
+            raise StopIteration
+        b = self._next
+        self._next += 1
+        idx = self._batches[b]
+        encoded, kept = [], []
+        for i in idx:
+            path = self.files.paths[i]
+            data = np.fromfile(path, dtype=np.uint8)
+            try:
+                check_encoded(data, path)
+            except CorruptImageError:
+                if self.on_bad_image == "error":
+                    raise
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warnings.warn(f"skipping corrupt or truncated image {path!r} (on_bad_image='skip')",
+                                  stacklevel=2)
+                continue
+            encoded.append(data)
+            kept.append(i)
+        if not kept:
+            raise CorruptImageError(self.files.paths[idx[0]], "every image of the batch is corrupt")
+        self.recent.append((self._pass_epoch, b, [self.files.paths[i] for i in kept]))
+        perm, lam = split_pairs(self.feed.draw(len(kept), self._pass_epoch, b))
+        return encoded, list(np.asarray(kept, np.int64).reshape(-1, 1)), perm, lam

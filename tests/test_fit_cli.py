@@ -1,0 +1,129 @@
+"""``fastgenlabel fit`` on real JPEG files written into tmp_path."""
+import numpy as np
+import pytest
+import torch
+
+import fastgenlabel as fg
+from fastgenlabel.cli import main
+from fastgenlabel.features import ThumbnailPCA
+
+PIL = pytest.importorskip("PIL.Image")
+K, PER_CLASS = 3, 30
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpegs")
+    rng = np.random.default_rng(0)
+    for c in range(K):
+        d = root / f"class{c}"
+        d.mkdir()
+        for i in range(PER_CLASS):
+            img = np.zeros((36, 44, 3))
+            img[..., c] = 180
+            img = (img + rng.normal(0, 30, img.shape)).clip(0, 255).astype(np.uint8)
+            PIL.fromarray(img).save(d / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+def _thumbnails(folder, size, t):
+    from fastgenlabel.loader import GenLabelLoader, LoaderConfig
+
+    loader = GenLabelLoader(LoaderConfig(data=str(folder), batch_size=16, alpha=0.0, train=False, shuffle=False,
+                                         last_batch="partial", return_thumbnails=True, thumbnail=t,
+                                         image_size=size, backend="torch", device="cpu"))
+    th, y = zip(*[(b.thumbnails, b.labels) for b in loader])
+    return torch.cat(th).numpy(), torch.cat(y)
+
+
+@pytest.mark.parametrize("pca_samples", [1000, 40])  # one pass (thumbnails kept) / PCA on a subsample, then a pass
+def test_fit_gaussian_pca_writes_model_and_feature_map(folder, tmp_path, capsys, pca_samples):
+    out = tmp_path / "model.npz"
+    rc = main(["fit", str(folder), "--out", str(out), "--dim", "6", "--image-size", "24", "--batch-size", "16",
+               "--backend", "torch", "--covariance", "diag", "--reg", "1e-3", "--pca-samples", str(pca_samples),
+               "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "samples/s" in text and "model.features.npz" in text
+    model = fg.load_model(out)
+    fmap = ThumbnailPCA.load(tmp_path / "model.features.npz")
+    assert (model.num_classes, model.dim, model.covariance, model.reg) == (K, 6, "diag", 1e-3)
+    assert model.class_counts.tolist() == [PER_CLASS] * K
+    thumbs, labels = _thumbnails(folder, 24, 8)
+    expected = fg.GaussianClassModel("diag", reg=1e-3).fit(fmap.transform(thumbs), labels, K)
+    z = fmap.transform(thumbs)
+    np.testing.assert_allclose(model.log_likelihood(z), expected.log_likelihood(z), rtol=1e-5, atol=1e-5)
+    assert "features: 6" in __import__("fastgenlabel._info", fromlist=["x"]).describe_model(out)
+
+
+def test_fit_kde_with_dali_reader(folder, tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "kde.npz"
+    rc = main(["fit", str(folder), "--out", str(out), "--model", "kde", "--bandwidth", "0.5",
+               "--max-points-per-class", "7", "--dim", "4", "--image-size", "24", "--batch-size", "32",
+               "--backend", "dali", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    model = fg.load_model(out)
+    assert isinstance(model, fg.KDEClassModel) and model.bandwidth == 0.5 and model.max_points_per_class == 7
+    assert torch.bincount(model.stats.labels).tolist() == [7] * K
+    assert model.class_counts.tolist() == [PER_CLASS] * K
+
+
+def test_fit_stored_embeddings(folder, tmp_path):
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(K * PER_CLASS, 5)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", emb)
+    out = tmp_path / "m.npz"
+    assert main(["fit", str(folder), "--out", str(out), "--features", "stored", "--embeddings",
+                 str(tmp_path / "emb.npy"), "--covariance", "tied", "--batch-size", "7", "--no-progress"]) == 0
+    labels = np.repeat(np.arange(K), PER_CLASS)  # sorted class folders, sorted files
+    expected = fg.GaussianClassModel("tied").fit(emb, labels, K)
+    np.testing.assert_allclose(fg.load_model(out).log_likelihood(emb), expected.log_likelihood(emb), rtol=1e-10)
+    assert not (tmp_path / "m.features.npz").exists()
+
+
+def test_fit_errors_name_the_argument(folder, tmp_path):
+    with pytest.raises(ValueError, match="embeddings"):
+        main(["fit", str(folder), "--out", str(tmp_path / "x.npz"), "--features", "stored"])
+    np.save(tmp_path / "short.npy", np.zeros((5, 2), np.float32))
+    with pytest.raises(ValueError, match="rows"):
+        main(["fit", str(folder), "--out", str(tmp_path / "x.npz"), "--features", "stored",
+              "--embeddings", str(tmp_path / "short.npy")])
+    with pytest.raises(FileNotFoundError, match="data"):
+        main(["fit", str(tmp_path / "missing"), "--out", str(tmp_path / "x.npz")])
+    with pytest.raises(SystemExit):
+        main(["fit", str(folder), "--out", str(tmp_path / "x.npz"), "--bandwidth", "wide"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pca_samples", [1000, 40])
+def test_fit_under_torchrun_counts_every_image_once(folder, tmp_path, pca_samples):
+    """Two gloo ranks read their shards (89 images: the shards are padded); rank 0 writes the same model
+    a single process fits with the same feature map."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    (data / "class0" / "000.jpg").unlink()  # 89 images
+    out = tmp_path / "m.npz"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "fastgenlabel", "fit", str(data), "--out", str(out), "--dim", "5", "--image-size", "24",
+           "--batch-size", "8", "--backend", "torch", "--device", "cpu", "--pca-samples", str(pca_samples),
+           "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sums = dict(re.findall(r"rank (\d): class-model checksum ([0-9a-f]+)", proc.stdout))
+    assert set(sums) == {"0", "1"} and sums["0"] == sums["1"], proc.stdout
+    model = fg.load_model(out)
+    assert model.class_counts.tolist() == [PER_CLASS - 1, PER_CLASS, PER_CLASS]
+    fmap = ThumbnailPCA.load(tmp_path / "m.features.npz")
+    thumbs, labels = _thumbnails(data, 24, 8)
+    z = fmap.transform(thumbs)
+    expected = fg.GaussianClassModel("full").fit(z, labels, K)
+    # float32 projections of differently sized batches round differently: compare at float32 precision.
+    torch.testing.assert_close(model.stats.mean, expected.stats.mean, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(model.log_likelihood(z), expected.log_likelihood(z), rtol=1e-4)

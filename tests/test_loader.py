@@ -1,0 +1,184 @@
+"""GenLabelLoader on the CPU, both backends: targets equal the reference recomputed from each batch's
+pairs and features, images are the mixed images, epochs/shards/last-batch policies behave."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastgenlabel as fgl
+from fastgenlabel.features import ThumbnailPCA, thumbnails
+from fastgenlabel.loader import GenLabelLoader, LoaderBatch, LoaderConfig
+
+pytest.importorskip("nvidia.dali")
+
+BACKENDS = ["dali", "torch"]
+N, K = 21, 3
+
+
+def write_dataset(root, per_class=(7, 7, 7), seed=0):
+    """JPEG files of varied sizes, one folder per class; class k is brighter than class k-1."""
+    rng = np.random.default_rng(seed)
+    for k, n in enumerate(per_class):
+        (root / f"class{k}").mkdir(parents=True)
+        for i in range(n):
+            h, w = 20 + 3 * i, 18 + 2 * k + i
+            img = (rng.integers(0, 70, (h, w, 3)) + 70 * k).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class{k}" / f"{i:03d}.jpg", quality=92)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("images"))
+
+
+def config(data, **kw):
+    base = dict(data=str(data), batch_size=8, image_size=16, device="cpu", num_threads=1, seed=3,
+                mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0))
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    """A ThumbnailPCA and full Gaussians fitted on one unmixed pass (thumbnails written by the graph)."""
+    loader = GenLabelLoader(config(data, alpha=0.0, train=False, shuffle=False, last_batch="partial",
+                                   return_thumbnails=True, thumbnail=4))
+    batches = list(loader)
+    thumbs = torch.cat([b.thumbnails for b in batches]).numpy()
+    labels = torch.cat([b.labels for b in batches])
+    fmap = ThumbnailPCA(4, 5).fit(thumbs)
+    model = fgl.GaussianClassModel("full").fit(torch.from_numpy(fmap.transform(thumbs)), labels, K)
+    return fmap, model
+
+
+def reference_targets(batch: LoaderBatch, model, gamma, smoothing=0.0):
+    perm = batch.pairs.perm
+    return fgl.genlabel_target(model, fgl.mix(batch.features, batch.pairs), batch.labels, batch.labels[perm],
+                               batch.pairs.lam, gamma, num_classes=K, smoothing=smoothing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_targets_equal_reference_from_each_batchs_pairs_and_features(data, fitted, backend):
+    fmap, model = fitted
+    loader = GenLabelLoader(config(data, backend=backend, feature_map=fmap, model=model, gamma=0.7, smoothing=0.1,
+                                   lam_mode="sample", last_batch="partial"))
+    sizes = []
+    for batch in loader:
+        images, targets = batch
+        assert images.shape == (len(batch), 3, 16, 16) and images.dtype == torch.float32
+        assert targets.shape == (len(batch), K) and targets.dtype == torch.float32
+        torch.testing.assert_close(targets, reference_targets(batch, model, 0.7, 0.1), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(targets.sum(1), torch.ones(len(batch)))
+        assert torch.equal(batch.labels, torch.from_numpy(loader.files.labels[batch.indices.numpy()]))
+        sizes.append(len(batch))
+    assert sizes == [8, 8, 5] and len(loader) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_images_are_the_mixed_images_and_features_exact_under_mixing(data, backend):
+    common = dict(backend=backend, train=False, mean=None, std=None, return_thumbnails=True, thumbnail=4,
+                  last_batch="partial")
+    plain = list(GenLabelLoader(config(data, alpha=0.0, **common)))
+    mixed = list(GenLabelLoader(config(data, alpha=1.0, **common)))
+    for p, m in zip(plain, mixed, strict=True):
+        assert torch.equal(p.indices, m.indices)  # same order: a function of (seed, epoch)
+        assert torch.equal(p.pairs.perm, torch.arange(len(p)))
+        torch.testing.assert_close(m.images, fgl.mix(p.images, m.pairs), rtol=1e-5, atol=1e-4)
+        # the thumbnails of the mixed images are the mixed thumbnails: linear features are exact
+        of_mixed = thumbnails(m.images.permute(0, 2, 3, 1).numpy(), 4)
+        torch.testing.assert_close(torch.from_numpy(of_mixed), fgl.mix(m.thumbnails, m.pairs), rtol=1e-5,
+                                   atol=1e-3)
+
+
+def test_backends_agree_on_order_pairs_and_targets(data, fitted):
+    fmap, model = fitted
+    a = list(GenLabelLoader(config(data, backend="dali", feature_map=fmap, model=model, train=False)))
+    b = list(GenLabelLoader(config(data, backend="torch", feature_map=fmap, model=model, train=False)))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.indices, y.indices) and torch.equal(x.pairs.perm, y.pairs.perm)
+        assert torch.equal(x.pairs.lam, y.pairs.lam)
+
+
+@pytest.mark.parametrize("policy,batch_size,sizes", [
+    ("drop", 8, [8, 8]), ("partial", 8, [8, 8, 5]), ("fill", 8, [8, 8, 8]), ("partial", 10, [10, 10, 1]),
+    ("fill", 20, [20, 20]), ("drop", 21, [21])])
+def test_last_batch_policies(data, policy, batch_size, sizes):
+    loader = GenLabelLoader(config(data, last_batch=policy, batch_size=batch_size, alpha=1.0))
+    batches = list(loader)
+    assert [len(b) for b in batches] == sizes and len(loader) == len(sizes)
+    seen = torch.cat([b.indices for b in batches])
+    if policy != "drop":
+        assert set(seen.tolist()) == set(range(N))
+    for b in batches:
+        torch.testing.assert_close(b.targets, fgl.mixup_target(b.labels, b.pairs, K))
+
+
+def test_epochs_set_epoch_and_reset(data):
+    loader = GenLabelLoader(config(data, alpha=1.0))
+    first = [b.indices for b in loader]
+    assert loader.epoch == 1
+    second = [b.indices for b in loader]
+    assert loader.epoch == 2 and not all(torch.equal(a, b) for a, b in zip(first, second))
+    loader.set_epoch(0)
+    again = list(loader)
+    assert all(torch.equal(a, b.indices) for a, b in zip(first, again))
+    # leave a pass early: the next pass restarts the same epoch from its beginning
+    loader.set_epoch(5)
+    it = iter(loader)
+    early = next(it)
+    del it
+    loader.reset()
+    full = list(loader)
+    assert torch.equal(full[0].indices, early.indices)
+    assert torch.equal(full[0].pairs.lam, early.pairs.lam)
+
+
+def test_shards_split_the_epoch(data):
+    parts = [torch.cat([b.indices for b in GenLabelLoader(config(data, shard_id=r, num_shards=2, batch_size=5,
+                                                                  last_batch="partial"))]) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 11  # ceil(21 / 2), padded by wrapping around
+    assert set(parts[0].tolist()) | set(parts[1].tolist()) == set(range(N))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stored_embeddings_are_looked_up_by_index_and_interpolated(data, tmp_path, backend):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(K), 7)
+    emb = (rng.normal(size=(N, 4)) + 3 * labels[:, None]).astype(np.float32)
+    np.save(tmp_path / "emb.npy", emb)
+    model = fgl.GaussianClassModel("diag").fit(torch.from_numpy(emb), torch.from_numpy(labels), K)
+    loader = GenLabelLoader(config(data, backend=backend, embeddings=str(tmp_path / "emb.npy"), model=model))
+    for batch in loader:
+        torch.testing.assert_close(batch.features, torch.from_numpy(emb[batch.indices.numpy()]))
+        torch.testing.assert_close(batch.targets, reference_targets(batch, model, 1.0), rtol=1e-4, atol=1e-5)
+
+
+def test_no_features_gives_mixup_targets_and_float16_images(data):
+    loader = GenLabelLoader(config(data, dtype="float16", smoothing=0.2))
+    for images, targets in loader:
+        assert images.dtype == torch.float16
+    batch = next(iter(loader))
+    torch.testing.assert_close(batch.targets, fgl.mixup_target(batch.labels, batch.pairs, K, smoothing=0.2))
+
+
+def test_torch_backend_wraps_a_user_dataset_and_dataloader(data, fitted):
+    fmap, model = fitted
+
+    class Tiles(torch.utils.data.Dataset):
+        num_classes = K
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return torch.full((16, 16, 3), 10 * i, dtype=torch.uint8), i % K
+
+    loader = GenLabelLoader(config(None, backend="torch", feature_map=fmap, model=model), dataset=Tiles(), batch_size=4)
+    assert len(loader) == 3
+    for batch in loader:
+        assert batch.indices is None
+        torch.testing.assert_close(batch.targets, reference_targets(batch, model, 1.0), rtol=1e-4, atol=1e-5)
+    dl = torch.utils.data.DataLoader(Tiles(), batch_size=5)
+    loader = GenLabelLoader(config(None, backend="torch"), dataset=dl)
+    assert len(loader) == 3 and [len(b) for b in loader] == [5, 5, 2]

@@ -1,0 +1,139 @@
+"""Bad input and faults: each a clear error (or a documented, warned skip), with real files."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastgenlabel as fgl
+from fastgenlabel.loader import CorruptImageError, GenLabelLoader, LoaderConfig
+
+pytest.importorskip("nvidia.dali")
+
+BACKENDS = ["dali", "torch"]
+
+
+def jpeg(path, value=100, size=(20, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size + (3,), value, np.uint8)).save(path, quality=90)
+    return path
+
+
+def folder(root, per_class=(4, 4)):
+    for k, n in enumerate(per_class):
+        for i in range(n):
+            jpeg(root / f"c{k}" / f"{i}.jpg", 60 + 40 * k + i)
+    return root
+
+
+def config(data, **kw):
+    base = dict(data=str(data), batch_size=4, image_size=16, device="cpu", num_threads=1, shuffle=False,
+                last_batch="partial", mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0))
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncated_jpeg_is_an_error_naming_the_file(tmp_path, backend):
+    bad = folder(tmp_path) / "c1" / "2.jpg"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptImageError, match=r"c1/2\.jpg") as info:
+        list(GenLabelLoader(config(tmp_path, backend=backend)))
+    assert info.value.path.endswith("2.jpg")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_undecodable_jpeg_is_an_error_naming_the_file(tmp_path, backend):
+    folder(tmp_path)
+    (tmp_path / "c0" / "1.jpg").write_bytes(b"\xff\xd8" + bytes(range(200)) + b"\xff\xd9")
+    with pytest.raises(CorruptImageError, match=r"c0/1\.jpg"):
+        list(GenLabelLoader(config(tmp_path, backend=backend)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_policy_warns_with_the_name_and_shortens_the_batch(tmp_path, backend):
+    folder(tmp_path)
+    (tmp_path / "c0" / "3.jpg").write_bytes(b"not a jpeg at all, just text")
+    with pytest.warns(UserWarning, match=r"c0/3\.jpg"):
+        batches = list(GenLabelLoader(config(tmp_path, backend=backend, on_bad_image="skip")))
+    assert [len(b) for b in batches] == [3, 4]
+    for b in batches:
+        torch.testing.assert_close(b.targets, fgl.mixup_target(b.labels, b.pairs, 2))
+
+
+def test_empty_folder_and_empty_class_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no class sub-folders"):
+        GenLabelLoader(config(tmp_path / "empty"))
+    folder(tmp_path / "data")
+    (tmp_path / "data" / "c2").mkdir()
+    with pytest.raises(ValueError, match=r"class folder .*c2' holds no images"):
+        GenLabelLoader(config(tmp_path / "data"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        GenLabelLoader(config(tmp_path / "nowhere"))
+
+
+def test_class_folder_with_one_image_warns_and_works(tmp_path):
+    folder(tmp_path, per_class=(4, 1))
+    with pytest.warns(UserWarning, match=r"c1' holds a single image"):
+        loader = GenLabelLoader(config(tmp_path))
+    assert [len(b) for b in loader] == [4, 1]
+
+
+def test_batch_larger_than_the_dataset(tmp_path):
+    folder(tmp_path)
+    with pytest.raises(ValueError, match="batch_size: 9 is larger than the 8 samples"):
+        GenLabelLoader(config(tmp_path, batch_size=9))
+    with pytest.raises(ValueError, match="shard 1 of 2 has"):
+        GenLabelLoader(config(tmp_path, batch_size=5, shard_id=1, num_shards=2))
+
+
+def test_features_file_that_does_not_match_the_dataset(tmp_path):
+    folder(tmp_path)
+    np.save(tmp_path / "emb.npy", np.zeros((7, 3), np.float32))
+    with pytest.raises(ValueError, match="has 7 rows, but the dataset has 8 samples"):
+        GenLabelLoader(config(tmp_path, embeddings=str(tmp_path / "emb.npy")))
+    np.save(tmp_path / "emb8.npy", np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32))
+    model = fgl.GaussianClassModel("diag").fit(torch.randn(8, 5), torch.arange(8) % 2, 2)
+    with pytest.raises(ValueError, match="fitted on 5-dimensional features, but the stored features have d = 3"):
+        GenLabelLoader(config(tmp_path, embeddings=str(tmp_path / "emb8.npy"), model=model))
+
+
+def test_model_fitted_for_another_k(tmp_path):
+    folder(tmp_path)
+    np.save(tmp_path / "emb.npy", np.zeros((8, 3), np.float32))
+    model = fgl.GaussianClassModel("diag").fit(torch.randn(9, 3), torch.arange(9) % 3, 3)
+    with pytest.raises(ValueError, match="model: fitted for 3 classes, but the loader has"):
+        GenLabelLoader(config(tmp_path, embeddings=str(tmp_path / "emb.npy"), model=model, num_classes=2))
+    folder(tmp_path / "three", per_class=(2, 2, 2))
+    with pytest.raises(ValueError, match="num_classes: 2, but the dataset has 3 classes"):
+        GenLabelLoader(config(tmp_path / "three", num_classes=2, batch_size=2))
+
+
+def test_model_without_features_and_bad_config_fields(tmp_path):
+    folder(tmp_path)
+    model = fgl.GaussianClassModel("diag").fit(torch.randn(8, 3), torch.arange(8) % 2, 2)
+    with pytest.raises(ValueError, match="needs features"):
+        GenLabelLoader(config(tmp_path, model=model))
+    with pytest.raises(ValueError, match="last_batch: expected one of"):
+        config(tmp_path, last_batch="keep")
+    with pytest.raises(ValueError, match="shard_id"):
+        config(tmp_path, shard_id=2, num_shards=2)
+    with pytest.raises(ValueError, match="gamma"):
+        config(tmp_path, gamma=1.5)
+    with pytest.raises(ValueError, match="dataset: the DALI backend reads config.data"):
+        GenLabelLoader(config(tmp_path), dataset=[1, 2])
+
+
+def test_file_list_and_its_errors(tmp_path):
+    folder(tmp_path / "imgs")
+    (tmp_path / "list.txt").write_text("imgs/c0/0.jpg 0\nimgs/c1/0.jpg 1\n# comment\nimgs/c1/1.jpg 1\n")
+    loader = GenLabelLoader(config(tmp_path / "list.txt", batch_size=3))
+    (batch,) = list(loader)
+    assert sorted(batch.labels.tolist()) == [0, 1, 1]
+    (tmp_path / "bad.txt").write_text("imgs/c0/0.jpg zero\n")
+    with pytest.raises(ValueError, match="line 1: expected 'path label'"):
+        GenLabelLoader(config(tmp_path / "bad.txt"))
+    (tmp_path / "missing.txt").write_text("imgs/c0/99.jpg 0\n")
+    with pytest.raises(FileNotFoundError, match="99.jpg"):
+        GenLabelLoader(config(tmp_path / "missing.txt"))
