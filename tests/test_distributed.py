@@ -1,14 +1,11 @@
 """Two-process gloo runs: merged statistics equal a single fit on the union; ranks agree."""
 import os
-import socket
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastgenlabel as fg
+from gloo import run_ranks
 from fastgenlabel.distributed import broadcast_model, fit_distributed, model_checksum
 
 K, D = 4, 3
@@ -21,11 +18,6 @@ MODELS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _data(seed=0):
     rng = np.random.default_rng(seed)
@@ -35,40 +27,24 @@ def _data(seed=0):
     return z[order], y[order]
 
 
-def _worker(rank, world, port, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        z, y = _data()
-        for kind, make in MODELS.items():
-            # Uneven shards: rank 0 gets 60 rows, rank 1 gets 30.
-            lo, hi = (0, 60) if rank == 0 else (60, 90)
-            model = fit_distributed(make(), z[lo:hi], y[lo:hi], K)
-            ll = model.log_likelihood(z)
-            # A refit on each rank's own data, then rank 0's broadcast to rank 1.
-            refit = make().fit(z[:45] if rank == 0 else z[45:], y[:45] if rank == 0 else y[45:], K)
-            refit = broadcast_model(refit, src=0)
-            np.savez(os.path.join(result_dir, f"{kind}-rank{rank}.npz"), ll=ll, checksum=model_checksum(model),
-                     refit=model_checksum(refit))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, result_dir):
+    z, y = _data()
+    for kind, make in MODELS.items():
+        # Uneven shards: rank 0 gets 60 rows, rank 1 gets 30.
+        lo, hi = (0, 60) if rank == 0 else (60, 90)
+        model = fit_distributed(make(), z[lo:hi], y[lo:hi], K)
+        ll = model.log_likelihood(z)
+        # A refit on each rank's own data, then rank 0's broadcast to rank 1.
+        refit = make().fit(z[:45] if rank == 0 else z[45:], y[:45] if rank == 0 else y[45:], K)
+        refit = broadcast_model(refit, src=0)
+        np.savez(os.path.join(result_dir, f"{kind}-rank{rank}.npz"), ll=ll, checksum=model_checksum(model),
+                 refit=model_checksum(refit))
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("gloo")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            raise AssertionError("a gloo worker hung")
-        assert p.exitcode == 0
+    run_ranks(_worker, str(out))
     return out
 
 

@@ -10,7 +10,6 @@ from fastgenlabel.fit import (
     InputFeatures,
     LinearMapFeatures,
     ModuleFeatures,
-    StoredFeatures,
     StreamingFit,
     as_source,
     fit_batches,

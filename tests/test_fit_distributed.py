@@ -1,13 +1,11 @@
 """Two-process gloo: StreamingFit.result() all-reduces; ranks agree bit for bit; an empty rank takes part."""
 import os
-import socket
 
 import numpy as np
 import pytest
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastgenlabel as fg
+from gloo import run_ranks
 from fastgenlabel.distributed import model_checksum
 from fastgenlabel.fit import StreamingFit
 
@@ -19,11 +17,6 @@ MODELS = {
     "kde-capped": lambda: fg.KDEClassModel(max_points_per_class=6),
 }
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -38,59 +31,43 @@ def _stream(fit, z, y, step=7):
     return fit
 
 
-def _worker(rank, world, port, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        z, y = _data()
-        out = {}
-        for kind, make in MODELS.items():
-            shard = slice(rank, None, world)  # round-robin shards, as a DistributedSampler deals them
-            model = _stream(StreamingFit(make(), K, chunk_rows=10), z[shard], y[shard]).result()
-            out[kind] = model_checksum(model)
-            out[kind + "-ll"] = model.log_likelihood(z)
-            # Rank 1 sees nothing: the union is rank 0's data.
-            empty = StreamingFit(make(), K)
-            if rank == 0:
-                _stream(empty, z[:50], y[:50])
-            empty_model = empty.result()
-            out[kind + "-empty"] = model_checksum(empty_model)
-            out[kind + "-empty-ll"] = empty_model.log_likelihood(z)
-        # all_reduce_stats (sums) against all_gather_stats (merge in rank order) on uneven shards.
-        from fastgenlabel.distributed import all_gather_stats, all_reduce_stats
+def _worker(rank, world, result_dir):
+    z, y = _data()
+    out = {}
+    for kind, make in MODELS.items():
+        shard = slice(rank, None, world)  # round-robin shards, as a DistributedSampler deals them
+        model = _stream(StreamingFit(make(), K, chunk_rows=10), z[shard], y[shard]).result()
+        out[kind] = model_checksum(model)
+        out[kind + "-ll"] = model.log_likelihood(z)
+        # Rank 1 sees nothing: the union is rank 0's data.
+        empty = StreamingFit(make(), K)
+        if rank == 0:
+            _stream(empty, z[:50], y[:50])
+        empty_model = empty.result()
+        out[kind + "-empty"] = model_checksum(empty_model)
+        out[kind + "-empty-ll"] = empty_model.log_likelihood(z)
+    # all_reduce_stats (sums) against all_gather_stats (merge in rank order) on uneven shards.
+    from fastgenlabel.distributed import all_gather_stats, all_reduce_stats
 
-        for cov in ("full", "diag", "tied"):
-            lo, hi = (0, 80) if rank == 0 else (80, 120)
-            local = fg.GaussianClassModel(cov).compute_stats(z[lo:hi], y[lo:hi], K)
-            a, b = all_reduce_stats(local), all_gather_stats(local)
-            out[f"reduce-{cov}"] = np.stack([np.abs(a.m2 - b.m2).max().item(), np.abs(a.mean - b.mean).max().item(),
-                                             np.abs(a.count - b.count).max().item()])
-        # Every rank empty: a clear error on every rank.
-        try:
-            StreamingFit(fg.GaussianClassModel(), K).result()
-            out["all-empty"] = "no error"
-        except ValueError as e:
-            out["all-empty"] = str(e)
-        np.savez(os.path.join(result_dir, f"rank{rank}.npz"), **out)
-    finally:
-        dist.destroy_process_group()
+    for cov in ("full", "diag", "tied"):
+        lo, hi = (0, 80) if rank == 0 else (80, 120)
+        local = fg.GaussianClassModel(cov).compute_stats(z[lo:hi], y[lo:hi], K)
+        a, b = all_reduce_stats(local), all_gather_stats(local)
+        out[f"reduce-{cov}"] = np.stack([np.abs(a.m2 - b.m2).max().item(), np.abs(a.mean - b.mean).max().item(),
+                                         np.abs(a.count - b.count).max().item()])
+    # Every rank empty: a clear error on every rank.
+    try:
+        StreamingFit(fg.GaussianClassModel(), K).result()
+        out["all-empty"] = "no error"
+    except ValueError as e:
+        out["all-empty"] = str(e)
+    np.savez(os.path.join(result_dir, f"rank{rank}.npz"), **out)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fitgloo")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            raise AssertionError("a gloo worker hung")
-        assert p.exitcode == 0
+    run_ranks(_worker, str(out))
     return [np.load(out / f"rank{r}.npz") for r in range(2)]
 
 

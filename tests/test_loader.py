@@ -182,3 +182,30 @@ def test_torch_backend_wraps_a_user_dataset_and_dataloader(data, fitted):
     dl = torch.utils.data.DataLoader(Tiles(), batch_size=5)
     loader = GenLabelLoader(config(None, backend="torch"), dataset=dl)
     assert len(loader) == 3 and [len(b) for b in loader] == [5, 5, 2]
+
+
+def test_set_model_switches_at_a_batch_boundary(data, fitted):
+    fmap, model = fitted
+    loader = GenLabelLoader(config(data, feature_map=fmap, model=model, gamma=1.0))
+    it = iter(loader)
+    first = next(it)
+    np.testing.assert_allclose(first.targets.numpy(), reference_targets(first, model, 1.0).numpy(), atol=5e-5)
+    # A refit on a different subset: every later batch, including prefetched ones, uses it alone.
+    refit = fgl.GaussianClassModel("diag").fit(first.features, first.labels, K)
+    loader.set_model(refit)
+    for batch in it:
+        np.testing.assert_allclose(batch.targets.numpy(), reference_targets(batch, refit, 1.0).numpy(), atol=5e-5)
+    loader.set_model(None)
+    plain = next(iter(loader))
+    expected = fgl.mixup_target(plain.labels, plain.pairs, K)
+    np.testing.assert_allclose(plain.targets.numpy(), expected.numpy(), atol=1e-6)
+
+
+def test_set_model_rejects_another_k_or_d(data, fitted):
+    fmap, model = fitted
+    loader = GenLabelLoader(config(data, feature_map=fmap, model=model))
+    z = torch.randn(30, fmap.dim, dtype=torch.float64)
+    with pytest.raises(ValueError, match="model: fitted for 4 classes"):
+        loader.set_model(fgl.GaussianClassModel("diag").fit(z, torch.arange(30) % 4, 4))
+    with pytest.raises(ValueError, match="model: fitted on 2-dimensional"):
+        loader.set_model(fgl.GaussianClassModel("diag").fit(z[:, :2], torch.arange(30) % K, K))

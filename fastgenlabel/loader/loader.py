@@ -166,6 +166,31 @@ class GenLabelLoader:
             raise ValueError(f"epoch: expected an integer >= 0, got {epoch!r}")
         self.epoch = epoch
 
+    def set_model(self, model) -> None:
+        """Relabel with ``model`` from the next yielded batch on (e.g. after a refit).
+
+        Targets are computed when a batch is yielded, from that batch's features, so a batch that
+        was decoded before the call (prefetched) still gets the new model's targets, and no batch
+        mixes old and new parameters. Under ``torch.distributed``, broadcast the refit first
+        (:func:`fastgenlabel.distributed.broadcast_model`) and call this on every rank at the same
+        step.
+
+        Args:
+            model: a fitted class model (or its file path) with the loader's K and feature d, or
+                None for plain mixup targets.
+        """
+        model = _resolve_model(model)
+        if model is not None:
+            if model.num_classes != self.num_classes:
+                raise ValueError(f"model: fitted for {model.num_classes} classes, but the loader has "
+                                 f"{self.num_classes}")
+            if isinstance(self.features, NoFeatures):
+                raise ValueError("model: this loader has no features (feature_map or embeddings) to relabel from")
+            if model.dim != self.features.dim:
+                raise ValueError(f"model: fitted on {model.dim}-dimensional features, but the "
+                                 f"{self.features.kind} features have d = {self.features.dim}")
+        self.model = self.targets.model = model
+
     def reset(self) -> None:
         """Drop any half-finished pass; the next pass starts at the beginning of :attr:`epoch`."""
         self._backend.close()
