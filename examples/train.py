@@ -28,6 +28,7 @@ Two variants (GENLABEL.md section 4):
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -226,48 +227,58 @@ def main(argv=None) -> int:
 
     rank, world, device = setup(args.device)
     try:
-        torch.manual_seed(args.seed)
-        probe = unmixed_loader(args, rank, world, device)
-        k = probe.num_classes
-        net = SmallResNet(k).to(device)
-        wrapped = _WithFeatures(net) if args.deep else net
-        ids = [device.index] if device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(wrapped, device_ids=ids) if world > 1 else wrapped
-        opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-        log(rank, f"world {world}, device {device}, {k} classes, {len(probe)} unmixed batches in this shard")
-
-        if not args.deep:
-            if args.model_file:
-                class_model, fmap = fg.load_model(args.model_file), ThumbnailPCA.load(args.feature_map)
-            else:
-                fmap, class_model = fit_thumbnail_model(args, rank, world, device, k)
-            log(rank, f"class-model checksum {model_checksum(class_model)} ({class_model!r})")
-            loader = make_loader(args, rank, world, device, model=class_model, feature_map=fmap)
-            for epoch in range(args.epochs):
-                loss, ips = train_epoch(ddp, loader, opt, epoch)
-                log(rank, f"epoch {epoch}: loss {loss:.4f}, {ips:,.0f} images/s on this rank")
-        else:
-            plain = make_loader(args, rank, world, device, alpha=0.0)
-            for epoch in range(args.warmup):
-                loss, ips = _warmup_epoch(ddp, plain, opt, epoch)
-                log(rank, f"warm-up epoch {epoch}: loss {loss:.4f}, {ips:,.0f} images/s on this rank")
-            class_model = fit_deep_model(args, rank, world, device, net, k)
-            log(rank, f"class-model checksum {model_checksum(class_model)} ({class_model!r})")
-            mixed = make_loader(args, rank, world, device)  # model=None: the loader's targets are mixup's
-            for epoch in range(args.warmup, args.warmup + args.epochs):
-                loss, ips = train_epoch(ddp, mixed, opt, epoch, class_model=class_model, gamma=args.gamma)
-                log(rank, f"epoch {epoch}: loss {loss:.4f}, {ips:,.0f} images/s on this rank")
-        if world > 1:
-            # DDP keeps the replicas equal: check it once.
-            flat = torch.cat([q.detach().reshape(-1) for q in net.parameters()]).to(torch.float64)
-            s = torch.stack([flat.sum(), (flat * flat).sum()]).to(device if device.type == "cuda" else "cpu")
-            ref = s.clone()
-            dist.broadcast(ref, 0)
-            log(rank, f"parameters equal to rank 0's: {bool(torch.allclose(s, ref))}")
+        train(args, rank, world, device)
+        if dist.is_initialized():
+            # No rank tears its gloo connections down while a peer still uses them: that aborts
+            # the peer ("terminate called without an active exception"; seen 1 run in 10 on 2 cores).
+            dist.barrier()
     finally:
+        gc.collect()  # train()'s DDP module and loaders are gone before the group is destroyed
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def train(args, rank: int, world: int, device: torch.device) -> None:
+    """The training run of one rank (the default or the deep variant)."""
+    torch.manual_seed(args.seed)
+    probe = unmixed_loader(args, rank, world, device)
+    k = probe.num_classes
+    net = SmallResNet(k).to(device)
+    wrapped = _WithFeatures(net) if args.deep else net
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel(wrapped, device_ids=ids) if world > 1 else wrapped
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    log(rank, f"world {world}, device {device}, {k} classes, {len(probe)} unmixed batches in this shard")
+
+    if not args.deep:
+        if args.model_file:
+            class_model, fmap = fg.load_model(args.model_file), ThumbnailPCA.load(args.feature_map)
+        else:
+            fmap, class_model = fit_thumbnail_model(args, rank, world, device, k)
+        log(rank, f"class-model checksum {model_checksum(class_model)} ({class_model!r})")
+        loader = make_loader(args, rank, world, device, model=class_model, feature_map=fmap)
+        for epoch in range(args.epochs):
+            loss, ips = train_epoch(ddp, loader, opt, epoch)
+            log(rank, f"epoch {epoch}: loss {loss:.4f}, {ips:,.0f} images/s on this rank")
+    else:
+        plain = make_loader(args, rank, world, device, alpha=0.0)
+        for epoch in range(args.warmup):
+            loss, ips = _warmup_epoch(ddp, plain, opt, epoch)
+            log(rank, f"warm-up epoch {epoch}: loss {loss:.4f}, {ips:,.0f} images/s on this rank")
+        class_model = fit_deep_model(args, rank, world, device, net, k)
+        log(rank, f"class-model checksum {model_checksum(class_model)} ({class_model!r})")
+        mixed = make_loader(args, rank, world, device)  # model=None: the loader's targets are mixup's
+        for epoch in range(args.warmup, args.warmup + args.epochs):
+            loss, ips = train_epoch(ddp, mixed, opt, epoch, class_model=class_model, gamma=args.gamma)
+            log(rank, f"epoch {epoch}: loss {loss:.4f}, {ips:,.0f} images/s on this rank")
+    if world > 1:
+        # DDP keeps the replicas equal: check it once.
+        flat = torch.cat([q.detach().reshape(-1) for q in net.parameters()]).to(torch.float64)
+        s = torch.stack([flat.sum(), (flat * flat).sum()]).to(device if device.type == "cuda" else "cpu")
+        ref = s.clone()
+        dist.broadcast(ref, 0)
+        log(rank, f"parameters equal to rank 0's: {bool(torch.allclose(s, ref))}")
 
 
 def _warmup_epoch(ddp, loader, opt, epoch):
