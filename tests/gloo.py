@@ -17,6 +17,7 @@ def _entry(rank, world, port, target, args):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         target(rank, world, *args)
+        dist.barrier()  # no rank closes its connections while a peer still uses them
     finally:
         dist.destroy_process_group()
 
