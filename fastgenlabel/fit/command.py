@@ -48,13 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     """Run the fit; under torchrun (WORLD_SIZE > 1) every rank reads its shard and rank 0 writes the files."""
+    import torch.distributed as dist
+
     started = _init_distributed(args.device)
     try:
-        return _main(args)
+        code = _main(args)
+        if started:
+            dist.barrier()  # no rank closes its connections while a peer still uses them
+        return code
     finally:
         if started:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
