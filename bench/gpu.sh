@@ -7,7 +7,7 @@
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-if ! python3 -c "import pytest_benchmark" 2>/dev/null; then
+if ! python3 -c "import pytest, pytest_benchmark" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fgl-bench .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/fgl-bench${PYTHONPATH:+:$PYTHONPATH}
 fi

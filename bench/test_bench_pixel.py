@@ -69,6 +69,12 @@ def eager_normalise_timm_batch_mixup(x, lam: float, mean, std):
     return y.mul_(lam).add_(flipped)
 
 
+def label(benchmark, b: int, device: str, impl: str) -> None:
+    """One workload per (B, device): bench/render.py puts its implementations side by side."""
+    benchmark.group = f"pixel B={b} 224x224x3 uint8 NHWC -> NCHW [{device}]"
+    benchmark.extra_info.update(impl=impl, batch=b, device=device)
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -81,7 +87,7 @@ def sync(device):
 def test_numba_cpu(benchmark, b, dtype):
     d = data(b)
     out = torch.empty((b, C, H, W), dtype=getattr(torch, dtype))
-    benchmark.extra_info.update(backend="numba-cpu", batch=b, dtype=dtype)
+    label(benchmark, b, "cpu", f"numba-cpu {dtype}")
     benchmark.pedantic(mix_images, args=(d["t"], d["pairs"], MEAN, STD), kwargs=dict(out=out, backend="numba-cpu"),
                        rounds=30 if b == 64 else 10, warmup_rounds=2)
 
@@ -89,7 +95,7 @@ def test_numba_cpu(benchmark, b, dtype):
 @pytest.mark.parametrize("b", BATCHES)
 def test_reference(benchmark, b):
     d = data(b)
-    benchmark.extra_info.update(backend="reference", batch=b)
+    label(benchmark, b, "cpu", "reference")
     benchmark.pedantic(mix_images, args=(d["t"], d["pairs"], MEAN, STD), kwargs=dict(backend="reference"),
                        rounds=2, warmup_rounds=0)
 
@@ -99,6 +105,7 @@ def test_reference(benchmark, b):
 @pytest.mark.parametrize("b", BATCHES)
 def test_torch_eager(benchmark, b):
     d = data(b)
+    label(benchmark, b, "cpu", "torch eager")
     benchmark.pedantic(eager_fused, args=(d["t"], d["lam"], d["perm"], d["mean"], d["std"]),
                        rounds=5, warmup_rounds=1)
 
@@ -106,7 +113,7 @@ def test_torch_eager(benchmark, b):
 @pytest.mark.parametrize("b", BATCHES)
 def test_torch_eager_normalise_timm_batch_standin(benchmark, b):
     d = data(b)
-    benchmark.extra_info.update(note="timm Mixup(mode='batch') arithmetic written out; timm not installed here")
+    label(benchmark, b, "cpu", "torch eager + eager mixup (timm batch stand-in)")
     benchmark.pedantic(eager_normalise_timm_batch_mixup, args=(d["t"], d["lam_batch"], d["mean"], d["std"]),
                        rounds=5, warmup_rounds=1)
 
@@ -133,6 +140,7 @@ def compiled_fused():
 def test_torch_compile(benchmark, b):
     fn = compiled_fused()
     d = data(b)
+    label(benchmark, b, "cpu", "torch.compile")
     benchmark.pedantic(fn, args=(d["t"], d["lam"], d["perm"], d["mean"], d["std"]), rounds=10, warmup_rounds=2)
 
 
@@ -144,35 +152,46 @@ def _timm_mixup():
     return Mixup
 
 
+DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("b", BATCHES)
 @pytest.mark.parametrize("mode", ["batch", "elem"])
-def test_timm_mixup(benchmark, b, mode):
+def test_timm_mixup(benchmark, b, mode, device):
     mixup = _timm_mixup()(mixup_alpha=1.0, mode=mode, num_classes=1000)
-    d = data(b)
-    target = torch.zeros(b, dtype=torch.int64)
+    d = data(b, device)
+    target = torch.zeros(b, dtype=torch.int64, device=device)
+    label(benchmark, b, device, f"torch eager + timm Mixup({mode})")
 
     def run():
         y = d["t"].permute(0, 3, 1, 2).contiguous().float().sub_(d["mean"]).div_(d["std"])
-        return mixup(y, target)
+        out = mixup(y, target)
+        sync(device)
+        return out
 
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=30 if device == "cuda" else 3, warmup_rounds=1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("b", BATCHES)
-def test_torchvision_mixup(benchmark, b):
+def test_torchvision_mixup(benchmark, b, device):
     try:
         from torchvision.transforms import v2
     except Exception as e:
         pytest.skip(f"torchvision not importable here ({type(e).__name__}: {str(e)[:120]})")
     mixup = v2.MixUp(alpha=1.0, num_classes=1000)
-    d = data(b)
-    target = torch.zeros(b, dtype=torch.int64)
+    d = data(b, device)
+    target = torch.zeros(b, dtype=torch.int64, device=device)
+    label(benchmark, b, device, "torch eager + torchvision v2.MixUp")
 
     def run():
         y = d["t"].permute(0, 3, 1, 2).contiguous().float().sub_(d["mean"]).div_(d["std"])
-        return mixup(y, target)
+        out = mixup(y, target)
+        sync(device)
+        return out
 
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=30 if device == "cuda" else 3, warmup_rounds=1)
 
 
 # --- CUDA ---------------------------------------------------------------------------------------------------------
@@ -186,6 +205,7 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 def test_numba_cuda(benchmark, b, dtype):
     d = data(b, "cuda")
     out = torch.empty((b, C, H, W), dtype=getattr(torch, dtype), device="cuda")
+    label(benchmark, b, "cuda", f"numba-cuda {dtype}")
 
     def run():
         mix_images(d["t"], d["pairs"], MEAN, STD, out=out, backend="numba-cuda")
@@ -199,6 +219,7 @@ def test_numba_cuda(benchmark, b, dtype):
 @pytest.mark.parametrize("b", BATCHES)
 def test_torch_cuda_eager(benchmark, b):
     d = data(b, "cuda")
+    label(benchmark, b, "cuda", "torch eager")
 
     def run():
         eager_fused(d["t"], d["lam"], d["perm"], d["mean"], d["std"])
@@ -211,6 +232,7 @@ def test_torch_cuda_eager(benchmark, b):
 @pytest.mark.parametrize("b", BATCHES)
 def test_torch_cuda_eager_normalise_timm_batch_standin(benchmark, b):
     d = data(b, "cuda")
+    label(benchmark, b, "cuda", "torch eager + eager mixup (timm batch stand-in)")
 
     def run():
         eager_normalise_timm_batch_mixup(d["t"], d["lam_batch"], d["mean"], d["std"])
@@ -224,9 +246,26 @@ def test_torch_cuda_eager_normalise_timm_batch_standin(benchmark, b):
 def test_torch_cuda_compile(benchmark, b):
     fn = torch.compile(eager_fused)
     d = data(b, "cuda")
+    label(benchmark, b, "cuda", "torch.compile")
 
     def run():
         fn(d["t"], d["lam"], d["perm"], d["mean"], d["std"])
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=30, warmup_rounds=3)
+
+
+@cuda_only
+@pytest.mark.parametrize("b", BATCHES)
+def test_cuda_copy_floor(benchmark, b):
+    """The bandwidth floor: a device-to-device copy moving the pixel stage's bytes (read 2 x uint8
+    per element, write one float16), i.e. copying B*H*W*C*2 bytes."""
+    src = torch.empty(b * H * W * C * 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    label(benchmark, b, "cuda", "copy floor (same bytes, D2D copy)")
+
+    def run():
+        dst.copy_(src)
         torch.cuda.synchronize()
 
     benchmark.pedantic(run, rounds=30, warmup_rounds=3)
@@ -266,6 +305,8 @@ def test_numba_cpu_startup(benchmark, cache):
         if cache == "warm":
             first_call(cache_dir)
         result = {}
+        benchmark.group = "pixel start-up [cpu]"
+        benchmark.extra_info.update(impl=f"numba-cpu, {cache} cache")
         benchmark.pedantic(lambda: result.update(first_call(cache_dir)), rounds=1, iterations=1)
         benchmark.extra_info.update(result)
         print(f"\nnumba-cpu start-up, {cache} cache: {result}")
