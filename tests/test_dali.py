@@ -1,16 +1,16 @@
 """DALI building blocks on the CPU: the in-graph mix against fastgenlabel.mix_images, thumbnails,
-partner labels, pair feeds, and the DALI 2.4 workarounds (fastgenlabel/dali/_compat.py)."""
+partner labels, and the DALI 2.4 workarounds (fastgenlabel/dali/_compat.py)."""
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("nvidia.dali")
 
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from fastgenlabel import mix_images, sample_pairs  # noqa: E402
-from fastgenlabel.dali import PairFeed, _compat, mix_stage, partner_labels, split_pairs  # noqa: E402
+from fastgenlabel.dali import _compat, mix_stage, partner_labels  # noqa: E402
 from fastgenlabel.features import thumbnails  # noqa: E402
+from fastgenlabel.functional.pairs import split_pairs  # noqa: E402
 
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -97,23 +97,6 @@ def test_stage_compiles_once_per_process(batch):
     n = len(_compat._compiled)
     run_mix(images, pairs, mean=MEAN, std=STD, layout="CHW", thumbnail=3)
     assert len(_compat._compiled) == n
-
-
-def test_pair_feed_is_a_pure_function_of_where_the_batch_is():
-    feed = PairFeed(1.0, seed=5, batch_size=8)
-    a, b = feed.draw(8, 2, 3), feed.draw(8, 2, 3)
-    assert torch.equal(a.perm, b.perm) and torch.equal(a.lam, b.lam)
-    assert not torch.equal(feed.draw(8, 2, 4).lam, a.lam)
-    other_rank = PairFeed(1.0, seed=5, shard_id=1, batch_size=8)
-    assert not torch.equal(other_rank.draw(8, 2, 3).lam, a.lam)
-
-    class Info:
-        epoch_idx, iteration = 2, 3
-
-    perm, lam = feed(Info())
-    np.testing.assert_array_equal(np.concatenate(perm), a.perm.numpy())
-    with pytest.raises(ValueError, match="pairing"):
-        PairFeed(1.0, pairing="shuffle", batch_size=2)
 
 
 def test_compat_cuda13_table_patch_is_narrow(monkeypatch):

@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 import fastgenlabel as fgl  # noqa: E402
-from fastgenlabel.dali import PairFeed, webdataset_pipeline  # noqa: E402
+from fastgenlabel.dali import webdataset_pipeline  # noqa: E402
+from fastgenlabel.functional import PairFeed  # noqa: E402
 
 
 def write_shard(path, start, n, rng):

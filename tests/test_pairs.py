@@ -1,11 +1,11 @@
-"""sample_pairs and MixPairs: all of mixup's randomness, drawn once and seeded."""
+"""sample_pairs, MixPairs and PairFeed: all of mixup's randomness, drawn once and seeded."""
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 
 from fastgenlabel import MixPairs, sample_pairs
-from fastgenlabel.functional import LAM_MODES, PAIRINGS
+from fastgenlabel.functional import LAM_MODES, PAIRINGS, PairFeed
 
 
 @pytest.mark.parametrize("pairing", PAIRINGS)
@@ -140,3 +140,33 @@ def test_mixpairs_to_keeps_values():
     pairs = sample_pairs(5, generator=0)
     moved = pairs.to("cpu")
     assert torch.equal(moved.perm, pairs.perm) and torch.equal(moved.lam, pairs.lam)
+
+
+def test_pair_feed_is_a_pure_function_of_where_the_batch_is():
+    feed = PairFeed(1.0, seed=5, batch_size=8)
+    a, b = feed.draw(8, 2, 3), feed.draw(8, 2, 3)
+    assert torch.equal(a.perm, b.perm) and torch.equal(a.lam, b.lam)
+    assert not torch.equal(feed.draw(8, 2, 4).lam, a.lam)
+    other_rank = PairFeed(1.0, seed=5, shard_id=1, batch_size=8)
+    assert not torch.equal(other_rank.draw(8, 2, 3).lam, a.lam)
+
+    class Info:  # DALI's BatchInfo, as external_source(batch_info=True) passes it
+        epoch_idx, iteration = 2, 3
+
+    perm, lam = feed(Info())
+    np.testing.assert_array_equal(np.concatenate(perm), a.perm.numpy())
+    assert perm[0].shape == lam[0].shape == (1,) and lam[0].dtype == np.float32
+    with pytest.raises(ValueError, match="pairing"):
+        PairFeed(1.0, pairing="shuffle", batch_size=2)
+
+
+def test_pair_feed_is_still_importable_from_the_dali_package_without_dali():
+    import subprocess
+    import sys
+
+    code = ("import sys; import fastgenlabel.dali as d, fastgenlabel.dali.stages as s; "
+            "from fastgenlabel.functional.pairs import PairFeed, pair_generator, split_pairs; "
+            "assert d.PairFeed is s.PairFeed is PairFeed and d.split_pairs is split_pairs; "
+            "assert d.pair_generator is pair_generator; "
+            "assert 'nvidia.dali' not in sys.modules, 'DALI imported at import time'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -17,10 +17,14 @@ instead): the baseline of the throughput benchmark.
 
 ``webdataset_pipeline`` reads WebDataset tar shards with ``fn.readers.webdataset`` instead
 (DALI owns the order, the shards and the epochs there; the pairs come from a
-:class:`~fastgenlabel.dali.stages.PairFeed` keyed by DALI's epoch and iteration).
+:class:`~fastgenlabel.functional.pairs.PairFeed` keyed by DALI's epoch and iteration).
+:class:`fastgenlabel.GenLabelLoader` does not use it for shards: it indexes the tar members
+itself and feeds their bytes to ``image_pipeline``, so that shards get the folder path's exact
+order, per-rank shards, last-batch policy and errors naming the sample.
 """
 from __future__ import annotations
 
+from ..functional.pairs import PairFeed
 from . import _compat, stages
 
 
@@ -98,7 +102,7 @@ def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, 
     return pipe()
 
 
-def webdataset_pipeline(paths, feed: stages.PairFeed, *, batch_size: int, image_size: int, index_paths=None,
+def webdataset_pipeline(paths, feed: PairFeed, *, batch_size: int, image_size: int, index_paths=None,
                         image_ext: str = "jpg;jpeg;png", label_ext: str = "cls", device_id=None, num_threads: int = 2,
                         seed: int = 0, prefetch: int = 2, shard_id: int = 0, num_shards: int = 1,
                         shuffle: bool = True, train: bool = True, flip: bool = True, crop_scale=(0.08, 1.0),

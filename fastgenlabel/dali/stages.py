@@ -1,8 +1,9 @@
 """DALI stages any pipeline can use: pairs, the pixel mix in the graph, partner labels.
 
-Randomness apart from compute: :class:`PairFeed` draws the pairing and lambdas of every batch
-with :func:`fastgenlabel.sample_pairs` from a generator seeded by (seed, shard, epoch, batch), and
-hands them to the graph through ``fn.external_source``; the mix stage and the targets both read
+Randomness apart from compute: :class:`~fastgenlabel.functional.pairs.PairFeed` (re-exported
+here) draws the pairing and lambdas of every batch with :func:`fastgenlabel.sample_pairs` from a
+generator seeded by (seed, shard, epoch, batch), and hands them to the graph through
+``fn.external_source``; the mix stage and the targets both read
 those very pairs (the pipeline returns them as outputs), so images and targets always describe
 the same mixture.
 
@@ -15,54 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..functional.pairs import LAM_MODES, PAIRINGS, sample_pairs
+# PairFeed and its helpers live in functional/pairs.py (they need no DALI); re-exported here and
+# from fastgenlabel.dali for compatibility.
+from ..functional.pairs import PairFeed, pair_generator, split_pairs  # noqa: F401
 from . import _compat, _kernels
 
 OUTPUT_DTYPES = ("float32", "float16")
-
-
-def pair_generator(seed: int, shard_id: int, epoch: int, batch_index: int) -> np.random.Generator:
-    """The generator of one batch's pairs: a pure function of where the batch is."""
-    return np.random.default_rng([int(seed), int(shard_id), int(epoch), int(batch_index)])
-
-
-class PairFeed:
-    """Per-batch pairs for ``fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True)``.
-
-    Args:
-        alpha: lambda ~ Beta(alpha, alpha); <= 0 disables mixing (identity pairs, lambda 1).
-        pairing, lam_mode: as for :func:`fastgenlabel.sample_pairs`.
-        seed: base seed; shard_id: this rank's shard (ranks draw different pairs).
-        batch_size: B (use :meth:`draw` directly for variable batch sizes).
-
-    Calling it with DALI's ``BatchInfo`` returns ``(perm, lam)``: B arrays of shape (1,), int64
-    and float32.
-    """
-
-    def __init__(self, alpha: float, *, pairing: str = "permutation", lam_mode: str = "batch", seed: int = 0,
-                 shard_id: int = 0, batch_size: int):
-        if pairing not in PAIRINGS:
-            raise ValueError(f"pairing: expected one of {PAIRINGS}, got {pairing!r}")
-        if lam_mode not in LAM_MODES:
-            raise ValueError(f"lam_mode: expected one of {LAM_MODES}, got {lam_mode!r}")
-        self.alpha, self.pairing, self.lam_mode = float(alpha), pairing, lam_mode
-        self.seed, self.shard_id, self.batch_size = int(seed), int(shard_id), int(batch_size)
-
-    def draw(self, batch_size: int, epoch: int, batch_index: int):
-        """The MixPairs of batch ``batch_index`` of ``epoch`` (CPU tensors)."""
-        rng = pair_generator(self.seed, self.shard_id, epoch, batch_index)
-        return sample_pairs(batch_size, self.alpha, pairing=self.pairing, lam_mode=self.lam_mode, generator=rng)
-
-    def __call__(self, info):
-        pairs = self.draw(self.batch_size, info.epoch_idx, info.iteration)
-        return split_pairs(pairs)
-
-
-def split_pairs(pairs):
-    """MixPairs -> (perm, lam) as lists of per-sample (1,) arrays, the form external_source takes."""
-    perm = pairs.perm.numpy().reshape(-1, 1)
-    lam = pairs.lam.numpy().astype(np.float32).reshape(-1, 1)
-    return list(perm), list(lam)
 
 
 def _scale_shift(mean, std, channels: int):

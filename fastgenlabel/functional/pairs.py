@@ -1,4 +1,7 @@
-"""Drawing the mixup pairing and mixing weights: all of mixup's randomness, apart from compute."""
+"""Drawing the mixup pairing and mixing weights: all of mixup's randomness, apart from compute.
+
+:func:`sample_pairs` draws one batch's pairs; :class:`PairFeed` seeds it from where the batch sits
+(seed, shard, epoch, batch index), for the loaders and the DALI pipelines alike."""
 from __future__ import annotations
 
 import math
@@ -119,3 +122,53 @@ def sample_pairs(
         torch.from_numpy(np.ascontiguousarray(perm, dtype=np.int64)),
         torch.from_numpy(np.ascontiguousarray(lam, dtype=np.float32)),
     )
+
+
+def pair_generator(seed: int, shard_id: int, epoch: int, batch_index: int) -> np.random.Generator:
+    """The generator of one batch's pairs: a pure function of where the batch is."""
+    return np.random.default_rng([int(seed), int(shard_id), int(epoch), int(batch_index)])
+
+
+class PairFeed:
+    """Every batch's pairs, a pure function of (seed, shard, epoch, batch index).
+
+    The one source of pairs of both loader backends and of the DALI pipelines: :meth:`draw` calls
+    :func:`sample_pairs` with the generator :func:`pair_generator` seeds from where the batch
+    sits, so a batch's mixture never depends on threads, prefetching or the backend. Needs neither
+    DALI nor a GPU; it is also ``fastgenlabel.dali.PairFeed``, the form
+    ``fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True)`` takes.
+
+    Args:
+        alpha: lambda ~ Beta(alpha, alpha); <= 0 disables mixing (identity pairs, lambda 1).
+        pairing, lam_mode: as for :func:`sample_pairs`.
+        seed: base seed; shard_id: this rank's shard (ranks draw different pairs).
+        batch_size: B (use :meth:`draw` directly for variable batch sizes).
+
+    Calling it with DALI's ``BatchInfo`` (anything with ``epoch_idx`` and ``iteration``) returns
+    ``(perm, lam)``: B arrays of shape (1,), int64 and float32 (:func:`split_pairs`).
+    """
+
+    def __init__(self, alpha: float, *, pairing: str = "permutation", lam_mode: str = "batch", seed: int = 0,
+                 shard_id: int = 0, batch_size: int):
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing: expected one of {PAIRINGS}, got {pairing!r}")
+        if lam_mode not in LAM_MODES:
+            raise ValueError(f"lam_mode: expected one of {LAM_MODES}, got {lam_mode!r}")
+        self.alpha, self.pairing, self.lam_mode = float(alpha), pairing, lam_mode
+        self.seed, self.shard_id, self.batch_size = int(seed), int(shard_id), int(batch_size)
+
+    def draw(self, batch_size: int, epoch: int, batch_index: int) -> MixPairs:
+        """The MixPairs of batch ``batch_index`` of ``epoch`` (CPU tensors)."""
+        rng = pair_generator(self.seed, self.shard_id, epoch, batch_index)
+        return sample_pairs(batch_size, self.alpha, pairing=self.pairing, lam_mode=self.lam_mode, generator=rng)
+
+    def __call__(self, info):
+        pairs = self.draw(self.batch_size, info.epoch_idx, info.iteration)
+        return split_pairs(pairs)
+
+
+def split_pairs(pairs: MixPairs):
+    """MixPairs -> (perm, lam) as lists of per-sample (1,) arrays, the form DALI's external_source takes."""
+    perm = pairs.perm.numpy().reshape(-1, 1)
+    lam = pairs.lam.numpy().astype(np.float32).reshape(-1, 1)
+    return list(perm), list(lam)

@@ -21,8 +21,14 @@ class LoaderConfig:
     """Configuration of :class:`fastgenlabel.GenLabelLoader`.
 
     Data and batching:
-        data: a folder of class sub-folders, or a ``path label`` file list (the DALI backend;
-            the torch backend may take a Dataset instead).
+        data: a folder of class sub-folders, a ``path label`` file list, or WebDataset tar shards:
+            a list of ``.tar`` paths, one ``.tar`` path, a glob (``"shards/train-*.tar"``), a brace
+            range (``"shards/train-{0000..0146}.tar"``) or a folder of ``.tar`` files (and no class
+            sub-folders). Shards are indexed once (their headers only) and read in place, so
+            ordering, epochs, shards per rank and the last-batch policy are the folder's, over
+            the samples in shard order. The torch backend may take a Dataset instead.
+        image_ext, label_ext: a WebDataset sample's image member (``;``-separated alternatives,
+            the first present wins) and its label member, a decimal class index.
         batch_size: B, samples per batch (per shard).
         last_batch: "drop" (only full batches), "partial" (a shorter last batch, possibly of one
             sample) or "fill" (complete it with samples from the start of the epoch).
@@ -30,7 +36,8 @@ class LoaderConfig:
         shard_id, num_shards: this rank's share (every shard gets ceil(N / num_shards) samples).
         on_bad_image: "error" (raise CorruptImageError naming the file) or "skip" (warn with the
             file's name and leave it out of its batch, which is one sample shorter). Files whose
-            container is fine but whose data fail to decode always raise, naming the file.
+            container is fine but whose data fail to decode always raise, naming the file
+            (``shard.tar:member`` for a WebDataset sample).
 
     Augmentation and output:
         image_size: side of the square output crop.
@@ -110,6 +117,8 @@ class LoaderConfig:
     return_thumbnails: bool = False
     relabel_backend: str = "auto"
     target_threads: int | None = 1
+    image_ext: str = "jpg;jpeg;png"
+    label_ext: str = "cls"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -118,6 +127,10 @@ class LoaderConfig:
         _positive_int(self.num_shards, "num_shards")
         _positive_int(self.num_threads, "num_threads")
         _positive_int(self.prefetch, "prefetch")
+        for name in ("image_ext", "label_ext"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip(" ;"):
+                raise ValueError(f"{name}: expected member extensions such as 'jpg;png', got {v!r}")
         if isinstance(self.shard_id, bool) or not isinstance(self.shard_id, int) \
                 or not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f"shard_id: expected an integer in [0, {self.num_shards}), got {self.shard_id!r}")

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 
 from ..dali import pipelines
-from ..dali.stages import PairFeed
 from ..features import thumbnails_torch
-from ..functional.pairs import MixPairs
+from ..functional.pairs import MixPairs, PairFeed
 from ..kernels.pixel import mix_images
 from .files import CorruptImageError, find_undecodable
 from .source import EpochSource
@@ -89,8 +88,8 @@ class DaliBackend:
             raise
         except RuntimeError as e:
             self._clean = False
-            recent = [p for _, _, paths in self.source.recent for p in paths]
-            bad = find_undecodable(recent)
+            recent = [i for _, _, kept in self.source.recent for i in kept]
+            bad = find_undecodable(self.files, recent)
             if bad is not None:
                 raise CorruptImageError(bad[0], f"cannot be decoded ({bad[1]})") from e
             raise

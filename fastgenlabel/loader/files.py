@@ -1,10 +1,15 @@
-"""The samples a loader reads: a folder of class sub-folders or a file list, checked once.
+"""The samples a loader reads: a folder of class sub-folders, a file list or WebDataset tar shards, checked once.
 
-Sample i is ``paths[i]`` with class ``labels[i]``; the order (sorted class folders, then sorted
-file names; or the file list's order) is the order of stored embeddings and of sample indices.
+Sample i is ``paths[i]`` with class ``labels[i]`` (for a tar shard: the member ``members[i]`` of
+the shard ``paths[i]``, read in place at ``offsets[i]``); the order (sorted class folders, then
+sorted file names; the file list's order; or the shards' order, then each shard's sample order)
+is the order of stored embeddings and of sample indices.
 """
 from __future__ import annotations
 
+import glob
+import re
+import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+WDS_IMAGE_EXT = "jpg;jpeg;png"
+WDS_LABEL_EXT = "cls"
 
 
 class CorruptImageError(ValueError):
@@ -27,14 +34,21 @@ class ImageFiles:
     """The dataset: paths, integer labels and class names.
 
     Attributes:
-        paths: N file paths (str).
+        paths: N file paths (str): the image files, or for WebDataset samples the tar shard that
+            holds each one.
         labels: (N,) int64 class indices in [0, K).
-        classes: K class names (folder names, or the labels' decimal strings for a file list).
+        classes: K class names (folder names, or the labels' decimal strings for a file list or
+            WebDataset shards).
+        members, offsets, sizes: WebDataset samples only (else None): each sample's image member
+            name, and the byte offset and size of its data inside the shard.
     """
 
     paths: tuple
     labels: np.ndarray
     classes: tuple
+    members: tuple | None = None
+    offsets: np.ndarray | None = None
+    sizes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -43,18 +57,164 @@ class ImageFiles:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def name(self, i: int) -> str:
+        """Sample i's name in messages: its file, or ``shard.tar:member`` for a WebDataset sample."""
+        return self.paths[i] if self.members is None else f"{self.paths[i]}:{self.members[i]}"
 
-def scan(data) -> ImageFiles:
-    """A folder of class sub-folders, or a text file list of ``path label`` lines.
+    def read(self, i: int) -> np.ndarray:
+        """Sample i's encoded image, (n,) uint8 (read in place from its shard for a WebDataset sample)."""
+        if self.offsets is None:
+            return np.fromfile(self.paths[i], dtype=np.uint8)
+        return np.fromfile(self.paths[i], dtype=np.uint8, count=int(self.sizes[i]), offset=int(self.offsets[i]))
+
+
+def scan(data, *, image_ext: str = WDS_IMAGE_EXT, label_ext: str = WDS_LABEL_EXT) -> ImageFiles:
+    """A folder of class sub-folders, a text file list of ``path label`` lines, or WebDataset tar shards.
+
+    WebDataset shards (:func:`scan_webdataset`) are: a list of ``.tar`` paths, one ``.tar`` path, a
+    glob (``"shards/train-*.tar"``), a brace range (``"shards/train-{0000..0146}.tar"``), or a
+    folder that holds ``.tar`` files and no class sub-folders. ``image_ext``, ``label_ext``: the
+    shards' image and label members (``;``-separated alternatives).
 
     Raises:
-        FileNotFoundError: ``data`` does not exist.
-        ValueError: an empty folder, an empty class folder, no image files, a bad list line.
+        FileNotFoundError: ``data`` (or a shard) does not exist, or a pattern matches nothing.
+        ValueError: an empty folder, an empty class folder, no image files, a bad list line; a
+            corrupt or compressed tar shard, a shard sample without an image or a label.
     """
+    shards = webdataset_shards(data)
+    if shards is not None:
+        return scan_webdataset(shards, image_ext=image_ext, label_ext=label_ext)
     root = Path(data)
     if not root.exists():
         raise FileNotFoundError(f"data: {str(root)!r} does not exist")
     return scan_file_list(root) if root.is_file() else scan_folder(root)
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """WebDataset's shard notation: ``a-{000..009}.tar`` (zero-padded ranges) and ``{x,y}`` alternatives."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        width = len(r.group(1))
+        items = [f"{i:0{width}d}" for i in range(lo, hi + 1)]
+    else:
+        items = body.split(",")
+    return [p for item in items for p in _expand_braces(head + item + tail)]
+
+
+def webdataset_shards(data) -> list[str] | None:
+    """The tar shards ``data`` names (see :func:`scan`), or None when it names a folder or a file list."""
+    if isinstance(data, (list, tuple)):
+        items = [str(p) for p in data]
+        if not items:
+            raise ValueError("data: an empty list of WebDataset shards")
+    else:
+        s = str(data)
+        root = Path(s)
+        if root.is_dir():
+            has_classes = any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+            tars = sorted(str(p) for p in root.iterdir() if p.is_file() and p.name.endswith(".tar"))
+            return tars if tars and not has_classes else None
+        if root.is_file():
+            return [s] if s.endswith(".tar") else None
+        if not (s.endswith(".tar") or any(c in s for c in "*?[{")):
+            return None
+        items = [s]
+    shards = []
+    for item in items:
+        for pattern in _expand_braces(item):
+            if any(c in pattern for c in "*?["):
+                found = sorted(glob.glob(pattern))
+                if not found:
+                    raise FileNotFoundError(f"data: the shard pattern {pattern!r} matches no files")
+                shards += found
+            else:
+                shards.append(pattern)
+    return shards
+
+
+def scan_webdataset(shards, *, image_ext: str = WDS_IMAGE_EXT, label_ext: str = WDS_LABEL_EXT) -> ImageFiles:
+    """WebDataset tar shards, in the given order; within a shard, its samples in tar order.
+
+    A sample is the run of consecutive members sharing a key (the member path up to the first
+    ``.`` of its file name); its image is the first of ``image_ext`` present, its label the
+    ``label_ext`` member, a decimal class index (``b"3"``, ``b"3\\n"``). Other members are
+    ignored. Only the headers are read (the images stay in place: :meth:`ImageFiles.read` reads
+    each at its offset), so shards must be uncompressed ``.tar`` files.
+
+    Raises:
+        FileNotFoundError: a shard does not exist.
+        ValueError: a shard that is not a readable tar (corrupt, truncated, compressed) or holds no
+            samples; a sample without an image or a label member, or with a label that is not a
+            decimal integer >= 0 (each message names the shard and the sample).
+    """
+    image_exts = [e.strip().lower() for e in image_ext.split(";") if e.strip()]
+    label_exts = [e.strip().lower() for e in label_ext.split(";") if e.strip()]
+    paths, labels, members, offsets, sizes = [], [], [], [], []
+    for shard in shards:
+        shard = str(shard)
+        p = Path(shard)
+        if not p.is_file():
+            raise FileNotFoundError(f"data: WebDataset shard {shard!r} does not exist")
+        n_before = len(paths)
+        size = p.stat().st_size
+        try:
+            with tarfile.open(shard, mode="r:") as tar:
+                for key, group in _tar_samples(tar, size):
+                    image = next((group[e] for e in image_exts if e in group), None)
+                    label = next((group[e] for e in label_exts if e in group), None)
+                    where = f"{shard!r}, sample {key!r} (members {sorted(group)})"
+                    if image is None:
+                        raise ValueError(f"data: WebDataset shard {where} has no image member "
+                                         f"({', '.join('.' + e for e in image_exts)})")
+                    if label is None:
+                        raise ValueError(f"data: WebDataset shard {where} has no label member "
+                                         f"({', '.join('.' + e for e in label_exts)})")
+                    text = tar.extractfile(label).read(64).decode("ascii", "replace").strip()
+                    if not re.fullmatch(r"[0-9]+", text):
+                        raise ValueError(f"data: WebDataset shard {where}: label member {label.name!r} holds "
+                                         f"{text!r}, not a class index >= 0")
+                    paths.append(shard)
+                    labels.append(int(text))
+                    members.append(image.name)
+                    offsets.append(image.offset_data)
+                    sizes.append(image.size)
+        except (tarfile.TarError, EOFError) as e:
+            raise ValueError(f"data: WebDataset shard {shard!r} is not a readable tar file (corrupt, truncated, "
+                             f"or compressed: use uncompressed .tar shards): {e}") from e
+        if len(paths) == n_before:
+            raise ValueError(f"data: WebDataset shard {shard!r} holds no samples")
+    k = max(labels) + 1
+    return ImageFiles(tuple(paths), np.asarray(labels, np.int64), tuple(str(c) for c in range(k)),
+                      members=tuple(members), offsets=np.asarray(offsets, np.int64),
+                      sizes=np.asarray(sizes, np.int64))
+
+
+def _tar_samples(tar, file_size: int):
+    """(key, {extension: TarInfo}) for each run of consecutive file members sharing a key."""
+    key, group = None, {}
+    for m in tar:
+        if not m.isfile():
+            continue
+        if m.offset_data + m.size > file_size:
+            raise tarfile.ReadError(f"member {m.name!r} ends past the end of the file (truncated)")
+        folder, _, base = m.name.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        k = f"{folder}/{stem}" if folder else stem
+        if k != key:
+            if group:
+                yield key, group
+            key, group = k, {}
+        if dot:
+            group.setdefault(ext.lower(), m)
+    if tar.offset + tarfile.BLOCKSIZE > file_size:  # tarfile stops quietly when a cut falls between members
+        raise tarfile.ReadError("no end-of-archive marker (truncated)")
+    if group:
+        yield key, group
 
 
 def scan_folder(root) -> ImageFiles:
@@ -127,14 +287,16 @@ def check_encoded(data: bytes | np.ndarray, path) -> None:
         raise CorruptImageError(path, "neither a JPEG nor a PNG file")
 
 
-def find_undecodable(paths) -> tuple[str, str] | None:
-    """The first of ``paths`` that PIL cannot decode, with the reason (None if all decode)."""
+def find_undecodable(files: ImageFiles, indices) -> tuple[str, str] | None:
+    """The first of samples ``indices`` that PIL cannot decode, with the reason (None if all decode)."""
+    import io
+
     from PIL import Image
 
-    for p in paths:
+    for i in indices:
         try:
-            with Image.open(p) as im:
+            with Image.open(io.BytesIO(files.read(i).tobytes())) as im:
                 im.load()
         except Exception as e:  # noqa: BLE001 - any decoder failure names the file
-            return str(p), f"{type(e).__name__}: {e}"
+            return files.name(i), f"{type(e).__name__}: {e}"
     return None

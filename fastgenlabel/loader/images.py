@@ -7,6 +7,7 @@ generator seeded by (seed, epoch, index), so results do not depend on worker sch
 """
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -68,9 +69,10 @@ class ImageFileDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
 
-        path = self.files.paths[i]
+        path = self.files.name(i)
         try:
-            with Image.open(path) as im:
+            src = self.files.paths[i] if self.files.offsets is None else io.BytesIO(self.files.read(i).tobytes())
+            with Image.open(src) as im:
                 im = im.convert("RGB")
         except Exception as e:  # noqa: BLE001 - any decoder failure names the file
             if self.skip_bad:

@@ -51,9 +51,9 @@ class GenLabelLoader:
         self.files = None
         if dataset is None:
             if config.data is None:
-                raise ValueError("data: give a folder of class sub-folders or a file list (or a dataset for "
-                                 "backend='torch')")
-            self.files = scan(config.data)
+                raise ValueError("data: give a folder of class sub-folders, a file list or WebDataset .tar shards "
+                                 "(or a dataset for backend='torch')")
+            self.files = scan(config.data, image_ext=config.image_ext, label_ext=config.label_ext)
         elif config.backend == "dali":
             raise ValueError("dataset: the DALI backend reads config.data; pass a dataset with backend='torch'")
         self.model = _resolve_model(config.model)

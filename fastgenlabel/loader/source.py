@@ -1,4 +1,4 @@
-"""The DALI backend's external source: encoded files, sample indices and pairs, batch by batch."""
+"""The DALI backend's external source: encoded images (files or tar members), sample indices and pairs, batch by batch."""
 from __future__ import annotations
 
 import warnings
@@ -6,7 +6,7 @@ from collections import deque
 
 import numpy as np
 
-from ..dali.stages import PairFeed, split_pairs
+from ..functional.pairs import PairFeed, split_pairs
 from .files import CorruptImageError, ImageFiles, check_encoded
 from .sampling import batch_indices, shard_order
 
@@ -34,7 +34,7 @@ class EpochSource:
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
         self.on_bad_image = on_bad_image
         self.epoch = 0
-        self.recent = deque(maxlen=history)  # (epoch, batch, paths) of the batches handed out last
+        self.recent = deque(maxlen=history)  # (epoch, batch, sample indices) of the batches handed out last
         self._batches = None
         self._pass_epoch = 0
         self._next = 0
@@ -68,8 +68,8 @@ class EpochSource:
         idx = self._batches[b]
         encoded, kept = [], []
         for i in idx:
-            path = self.files.paths[i]
-            data = np.fromfile(path, dtype=np.uint8)
+            path = self.files.name(i)
+            data = self.files.read(i)
             try:
                 check_encoded(data, path)
             except CorruptImageError:
@@ -83,7 +83,7 @@ class EpochSource:
             encoded.append(data)
             kept.append(i)
         if not kept:
-            raise CorruptImageError(self.files.paths[idx[0]], "every image of the batch is corrupt")
-        self.recent.append((self._pass_epoch, b, [self.files.paths[i] for i in kept]))
+            raise CorruptImageError(self.files.name(idx[0]), "every image of the batch is corrupt")
+        self.recent.append((self._pass_epoch, b, kept))
         perm, lam = split_pairs(self.feed.draw(len(kept), self._pass_epoch, b))
         return encoded, list(np.asarray(kept, np.int64).reshape(-1, 1)), perm, lam

@@ -1,7 +1,7 @@
 """The torch backend: any Dataset or DataLoader; mix and relabel after collation, with the same kernels.
 
 Each collated batch ``(images (B, H, W, C) uint8 or float, labels (B,)[, indices (B,)])`` goes to
-the loader's device, gets its pairs from the same seeded :class:`~fastgenlabel.dali.PairFeed`
+the loader's device, gets its pairs from the same seeded :class:`~fastgenlabel.functional.pairs.PairFeed`
 as the DALI backend, and is mixed, normalised and laid out by one :func:`fastgenlabel.mix_images`
 call (numba-cpu on the CPU, numba-cuda on a GPU). With a Dataset the loader samples itself
 (epochs, shards and the last-batch policy as in the DALI backend); a DataLoader is used as given.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..dali.stages import PairFeed
 from ..features import thumbnails_torch
+from ..functional.pairs import PairFeed
 from ..kernels.pixel import mix_images
 from .images import ImageFileDataset, collate_skipping_none
 from .sampling import batch_indices, shard_order
