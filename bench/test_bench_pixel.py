@@ -15,11 +15,7 @@ place (``x.mul_(lam).add_(x.flip(0).mul_(1 - lam))``: the stand-in where timm is
 ``torch.compile`` of the fused expression, and timm / torchvision where they import.
 The start-up cases time a fresh process's first call with an empty and with a warm Numba cache.
 """
-import json
-import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -27,6 +23,7 @@ import pytest
 import torch
 
 from fastgenlabel import mix_images, sample_pairs
+from startup import fresh_process_json
 
 H = W = 224
 C = 3
@@ -292,10 +289,7 @@ print(json.dumps({"import_fastgenlabel_s": t1 - t0, "import_numba_s": t2 - t1, "
 
 
 def first_call(cache_dir: str) -> dict:
-    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
-    proc = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, check=True,
-                          cwd=ROOT)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return fresh_process_json(_FIRST_CALL, cache_dir)
 
 
 @pytest.mark.parametrize("cache", ["cold", "warm"])

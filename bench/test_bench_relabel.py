@@ -26,10 +26,7 @@ Workloads are benchmark groups ``relabel <kind> B=.. K=.. d=.. [cpu|cuda]``; imp
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -37,6 +34,7 @@ import pytest
 import torch
 
 import fastgenlabel as fg
+from startup import fresh_process_json
 from fastgenlabel.kernels.relabel import params_for
 from fastgenlabel.models.gaussian import GaussianStats
 
@@ -320,10 +318,7 @@ print(json.dumps(times))
 
 
 def first_calls(cache_dir: str) -> dict:
-    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
-    proc = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, check=True,
-                          cwd=ROOT)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return fresh_process_json(_FIRST_CALL, cache_dir)
 
 
 @pytest.mark.parametrize("cache", ["cold", "warm"])
