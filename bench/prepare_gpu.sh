@@ -5,7 +5,7 @@
 set -euo pipefail
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl
-for pkg in pytest pluggy iniconfig pytest-benchmark py-cpuinfo; do
+for pkg in pytest pluggy iniconfig pygments packaging pytest-benchmark py-cpuinfo; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform any -d .whl "$pkg"
 done
