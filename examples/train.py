@@ -167,7 +167,8 @@ def train_epoch(ddp, loader, opt, epoch, *, class_model=None, gamma=1.0):
     for batch in loader:
         images, targets = batch.images, batch.targets
         if class_model is None:
-            loss = soft_target_cross_entropy(ddp(images), targets)
+            out = ddp(images)  # (logits, features) when the net is wrapped for the deep variant
+            loss = soft_target_cross_entropy(out[0] if isinstance(out, tuple) else out, targets)
         else:
             # The deep variant: one forward (DDP wraps _WithFeatures); relabel from the detached features
             # of the mixed images.
@@ -282,20 +283,8 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
 
 
 def _warmup_epoch(ddp, loader, opt, epoch):
-    """Plain training (one-hot targets: the loader's alpha is 0); DDP's output may be (logits, features)."""
-    loader.set_epoch(epoch)
-    ddp.train()
-    total, seen, t0 = 0.0, 0, time.perf_counter()
-    for batch in loader:
-        out = ddp(batch.images)
-        logits = out[0] if isinstance(out, tuple) else out
-        loss = soft_target_cross_entropy(logits, batch.targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += float(loss.detach()) * len(batch)
-        seen += len(batch)
-    return total / max(seen, 1), seen / (time.perf_counter() - t0)
+    """Plain training (the loader's alpha is 0, so its targets are one-hot)."""
+    return train_epoch(ddp, loader, opt, epoch)
 
 
 if __name__ == "__main__":
