@@ -173,14 +173,14 @@ def torch_tied(m, device):
 
 # ---- fastgenlabel ------------------------------------------------------------------------------------
 
-def _fastgenlabel(benchmark, m, kind, b, device, backend):
+def _fastgenlabel(benchmark, m, kind, b, device, backend, impl=None, validate=True):
     k, d = m.num_classes, m.dim
     x = inputs(m, b, device)
-    label(benchmark, kind, b, k, d, device, backend)
+    label(benchmark, kind, b, k, d, device, impl or backend)
 
     def run():
         fg.relabel(m, x["z"], x["pairs"], x["labels"], GAMMA, num_classes=k, smoothing=EPS, backend=backend,
-                   out=x["out"])
+                   out=x["out"], validate=validate)
         sync(device)
 
     n = rounds(kind, b, k, d, device)
@@ -263,6 +263,28 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("kind", ["diag", "tied", "full"])
 def test_numba_cuda(benchmark, kind, k, d, b):
     _fastgenlabel(benchmark, model(kind, k, d), kind, b, "cuda", "numba-cuda")
+
+
+@cuda_only
+@pytest.mark.parametrize("k,d", SIZES)
+@pytest.mark.parametrize("kind", ["diag", "tied", "full"])
+def test_numba_cuda_unvalidated(benchmark, kind, k, d):
+    """``validate=False``: without the finite/range check and its device-to-host sync."""
+    _fastgenlabel(benchmark, model(kind, k, d), kind, 256, "cuda", "numba-cuda", "numba-cuda (validate=False)",
+                  validate=False)
+
+
+@cuda_only
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize("k,d", SIZES)
+@pytest.mark.parametrize("form", ["never", "always"])
+def test_numba_cuda_full_forms(benchmark, form, k, d, b):
+    """Both CUDA forms of full covariance: the factor kernel (SIMT) and the split-TF32 product."""
+    from fastgenlabel.kernels.relabel import gemm
+
+    impl = {"never": "numba-cuda: factor kernel (SIMT)", "always": "numba-cuda: split-TF32 product"}[form]
+    with gemm.policy(form):
+        _fastgenlabel(benchmark, model("full", k, d), "full", b, "cuda", "numba-cuda", impl)
 
 
 @cuda_only

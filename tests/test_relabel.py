@@ -408,3 +408,25 @@ def test_numba_cuda_matches_reference(kind, b, k, d):
     np.testing.assert_allclose(out.cpu().numpy(), want, rtol=0, atol=ATOL[kind])
     assert torch.equal(zt, zt_before)
     assert explain_relabel(model, zt, pt, lt, num_classes=k)["numba-cpu"].startswith("device")
+
+
+@cuda_only
+@pytest.mark.parametrize("form", ["always", "never"])
+@pytest.mark.parametrize("b,k,d", [(1, 2, 2), (37, 10, 64), (64, 1000, 64), (256, 100, 256)])
+def test_numba_cuda_full_product_and_factor_forms(form, b, k, d):
+    """Full covariance on the GPU by the split-TF32 product (gemm.py) and by the factor kernel."""
+    from fastgenlabel.kernels.relabel import gemm
+
+    rng = np.random.default_rng(b + k + d)
+    model, z, y = model_for("full", k, d, prior="empirical", empty=(1,))
+    zb, pairs, labels = batch(rng, z, y, b, "sample")
+    dev = torch.device("cuda")
+    zt, lt, pt = torch.from_numpy(zb).to(dev), torch.from_numpy(labels).to(dev), pairs.to(dev)
+    out = torch.full((b, k), float("nan"), device=dev)
+    stream = torch.cuda.Stream()
+    with gemm.policy(form), torch.cuda.stream(stream):
+        relabel(model, zt, pt, lt, 0.8, num_classes=k, smoothing=0.05, backend="numba-cuda", out=out)
+    stream.synchronize()
+    assert torch.isfinite(out).all()
+    want = reference(model, zb, pairs, labels, 0.8, k, 0.05)
+    np.testing.assert_allclose(out.cpu().numpy(), want, rtol=0, atol=ATOL["full"])

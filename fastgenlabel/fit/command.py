@@ -1,4 +1,4 @@
-"""``fastgenlabel fit``: fit a class model (and its feature map) on a folder of images."""
+"""``fastgenlabel fit``: fit a class model (and its feature map) on a folder of images or WebDataset shards."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,9 @@ def _bandwidth(value: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="folder of class sub-folders of images (or a 'path label' list file)")
+    parser.add_argument("data", nargs="+",
+                        help="folder of class sub-folders of images, a 'path label' list file, or WebDataset .tar "
+                             "shards: one or more paths, globs ('train-*.tar') or brace ranges ('train-{000..146}.tar')")
     parser.add_argument("--out", required=True, help="model file to write (.npz)")
     parser.add_argument("--model", choices=("gaussian", "kde"), default="gaussian")
     parser.add_argument("--covariance", choices=("full", "diag", "tied"), default="full", help="gaussian only")
@@ -88,8 +90,9 @@ def _main(args) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     say = print if rank == 0 else None
+    data = args.data[0] if len(args.data) == 1 else args.data  # several arguments: a list of shards
     result = fit_image_folder(
-        args.data, model, features=args.features, dim=args.dim, thumbnail=args.thumbnail,
+        data, model, features=args.features, dim=args.dim, thumbnail=args.thumbnail,
         image_size=args.image_size, embeddings=args.embeddings, batch_size=args.batch_size,
         pca_samples=args.pca_samples, backend=args.backend, device=args.device, num_threads=args.threads,
         seed=args.seed, progress=False if args.no_progress or rank else None, log=say)

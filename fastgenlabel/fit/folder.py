@@ -52,7 +52,8 @@ def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int
     """Fit ``model`` (and, for ``features="pca"``, the feature map) on a folder of class sub-folders.
 
     Args:
-        data: folder of class sub-folders of images (or a ``path label`` list file).
+        data: folder of class sub-folders of images, a ``path label`` list file, or WebDataset tar shards
+            (anything :func:`fastgenlabel.loader.scan` takes, e.g. a list of shard paths or globs).
         model: the class model to fit.
         features: "pca" (thumbnail PCA, fitted here) or "stored" (``embeddings``).
         dim, thumbnail: PCA components d and thumbnail side t.
@@ -97,7 +98,8 @@ def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int
     backend = default_backend() if backend == "auto" else backend
     shard_size = -(-len(files) // world)
     batch_size = max(1, min(batch_size, shard_size))
-    config = LoaderConfig(data=str(data), batch_size=batch_size, alpha=0.0, train=False, last_batch="partial",
+    shards_or_path = list(data) if isinstance(data, (list, tuple)) else str(data)
+    config = LoaderConfig(data=shards_or_path, batch_size=batch_size, alpha=0.0, train=False, last_batch="partial",
                           return_thumbnails=True, thumbnail=thumbnail, image_size=image_size, backend=backend,
                           device=device, device_id=torch.cuda.current_device() if torch.cuda.is_available() else 0,
                           num_threads=num_threads, seed=seed, shard_id=rank, num_shards=world)

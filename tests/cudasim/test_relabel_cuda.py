@@ -125,6 +125,30 @@ def test_full_with_a_non_triangular_factor():
     np.testing.assert_allclose(got, reference(model, zb, pairs, labels, 1.0, 0.0), atol=ATOL["full"])
 
 
+@pytest.mark.parametrize("b,k,d,gamma,eps,empty", [(1, 2, 2, 1.0, 0.0, ()), (5, 6, 9, 0.5, 0.1, (1,)),
+                                                   (3, 4, 3, 0.0, 0.2, ())])
+def test_full_product_scores_then_finish(b, k, d, gamma, eps, empty):
+    """The large-K d^2 CUDA path: scores from gemm.py's product (computed by torch), then only
+    ``finish`` (``scores_ready``), as ``_run_cuda`` launches it."""
+    from fastgenlabel.kernels.relabel import gemm
+    from fastgenlabel.kernels.relabel.params import gemm_params_for
+
+    model, z, y = make_model("full", k, d, prior="empirical", empty=empty, seed=b + k)
+    zb, pairs, labels = batch(np.random.default_rng(b), z, y, b, "sample")
+    g = gemm_params_for(model, torch.device("cpu"))
+    scores = torch.full((b, k), float("nan"))
+    gemm.scores(g, torch.from_numpy(zb), pairs.perm, pairs.lam.to(torch.float32), scores)
+    out = cuda.to_device(scores.numpy() if gamma > 0 else np.full((b, k), np.nan, np.float32))
+    args = [cuda.to_device(a) for a in (zb, pairs.perm.numpy(), pairs.lam.numpy(), labels)]
+    stream = cuda.stream()
+    kernels.relabel_device(params_for(model), {"bias": cuda.to_device(g["bias"].numpy())}, *args, gamma, eps, out,
+                           stream=stream, scores_ready=True)
+    stream.synchronize()
+    got = out.copy_to_host()
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, reference(model, zb, pairs, labels, gamma, eps), rtol=0, atol=ATOL["full"])
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator's NumPy scalars report the overflow
 @pytest.mark.parametrize("kind", ["diag", "full"])
 def test_float32_overflow_falls_back_to_the_mixup_label(kind):

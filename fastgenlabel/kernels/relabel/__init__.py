@@ -9,7 +9,8 @@
 computed by fused kernels. Backends, in the order ``backend="auto"`` tries them:
 
 - ``"numba-cuda"``: CUDA torch tensors, on torch's current stream, no copies of the inputs
-  (``cuda.py``);
+  (``cuda.py``; full covariance with K d^2 >= 2^20 computes its scores as one split-TF32
+  tensor-core product instead, ``gemm.py``);
 - ``"numba-cpu"``: NumPy arrays and CPU torch tensors (``cpu.py``);
 - ``"reference"``: the plain torch reference above (any float dtype, any layout).
 
@@ -29,7 +30,8 @@ from ...functional import genlabel_target, mix
 from ...functional._arrays import Array, as_tensor, check_num_classes, check_unit_interval, like
 from ...functional.pairs import MixPairs
 from ..registry import Impl, dispatch, explain
-from .params import RelabelParams, device_params_for, params_for, unsupported_reason
+from . import gemm
+from .params import RelabelParams, device_params_for, gemm_params_for, params_for, unsupported_reason
 
 __all__ = ["IMPLS", "RelabelParams", "explain_relabel", "params_for", "relabel"]
 
@@ -249,12 +251,23 @@ def _run_cuda(call: RelabelCall):
     out = call.out if call.out is not None else torch.empty((b, k), dtype=torch.float32, device=dev)
     params = params_for(call.model)
     with torch.cuda.device(dev):
+        lam = call.pairs.lam if call.pairs.lam.dtype == torch.float32 else call.pairs.lam.to(torch.float32)
+        labels = call.labels_t if call.labels_t.dtype == torch.int64 else call.labels_t.to(torch.int64)
+        if params.kind == "full" and gemm.use_gemm(k, params.dim):  # tensor cores (gemm.py)
+            g = gemm_params_for(call.model, dev)
+            if call.gamma > 0:
+                gemm.scores(g, call.zt, call.pairs.perm, lam, out)
+            if "bias_view" not in g:
+                g["bias_view"] = device_view(g["bias"])
+            kernels.relabel_device(
+                params, {"bias": g["bias_view"]}, device_view(call.zt), device_view(call.pairs.perm),
+                device_view(lam), device_view(labels), call.gamma, call.smoothing, device_view(out),
+                stream=current_stream(), scores_ready=True)
+            return out
         arrays = device_params_for(call.model, dev, view=device_view)
         scratch = None
         if params.kind == "tied" and call.gamma > 0:
             scratch = device_view(torch.empty((b, k), dtype=torch.float32, device=dev))
-        lam = call.pairs.lam if call.pairs.lam.dtype == torch.float32 else call.pairs.lam.to(torch.float32)
-        labels = call.labels_t if call.labels_t.dtype == torch.int64 else call.labels_t.to(torch.int64)
         kernels.relabel_device(
             params, arrays, device_view(call.zt), device_view(call.pairs.perm), device_view(lam),
             device_view(labels), call.gamma, call.smoothing, device_view(out), scratch=scratch,

@@ -353,7 +353,8 @@ def refuse_shape(params, batch: int) -> str | None:
     return None
 
 
-def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, *, scratch=None, stream=0):
+def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, *, scratch=None, stream=0,
+                   scores_ready=False):
     """Launch the relabel stage on device arrays (anything with ``__cuda_array_interface__``).
 
     Args:
@@ -364,6 +365,9 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
         out: (B, K) float32 C-contiguous, fully overwritten.
         scratch: (B, K) float32 for the tied model's per-sample scores (allocated here if None).
         stream: a Numba stream (torch's current stream in the torch path) or 0.
+        scores_ready: ``out`` already holds the raw scores of the mixed samples and
+            ``arrays["bias"]`` their bias (the full-covariance product of ``gemm.py``): only
+            ``finish`` runs.
 
     Returns:
         out. The launches are asynchronous on ``stream``.
@@ -378,7 +382,7 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
     bias = arrays["bias"]
     tiles = (b + TS - 1) // TS
     src, mix_flag = out, 0
-    if g > 0:
+    if g > 0 and not scores_ready:
         if params.kind == "diag":
             diag_scores[tiles, TPB, stream](z, perm, lam, arrays["mu_t"], arrays["istd_t"], out)
         elif params.kind == "tied":

@@ -194,6 +194,7 @@ class _Cache:
     host: RelabelParams
     devices: dict = field(default_factory=dict)  # device -> {name: torch.Tensor}
     views: dict = field(default_factory=dict)  # device -> {name: kernel view of that tensor}
+    gemm: dict = field(default_factory=dict)  # "host" -> arrays, device -> tensors (gemm.py's form)
 
 
 def _cache(model) -> _Cache:
@@ -230,3 +231,20 @@ def device_params_for(model, device: torch.device, view=None) -> dict[str, Any]:
         views = {name: view(t) for name, t in tensors.items()}
         cache.views[key] = views
     return views
+
+
+def gemm_params_for(model, device: torch.device) -> dict[str, torch.Tensor]:
+    """The full-covariance product form (``gemm.pack``) as tensors on ``device``, packed and
+    uploaded once per fit, cached with the other forms."""
+    from . import gemm
+
+    cache = _cache(model)
+    if cache.host.kind != "full":
+        raise ValueError(f"model: the product form is for full covariance, got {cache.host.kind!r}")
+    key = str(torch.device(device))
+    if key not in cache.gemm:
+        host = cache.gemm.get("host")
+        if host is None:
+            host = cache.gemm["host"] = gemm.pack(model, lambda extra: _bias(model, extra))
+        cache.gemm[key] = {name: torch.from_numpy(a).to(device) for name, a in host.items()}
+    return cache.gemm[key]

@@ -1,0 +1,153 @@
+"""Full-covariance scores of a batch as one matrix product, for the GPU's tensor cores.
+
+The per-class quadratic form, expanded around a common centre m (x = z_mix - m, a_c = mu_c - m,
+P_c = L_c L_c^T the precision), is linear in the pairwise products of x:
+
+    -1/2 ||L_c^T (x - a_c)||^2 = sum_{i <= j} w_c,ij x_i x_j + (P_c a_c)^T x - 1/2 a_c^T P_c a_c
+
+with w_c,ii = -1/2 P_c,ii and w_c,ij = -P_c,ij (i < j). So the raw scores of B samples over K
+classes are ``phi @ W^T`` with phi = [x_i x_j (i <= j), x_i] (B, T), T = d (d + 3) / 2, and
+W (K, T) packed once per fit; the constant joins the bias. One (B x T) x (T x K) product: the
+same K d^2 / 2 multiply-adds per sample as the factor form, with no B x K x d intermediate, on
+cuBLAS's tensor-core kernels.
+
+Precision: tensor cores round float32 inputs to TF32 (11 significant bits), which would cost
+~3 decimal digits of the scores. Each operand is split into a TF32-exact high part and the
+remainder (``hi = x with its 13 low mantissa bits cleared``, ``lo = x - hi``, both exact in
+float32), and ``hi hi^T + hi lo^T + lo hi^T`` (three products, float32 accumulation) restores
+float32-level accuracy (the dropped ``lo lo^T`` is ~2^-20 relative). On the CPU the products are
+plain float32. What remains is the expansion's cancellation: the score error grows like
+~1e-7 x a_c^T P_c a_c, the squared Mahalanobis distance of the class mean from the centre
+(tests/test_relabel_gemm.py measures it); it matters only where classes are far apart, and
+there the softmax is saturated.
+
+Memory: W as two float32 (K, T) halves, 4 K T bytes (265 MB at K = 1000, d = 256), about what
+the factor form's (K, d, d) float32 factors take.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import numpy as np
+import torch
+
+_LOW_BITS = np.int32(~0x1FFF)  # float32 -> TF32: 23 - 10 = 13 mantissa bits cleared
+_CLASS_CHUNK = 64  # classes per float64 block while packing (bounds host memory)
+
+# "auto": large full-covariance problems on CUDA use the product (see ``use_gemm``);
+# "always" / "never" force it (tests, benchmarks).
+POLICY = "auto"
+MIN_WORK = 1 << 20  # K d^2 from which "auto" takes the product on a GPU
+
+
+def use_gemm(num_classes: int, dim: int) -> bool:
+    """Whether the CUDA path computes full-covariance scores by the matrix product."""
+    if POLICY == "always":
+        return True
+    if POLICY == "never":
+        return False
+    return num_classes * dim * dim >= MIN_WORK
+
+
+@contextlib.contextmanager
+def policy(value: str):
+    """Temporarily set :data:`POLICY` ("auto", "always", "never")."""
+    global POLICY
+    if value not in ("auto", "always", "never"):
+        raise ValueError(f"policy: expected 'auto', 'always' or 'never', got {value!r}")
+    old, POLICY = POLICY, value
+    try:
+        yield
+    finally:
+        POLICY = old
+
+
+def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) with hi exactly representable in TF32 and hi + lo == x exactly (float32)."""
+    hi = (x.view(torch.int32) & int(_LOW_BITS)).view(torch.float32)
+    return hi, x - hi
+
+
+def pack(model, bias_of) -> dict[str, np.ndarray]:
+    """The product form of a fitted full-covariance ``GaussianClassModel``.
+
+    ``bias_of(extra)`` is ``params._bias``: log_norm + log_prior + extra, shifted, -inf if empty.
+    Returns float32 ``w_hi``, ``w_lo`` (K, T), ``center`` (d,), ``bias`` (K,) and int64
+    ``pair_i``, ``pair_j`` (the i <= j index pairs of the quadratic part).
+    """
+    means = model.means.detach().to("cpu", torch.float64)
+    chol = model.precision_chol.detach().to("cpu", torch.float64)
+    counts = model.class_counts.detach().to("cpu", torch.float64)
+    k, d = means.shape
+    live = counts > 0
+    center = (means * counts.unsqueeze(1)).sum(0) / counts.sum()
+    iu, ju = torch.triu_indices(d, d)
+    twice = torch.where(iu == ju, 1.0, 2.0).to(torch.float64)
+    w = np.empty((k, iu.numel() + d), np.float32)
+    const = torch.zeros(k, dtype=torch.float64)
+    for c0 in range(0, k, _CLASS_CHUNK):
+        sl = slice(c0, min(k, c0 + _CLASS_CHUNK))
+        prec = chol[sl] @ chol[sl].transpose(1, 2)
+        a = means[sl] - center
+        pa = torch.einsum("kij,kj->ki", prec, a)
+        block = torch.cat([-0.5 * prec[:, iu, ju] * twice, pa], 1)
+        block[~live[sl]] = 0.0
+        w[sl] = block.numpy()
+        const[sl] = torch.where(live[sl], -0.5 * (a * pa).sum(1), torch.zeros_like(pa[:, 0]))
+    w_t = torch.from_numpy(w)
+    hi, lo = split_tf32(w_t)
+    return {"w_hi": hi.numpy(), "w_lo": np.ascontiguousarray(lo.numpy()), "center": center.to(torch.float32).numpy(),
+            "bias": bias_of(const), "pair_i": iu.numpy().astype(np.int64), "pair_j": ju.numpy().astype(np.int64)}
+
+
+@contextlib.contextmanager
+def _tf32_matmul(enabled: bool):
+    """Let cuBLAS use TF32 tensor cores for float32 products inside the block (inputs are split)."""
+    if not enabled:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch >= 2.9 prefers fp32_precision; both spellings work
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def features(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """phi (B, T) of the mixed, centred batch: [x_i x_j (i <= j), x_i], x = z_mix - m."""
+    lam = lam.to(z.dtype).unsqueeze(1)
+    x = lam * z + (1 - lam) * z[perm] - arrays["center"]
+    tq = arrays["pair_i"].numel()
+    phi = torch.empty((z.shape[0], tq + z.shape[1]), dtype=torch.float32, device=z.device)
+    torch.mul(x[:, arrays["pair_i"]], x[:, arrays["pair_j"]], out=phi[:, :tq])
+    phi[:, tq:] = x
+    return phi
+
+
+def scores(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor,
+           out: torch.Tensor) -> torch.Tensor:
+    """Raw scores (B, K) of the mixed samples into ``out`` (float32, on z's device, torch's stream).
+
+    With ``arrays["bias"]`` as the bias they equal the factor form's logits (module docstring).
+    """
+    w_hi, w_lo = arrays["w_hi"], arrays["w_lo"]
+    p_hi, p_lo = split_tf32(features(arrays, z, perm, lam))
+    with _tf32_matmul(z.is_cuda):  # on the CPU the three products are plain float32
+        torch.matmul(p_hi, w_hi.T, out=out)
+        out.addmm_(p_hi, w_lo.T)
+        out.addmm_(p_lo, w_hi.T)
+    return out
+
+
+def flops(num_classes: int, dim: int, batch: int) -> float:
+    """Floating-point operations of one call's products (three of them on a GPU)."""
+    return 3 * 2.0 * batch * num_classes * (dim * (dim + 3) / 2)
+
+
+__all__ = ["POLICY", "MIN_WORK", "features", "flops", "pack", "policy", "scores", "split_tf32", "use_gemm"]
