@@ -70,8 +70,9 @@ def shards(tmp_path_factory):
 
 def config(data, **kw):
     # train=False and thumbnails throughout: every DALI run shares one compiled mix-stage variant
-    base = dict(data=data, batch_size=8, image_size=16, device="cpu", num_threads=1, seed=3, train=False,
-                return_thumbnails=True, thumbnail=4, mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0))
+    base = {"data": data, "batch_size": 8, "image_size": 16, "device": "cpu", "num_threads": 1, "seed": 3,
+            "train": False, "return_thumbnails": True, "thumbnail": 4, "mean": (120.0, 110.0, 100.0),
+            "std": (60.0, 50.0, 40.0)}
     base.update(kw)
     return LoaderConfig(**base)
 
@@ -94,7 +95,7 @@ def test_the_ways_to_name_shards(shards):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_batches_as_the_file_list_of_the_same_jpegs(shards, backend):
     root, paths = shards
-    common = dict(backend=backend, alpha=1.0, lam_mode="sample", last_batch="partial")
+    common = {"backend": backend, "alpha": 1.0, "lam_mode": "sample", "last_batch": "partial"}
     tar = list(GenLabelLoader(config(paths, **common)))
     ref = list(GenLabelLoader(config(str(root / "list.txt"), **common)))
     assert [len(b) for b in tar] == [8, 8, 5]

@@ -9,16 +9,16 @@ import pytest
 
 from fastgenlabel.loader import files as files_module
 from fastgenlabel.loader import scan
-from fastgenlabel.loader.files import INDEX_SUFFIX, index_paths
+from fastgenlabel.loader.files import INDEX_SUFFIX, index_shard, sidecar_paths
 
 
-def write_shard(path, first: int, n: int, mode: str = "w") -> None:
-    """n samples s{first}.. with a small fake image (only the headers are read) and label i % 3."""
+def write_shard(path, first: int, n: int, mode: str = "w", key: str = "train/s") -> None:
+    """n samples {key}{first}.. with a small fake image (only the headers are read) and label i % 3."""
     with tarfile.open(path, mode) as tar:
         for i in range(first, first + n):
             for ext, data in (("jpg", bytes([i % 256]) * (40 + i)), ("cls", f"{i % 3}".encode()),
                               ("label", f"{i % 5}".encode())):
-                info = tarfile.TarInfo(f"train/s{i:04d}.{ext}")
+                info = tarfile.TarInfo(f"{key}{i:04d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
 
@@ -33,11 +33,10 @@ def assert_same(a, b) -> None:
 def count_indexing(monkeypatch):
     """How often the tar headers are read."""
     calls = []
-    real = files_module.index_shard
 
     def counted(shard, *args):
         calls.append(shard)
-        return real(shard, *args)
+        return index_shard(shard, *args)
 
     monkeypatch.setattr(files_module, "index_shard", counted)
     return calls
@@ -55,7 +54,7 @@ def shard(tmp_path, monkeypatch):
 def fresh_scan(data, monkeypatch, **kw):
     """A scan that reads every header (no saved index is looked at or written)."""
     with monkeypatch.context() as m:
-        m.setattr(files_module, "cached_shard_index", files_module.index_shard)
+        m.setattr(files_module, "cached_shard_index", index_shard)
         return scan(data, **kw)
 
 
@@ -68,6 +67,16 @@ def test_the_index_is_saved_next_to_the_shard_and_reused(shard, monkeypatch, cou
     assert_same(second, fresh_scan(shard, monkeypatch))
     assert second.members[6] == "train/s0006.jpg" and second.read(6).tobytes() == bytes([6]) * 46
     assert not (shard.parent.parent / "cache").exists()
+
+
+def test_member_names_beyond_ascii_come_back_unchanged(tmp_path, monkeypatch, count_indexing):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    write_shard(tmp_path / "u.tar", 0, 4, key="zürich/čaj-日本-")
+    first = scan(tmp_path / "u.tar")
+    assert first.members[1] == "zürich/čaj-日本-0001.jpg"
+    assert_same(scan(tmp_path / "u.tar"), first)
+    assert len(count_indexing) == 1
+    assert_same(first, fresh_scan(tmp_path / "u.tar", monkeypatch))
 
 
 def test_globs_and_folders_skip_the_sidecars(shard):
@@ -117,24 +126,22 @@ def corrupt(path, how: str) -> None:
         path.write_bytes(b"")
     elif how == "not an npz":
         path.write_bytes(b"garbage" * 100)
-    elif how == "a pickle":
-        np.savez(path.open("wb"), names=np.array([object()], dtype=object))
-    elif how == "another version":
+    else:  # a well-formed npz with one array replaced
         with np.load(path) as z:
             arrays = dict(z)
-        np.savez(path.open("wb"), **dict(arrays, version=np.asarray(0)))
-    elif how == "inconsistent":  # right stamp, an offset past the end of the shard
-        with np.load(path) as z:
-            arrays = dict(z)
-        arrays["offsets"] = arrays["offsets"] + 10**9
-        np.savez(path.open("wb"), **arrays)
+        key, value = {"a pickle": ("names", np.array([object()], dtype=object)),
+                      "another version": ("version", np.asarray(0)),
+                      "offset past the end": ("offsets", arrays["offsets"] + 10**9),
+                      "names ends of another shape": ("name_ends", arrays["name_ends"].reshape(1, -1))}[how]
+        with path.open("wb") as f:
+            np.savez(f, **dict(arrays, **{key: value}))
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped byte", "empty", "not an npz", "a pickle", "another version",
-                                 "inconsistent"])
+                                 "offset past the end", "names ends of another shape"])
 def test_a_corrupt_sidecar_is_ignored_and_rewritten(shard, monkeypatch, count_indexing, how):
     scan(shard)
-    sidecar = index_paths(str(shard))[0]
+    sidecar = sidecar_paths(str(shard))[0]
     corrupt(sidecar, how)
     assert_same(scan(shard), fresh_scan(shard, monkeypatch))
     assert len(count_indexing) == 2
@@ -162,12 +169,12 @@ def test_a_read_only_folder_keeps_the_index_in_the_cache_dir(shard, tmp_path, mo
         first = scan(shard)
         assert sorted(p.name for p in shard.parent.iterdir()) == [shard.name]
         cached = list((tmp_path / "cache" / "fastgenlabel" / "tar-index").iterdir())
-        assert [p.name for p in cached] == [index_paths(str(shard))[1].name]
+        assert [p.name for p in cached] == [sidecar_paths(str(shard))[1].name]
         assert cached[0].name.startswith("train-0.tar-") and cached[0].name.endswith(INDEX_SUFFIX)
         assert_same(scan(shard), first)
         assert len(count_indexing) == 1
         # neither place writable: indexed every time, no error
-        monkeypatch.setenv("XDG_CACHE_HOME", str(shard.parent / "cache"))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(shard))  # a file: no folder can be made under it
         assert_same(scan(shard), first)
         assert_same(scan(shard), first)
         assert len(count_indexing) == 3

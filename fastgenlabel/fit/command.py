@@ -21,7 +21,7 @@ def _bandwidth(value: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="+",
                         help="folder of class sub-folders of images, a 'path label' list file, or WebDataset .tar "
-                             "shards: one or more paths, globs ('train-*.tar') or brace ranges ('train-{000..146}.tar')")
+                             "shards: one or more paths, globs ('train-*.tar'), brace ranges ('train-{000..146}.tar')")
     parser.add_argument("--out", required=True, help="model file to write (.npz)")
     parser.add_argument("--model", choices=("gaussian", "kde"), default="gaussian")
     parser.add_argument("--covariance", choices=("full", "diag", "tied"), default="full", help="gaussian only")

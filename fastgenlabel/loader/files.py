@@ -233,7 +233,7 @@ def cached_shard_index(shard: str, image_exts: list, label_exts: list) -> ShardI
     ``os.replace``), so concurrent ranks at worst index the same shard twice.
     """
     stamp = _index_stamp(shard, image_exts, label_exts)
-    places = index_paths(shard)
+    places = sidecar_paths(shard)
     for path in places:
         index = _load_index(path, stamp)
         if index is not None:
@@ -255,7 +255,7 @@ def index_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "fastgenlabel" / "tar-index"
 
 
-def index_paths(shard: str) -> tuple[Path, Path]:
+def sidecar_paths(shard: str) -> tuple[Path, Path]:
     """The sidecar next to ``shard``, and its place in the cache folder (keyed by the shard's real path)."""
     key = hashlib.sha256(os.fsencode(os.path.realpath(shard))).hexdigest()[:24]
     return Path(shard + INDEX_SUFFIX), index_cache_dir() / f"{Path(shard).name}-{key}{INDEX_SUFFIX}"
@@ -289,15 +289,19 @@ def _save_index(path: Path, index: ShardIndex, stamp: dict) -> None:
 def _load_index(path: Path, stamp: dict) -> ShardIndex | None:
     """The index saved at ``path`` if it is readable, consistent and made from this very shard; else None."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if any(z[k].shape != () or z[k].item() != v for k, v in stamp.items()):
-                return None
-            blob, ends = z["names"].tobytes(), z["name_ends"].astype(np.int64)
-            offsets, sizes, labels = (z[k].astype(np.int64) for k in ("offsets", "sizes", "labels"))
+        return _read_index(path, stamp)
     except Exception:  # noqa: BLE001 - missing, truncated, foreign or corrupt: index the shard again
         return None
+
+
+def _read_index(path: Path, stamp: dict) -> ShardIndex | None:
+    with np.load(path, allow_pickle=False) as z:
+        if any(z[k].shape != () or z[k].item() != v for k, v in stamp.items()):
+            return None
+        blob, ends = z["names"].tobytes(), z["name_ends"].astype(np.int64)
+        offsets, sizes, labels = (z[k].astype(np.int64) for k in ("offsets", "sizes", "labels"))
     n = len(ends)
-    if not (n and offsets.shape == sizes.shape == labels.shape == (n,) and ends[-1] == len(blob)
+    if not (n and ends.shape == offsets.shape == sizes.shape == labels.shape == (n,) and ends[-1] == len(blob)
             and (np.diff(ends, prepend=0) > 0).all() and labels.min() >= 0 and sizes.min() >= 0
             and offsets.min() >= 0 and (offsets + sizes).max() <= stamp["shard_size"]):
         return None

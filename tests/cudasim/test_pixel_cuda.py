@@ -188,7 +188,7 @@ def _stand_in_for_cuda_tensors(monkeypatch):
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
     # the simulator has no as_cuda_array: this stands in for it
-    monkeypatch.setattr(cuda, "as_cuda_array", lambda t: FakeCUDAArray(t.detach().numpy()), raising=False)
+    monkeypatch.setattr(cuda, "as_cuda_array", lambda t, sync=True: FakeCUDAArray(t.detach().numpy()), raising=False)
     monkeypatch.setattr(cuda, "external_stream", lambda ptr: cuda.stream())
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ...functional.images import PixelJob, prepare_pixel_job, run_reference
-from .._interop import cuda_modules, host_view
+from .._interop import cuda_modules, device_view, host_view
 from ..compat import numba_cuda_status
 from ..registry import Impl, dispatch, explain
 
@@ -145,19 +145,36 @@ def _run_cuda(job: PixelJob):
         return out
     device = job.device
     scale, shift = job.scale_shift()
-    consts = torch.from_numpy(np.concatenate([scale, shift])).pin_memory().to(device, non_blocking=True)
+    scale_v, shift_v = _device_constants(scale, shift, device)
     out_bf16 = job.dtype == "bfloat16"
     flat_out = out.reshape(-1)
     with torch.cuda.device(device), cuda.gpus[device.index if device.index is not None else 0]:
         stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-        dev_out = cuda.as_cuda_array(flat_out.view(torch.int16) if out_bf16 else flat_out)
+        dev_out = device_view(flat_out.view(torch.int16) if out_bf16 else flat_out)
         if out_bf16:
             dev_out = dev_out.view(np.uint16)
         kernels.launch(
-            cuda.as_cuda_array(job.images.reshape(-1)), cuda.as_cuda_array(job.perm), cuda.as_cuda_array(job.lam),
-            cuda.as_cuda_array(consts[:c]), cuda.as_cuda_array(consts[c:]), dev_out, h, w, c,
-            job.input_layout == "CHW", job.layout == "CHW", out_bf16, stream=stream)
+            device_view(job.images.reshape(-1)), device_view(job.perm), device_view(job.lam),
+            scale_v, shift_v, dev_out, h, w, c, job.input_layout == "CHW", job.layout == "CHW", out_bf16,
+            stream=stream)
     return out
+
+
+_CONSTANTS: dict = {}  # (scale, shift, device) -> device views; a training run uses one or two
+
+
+def _device_constants(scale: np.ndarray, shift: np.ndarray, device: torch.device):
+    """The per-channel scale and shift as device arrays, uploaded once per distinct value
+    (a per-call upload from pinned memory cost a host allocation every batch)."""
+    key = (scale.tobytes(), shift.tobytes(), str(device))
+    views = _CONSTANTS.get(key)
+    if views is None:
+        if len(_CONSTANTS) >= 64:
+            _CONSTANTS.clear()
+        t = torch.from_numpy(np.concatenate([scale, shift])).to(device)
+        c = scale.shape[0]
+        views = _CONSTANTS[key] = (t, device_view(t[:c]), device_view(t[c:]))
+    return views[1], views[2]
 
 
 IMPLS = (
