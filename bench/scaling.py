@@ -227,11 +227,12 @@ def render(rows, seconds: float, backend: str, threads: int, device: str = "cpu"
         f"Produced by `python bench/scaling.py {' '.join(sys.argv[1:])}` "
         f"in {seconds:.0f} s. **{where}**: {_machine()}.",
         "",
-        "The machine has 2 cores that other engineers' jobs were using at the same time: the figures "
-        "are noisy (compare orders of magnitude, not percent). **GPU figures are still to add**: a GPU "
-        "session should run `python bench/scaling.py --device cuda --out docs/SCALING-gpu.md` "
-        "(statistics and peak memory on the GPU, `numba-cuda` relabel, synchronised timings) and merge the "
-        "table here.",
+        ("The machine has 2 cores that other engineers' jobs were using at the same time: the figures "
+         "are noisy (compare orders of magnitude, not percent). GPU figures: docs/SCALING-gpu.md "
+         "(`python bench/scaling.py --device cuda --out docs/SCALING-gpu.md`)."
+         if device == "cpu" else
+         "One GPU; timings synchronise the device. The CPU table and the discussion of where full "
+         "covariance stops being sensible are in docs/SCALING.md."),
         "",
         "Method (see the docstring of `bench/scaling.py`): N = 20,000 float32 rows streamed through "
         "`fastgenlabel.fit.StreamingFit` in batches of 256; *fit / 10k* is the streaming time per 10,000 "

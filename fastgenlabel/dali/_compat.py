@@ -34,8 +34,9 @@ _lock = threading.Lock()
 _compiled: dict = {}  # (kind, key) -> address, plus the cfunc objects that own the code
 
 
+@functools.lru_cache(maxsize=None)
 def dali_version() -> tuple[int, ...] | None:
-    """The installed DALI's (major, minor, patch), or None when DALI is not installed."""
+    """The installed DALI's (major, minor, patch), or None when DALI is not installed (cached)."""
     for dist in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali"):
         try:
             raw = metadata.version(dist)
