@@ -285,3 +285,45 @@ def test_stats_from_arrays_are_checked():
                          ("count", np.array([5.0, 0.0])), ("keys", arrays["keys"][:-1])]:
         with pytest.raises(ValueError, match="stats"):
             KDEStats.from_numpy({**arrays, field: value})
+
+
+# ---- the cap's hash keys: torch on the features' device, equal to a NumPy uint64 SplitMix64 ------------
+
+def _numpy_row_keys(z: np.ndarray, seed: int) -> np.ndarray:
+    """The reference: SplitMix64 over each row's float64 bits in NumPy's (wrapping) uint64."""
+    def mix(h):
+        h = h + np.uint64(0x9E3779B97F4A7C15)
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
+
+    bits = np.ascontiguousarray(z, dtype=np.float64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        h = mix(np.full(bits.shape[0], seed % (1 << 64), dtype=np.uint64))
+        for j in range(bits.shape[1]):
+            h = mix(h ^ bits[:, j])
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [0, 1, 2 ** 63 + 5, -3])
+def test_row_keys_equal_the_numpy_reference(device, seed):
+    from fastgenlabel.models.kde import _row_keys
+
+    rng = np.random.default_rng(abs(seed) % 1000)
+    z = rng.standard_normal((257, 5)) * np.array([1e-300, 1.0, 1e300, 3.0, 7.5])
+    z[0] = 0.0
+    z[1] = -0.0
+    z[2, 0] = -np.finfo(np.float64).max
+    got = _row_keys(torch.from_numpy(z).to(device), seed)
+    assert got.device.type == device and got.dtype == torch.float64
+    want = _numpy_row_keys(z, seed)
+    np.testing.assert_array_equal(got.cpu().numpy(), want)
+    assert (want >= 0).all() and (want < 1).all() and len(np.unique(want)) == len(want)
+    # float32 features hash their float64 value, as the fit sees them
+    z32 = z[3:].astype(np.float32)
+    np.testing.assert_array_equal(_row_keys(torch.from_numpy(z32).to(device), seed).cpu().numpy(),
+                                  _numpy_row_keys(z32.astype(np.float64), seed))

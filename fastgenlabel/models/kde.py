@@ -13,24 +13,35 @@ BANDWIDTHS = ("scott", "silverman")
 JITTER = 1e-8  # added to the data covariance before scaling, as GENLABEL.md specifies
 
 
-_M64 = (1 << 64) - 1
+def _signed(c: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
 
 
-def _mix64(h: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic)."""
-    h = h + np.uint64(0x9E3779B97F4A7C15)
-    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return h ^ (h >> np.uint64(31))
+_GOLDEN, _MUL1, _MUL2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(h: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> keeps the sign)."""
+    return (h >> n) & ((1 << (64 - n)) - 1)
+
+
+def _mix64(h: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors holding uint64 bits (wrapping arithmetic)."""
+    h = h + _GOLDEN
+    h = (h ^ _shr(h, 30)) * _MUL1
+    h = (h ^ _shr(h, 27)) * _MUL2
+    return h ^ _shr(h, 31)
 
 
 def _row_keys(z: torch.Tensor, seed: int) -> torch.Tensor:
-    """(N,) float64 keys in [0, 1): a seeded hash of every row's float64 bits."""
-    bits = np.ascontiguousarray(z.detach().to("cpu", torch.float64).numpy()).view(np.uint64)
-    h = _mix64(np.full(bits.shape[0], seed & _M64, dtype=np.uint64))
+    """(N,) float64 keys in [0, 1): a seeded hash of every row's float64 bits, computed on z's
+    device (a GPU fit never copies its features to the host for the cap)."""
+    bits = z.detach().to(torch.float64).contiguous().view(torch.int64)
+    h = _mix64(torch.full((bits.shape[0],), _signed(seed & ((1 << 64) - 1)), dtype=torch.int64, device=z.device))
     for j in range(bits.shape[1]):
         h = _mix64(h ^ bits[:, j])
-    return torch.from_numpy((h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
+    return _shr(h, 11).to(torch.float64) * 2.0 ** -53
 
 
 @dataclass(frozen=True)
@@ -56,8 +67,8 @@ class KDEStats:
 
     @classmethod
     def from_batch(cls, z, y, k, max_points_per_class=None, seed=0) -> "KDEStats":
-        keys = _row_keys(z, seed) if max_points_per_class else torch.zeros(z.shape[0], dtype=torch.float64)
-        keys = keys.to(z.device)
+        keys = (_row_keys(z, seed) if max_points_per_class
+                else torch.zeros(z.shape[0], dtype=torch.float64, device=z.device))
         count = torch.bincount(y, minlength=k).to(torch.float64)
         stats = cls(count, z, y, keys, int(max_points_per_class or 0))
         return stats._capped()
