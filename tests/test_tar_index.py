@@ -7,9 +7,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from fastgenlabel.loader import files as files_module
+from fastgenlabel.loader import tar_index as files_module
 from fastgenlabel.loader import scan
-from fastgenlabel.loader.files import INDEX_SUFFIX, index_shard, sidecar_paths
+from fastgenlabel.loader.tar_index import INDEX_SUFFIX, index_shard, sidecar_paths
 
 
 def write_shard(path, first: int, n: int, mode: str = "w", key: str = "train/s") -> None:
