@@ -11,10 +11,15 @@ Run:  python -m pytest bench --benchmark-json out/bench.json && python bench/ren
 from __future__ import annotations
 
 import platform
+import os
 import subprocess
 
 
 def _commit() -> str:
+    """The commit measured: FASTGENLABEL_COMMIT when set (the GPU machine receives a working tree
+    whose .git may be older: name the commit in the device command), else git's HEAD."""
+    if os.environ.get("FASTGENLABEL_COMMIT"):
+        return os.environ["FASTGENLABEL_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Name the commit measured: FASTGENLABEL_COMMIT=<git rev-parse --short HEAD, run here> in the device command
+# (the tree that travels may carry an older .git).
 # The whole GPU half of the project in one call on the lent GPU machine (device tool), from the
 # repo root, after DALI was carried in with ../shared/device/prepare-dali.sh (.devdeps/c carried):
 #     bash bench/device_all.sh

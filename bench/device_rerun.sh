@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Name the commit measured: FASTGENLABEL_COMMIT=<git rev-parse --short HEAD, run here> in the device command
+# (the tree that travels may carry an older .git).
 # Second GPU call of a session (after bench/device_all.sh found something to fix): host overhead
 # per call, the kernel tests, the kernel benchmarks and, with DALI carried (.devdeps/c), the
 # loader benchmark and the DALI GPU tests. Logs in $OUT.

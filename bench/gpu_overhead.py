@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import fastgenlabel as fg  # noqa: E402
-from test_bench_relabel import inputs, model  # noqa: E402
+from test_bench_relabel import inputs, model
+
+import fastgenlabel as fg
 
 dev = torch.device("cuda")
 
@@ -36,6 +37,47 @@ def timed(fn, n=50):
         fn()
     torch.cuda.synchronize()
     return statistics.median(per) * 1e6, (time.perf_counter() - t) / n * 1e6
+
+
+def host_us(fn, n=200):
+    fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def components(calls):
+    """Host time of the pieces of one relabel call, each alone."""
+    from fastgenlabel.kernels import _interop
+    from fastgenlabel.kernels.relabel import _check_call, params_for
+    from fastgenlabel.kernels.relabel import cuda as kernels
+    from fastgenlabel.kernels.relabel.params import device_params_for
+
+    m = model("diag", 1000, 256)
+    x = inputs(m, 256, "cuda")
+    t = torch.empty(256, 1000, device=dev)
+    views = [_interop.device_view(a) for a in (x["z"], x["pairs"].perm, x["pairs"].lam, x["labels"], x["out"])]
+    arrays = device_params_for(m, dev, view=_interop.device_view)
+    stream = _interop.current_stream()
+    params = params_for(m)
+    rows = {
+        "torch.cuda.synchronize() (idle GPU)": lambda: torch.cuda.synchronize(),
+        "device_view, cached": lambda: _interop.device_view(t),
+        "new view (numba from_cuda_array_interface)": lambda: _interop._new_view(t),
+        "current_stream()": _interop.current_stream,
+        "_check_call, validate=False": lambda: _check_call(m, x["z"], x["pairs"], x["labels"], 1.0, 1000, 0.0,
+                                                            x["out"], False),
+        "_check_call, validate=True": lambda: _check_call(m, x["z"], x["pairs"], x["labels"], 1.0, 1000, 0.0,
+                                                           x["out"], True),
+        "relabel_device (2 launches, prebuilt views)": lambda: kernels.relabel_device(
+            params, arrays, *views[:4], 1.0, 0.0, views[4], stream=stream),
+        "empty torch op (t.zero_())": lambda: t.zero_(),
+    }
+    print("\n--- host time of the pieces (us per call, 200 calls, no sync unless named)")
+    for name, fn in rows.items():
+        print(f"{name:48s} {host_us(fn):8.1f} us", flush=True)
+    torch.cuda.synchronize()
 
 
 def main():
@@ -64,6 +106,7 @@ def main():
         end.synchronize()
         print(f"{name:48s} synchronised {sync_us:8.1f} us/call   queued {queued_us:8.1f} us/call   "
               f"CUDA events {start.elapsed_time(end) / 20 * 1e3:8.1f} us/call", flush=True)
+    components(calls)
     for name in ("relabel diag K=1000 d=256 B=256 validate=False", "mix_images B=256 fp16"):
         prof = cProfile.Profile()
         prof.enable()

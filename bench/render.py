@@ -3,8 +3,10 @@
     python bench/render.py out/bench.json [--out out/bench.md]
 
 Every row: workload (the benchmark group), implementation, median, interquartile range, rounds,
-and the ratio to the fastest implementation of the same workload. Goals compare two
-implementations of one workload measured in the same run.
+the ratio to the fastest implementation of the same workload and, for CUDA cases, the per-call
+time of calls queued back to back between CUDA events (``bench/queued.py``). Goals compare two
+implementations of one workload measured in the same run; on CUDA they use the queued time
+(as the anchor figures were measured, with CUDA events), elsewhere the median.
 """
 from __future__ import annotations
 
@@ -59,8 +61,8 @@ def render(data: dict) -> str:
         f"Versions: {', '.join(f'{k} {v}' for k, v in machine.get('versions', {}).items())}; commit {commit}; "
         f"{data.get('datetime', '')}",
         "",
-        "| workload | implementation | median | IQR | rounds | x fastest |",
-        "|---|---|---:|---:|---:|---:|",
+        "| workload | implementation | median | IQR | rounds | x fastest | queued (CUDA events) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     groups: dict[str, list] = defaultdict(list)
     for b in data.get("benchmarks", []):
@@ -72,9 +74,10 @@ def render(data: dict) -> str:
         for b in rows:
             impl = b.get("extra_info", {}).get("impl", b["name"])
             s = b["stats"]
-            medians[(group, impl)] = s["median"]
+            queued = b.get("extra_info", {}).get("queued_s")
+            medians[(group, impl)] = queued if queued is not None else s["median"]
             lines.append(f"| {group} | {impl} | {_fmt_time(s['median'])} | {_fmt_time(s['iqr'])} | {s['rounds']} | "
-                         f"{s['median'] / best:.2f} |")
+                         f"{s['median'] / best:.2f} | {_fmt_time(queued) if queued is not None else ''} |")
     goal_lines = []
     for goal, pattern, fast, base, factor in GOALS:
         for group in sorted(groups):

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from fastgenlabel import mix_images, sample_pairs
+from queued import record_queued
 from startup import fresh_process_json
 
 H = W = 224
@@ -161,13 +162,18 @@ def test_timm_mixup(benchmark, b, mode, device):
     target = torch.zeros(b, dtype=torch.int64, device=device)
     label(benchmark, b, device, f"torch eager + timm Mixup({mode})")
 
-    def run():
+    def call():
         y = d["t"].permute(0, 3, 1, 2).contiguous().float().sub_(d["mean"]).div_(d["std"])
-        out = mixup(y, target)
+        return mixup(y, target)
+
+    def run():
+        out = call()
         sync(device)
         return out
 
     benchmark.pedantic(run, rounds=30 if device == "cuda" else 3, warmup_rounds=1)
+    if device == "cuda":
+        record_queued(benchmark, call)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -182,13 +188,18 @@ def test_torchvision_mixup(benchmark, b, device):
     target = torch.zeros(b, dtype=torch.int64, device=device)
     label(benchmark, b, device, "torch eager + torchvision v2.MixUp")
 
-    def run():
+    def call():
         y = d["t"].permute(0, 3, 1, 2).contiguous().float().sub_(d["mean"]).div_(d["std"])
-        out = mixup(y, target)
+        return mixup(y, target)
+
+    def run():
+        out = call()
         sync(device)
         return out
 
     benchmark.pedantic(run, rounds=30 if device == "cuda" else 3, warmup_rounds=1)
+    if device == "cuda":
+        record_queued(benchmark, call)
 
 
 # --- CUDA ---------------------------------------------------------------------------------------------------------
@@ -210,6 +221,7 @@ def test_numba_cuda(benchmark, b, dtype):
 
     benchmark.extra_info.update(device=torch.cuda.get_device_name(0))
     benchmark.pedantic(run, rounds=30, warmup_rounds=3)
+    record_queued(benchmark, lambda: mix_images(d["t"], d["pairs"], MEAN, STD, out=out, backend="numba-cuda"))
 
 
 @cuda_only
@@ -223,6 +235,7 @@ def test_torch_cuda_eager(benchmark, b):
         torch.cuda.synchronize()
 
     benchmark.pedantic(run, rounds=30, warmup_rounds=3)
+    record_queued(benchmark, lambda: eager_fused(d["t"], d["lam"], d["perm"], d["mean"], d["std"]))
 
 
 @cuda_only
@@ -236,6 +249,7 @@ def test_torch_cuda_eager_normalise_timm_batch_standin(benchmark, b):
         torch.cuda.synchronize()
 
     benchmark.pedantic(run, rounds=30, warmup_rounds=3)
+    record_queued(benchmark, lambda: eager_normalise_timm_batch_mixup(d["t"], d["lam_batch"], d["mean"], d["std"]))
 
 
 @cuda_only
@@ -250,6 +264,7 @@ def test_torch_cuda_compile(benchmark, b):
         torch.cuda.synchronize()
 
     benchmark.pedantic(run, rounds=30, warmup_rounds=3)
+    record_queued(benchmark, lambda: fn(d["t"], d["lam"], d["perm"], d["mean"], d["std"]))
 
 
 @cuda_only
@@ -266,6 +281,7 @@ def test_cuda_copy_floor(benchmark, b):
         torch.cuda.synchronize()
 
     benchmark.pedantic(run, rounds=30, warmup_rounds=3)
+    record_queued(benchmark, lambda: dst.copy_(src))
 
 
 # --- start-up: compile vs on-disk cache ----------------------------------------------------------------------------

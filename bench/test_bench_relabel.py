@@ -32,6 +32,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+from queued import record_queued
 
 import fastgenlabel as fg
 from startup import fresh_process_json
@@ -178,13 +179,18 @@ def _fastgenlabel(benchmark, m, kind, b, device, backend, impl=None, validate=Tr
     x = inputs(m, b, device)
     label(benchmark, kind, b, k, d, device, impl or backend)
 
-    def run():
+    def call():
         fg.relabel(m, x["z"], x["pairs"], x["labels"], GAMMA, num_classes=k, smoothing=EPS, backend=backend,
                    out=x["out"], validate=validate)
+
+    def run():
+        call()
         sync(device)
 
     n = rounds(kind, b, k, d, device)
     benchmark.pedantic(run, rounds=n, warmup_rounds=1 if n <= 2 else 2)
+    if device == "cuda":
+        record_queued(benchmark, call)
 
 
 @pytest.mark.parametrize("b", BATCHES)
@@ -227,6 +233,8 @@ def _torch(benchmark, fn, kind, m, b, device, impl):
 
     n = rounds(kind, b, m.num_classes, m.dim, device)
     benchmark.pedantic(run, rounds=n, warmup_rounds=1)
+    if device == "cuda":
+        record_queued(benchmark, lambda: fn(x["z"], x["pairs"], x["labels"]))
 
 
 @pytest.mark.parametrize("b", BATCHES)

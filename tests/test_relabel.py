@@ -450,3 +450,18 @@ def test_version_lookups_are_cached(monkeypatch):
         compat.numba_cuda_status()
         cuda_modules()
     assert sorted(set(calls)) == sorted(calls) and len(calls) <= 2, calls  # each name at most once
+
+
+@cuda_only
+def test_numba_cuda_reused_memory_gets_fresh_results():
+    """Views are cached per (pointer, layout): a new batch in memory the caching allocator hands
+    out again must be read afresh, never a stale result."""
+    rng = np.random.default_rng(7)
+    model, z, y = model_for("diag", 10, 16, prior="empirical")
+    dev = torch.device("cuda")
+    for _ in range(4):
+        zb, pairs, labels = batch(rng, z, y, 32, "sample")
+        zt, lt, pt = torch.from_numpy(zb).to(dev), torch.from_numpy(labels).to(dev), pairs.to(dev)
+        got = relabel(model, zt, pt, lt, 0.7, num_classes=10, backend="numba-cuda").cpu().numpy()
+        np.testing.assert_allclose(got, reference(model, zb, pairs, labels, 0.7, 10, 0.0), rtol=0, atol=ATOL["diag"])
+        del zt, lt, pt

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_relabel import batch, fit, make_data
 
 import fastgenlabel as fg
 from fastgenlabel.functional import mix
 from fastgenlabel.kernels.relabel import gemm
 from fastgenlabel.kernels.relabel.params import gemm_params_for
-from test_relabel import batch, fit, make_data
 
 TARGET_ATOL = 5e-5  # as the factor form's "full" row in tests/test_relabel.py
 
@@ -108,9 +108,8 @@ def test_policy_and_threshold():
     with gemm.policy("never"):
         assert not gemm.use_gemm(1000, 256)
     assert gemm.POLICY == "auto"
-    with pytest.raises(ValueError, match="policy"):
-        with gemm.policy("fast"):
-            pass
+    with pytest.raises(ValueError, match="policy"), gemm.policy("fast"):
+        pass
 
 
 def test_product_form_cached_per_fit_and_only_for_full():

@@ -187,9 +187,12 @@ def _stand_in_for_cuda_tensors(monkeypatch):
 
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
-    # the simulator has no as_cuda_array: this stands in for it
-    monkeypatch.setattr(cuda, "as_cuda_array", lambda t, sync=True: FakeCUDAArray(t.detach().numpy()), raising=False)
-    monkeypatch.setattr(cuda, "external_stream", lambda ptr: cuda.stream())
+    from fastgenlabel.kernels import pixel as pixel_module
+
+    # the simulator has no views of CUDA tensors: these stand in (uncached: CPU buffers get reused)
+    monkeypatch.setattr(pixel_module, "device_view", lambda t: FakeCUDAArray(t.detach().numpy()))
+    monkeypatch.setattr(pixel_module, "current_stream", lambda: cuda.stream())
+    monkeypatch.setattr(pixel_module, "_CONSTANTS", {})
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ...functional.images import PixelJob, prepare_pixel_job, run_reference
-from .._interop import cuda_modules, device_view, host_view
+from .._interop import cuda_modules, current_stream, device_view, host_view
 from ..compat import numba_cuda_status
 from ..registry import Impl, dispatch, explain
 
@@ -149,7 +149,7 @@ def _run_cuda(job: PixelJob):
     out_bf16 = job.dtype == "bfloat16"
     flat_out = out.reshape(-1)
     with torch.cuda.device(device), cuda.gpus[device.index if device.index is not None else 0]:
-        stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+        stream = current_stream()
         dev_out = device_view(flat_out.view(torch.int16) if out_bf16 else flat_out)
         if out_bf16:
             dev_out = dev_out.view(np.uint16)

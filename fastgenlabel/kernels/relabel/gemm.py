@@ -150,4 +150,4 @@ def flops(num_classes: int, dim: int, batch: int) -> float:
     return 3 * 2.0 * batch * num_classes * (dim * (dim + 3) / 2)
 
 
-__all__ = ["POLICY", "MIN_WORK", "features", "flops", "pack", "policy", "scores", "split_tf32", "use_gemm"]
+__all__ = ["MIN_WORK", "POLICY", "features", "flops", "pack", "policy", "scores", "split_tf32", "use_gemm"]
