@@ -10,8 +10,8 @@ Run:  python -m pytest bench --benchmark-json out/bench.json && python bench/ren
 """
 from __future__ import annotations
 
-import platform
 import os
+import platform
 import subprocess
 
 

@@ -21,10 +21,10 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-
-from fastgenlabel import mix_images, sample_pairs
 from queued import record_queued
 from startup import fresh_process_json
+
+from fastgenlabel import mix_images, sample_pairs
 
 H = W = 224
 C = 3

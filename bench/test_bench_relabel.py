@@ -33,9 +33,9 @@ import numpy as np
 import pytest
 import torch
 from queued import record_queued
+from startup import fresh_process_json
 
 import fastgenlabel as fg
-from startup import fresh_process_json
 from fastgenlabel.kernels.relabel import params_for
 from fastgenlabel.models.gaussian import GaussianStats
 

@@ -44,7 +44,6 @@ from fastgenlabel.fit.folder import default_backend, fit_image_folder
 from fastgenlabel.functional import MixPairs, soft_target_cross_entropy
 from fastgenlabel.loader import GenLabelLoader, LoaderConfig
 
-
 # ---- the network: a small ResNet-style CNN (torchvision's BasicBlock, narrower) ---------------------
 
 class BasicBlock(nn.Module):

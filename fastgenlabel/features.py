@@ -80,7 +80,7 @@ class ThumbnailPCA:
         self._require_fitted()
         return int(self.components.shape[1])
 
-    def fit(self, thumbs) -> "ThumbnailPCA":
+    def fit(self, thumbs) -> ThumbnailPCA:
         """Fit the map on (N, F) thumbnails (from :func:`thumbnails` or a pass of the loader).
 
         Raises:
@@ -133,7 +133,7 @@ class ThumbnailPCA:
                  mean=self.mean, components=self.components)
 
     @classmethod
-    def load(cls, path) -> "ThumbnailPCA":
+    def load(cls, path) -> ThumbnailPCA:
         """Read a map written by :meth:`save`."""
         with np.load(path, allow_pickle=False) as f:
             if "kind" not in f or str(f["kind"]) != "thumbnail-pca":

@@ -3,9 +3,9 @@ import os
 
 import numpy as np
 import pytest
+from gloo import run_ranks
 
 import fastgenlabel as fg
-from gloo import run_ranks
 from fastgenlabel.distributed import broadcast_model, fit_distributed, model_checksum
 
 K, D = 4, 3

@@ -5,7 +5,13 @@ import scipy.special
 import torch
 
 from fastgenlabel import (
-    GaussianClassModel, KDEClassModel, genlabel_posterior, genlabel_target, mix, mixup_target, sample_pairs,
+    GaussianClassModel,
+    KDEClassModel,
+    genlabel_posterior,
+    genlabel_target,
+    mix,
+    mixup_target,
+    sample_pairs,
     soft_target_cross_entropy,
 )
 

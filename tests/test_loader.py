@@ -156,7 +156,7 @@ def test_stored_embeddings_are_looked_up_by_index_and_interpolated(data, tmp_pat
 
 def test_no_features_gives_mixup_targets_and_float16_images(data):
     loader = GenLabelLoader(config(data, dtype="float16", smoothing=0.2))
-    for images, targets in loader:
+    for images, _targets in loader:
         assert images.dtype == torch.float16
     batch = next(iter(loader))
     torch.testing.assert_close(batch.targets, fgl.mixup_target(batch.labels, batch.pairs, K, smoothing=0.2))

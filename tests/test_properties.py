@@ -6,7 +6,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastgenlabel import (
-    GaussianClassModel, KDEClassModel, genlabel_target, mix, mixup_target, sample_pairs, smooth_labels,
+    GaussianClassModel,
+    KDEClassModel,
+    genlabel_target,
+    mix,
+    mixup_target,
+    sample_pairs,
+    smooth_labels,
     soft_target_cross_entropy,
 )
 from fastgenlabel.models import KDEStats

@@ -7,8 +7,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from fastgenlabel.loader import tar_index as files_module
 from fastgenlabel.loader import scan
+from fastgenlabel.loader import tar_index as files_module
 from fastgenlabel.loader.tar_index import INDEX_SUFFIX, index_shard, sidecar_paths
 
 

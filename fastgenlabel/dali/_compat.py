@@ -34,7 +34,7 @@ _lock = threading.Lock()
 _compiled: dict = {}  # (kind, key) -> address, plus the cfunc objects that own the code
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dali_version() -> tuple[int, ...] | None:
     """The installed DALI's (major, minor, patch), or None when DALI is not installed (cached)."""
     for dist in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali"):
@@ -70,9 +70,8 @@ def patch_numba_cuda13() -> bool:
     v = dali_version()
     if v is None or v[:2] > (2, 4):
         return False
-    from packaging.version import Version
-
     import nvidia.dali.plugin.numba as dali_numba
+    from packaging.version import Version
 
     table = dali_numba.minimal_numba_version
     if 13 in table:
@@ -120,7 +119,7 @@ def cached_numba_function(key, *inputs, run_fn, out_types, in_types, outs_ndim, 
     return op(*inputs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _caching_class(base):
     """A NumbaFunction subclass whose compile steps look in the process-wide cache first."""
 

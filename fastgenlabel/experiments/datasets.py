@@ -26,8 +26,8 @@ Tabular features are standardised with the training split's mean and standard de
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

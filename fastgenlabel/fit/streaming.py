@@ -88,7 +88,7 @@ class StreamingFit:
                 f"samples={self.num_samples}, batches={self.num_batches})")
 
     # ---- accumulation ------------------------------------------------------------------------
-    def update(self, z, y) -> "StreamingFit":
+    def update(self, z, y) -> StreamingFit:
         """Add one batch.
 
         Args:

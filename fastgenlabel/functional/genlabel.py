@@ -6,7 +6,13 @@ import math
 import torch
 
 from ._arrays import (
-    Array, as_tensor, check_float_features, check_labels, check_num_classes, check_unit_interval, like,
+    Array,
+    as_tensor,
+    check_float_features,
+    check_labels,
+    check_num_classes,
+    check_unit_interval,
+    like,
 )
 from .mixing import _mixup_target
 

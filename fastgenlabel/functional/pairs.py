@@ -52,7 +52,7 @@ class MixPairs:
     def __len__(self) -> int:
         return self.perm.shape[0]
 
-    def to(self, device) -> "MixPairs":
+    def to(self, device) -> MixPairs:
         """The same pairs on another device."""
         return MixPairs(self.perm.to(device), self.lam.to(device))
 

@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _version(dist: str) -> tuple[int, ...] | None:
     """The installed distribution's (major, minor, patch). Cached: a metadata lookup parses
     files (~0.35 ms), and the CUDA paths ask on every call."""
@@ -23,7 +23,7 @@ def _version(dist: str) -> tuple[int, ...] | None:
     return tuple(parts)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def numba_cuda_status() -> tuple[bool, str]:
     """Whether numba's CUDA target can be imported here, and why not."""
     if importlib.util.find_spec("numba") is None:

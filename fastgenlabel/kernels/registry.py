@@ -7,8 +7,9 @@ missing package that stopped them.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 BACKENDS = ("auto", "reference", "numba-cpu", "numba-cuda")
 

@@ -49,7 +49,7 @@ class ClassModel:
         return f"{type(self).__name__}({args}{fitted})"
 
     # ---- fitting -------------------------------------------------------------------------
-    def fit(self, z: Array, y: Array, num_classes: int) -> "ClassModel":
+    def fit(self, z: Array, y: Array, num_classes: int) -> ClassModel:
         """Fit one density per class.
 
         Args:
@@ -72,7 +72,7 @@ class ClassModel:
             raise ValueError("z: expected at least one feature per row, got shape (N, 0)")
         return self._stats_type().from_batch(zt.to(torch.float64), yt, k, **self._stats_options())
 
-    def fit_stats(self, stats) -> "ClassModel":
+    def fit_stats(self, stats) -> ClassModel:
         """Fit from (merged) sufficient statistics."""
         if not isinstance(stats, self._stats_type()):
             raise TypeError(f"stats: expected {self._stats_type().__name__}, got {type(stats).__name__}")
@@ -174,7 +174,7 @@ class ClassModel:
         return state
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], device=None) -> "ClassModel":
+    def from_state_dict(cls, state: dict[str, Any], device=None) -> ClassModel:
         state = dict(state)
         kind = state.pop("kind", None)
         if kind != cls.kind:
@@ -195,7 +195,7 @@ class ClassModel:
         io.save_state(path, meta, arrays)
 
     @classmethod
-    def load(cls, path, device=None) -> "ClassModel":
+    def load(cls, path, device=None) -> ClassModel:
         """Read a model written by :meth:`save`; raises ``ModelFileError`` on a bad file."""
         model = load_model(path, device=device)
         if not isinstance(model, cls):

@@ -32,7 +32,7 @@ class GaussianStats:
         return self.mean.shape[1]
 
     @classmethod
-    def from_batch(cls, z: torch.Tensor, y: torch.Tensor, k: int, covariance: str) -> "GaussianStats":
+    def from_batch(cls, z: torch.Tensor, y: torch.Tensor, k: int, covariance: str) -> GaussianStats:
         d = z.shape[1]
         count = torch.bincount(y, minlength=k).to(z.dtype)
         total = torch.zeros(k, d, dtype=z.dtype, device=z.device).index_add_(0, y, z)
@@ -51,7 +51,7 @@ class GaussianStats:
                 m2[c] = xc.T @ xc
         return cls(covariance, count, mean, m2)
 
-    def merge(self, other: "GaussianStats") -> "GaussianStats":
+    def merge(self, other: GaussianStats) -> GaussianStats:
         """Statistics of the union of both batches (exact, numerically stable)."""
         if not isinstance(other, GaussianStats) or other.covariance != self.covariance:
             raise TypeError("other: expected GaussianStats of the same covariance type")
@@ -76,7 +76,7 @@ class GaussianStats:
         return {"count": self.count.cpu().numpy(), "mean": self.mean.cpu().numpy(), "m2": self.m2.cpu().numpy()}
 
     @classmethod
-    def from_numpy(cls, arrays, device=None, covariance: str = "full") -> "GaussianStats":
+    def from_numpy(cls, arrays, device=None, covariance: str = "full") -> GaussianStats:
         t = {k: torch.as_tensor(np.asarray(arrays[k]), dtype=torch.float64, device=device) for k in ("count", "mean", "m2")}
         k, d = t["mean"].shape if t["mean"].ndim == 2 else (-1, -1)
         want = {"full": (k, d, d), "diag": (k, d), "tied": (d, d)}[covariance]

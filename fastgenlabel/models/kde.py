@@ -66,14 +66,14 @@ class KDEStats:
         return self.points.shape[1]
 
     @classmethod
-    def from_batch(cls, z, y, k, max_points_per_class=None, seed=0) -> "KDEStats":
+    def from_batch(cls, z, y, k, max_points_per_class=None, seed=0) -> KDEStats:
         keys = (_row_keys(z, seed) if max_points_per_class
                 else torch.zeros(z.shape[0], dtype=torch.float64, device=z.device))
         count = torch.bincount(y, minlength=k).to(torch.float64)
         stats = cls(count, z, y, keys, int(max_points_per_class or 0))
         return stats._capped()
 
-    def _capped(self) -> "KDEStats":
+    def _capped(self) -> KDEStats:
         if not self.max_points:
             return self
         # Order by (label, key); keep the first max_points of every label.
@@ -85,7 +85,7 @@ class KDEStats:
         keep = order[rank < self.max_points]
         return KDEStats(self.count, self.points[keep], self.labels[keep], self.keys[keep], self.max_points)
 
-    def merge(self, other: "KDEStats") -> "KDEStats":
+    def merge(self, other: KDEStats) -> KDEStats:
         if not isinstance(other, KDEStats):
             raise TypeError("other: expected KDEStats")
         if other.count.shape != self.count.shape or other.dim != self.dim or other.max_points != self.max_points:
@@ -110,7 +110,7 @@ class KDEStats:
         }
 
     @classmethod
-    def from_numpy(cls, arrays, device=None, **_options) -> "KDEStats":
+    def from_numpy(cls, arrays, device=None, **_options) -> KDEStats:
         count = torch.as_tensor(np.asarray(arrays["count"]), dtype=torch.float64, device=device)
         points = torch.as_tensor(np.asarray(arrays["points"]), dtype=torch.float64, device=device)
         labels = torch.as_tensor(np.asarray(arrays["labels"]), dtype=torch.int64, device=device)
