@@ -48,16 +48,15 @@ def batch(rng, z, y, b, lam_mode):
     return zb, fg.sample_pairs(b, 1.0, lam_mode=lam_mode, generator=rng), y[idx].astype(np.int64)
 
 
-def run_device(model, zb, pairs, labels, gamma, smoothing, *, params=None, scratch=False):
+def run_device(model, zb, pairs, labels, gamma, smoothing, *, params=None):
     """Launch the kernels like ``_run_cuda`` does; poisoned output, inputs checked unchanged."""
     params = params or params_for(model)
     b, k = zb.shape[0], params.num_classes
     arrays = {name: cuda.to_device(a) for name, a in params.arrays.items()}
     args = [cuda.to_device(a) for a in (zb, pairs.perm.numpy(), pairs.lam.numpy(), labels)]
     out = cuda.to_device(np.full((b, k), np.nan, np.float32))
-    extra = cuda.to_device(np.full((b, k), np.nan, np.float32)) if scratch else None
     stream = cuda.stream()
-    kernels.relabel_device(params, arrays, *args, gamma, smoothing, out, scratch=extra, stream=stream)
+    kernels.relabel_device(params, arrays, *args, gamma, smoothing, out, stream=stream)
     stream.synchronize()
     for dev, host in zip(args, (zb, pairs.perm.numpy(), pairs.lam.numpy(), labels)):
         np.testing.assert_array_equal(dev.copy_to_host(), host)
@@ -107,11 +106,15 @@ def test_empty_classes_get_exactly_zero(kind):
     np.testing.assert_allclose(got, reference(model, zb, pairs, labels, 1.0, 0.0), atol=ATOL[kind])
 
 
-def test_tied_with_caller_scratch():
-    model, z, y = make_model("tied", 5, 4)
-    zb, pairs, labels = batch(np.random.default_rng(2), z, y, 4, "sample")
-    got = run_device(model, zb, pairs, labels, 0.7, 0.0, scratch=True)
-    np.testing.assert_allclose(got, reference(model, zb, pairs, labels, 0.7, 0.0), atol=ATOL["tied"])
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+@pytest.mark.parametrize("b", [1, 2, 3, 7])
+def test_fused_kernel_tiles_and_class_loops(kind, b):
+    """affine_fused: partial sample tiles (TS = 2 here), K over several thread strides (TPB = 8),
+    d over several feature chunks (TD = 4), one launch per call."""
+    model, z, y = make_model(kind, 19, 9, prior="empirical", empty=(4,), seed=b)
+    zb, pairs, labels = batch(np.random.default_rng(b), z, y, b, "sample")
+    got = run_device(model, zb, pairs, labels, 0.6, 0.05)
+    np.testing.assert_allclose(got, reference(model, zb, pairs, labels, 0.6, 0.05), atol=ATOL[kind])
 
 
 def test_full_with_a_non_triangular_factor():

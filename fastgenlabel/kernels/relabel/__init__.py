@@ -265,13 +265,9 @@ def _run_cuda(call: RelabelCall):
                 stream=current_stream(), scores_ready=True)
             return out
         arrays = device_params_for(call.model, dev, view=device_view)
-        scratch = None
-        if params.kind == "tied" and call.gamma > 0:
-            scratch = device_view(torch.empty((b, k), dtype=torch.float32, device=dev))
         kernels.relabel_device(
             params, arrays, device_view(call.zt), device_view(call.pairs.perm), device_view(lam),
-            device_view(labels), call.gamma, call.smoothing, device_view(out), scratch=scratch,
-            stream=current_stream(),
+            device_view(labels), call.gamma, call.smoothing, device_view(out), stream=current_stream(),
         )
     return out
 

@@ -1,27 +1,27 @@
 """The relabel stage on the GPU: Numba ``cuda.jit(cache=True)`` kernels.
 
-Each kernel matches the reference ``genlabel_target(model, mix(z, pairs), ...)``. Like the CPU
-target, a call has two phases, both launched on the caller's stream:
+Each kernel matches the reference ``genlabel_target(model, mix(z, pairs), ...)``, launched on
+the caller's stream. Mixing is fused into the loads of z (no z_mix array in global memory), and
+no kernel makes a B x K x d intermediate.
 
-1. a scores kernel per model kind writes the raw scores (B, K) of the mixed samples into ``out``
-   (tied: the scores of the unmixed samples into a scratch matrix). Mixing is fused into the
-   loads of z, so no z_mix array exists in global memory, and no B x K x d intermediate either:
-
-   - ``diag_scores``, ``tied_scores``: one block per tile of ``TS`` samples, threads over
-     classes (coalesced reads of the feature-major (d, K) parameters), the tile's features
-     staged through shared memory ``TD`` at a time; float32 partial sums per chunk, added with
-     Kahan compensation.
-   - ``tri_scores`` (full covariance): one block per (sample tile, class), threads over the
-     output coordinates j of u = L_c^T (z_mix - mu_c) (coalesced reads of the factor's rows),
-     skipping its zero triangle; the squared norm is reduced across the block (pairwise). The
-     grid's fastest index is the sample tile, so the blocks of one class run together: L_c is
-     read from memory about once per call and served from L2 to its B / TS tiles. SIMT float32,
-     no tensor cores (Numba exposes none; a cuBLAS route would need split-precision TF32).
-   - ``kde_scores``: one block per (sample, class): whiten into shared memory, threads over the
-     class's points with an online log-sum-exp, then a block-level log-sum-exp merge.
-
-2. ``finish``: one block per sample, threads over classes: logits = scores + bias, block-level
-   max and sum reductions for the softmax, then the gamma blend and label smoothing, in place.
+- ``affine_fused`` (diagonal and tied covariance): one launch. One block per tile of ``TS``
+  samples, threads over classes (coalesced reads of the feature-major (d, K) parameters), the
+  tile's features staged through shared memory ``TD`` at a time, float32 partial sums per chunk
+  added with Kahan compensation; the scores go to ``out``, and since the block holds every class
+  of its samples it then turns them into targets itself (``finish_row``). Tied covariance scores
+  the mixed sample directly: w_c^T (z_mix - m) costs the same K d per sample as scoring the
+  unmixed ones and mixing the scores, and needs no scratch matrix or second launch.
+- Full covariance, K d^2 < 2^20 (larger ones use ``gemm.py``'s tensor-core product): ``tri_scores``,
+  one block per (sample tile, class), threads over the output coordinates j of
+  u = L_c^T (z_mix - mu_c) (coalesced reads of the factor's rows), skipping its zero triangle;
+  the squared norm is reduced across the block (pairwise). The grid's fastest index is the sample
+  tile, so the blocks of one class run together: L_c is read from memory about once per call and
+  served from L2 to its B / TS tiles. SIMT float32.
+- ``kde_scores``: one block per (sample, class): whiten into shared memory, threads over the
+  class's points with an online log-sum-exp, then a block-level log-sum-exp merge.
+- ``finish`` (full and KDE): one block per sample, threads over classes: logits = scores + bias,
+  block-level max and sum reductions for the softmax, then the gamma blend and label smoothing,
+  in place.
 
 Everything is float32 (the PTX for sm_90 has no f64 instruction, no local-memory traffic and
 no spills: 40-96 registers per thread). Block sizes are compile-time constants; under the
@@ -133,78 +133,57 @@ def stage_centered(tile, z, perm, lam, s0, i0, order, center, c):
 
 
 @cuda.jit(cache=True)
-def diag_scores(z, perm, lam, mu_t, istd_t, out):
-    """out[s, c] = -1/2 sum_i ((z_mix[s, i] - mu_ci) istd_ci)^2."""
+def affine_fused(z, perm, lam, center, mu_t, w_t, tied, labels, bias, gamma, keep, add, out):
+    """Diagonal and tied covariance in one launch: the block's TS samples' scores over all K
+    classes into ``out``, then their targets (``finish_row``), as every class of those samples is
+    in this block.
+
+    diag (``tied`` 0): score = -1/2 sum_i ((z_mix_i - mu_ci) w_ic)^2, w = 1 / sigma;
+    tied (``tied`` 1): score = sum_i (z_mix_i - m_i) w_ic, the affine score of the mixed sample
+    (``center`` = m; ``mu_t`` unused). ``tied`` is uniform over the launch: no divergence.
+    """
     b, d = z.shape
     k = out.shape[1]
     s0 = cuda.blockIdx.x * TS
+    tid = cuda.threadIdx.x
     tile = cuda.shared.array((TS, TD), float32)
+    red = cuda.shared.array(TPB, float32)
     acc = cuda.local.array(TS, float32)
     comp = cuda.local.array(TS, float32)
     part = cuda.local.array(TS, float32)
-    for c0 in range(0, k, TPB):
-        c = c0 + cuda.threadIdx.x
-        for t in range(TS):
-            acc[t] = ZERO
-            comp[t] = ZERO
-        for i0 in range(0, d, TD):
-            stage_mixed(tile, z, perm, lam, s0, i0)
-            cuda.syncthreads()
+    if gamma > ZERO:
+        for c0 in range(0, k, TPB):
+            c = c0 + tid
+            for t in range(TS):
+                acc[t] = ZERO
+                comp[t] = ZERO
+            for i0 in range(0, d, TD):
+                stage_mixed(tile, z, perm, lam, s0, i0)
+                cuda.syncthreads()
+                if c < k:
+                    for t in range(TS):
+                        part[t] = ZERO
+                    for ii in range(min(TD, d - i0)):
+                        w = w_t[i0 + ii, c]
+                        if tied:
+                            m = center[i0 + ii]
+                            for t in range(TS):
+                                part[t] += (tile[t, ii] - m) * w
+                        else:
+                            mu = mu_t[i0 + ii, c]
+                            for t in range(TS):
+                                part[t] += diag_term(tile[t, ii], mu, w)
+                    for t in range(TS):
+                        acc[t], comp[t] = kahan_add(acc[t], comp[t], part[t])
+                cuda.syncthreads()
             if c < k:
                 for t in range(TS):
-                    part[t] = ZERO
-                for ii in range(min(TD, d - i0)):
-                    mu = mu_t[i0 + ii, c]
-                    w = istd_t[i0 + ii, c]
-                    for t in range(TS):
-                        part[t] += diag_term(tile[t, ii], mu, w)
-                for t in range(TS):
-                    acc[t], comp[t] = kahan_add(acc[t], comp[t], part[t])
-            cuda.syncthreads()
-        if c < k:
-            for t in range(TS):
-                if s0 + t < b:
-                    out[s0 + t, c] = gauss_score(acc[t])
-
-
-@cuda.jit(cache=True)
-def tied_scores(z, center, w_t, out):
-    """out[s, c] = w_c^T (z[s] - m) for the UNMIXED samples (affine; mixed in ``finish``)."""
-    b, d = z.shape
-    k = out.shape[1]
-    s0 = cuda.blockIdx.x * TS
-    tile = cuda.shared.array((TS, TD), float32)
-    acc = cuda.local.array(TS, float32)
-    comp = cuda.local.array(TS, float32)
-    part = cuda.local.array(TS, float32)
-    for c0 in range(0, k, TPB):
-        c = c0 + cuda.threadIdx.x
-        for t in range(TS):
-            acc[t] = ZERO
-            comp[t] = ZERO
-        for i0 in range(0, d, TD):
-            for idx in range(cuda.threadIdx.x, TS * TD, TPB):
-                t = idx // TD
-                ii = idx - t * TD
-                v = ZERO
-                if s0 + t < b and i0 + ii < d:
-                    v = z[s0 + t, i0 + ii] - center[i0 + ii]
-                tile[t, ii] = v
-            cuda.syncthreads()
-            if c < k:
-                for t in range(TS):
-                    part[t] = ZERO
-                for ii in range(min(TD, d - i0)):
-                    w = w_t[i0 + ii, c]
-                    for t in range(TS):
-                        part[t] += tile[t, ii] * w
-                for t in range(TS):
-                    acc[t], comp[t] = kahan_add(acc[t], comp[t], part[t])
-            cuda.syncthreads()
-        if c < k:
-            for t in range(TS):
-                if s0 + t < b:
-                    out[s0 + t, c] = acc[t]
+                    if s0 + t < b:
+                        out[s0 + t, c] = acc[t] if tied else gauss_score(acc[t])
+        cuda.syncthreads()  # the block's scores are in out, visible to the whole block
+    for t in range(TS):
+        if s0 + t < b:  # uniform over the block: finish_row's reductions see every thread
+            finish_row(out, 0, s0 + t, perm, lam, labels, bias, gamma, keep, add, out, red)
 
 
 @cuda.jit(cache=True)
@@ -306,15 +285,14 @@ def kde_scores(z, perm, lam, order, center, factor, tri, points, offsets, bias, 
         out[s, c] = lse_value(red_m[0], red_s[0])
 
 
-@cuda.jit(cache=True)
-def finish(src, mix_rows_flag, perm, lam, labels, bias, gamma, keep, add, out):
-    """Scores -> targets; one block per sample. ``src`` may be ``out`` (each element is read by
-    the thread that writes it, before it writes). gamma == 0 never reads ``src``; a row whose
-    logits are all -inf (float32 overflow) takes the mixup label as y_gen: never NaN."""
-    s = cuda.blockIdx.x
+@cuda.jit(device=True)
+def finish_row(src, mix_rows_flag, s, perm, lam, labels, bias, gamma, keep, add, out, red):
+    """Scores -> targets of sample ``s``; every thread of the block calls it (block reductions
+    in ``red``). ``src`` may be ``out``: each element is read by the thread that writes it,
+    before it writes. gamma == 0 never reads ``src``; a row whose logits are all -inf (float32
+    overflow) takes the mixup label as y_gen: never NaN."""
     tid = cuda.threadIdx.x
     k = out.shape[1]
-    red = cuda.shared.array(TPB, float32)
     l = lam[s]
     lc = ONE - l
     p = perm[s]
@@ -343,6 +321,13 @@ def finish(src, mix_rows_flag, perm, lam, labels, bias, gamma, keep, add, out):
             out[s, c] = target_value(ym, ym, gamma, gamma_c, keep, add)
 
 
+@cuda.jit(cache=True)
+def finish(src, mix_rows_flag, perm, lam, labels, bias, gamma, keep, add, out):
+    """Scores -> targets; one block per sample (the full-covariance and KDE paths)."""
+    red = cuda.shared.array(TPB, float32)
+    finish_row(src, mix_rows_flag, cuda.blockIdx.x, perm, lam, labels, bias, gamma, keep, add, out, red)
+
+
 def refuse_shape(params, batch: int) -> str | None:
     """Why the kernels' launch configuration cannot cover this model/batch (None: it can)."""
     if params.kind == "kde" and 2 * params.dim * 4 > MAX_SHARED_BYTES:
@@ -353,8 +338,7 @@ def refuse_shape(params, batch: int) -> str | None:
     return None
 
 
-def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, *, scratch=None, stream=0,
-                   scores_ready=False):
+def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, *, stream=0, scores_ready=False):
     """Launch the relabel stage on device arrays (anything with ``__cuda_array_interface__``).
 
     Args:
@@ -363,14 +347,14 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
         z: (B, d) float32 C-contiguous; perm: (B,) int64; lam: (B,) float32; labels: (B,) int64.
         gamma, smoothing: floats in [0, 1].
         out: (B, K) float32 C-contiguous, fully overwritten.
-        scratch: (B, K) float32 for the tied model's per-sample scores (allocated here if None).
         stream: a Numba stream (torch's current stream in the torch path) or 0.
         scores_ready: ``out`` already holds the raw scores of the mixed samples and
             ``arrays["bias"]`` their bias (the full-covariance product of ``gemm.py``): only
             ``finish`` runs.
 
     Returns:
-        out. The launches are asynchronous on ``stream``.
+        out. The launches (one for diag and tied, two for full and KDE) are asynchronous on
+        ``stream``.
     """
     b = z.shape[0]
     k = params.num_classes
@@ -381,21 +365,21 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
     add = np.float32(smoothing / k)
     bias = arrays["bias"]
     tiles = (b + TS - 1) // TS
-    src, mix_flag = out, 0
+    if params.kind == "diag" and not scores_ready:
+        affine_fused[tiles, TPB, stream](z, perm, lam, bias, arrays["mu_t"], arrays["istd_t"], 0, labels, bias, g,
+                                         keep, add, out)  # bias stands in for the unused centre
+        return out
+    if params.kind == "tied" and not scores_ready:
+        affine_fused[tiles, TPB, stream](z, perm, lam, arrays["center"], arrays["w_t"], arrays["w_t"], 1, labels,
+                                         bias, g, keep, add, out)  # w_t stands in for the unused means
+        return out
     if g > 0 and not scores_ready:
-        if params.kind == "diag":
-            diag_scores[tiles, TPB, stream](z, perm, lam, arrays["mu_t"], arrays["istd_t"], out)
-        elif params.kind == "tied":
-            if scratch is None:
-                scratch = cuda.device_array((b, k), dtype=np.float32, stream=stream)
-            tied_scores[tiles, TPB, stream](z, arrays["center"], arrays["w_t"], scratch)
-            src, mix_flag = scratch, 1
-        elif params.kind == "full":
+        if params.kind == "full":
             tri_scores[(tiles, k), TPB, stream](z, perm, lam, arrays["order"], arrays["center"],
                                                 arrays["factor"], int(params.tri), bias, out)
         else:
             kde_scores[(b, k), TPB, stream, 8 * params.dim](
                 z, perm, lam, arrays["order"], arrays["center"], arrays["factor"], int(params.tri),
                 arrays["points"], arrays["offsets"], bias, out)
-    finish[b, TPB, stream](src, mix_flag, perm, lam, labels, bias, g, keep, add, out)
+    finish[b, TPB, stream](out, 0, perm, lam, labels, bias, g, keep, add, out)
     return out
