@@ -28,7 +28,7 @@ jpeg_pid=$!
 step "kernel tests on the GPU (tests/cudasim, test_pixel, test_relabel, test_relabel_gemm)"
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
 FASTGENLABEL_GPU_TESTS=1 timeout 200 python3 -m pytest -q -p no:cacheprovider $xdist tests/cudasim tests/test_pixel.py \
-  tests/test_relabel.py tests/test_relabel_gemm.py > "$OUT/gpu-tests.log" 2>&1
+  tests/test_relabel.py tests/test_relabel_gemm.py tests/test_kde.py > "$OUT/gpu-tests.log" 2>&1
 echo "kernel tests rc=$?" | tee -a "$S"; tail -4 "$OUT/gpu-tests.log" | tee -a "$S"
 
 if [ -n "${dali_pid:-}" ]; then wait "$dali_pid"; tail -2 "$OUT/dali.log" | tee -a "$S"; . /tmp/fgl-env.sh; fi
