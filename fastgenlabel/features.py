@@ -197,7 +197,12 @@ class StoredEmbeddings:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"sample index out of range [0, {len(self)}): {idx.min()}..{idx.max()}")
-        return torch.from_numpy(np.ascontiguousarray(self.array[idx], dtype=np.float32))
+        rows = np.ascontiguousarray(self.array[idx], dtype=np.float32)
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():  # checked here, on the host, so the GPU relabel needs no check (and no sync)
+            raise ValueError(f"embeddings file {str(self.path)!r}: the rows of sample(s) {idx[bad][:5].tolist()} "
+                             "contain NaN or infinity; features must be finite")
+        return torch.from_numpy(rows)
 
     def __repr__(self) -> str:
         return f"StoredEmbeddings({os.fspath(self.path)!r}, N={len(self)}, d={self.dim})"

@@ -137,3 +137,14 @@ def test_file_list_and_its_errors(tmp_path):
     (tmp_path / "missing.txt").write_text("imgs/c0/99.jpg 0\n")
     with pytest.raises(FileNotFoundError, match="99.jpg"):
         GenLabelLoader(config(tmp_path / "missing.txt"))
+
+
+def test_non_finite_stored_features_name_the_file_and_samples(tmp_path):
+    folder(tmp_path)
+    emb = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32)
+    emb[5, 1] = np.nan
+    np.save(tmp_path / "emb.npy", emb)
+    model = fgl.GaussianClassModel("diag").fit(torch.randn(8, 3), torch.arange(8) % 2, 2)
+    loader = GenLabelLoader(config(tmp_path, embeddings=str(tmp_path / "emb.npy"), model=model, batch_size=8))
+    with pytest.raises(ValueError, match=r"emb\.npy.*sample\(s\) \[5\] contain NaN or infinity"):
+        next(iter(loader))

@@ -170,3 +170,16 @@ def test_pair_feed_is_still_importable_from_the_dali_package_without_dali():
             "assert d.pair_generator is pair_generator; "
             "assert 'nvidia.dali' not in sys.modules, 'DALI imported at import time'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_moving_pairs_does_not_validate_them_again(monkeypatch):
+    """``MixPairs.to`` copies already validated pairs; re-checking on a GPU would cost three syncs."""
+    pairs = sample_pairs(9, 1.0, lam_mode="sample", generator=3)
+
+    def refuse(self):
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(MixPairs, "__post_init__", refuse)
+    moved = pairs.to("cpu")
+    assert isinstance(moved, MixPairs) and moved is not pairs
+    assert torch.equal(moved.perm, pairs.perm) and torch.equal(moved.lam, pairs.lam)

@@ -53,8 +53,12 @@ class MixPairs:
         return self.perm.shape[0]
 
     def to(self, device) -> MixPairs:
-        """The same pairs on another device."""
-        return MixPairs(self.perm.to(device), self.lam.to(device))
+        """The same pairs on another device. Not validated again: these were, and checking on a
+        GPU would synchronise it three times."""
+        moved = object.__new__(MixPairs)
+        object.__setattr__(moved, "perm", self.perm.to(device))
+        object.__setattr__(moved, "lam", self.lam.to(device))
+        return moved
 
 
 def _rng(generator) -> np.random.Generator:

@@ -86,5 +86,8 @@ class TargetMaker:
         pairs = pairs.to(labels.device)
         if z is None or not self.uses_features:
             return mixup_target(labels, pairs, self.num_classes, smoothing=self.smoothing)
+        # Labels come from the dataset's index and features from a finite map or from checked rows
+        # (StoredEmbeddings.lookup), so a GPU batch skips relabel's check and the device sync it
+        # costs (a sync here would wait for the training step the GPU is running).
         return relabel(self.model, z.to(labels.device), pairs, labels, self.gamma, num_classes=self.num_classes,
-                       smoothing=self.smoothing, backend=self.backend)
+                       smoothing=self.smoothing, backend=self.backend, validate=not labels.is_cuda)
