@@ -24,7 +24,7 @@ grep "us/call\| us$" "$OUT/overhead.log" | tee -a "$S"
 step "kernel tests on the GPU"
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 FASTGENLABEL_GPU_TESTS=1 timeout 200 python3 -m pytest -q -p no:cacheprovider $xdist -p no:randomly tests/cudasim \
-  tests/test_pixel.py tests/test_relabel.py tests/test_relabel_gemm.py tests/test_kde.py > "$OUT/gpu-tests.log" 2>&1
+  tests/test_pixel.py tests/test_relabel.py tests/test_relabel_gemm.py tests/test_kde.py tests/test_pairs.py > "$OUT/gpu-tests.log" 2>&1
 echo "kernel tests rc=$?" | tee -a "$S"; grep -v "^\.\.*\s*\[" "$OUT/gpu-tests.log" | grep -i "passed\|failed\|error" | tail -8 | tee -a "$S"
 
 step "kernel benchmarks (GPU cases)"

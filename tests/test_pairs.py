@@ -183,3 +183,12 @@ def test_moving_pairs_does_not_validate_them_again(monkeypatch):
     moved = pairs.to("cpu")
     assert isinstance(moved, MixPairs) and moved is not pairs
     assert torch.equal(moved.perm, pairs.perm) and torch.equal(moved.lam, pairs.lam)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_pairs_to_the_gpu_and_back_are_equal():
+    pairs = sample_pairs(33, 1.0, lam_mode="sample", generator=4)
+    moved = pairs.to("cuda")
+    assert moved.perm.is_cuda and moved.lam.is_cuda
+    back = moved.to("cpu")
+    assert torch.equal(back.perm, pairs.perm) and torch.equal(back.lam, pairs.lam)

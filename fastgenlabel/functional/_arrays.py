@@ -27,6 +27,15 @@ def as_tensor(x: Array, name: str, *, dtype: torch.dtype | None = None, device=N
     return t
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``. Host to GPU goes through pinned memory without blocking: a pageable
+    copy would make the host wait for everything queued on the stream (e.g. a training step)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not t.is_cuda:
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def like(result: torch.Tensor, reference: Array) -> Array:
     """Return ``result`` as NumPy if ``reference`` was not a torch tensor."""
     if isinstance(reference, torch.Tensor):

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._arrays import to_device
+
 PAIRINGS = ("permutation", "flip", "roll")
 LAM_MODES = ("batch", "sample")
 
@@ -56,8 +58,8 @@ class MixPairs:
         """The same pairs on another device. Not validated again: these were, and checking on a
         GPU would synchronise it three times."""
         moved = object.__new__(MixPairs)
-        object.__setattr__(moved, "perm", self.perm.to(device))
-        object.__setattr__(moved, "lam", self.lam.to(device))
+        object.__setattr__(moved, "perm", to_device(self.perm, device))
+        object.__setattr__(moved, "lam", to_device(self.lam, device))
         return moved
 
 

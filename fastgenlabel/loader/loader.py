@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..features import NoFeatures, StoredEmbeddings, ThumbnailPCA
+from ..functional._arrays import to_device
 from ..models import load_model
 from .batch import LoaderBatch
 from .config import LoaderConfig
@@ -208,7 +209,7 @@ class GenLabelLoader:
         backend.finished_epoch(self.epoch)
 
     def _finish(self, images, thumbs, indices, labels, pairs) -> LoaderBatch:
-        labels = labels.to(self.device)
+        labels = to_device(labels, self.device)
         if indices is None and self.targets.needs_indices:
             raise ValueError("dataset: stored embeddings are looked up by sample index; the dataset's items "
                              "must be (image, label, index)")

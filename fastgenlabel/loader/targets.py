@@ -7,6 +7,7 @@ import torch
 
 from ..features import NoFeatures, StoredEmbeddings, ThumbnailPCA
 from ..functional import mixup_target
+from ..functional._arrays import to_device
 from ..kernels.relabel import relabel
 
 
@@ -89,5 +90,5 @@ class TargetMaker:
         # Labels come from the dataset's index and features from a finite map or from checked rows
         # (StoredEmbeddings.lookup), so a GPU batch skips relabel's check and the device sync it
         # costs (a sync here would wait for the training step the GPU is running).
-        return relabel(self.model, z.to(labels.device), pairs, labels, self.gamma, num_classes=self.num_classes,
+        return relabel(self.model, to_device(z, labels.device), pairs, labels, self.gamma, num_classes=self.num_classes,
                        smoothing=self.smoothing, backend=self.backend, validate=not labels.is_cuda)
