@@ -141,6 +141,20 @@ def test_matches_reference_large(kind, k, d, b):
     run_checked(model, zb, pairs, labels, 0.5, k, 0.1, kind)
 
 
+@pytest.mark.parametrize("form", ["always", "never"])
+@pytest.mark.parametrize("k,d,b,gamma", [(2, 1, 1, 1.0), (7, 5, 9, 0.5), (10, 300, 31, 1.0), (4, 3, 5, 0.0)])
+def test_numba_cpu_full_product_and_factor_forms(form, k, d, b, gamma):
+    """Full covariance on the CPU: one float32 product (gemm.py, from K >= 32 and K d^2 >= 2^20 by default)
+    and the factor kernel, both against the reference."""
+    from fastgenlabel.kernels.relabel import gemm
+
+    rng = np.random.default_rng(k * d + b)
+    model, z, y = model_for("full", k, d, prior="empirical", empty=(1,) if k > 2 else ())
+    zb, pairs, labels = batch(rng, z, y, b, "sample")
+    with gemm.policy(form):
+        run_checked(model, zb, pairs, labels, gamma, k, 0.05, "full")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_fresh_random_inputs(kind):
     """Several fresh draws per kind, gamma in {0, 0.5, 1}, both lambda modes."""

@@ -90,7 +90,8 @@ def test_cancellation_error_grows_with_mean_distance_as_documented(sep):
     g = gemm_params_for(model, torch.device("cpu"))
     p_hi, p_lo = gemm.split_tf32(gemm.features(g, torch.from_numpy(zb), pairs.perm, pairs.lam))
     r = tf32_round
-    scores = r(p_hi) @ r(g["w_hi"]).T + r(p_hi) @ r(g["w_lo"]).T + r(p_lo) @ r(g["w_hi"]).T
+    w_hi, w_lo = gemm.split_tf32(g["w"])  # the halves the CUDA form keeps
+    scores = r(p_hi) @ r(w_hi).T + r(p_hi) @ r(w_lo).T + r(p_lo) @ r(w_hi).T
     got = scores.double() + g["bias"].double()
     want = exact_logits(model, mix(torch.from_numpy(zb), pairs))
     shift = (want - got)[:, 0:1]  # the bias is shifted by a constant
@@ -102,7 +103,8 @@ def test_cancellation_error_grows_with_mean_distance_as_documented(sep):
 
 
 def test_policy_and_threshold():
-    assert gemm.use_gemm(1000, 256) and gemm.use_gemm(16, 256) and not gemm.use_gemm(10, 64)
+    assert gemm.use_gemm(1000, 256) and gemm.use_gemm(32, 256) and not gemm.use_gemm(16, 256)
+    assert not gemm.use_gemm(1000, 16) and not gemm.use_gemm(10, 64)
     with gemm.policy("always"):
         assert gemm.use_gemm(2, 2)
     with gemm.policy("never"):

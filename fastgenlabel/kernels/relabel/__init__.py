@@ -9,9 +9,10 @@
 computed by fused kernels. Backends, in the order ``backend="auto"`` tries them:
 
 - ``"numba-cuda"``: CUDA torch tensors, on torch's current stream, no copies of the inputs
-  (``cuda.py``; full covariance with K d^2 >= 2^20 computes its scores as one split-TF32
+  (``cuda.py``; full covariance with K >= 32 and K d^2 >= 2^20 computes its scores as one split-TF32
   tensor-core product instead, ``gemm.py``);
-- ``"numba-cpu"``: NumPy arrays and CPU torch tensors (``cpu.py``);
+- ``"numba-cpu"``: NumPy arrays and CPU torch tensors (``cpu.py``; full covariance with
+  K >= 32 and K d^2 >= 2^20 computes its scores as one float32 matrix product, ``gemm.py``);
 - ``"reference"``: the plain torch reference above (any float dtype, any layout).
 
 The kernels read the model as packed float32 arrays cached on the model (``params.py``) and
@@ -218,9 +219,12 @@ def _run_cpu(call: RelabelCall):
         out = _host(call.out)
         result = call.out
     params = params_for(call.model)
+    product = None
+    if params.kind == "full" and gemm.use_gemm(k, params.dim):  # one float32 product (gemm.py)
+        product = gemm_params_for(call.model, torch.device("cpu"))
     cpu.relabel_host(
         params, _host(call.zt), call.pairs.perm.numpy(), call.pairs.lam.to(torch.float32).numpy(),
-        call.labels_t.to(torch.int64).numpy(), call.gamma, call.smoothing, out,
+        call.labels_t.to(torch.int64).numpy(), call.gamma, call.smoothing, out, product=product,
     )
     return result
 

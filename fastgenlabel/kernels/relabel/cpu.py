@@ -63,6 +63,28 @@ def mix_rows(z, perm, lam, z_mix):
             z_mix[s, i] = mixed(z[s, i], z[p, i], l, lc)
 
 
+@njit(parallel=True, cache=True)
+def quad_features(z, perm, lam, center, phi):
+    """phi[s] = [x_i x_j for i <= j (row-major, as torch.triu_indices), x_i], x = z_mix[s] - center:
+    the left operand of the full-covariance product (``gemm.py``)."""
+    b, d = z.shape
+    tq = d * (d + 1) // 2
+    for s in prange(b):
+        l = lam[s]
+        lc = ONE - l
+        p = perm[s]
+        x = np.empty(d, np.float32)
+        for i in range(d):
+            x[i] = mixed(z[s, i], z[p, i], l, lc) - center[i]
+            phi[s, tq + i] = x[i]
+        t = 0
+        for i in range(d):
+            xi = x[i]
+            for j in range(i, d):
+                phi[s, t + j - i] = xi * x[j]
+            t += d - i
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def diag_scores(z_mix, mu_t, istd_t, out):
     """out[s, c] = -1/2 sum_i ((z_mix[s, i] - mu_ci) istd_ci)^2: one fused pass, no B x K x d."""
@@ -204,7 +226,7 @@ def finish(src, mix_rows_flag, perm, lam, labels, bias, gamma, keep, add, out):
                 out[s, c] = target_value(ym, ym, gamma, gamma_c, keep, add)
 
 
-def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out):
+def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product=None):
     """Run the relabel stage on host arrays.
 
     Args:
@@ -213,6 +235,9 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out):
         perm: (B,) int64 partners; lam: (B,) float32 weights; labels: (B,) int64.
         gamma, smoothing: floats in [0, 1].
         out: (B, K) float32 C-contiguous, fully overwritten.
+        product: for full covariance, the model's product form on the CPU
+            (``params.gemm_params_for``): the scores are then one float32 matrix product
+            (``gemm.py``) instead of ``full_scores``.
 
     Returns:
         out.
@@ -226,6 +251,14 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out):
     keep = np.float32(1.0 - smoothing)
     add = np.float32(smoothing / k)
     src, mix_flag = out, False
+    bias = a["bias"]
+    if params.kind == "full" and product is not None:
+        if g > 0:
+            phi = np.empty((b, product["w"].shape[1]), np.float32)
+            quad_features(z, perm, lam, product["center"].numpy(), phi)
+            torch.matmul(torch.from_numpy(phi), product["w"].T, out=torch.from_numpy(out))
+        finish(out, False, perm, lam, labels, product["bias"].numpy(), g, keep, add, out)
+        return out
     if g > 0:
         if params.kind == "tied":
             zc = torch.from_numpy(np.subtract(z, a["center"]))
@@ -241,5 +274,5 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out):
             else:
                 kde_scores(z_mix, a["order"], a["center"], a["factor"], params.tri, a["points"], a["offsets"],
                            a["bias"], out)
-    finish(src, mix_flag, perm, lam, labels, a["bias"], g, keep, add, out)
+    finish(src, mix_flag, perm, lam, labels, bias, g, keep, add, out)
     return out

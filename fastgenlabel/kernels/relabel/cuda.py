@@ -11,7 +11,7 @@ no kernel makes a B x K x d intermediate.
   of its samples it then turns them into targets itself (``finish_row``). Tied covariance scores
   the mixed sample directly: w_c^T (z_mix - m) costs the same K d per sample as scoring the
   unmixed ones and mixing the scores, and needs no scratch matrix or second launch.
-- Full covariance, K d^2 < 2^20 (larger ones use ``gemm.py``'s tensor-core product): ``tri_scores``,
+- Full covariance below ``gemm.use_gemm``'s size (larger ones use its tensor-core product): ``tri_scores``,
   one block per (sample tile, class), threads over the output coordinates j of
   u = L_c^T (z_mix - mu_c) (coalesced reads of the factor's rows), skipping its zero triangle;
   the squared norm is reduced across the block (pairwise). The grid's fastest index is the sample

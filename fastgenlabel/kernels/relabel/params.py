@@ -235,7 +235,8 @@ def device_params_for(model, device: torch.device, view=None) -> dict[str, Any]:
 
 def gemm_params_for(model, device: torch.device) -> dict[str, torch.Tensor]:
     """The full-covariance product form (``gemm.pack``) as tensors on ``device``, packed and
-    uploaded once per fit, cached with the other forms."""
+    uploaded once per fit, cached with the other forms: W as split TF32 halves on CUDA
+    (``w_hi``, ``w_lo``), W itself (``w``) elsewhere."""
     from . import gemm
 
     cache = _cache(model)
@@ -246,5 +247,8 @@ def gemm_params_for(model, device: torch.device) -> dict[str, torch.Tensor]:
         host = cache.gemm.get("host")
         if host is None:
             host = cache.gemm["host"] = gemm.pack(model, lambda extra: _bias(model, extra))
-        cache.gemm[key] = {name: torch.from_numpy(a).to(device) for name, a in host.items()}
+        arrays = dict(host)
+        if torch.device(device).type != "cuda":  # no tensor cores: one float32 product with W itself
+            arrays["w"] = arrays.pop("w_hi") + arrays.pop("w_lo")  # exact: the halves were split from W
+        cache.gemm[key] = {name: torch.from_numpy(a).to(device) for name, a in arrays.items()}
     return cache.gemm[key]
