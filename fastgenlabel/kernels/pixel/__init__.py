@@ -160,21 +160,20 @@ def _run_cuda(job: PixelJob):
     return out
 
 
-_CONSTANTS: dict = {}  # (scale, shift, device) -> device views; a training run uses one or two
+_CONSTANTS: dict = {}  # (scale, shift, device) -> the constants on the device; a run uses one or two
 
 
 def _device_constants(scale: np.ndarray, shift: np.ndarray, device: torch.device):
-    """The per-channel scale and shift as device arrays, uploaded once per distinct value
+    """Views of the per-channel scale and shift on the device, uploaded once per distinct value
     (a per-call upload from pinned memory cost a host allocation every batch)."""
     key = (scale.tobytes(), shift.tobytes(), str(device))
-    views = _CONSTANTS.get(key)
-    if views is None:
+    t = _CONSTANTS.get(key)
+    if t is None:
         if len(_CONSTANTS) >= 64:
             _CONSTANTS.clear()
-        t = torch.from_numpy(np.concatenate([scale, shift])).to(device)
-        c = scale.shape[0]
-        views = _CONSTANTS[key] = (t, device_view(t[:c]), device_view(t[c:]))
-    return views[1], views[2]
+        t = _CONSTANTS[key] = torch.from_numpy(np.concatenate([scale, shift])).to(device)
+    c = scale.shape[0]
+    return device_view(t[:c]), device_view(t[c:])
 
 
 IMPLS = (

@@ -261,10 +261,8 @@ def _run_cuda(call: RelabelCall):
             g = gemm_params_for(call.model, dev)
             if call.gamma > 0:
                 gemm.scores(g, call.zt, call.pairs.perm, lam, out)
-            if "bias_view" not in g:
-                g["bias_view"] = device_view(g["bias"])
             kernels.relabel_device(
-                params, {"bias": g["bias_view"]}, device_view(call.zt), device_view(call.pairs.perm),
+                params, {"bias": device_view(g["bias"])}, device_view(call.zt), device_view(call.pairs.perm),
                 device_view(lam), device_view(labels), call.gamma, call.smoothing, device_view(out),
                 stream=current_stream(), scores_ready=True)
             return out

@@ -254,9 +254,9 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
     bias = a["bias"]
     if params.kind == "full" and product is not None:
         if g > 0:
-            phi = np.empty((b, product["w"].shape[1]), np.float32)
-            quad_features(z, perm, lam, product["center"].numpy(), phi)
-            torch.matmul(torch.from_numpy(phi), product["w"].T, out=torch.from_numpy(out))
+            from .gemm import scores
+
+            scores(product, torch.from_numpy(z), torch.from_numpy(perm), torch.from_numpy(lam), torch.from_numpy(out))
         finish(out, False, perm, lam, labels, product["bias"].numpy(), g, keep, add, out)
         return out
     if g > 0:

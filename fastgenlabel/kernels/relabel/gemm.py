@@ -79,7 +79,7 @@ def pack(model, bias_of) -> dict[str, np.ndarray]:
     """The product form of a fitted full-covariance ``GaussianClassModel``.
 
     ``bias_of(extra)`` is ``params._bias``: log_norm + log_prior + extra, shifted, -inf if empty.
-    Returns float32 ``w_hi``, ``w_lo`` (K, T), ``center`` (d,), ``bias`` (K,) and int64
+    Returns float32 ``w`` (K, T), ``center`` (d,), ``bias`` (K,) and int64
     ``pair_i``, ``pair_j`` (the i <= j index pairs of the quadratic part).
     """
     means = model.means.detach().to("cpu", torch.float64)
@@ -101,10 +101,8 @@ def pack(model, bias_of) -> dict[str, np.ndarray]:
         block[~live[sl]] = 0.0
         w[sl] = block.numpy()
         const[sl] = torch.where(live[sl], -0.5 * (a * pa).sum(1), torch.zeros_like(pa[:, 0]))
-    w_t = torch.from_numpy(w)
-    hi, lo = split_tf32(w_t)
-    return {"w_hi": hi.numpy(), "w_lo": np.ascontiguousarray(lo.numpy()), "center": center.to(torch.float32).numpy(),
-            "bias": bias_of(const), "pair_i": iu.numpy().astype(np.int64), "pair_j": ju.numpy().astype(np.int64)}
+    return {"w": w, "center": center.to(torch.float32).numpy(), "bias": bias_of(const),
+            "pair_i": iu.numpy().astype(np.int64), "pair_j": ju.numpy().astype(np.int64)}
 
 
 @contextlib.contextmanager
@@ -139,15 +137,19 @@ def features(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch.Tenso
 def scores(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor,
            out: torch.Tensor) -> torch.Tensor:
     """Raw scores (B, K) of the mixed samples into ``out`` (float32, on z's device, torch's stream).
+    On the host z (B, d) and lam (B,) must be float32 and C-contiguous, as the kernels take them.
 
     With ``arrays["bias"]`` as the bias they equal the factor form's logits (module docstring).
     """
-    phi = features(arrays, z, perm, lam)
-    if "w" in arrays:  # host: one plain float32 product
+    if not z.is_cuda:  # host: phi by the parallel Numba kernel, then one plain float32 product
+        from .cpu import quad_features
+
+        phi = torch.empty((z.shape[0], arrays["w"].shape[1]), dtype=torch.float32)
+        quad_features(z.numpy(), perm.numpy(), lam.numpy(), arrays["center"].numpy(), phi.numpy())
         return torch.matmul(phi, arrays["w"].T, out=out)
     w_hi, w_lo = arrays["w_hi"], arrays["w_lo"]
-    p_hi, p_lo = split_tf32(phi)
-    with _tf32_matmul(z.is_cuda):
+    p_hi, p_lo = split_tf32(features(arrays, z, perm, lam))
+    with _tf32_matmul(True):
         torch.matmul(p_hi, w_hi.T, out=out)
         out.addmm_(p_hi, w_lo.T)
         out.addmm_(p_lo, w_hi.T)

@@ -247,8 +247,8 @@ def gemm_params_for(model, device: torch.device) -> dict[str, torch.Tensor]:
         host = cache.gemm.get("host")
         if host is None:
             host = cache.gemm["host"] = gemm.pack(model, lambda extra: _bias(model, extra))
-        arrays = dict(host)
-        if torch.device(device).type != "cuda":  # no tensor cores: one float32 product with W itself
-            arrays["w"] = arrays.pop("w_hi") + arrays.pop("w_lo")  # exact: the halves were split from W
-        cache.gemm[key] = {name: torch.from_numpy(a).to(device) for name, a in arrays.items()}
+        tensors = {name: torch.from_numpy(a).to(device) for name, a in host.items()}
+        if torch.device(device).type == "cuda":  # tensor cores: W as TF32-exact halves
+            tensors["w_hi"], tensors["w_lo"] = gemm.split_tf32(tensors.pop("w"))
+        cache.gemm[key] = tensors
     return cache.gemm[key]
