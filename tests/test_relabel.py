@@ -479,3 +479,32 @@ def test_numba_cuda_reused_memory_gets_fresh_results():
         got = relabel(model, zt, pt, lt, 0.7, num_classes=10, backend="numba-cuda").cpu().numpy()
         np.testing.assert_allclose(got, reference(model, zb, pairs, labels, 0.7, 10, 0.0), rtol=0, atol=ATOL["diag"])
         del zt, lt, pt
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_numba_cuda_fused_kernel_over_many_class_tiles_and_streams(kind):
+    """affine_fused with K = 1000 (8 class tiles of 128 per sample tile, the last block of each
+    tile finishing it): calls back to back on two streams and growing batches reuse and grow the
+    per-stream counters; every result equals the reference."""
+    import importlib
+
+    relabel_module = importlib.import_module("fastgenlabel.kernels.relabel")
+    rng = np.random.default_rng(11)
+    model, z, y = model_for(kind, 1000, 16, prior="empirical", empty=(3,))
+    dev = torch.device("cuda")
+    streams = [torch.cuda.current_stream(), torch.cuda.Stream()]
+    runs = []
+    for i, b in enumerate([8, 300, 1, 256, 513, 64]):
+        zb, pairs, labels = batch(rng, z, y, b, "sample")
+        zt, lt, pt = torch.from_numpy(zb).to(dev), torch.from_numpy(labels).to(dev), pairs.to(dev)
+        stream = streams[i % 2]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            out = relabel(model, zt, pt, lt, 0.9, num_classes=1000, smoothing=0.02, backend="numba-cuda")
+        runs.append((out, stream, zt, lt, pt, reference(model, zb, pairs, labels, 0.9, 1000, 0.02)))
+    for out, stream, *_keep, want in runs:
+        stream.synchronize()
+        np.testing.assert_allclose(out.cpu().numpy(), want, rtol=0, atol=ATOL[kind])
+    for counters in relabel_module._COUNTERS.values():
+        assert int(counters.count_nonzero()) == 0

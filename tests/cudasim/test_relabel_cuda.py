@@ -117,6 +117,28 @@ def test_fused_kernel_tiles_and_class_loops(kind, b):
     np.testing.assert_allclose(got, reference(model, zb, pairs, labels, 0.6, 0.05), atol=ATOL[kind])
 
 
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_fused_kernel_counters_reset_for_the_next_launch(kind):
+    """affine_fused's per-tile counters (three class tiles here: K = 19, TPB = 8) are zero again
+    after each launch, so one array serves launch after launch on a stream; gamma = 0 launches
+    one class tile and never counts."""
+    model, z, y = make_model(kind, 19, 5, seed=7)
+    params = params_for(model)
+    arrays = {name: cuda.to_device(a) for name, a in params.arrays.items()}
+    done = cuda.to_device(np.zeros(kernels.sample_tiles(7) + 2, np.int32))
+    rng = np.random.default_rng(7)
+    for gamma in (1.0, 0.0, 0.7):
+        zb, pairs, labels = batch(rng, z, y, 7, "sample")
+        args = [cuda.to_device(a) for a in (zb, pairs.perm.numpy(), pairs.lam.numpy(), labels)]
+        out = cuda.to_device(np.full((7, 19), np.nan, np.float32))
+        kernels.relabel_device(params, arrays, *args, gamma, 0.0, out, done=done)
+        np.testing.assert_allclose(out.copy_to_host(), reference(model, zb, pairs, labels, gamma, 0.0),
+                                   atol=ATOL[kind])
+        assert (done.copy_to_host() == 0).all()
+    with pytest.raises(ValueError, match="done: 1 counters for 4 sample tiles"):
+        kernels.relabel_device(params, arrays, *args, 1.0, 0.0, out, done=cuda.to_device(np.zeros(1, np.int32)))
+
+
 def test_full_with_a_non_triangular_factor():
     model, z, y = make_model("full", 3, 9)
     q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((9, 9)))

@@ -267,11 +267,28 @@ def _run_cuda(call: RelabelCall):
                 stream=current_stream(), scores_ready=True)
             return out
         arrays = device_params_for(call.model, dev, view=device_view)
+        done = None
+        if params.kind in ("diag", "tied"):
+            done = device_view(_tile_counters(dev, kernels.sample_tiles(b)))
         kernels.relabel_device(
             params, arrays, device_view(call.zt), device_view(call.pairs.perm), device_view(lam),
-            device_view(labels), call.gamma, call.smoothing, device_view(out), stream=current_stream(),
+            device_view(labels), call.gamma, call.smoothing, device_view(out), stream=current_stream(), done=done,
         )
     return out
+
+
+_COUNTERS: dict = {}  # (device index, stream handle) -> int32 zeros, affine_fused's per-tile counters
+
+
+def _tile_counters(dev: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed per-tile counters for launches on torch's current stream, made once per stream
+    (the kernel leaves them zero; a larger batch gets a larger array). Zeroed on that stream, so
+    the first launch is ordered after the fill."""
+    key = (dev.index, torch.cuda.current_stream(dev).cuda_stream)
+    t = _COUNTERS.get(key)
+    if t is None or t.shape[0] < tiles:
+        t = _COUNTERS[key] = torch.zeros(max(tiles, 64), dtype=torch.int32, device=dev)
+    return t
 
 
 def _run_reference(call: RelabelCall):

@@ -4,13 +4,14 @@ Each kernel matches the reference ``genlabel_target(model, mix(z, pairs), ...)``
 the caller's stream. Mixing is fused into the loads of z (no z_mix array in global memory), and
 no kernel makes a B x K x d intermediate.
 
-- ``affine_fused`` (diagonal and tied covariance): one launch. One block per tile of ``TS``
-  samples, threads over classes (coalesced reads of the feature-major (d, K) parameters), the
-  tile's features staged through shared memory ``TD`` at a time, float32 partial sums per chunk
-  added with Kahan compensation; the scores go to ``out``, and since the block holds every class
-  of its samples it then turns them into targets itself (``finish_row``). Tied covariance scores
-  the mixed sample directly: w_c^T (z_mix - m) costs the same K d per sample as scoring the
-  unmixed ones and mixing the scores, and needs no scratch matrix or second launch.
+- ``affine_fused`` (diagonal and tied covariance): one launch. Grid (sample tiles of ``TS``,
+  class tiles of ``TPB``), threads over classes (coalesced reads of the feature-major (d, K)
+  parameters), the tile's features staged through shared memory ``TD`` at a time, float32
+  partial sums per chunk added with Kahan compensation; the scores go to ``out``. The last block
+  to finish a sample tile (a per-tile counter, atomics and fences) holds every class of those
+  samples and turns them into targets itself (``finish_row``). Tied covariance scores the mixed
+  sample directly: w_c^T (z_mix - m) costs the same K d per sample as scoring the unmixed ones
+  and mixing the scores, and needs no scratch matrix or second launch.
 - Full covariance below ``gemm.use_gemm``'s size (larger ones use its tensor-core product): ``tri_scores``,
   one block per (sample tile, class), threads over the output coordinates j of
   u = L_c^T (z_mix - mu_c) (coalesced reads of the factor's rows), skipping its zero triangle;
@@ -33,7 +34,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import config, float32
+from numba import config, float32, int32
 
 from .._interop import cuda_modules
 from . import math as rm
@@ -132,55 +133,86 @@ def stage_centered(tile, z, perm, lam, s0, i0, order, center, c):
         tile[t, ii] = v
 
 
+@cuda.jit(device=True)
+def load_l2(a, s, c):
+    """``a[s, c]`` read from L2 (``ld.global.cg``), past this SM's L1, which does not see other
+    blocks' stores. The simulator has no cache hints (nor caches)."""
+    if SIM:
+        return a[s, c]
+    return cuda.ldcg(a, (s, c))
+
+
 @cuda.jit(cache=True)
-def affine_fused(z, perm, lam, center, mu_t, w_t, tied, labels, bias, gamma, keep, add, out):
-    """Diagonal and tied covariance in one launch: the block's TS samples' scores over all K
-    classes into ``out``, then their targets (``finish_row``), as every class of those samples is
-    in this block.
+def affine_fused(z, perm, lam, center, mu_t, w_t, tied, labels, bias, gamma, keep, add, out, done):
+    """Diagonal and tied covariance in one launch. Grid (sample tiles, class tiles): a block
+    scores its TS samples over its TPB classes into ``out``; the last block to finish a sample
+    tile (counted in ``done``) turns that tile's rows into targets (``finish_row``).
 
     diag (``tied`` 0): score = -1/2 sum_i ((z_mix_i - mu_ci) w_ic)^2, w = 1 / sigma;
     tied (``tied`` 1): score = sum_i (z_mix_i - m_i) w_ic, the affine score of the mixed sample
     (``center`` = m; ``mu_t`` unused). ``tied`` is uniform over the launch: no divergence.
+
+    Splitting the classes over blocks keeps the GPU busy: at B = 256, K = 1000 one block per
+    sample tile would be 32 blocks of 4 warps on a 132-SM H200, each warp stalling on every
+    parameter load. ``done`` (>= gridDim.x int32, zero) counts the blocks of each tile that have
+    written their scores (each thread fences its stores first); the block that makes the count
+    complete resets it to zero for the next launch, then reads the whole rows from L2. With one
+    class tile (K <= TPB, or gamma = 0: nothing to score) there is nothing to count.
     """
     b, d = z.shape
     k = out.shape[1]
     s0 = cuda.blockIdx.x * TS
     tid = cuda.threadIdx.x
+    c = cuda.blockIdx.y * TPB + tid
     tile = cuda.shared.array((TS, TD), float32)
     red = cuda.shared.array(TPB, float32)
+    last = cuda.shared.array(1, int32)
     acc = cuda.local.array(TS, float32)
     comp = cuda.local.array(TS, float32)
     part = cuda.local.array(TS, float32)
     if gamma > ZERO:
-        for c0 in range(0, k, TPB):
-            c = c0 + tid
-            for t in range(TS):
-                acc[t] = ZERO
-                comp[t] = ZERO
-            for i0 in range(0, d, TD):
-                stage_mixed(tile, z, perm, lam, s0, i0)
-                cuda.syncthreads()
-                if c < k:
-                    for t in range(TS):
-                        part[t] = ZERO
-                    for ii in range(min(TD, d - i0)):
-                        w = w_t[i0 + ii, c]
-                        if tied:
-                            m = center[i0 + ii]
-                            for t in range(TS):
-                                part[t] += (tile[t, ii] - m) * w
-                        else:
-                            mu = mu_t[i0 + ii, c]
-                            for t in range(TS):
-                                part[t] += diag_term(tile[t, ii], mu, w)
-                    for t in range(TS):
-                        acc[t], comp[t] = kahan_add(acc[t], comp[t], part[t])
-                cuda.syncthreads()
+        for t in range(TS):
+            acc[t] = ZERO
+            comp[t] = ZERO
+        for i0 in range(0, d, TD):
+            stage_mixed(tile, z, perm, lam, s0, i0)
+            cuda.syncthreads()
             if c < k:
                 for t in range(TS):
-                    if s0 + t < b:
-                        out[s0 + t, c] = acc[t] if tied else gauss_score(acc[t])
-        cuda.syncthreads()  # the block's scores are in out, visible to the whole block
+                    part[t] = ZERO
+                for ii in range(min(TD, d - i0)):
+                    w = w_t[i0 + ii, c]
+                    if tied:
+                        m = center[i0 + ii]
+                        for t in range(TS):
+                            part[t] += (tile[t, ii] - m) * w
+                    else:
+                        mu = mu_t[i0 + ii, c]
+                        for t in range(TS):
+                            part[t] += diag_term(tile[t, ii], mu, w)
+                for t in range(TS):
+                    acc[t], comp[t] = kahan_add(acc[t], comp[t], part[t])
+            cuda.syncthreads()
+        if c < k:
+            for t in range(TS):
+                if s0 + t < b:
+                    out[s0 + t, c] = acc[t] if tied else gauss_score(acc[t])
+        if cuda.gridDim.y > 1:
+            cuda.threadfence()  # this thread's scores reach L2 before the block is counted
+            cuda.syncthreads()
+            if tid == 0:
+                last[0] = cuda.atomic.add(done, cuda.blockIdx.x, 1) == cuda.gridDim.y - 1
+            cuda.syncthreads()
+            if last[0] == 0:  # uniform over the block
+                return
+            if tid == 0:
+                done[cuda.blockIdx.x] = 0
+            cuda.threadfence()
+            for t in range(TS):
+                if s0 + t < b:
+                    for cc in range(tid, k, TPB):  # the thread that finish_row gives column cc
+                        out[s0 + t, cc] = load_l2(out, s0 + t, cc)
+        cuda.syncthreads()  # the tile's scores are in out, visible to the whole block
     for t in range(TS):
         if s0 + t < b:  # uniform over the block: finish_row's reductions see every thread
             finish_row(out, 0, s0 + t, perm, lam, labels, bias, gamma, keep, add, out, red)
@@ -334,11 +366,23 @@ def refuse_shape(params, batch: int) -> str | None:
         return f"shape: the KDE kernel stages 2 d floats in shared memory; d = {params.dim} is too large"
     if params.kind in ("full", "kde") and params.num_classes > MAX_GRID_Y:
         return f"shape: the {params.kind} kernel launches one grid row per class; needs K <= {MAX_GRID_Y}"
+    if params.kind in ("diag", "tied") and class_tiles(params.num_classes) > MAX_GRID_Y:
+        return f"shape: the {params.kind} kernel launches one grid row per {TPB} classes; needs K <= {MAX_GRID_Y * TPB}"
     del batch  # every batch size fits the grid's x dimension
     return None
 
 
-def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, *, stream=0, scores_ready=False):
+def sample_tiles(batch: int) -> int:
+    """Blocks along the batch (``TS`` samples each): the length ``affine_fused``'s ``done`` needs."""
+    return (batch + TS - 1) // TS
+
+
+def class_tiles(num_classes: int) -> int:
+    return (num_classes + TPB - 1) // TPB
+
+
+def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, *, stream=0, scores_ready=False,
+                   done=None):
     """Launch the relabel stage on device arrays (anything with ``__cuda_array_interface__``).
 
     Args:
@@ -351,6 +395,10 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
         scores_ready: ``out`` already holds the raw scores of the mixed samples and
             ``arrays["bias"]`` their bias (the full-covariance product of ``gemm.py``): only
             ``finish`` runs.
+        done: diag and tied: an int32 device array of at least :func:`sample_tiles` (B) zeros,
+            ``affine_fused``'s per-tile counters. The kernel leaves it zero again, so one array
+            serves every launch on one stream (launches on other streams need their own). None:
+            a fresh one is uploaded for this call.
 
     Returns:
         out. The launches (one for diag and tied, two for full and KDE) are asynchronous on
@@ -364,14 +412,19 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
     keep = np.float32(1.0 - smoothing)
     add = np.float32(smoothing / k)
     bias = arrays["bias"]
-    tiles = (b + TS - 1) // TS
-    if params.kind == "diag" and not scores_ready:
-        affine_fused[tiles, TPB, stream](z, perm, lam, bias, arrays["mu_t"], arrays["istd_t"], 0, labels, bias, g,
-                                         keep, add, out)  # bias stands in for the unused centre
-        return out
-    if params.kind == "tied" and not scores_ready:
-        affine_fused[tiles, TPB, stream](z, perm, lam, arrays["center"], arrays["w_t"], arrays["w_t"], 1, labels,
-                                         bias, g, keep, add, out)  # w_t stands in for the unused means
+    tiles = sample_tiles(b)
+    if params.kind in ("diag", "tied") and not scores_ready:
+        if done is None:
+            done = cuda.to_device(np.zeros(tiles, np.int32), stream=stream)
+        elif done.shape[0] < tiles:
+            raise ValueError(f"done: {done.shape[0]} counters for {tiles} sample tiles")
+        grid = (tiles, class_tiles(k) if g > 0 else 1)
+        if params.kind == "diag":
+            affine_fused[grid, TPB, stream](z, perm, lam, bias, arrays["mu_t"], arrays["istd_t"], 0, labels, bias, g,
+                                            keep, add, out, done)  # bias stands in for the unused centre
+        else:
+            affine_fused[grid, TPB, stream](z, perm, lam, arrays["center"], arrays["w_t"], arrays["w_t"], 1, labels,
+                                            bias, g, keep, add, out, done)  # w_t stands in for the unused means
         return out
     if g > 0 and not scores_ready:
         if params.kind == "full":
