@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from queued import device_time
 from test_bench_relabel import inputs, model
 
 import fastgenlabel as fg
@@ -81,6 +82,42 @@ def components(calls):
     torch.cuda.synchronize()
 
 
+def launch_floor():
+    """Host time of Numba launches of empty kernels (prebuilt views): the floor under any
+    numba-cuda call, by argument count (affine_fused takes 10 arrays and 4 scalars)."""
+    from fastgenlabel.kernels import _interop
+
+    cuda = _interop.cuda_modules()
+
+    @cuda.jit
+    def k0():
+        pass
+
+    @cuda.jit
+    def k4(a, b, c, d):
+        pass
+
+    @cuda.jit
+    def k14(a, b, c, d, e, f, g, h, i, j, w, x, y, z):
+        pass
+
+    v = _interop.device_view(torch.zeros(256, device=dev))
+    stream = _interop.current_stream()
+    one, zero = np.float32(1.0), np.int64(0)
+    rows = {
+        "empty kernel, no arguments": lambda: k0[1, 32, stream](),
+        "empty kernel, 4 arrays": lambda: k4[1, 32, stream](v, v, v, v),
+        "empty kernel, 10 arrays + 4 scalars": lambda: k14[1, 32, stream](v, v, v, v, v, v, v, v, v, v, zero, one,
+                                                                            one, one),
+        "empty kernel, 10 arrays + 4 scalars, stream 0": lambda: k14[1, 32](v, v, v, v, v, v, v, v, v, v, zero, one,
+                                                                              one, one),
+    }
+    print("\n--- Numba launch floor (us per launch, 200 launches, no sync)")
+    for name, fn in rows.items():
+        print(f"{name:48s} {host_us(fn):8.1f} us", flush=True)
+    torch.cuda.synchronize()
+
+
 def main():
     calls = {}
     for kind in ("diag", "tied", "full"):
@@ -105,9 +142,12 @@ def main():
             fn()
         end.record()
         end.synchronize()
+        gpu = device_time(fn)
         print(f"{name:48s} synchronised {sync_us:8.1f} us/call   queued {queued_us:8.1f} us/call   "
-              f"CUDA events {start.elapsed_time(end) / 20 * 1e3:8.1f} us/call", flush=True)
+              f"CUDA events {start.elapsed_time(end) / 20 * 1e3:8.1f} us/call   "
+              f"GPU time {'-' if gpu is None else f'{gpu * 1e6:.1f}'} us/call", flush=True)
     components(calls)
+    launch_floor()
     for name in ("relabel diag K=1000 d=256 B=256 validate=False", "mix_images B=256 fp16"):
         prof = cProfile.Profile()
         prof.enable()

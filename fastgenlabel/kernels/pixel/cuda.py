@@ -27,6 +27,14 @@ _mix = cuda.jit(device=True)(_math.mix_normalize)
 _to_bf16 = cuda.jit(device=True)(_math.f32_to_bf16_bits)
 
 
+@cuda.jit(device=True)
+def _put(out, o, v, out_bf16):
+    if out_bf16:
+        out[o] = np.uint16(_to_bf16(v))
+    else:
+        out[o] = v
+
+
 @cuda.jit(cache=True)
 def mix_kernel(x, perm, lam, scale, shift, out, HW, C, in_chw, out_chw, out_bf16):
     """``out = (lam * x + (1 - lam) * x[perm] - mean) / std`` for a whole batch.
@@ -39,6 +47,10 @@ def mix_kernel(x, perm, lam, scale, shift, out, HW, C, in_chw, out_chw, out_bf16
         out: (B*H*W*C,) float32 or float16, or uint16 receiving bfloat16 bits when
             ``out_bf16``; CHW order if ``out_chw`` else HWC.
         HW, C: pixels per image and channels.
+
+    Three channels (RGB) load the pixel's six input values and the constants before the first
+    store: the compiler cannot move a load above a store to ``out`` (it may alias ``x``), so a
+    loop over channels would wait for memory once per channel instead of once per pixel.
     """
     s = cuda.blockIdx.y
     p = perm[s]
@@ -54,15 +66,23 @@ def mix_kernel(x, perm, lam, scale, shift, out, HW, C, in_chw, out_chw, out_bf16
     out_chan = HW if out_chw else 1
     start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     step = cuda.gridDim.x * cuda.blockDim.x
+    if C == 3:
+        sc0, sc1, sc2 = scale[0], scale[1], scale[2]
+        sh0, sh1, sh2 = shift[0], shift[1], shift[2]
+        for q in range(start, HW, step):
+            i = q * in_pix
+            a0, a1, a2 = x[x_self + i], x[x_self + i + in_chan], x[x_self + i + 2 * in_chan]
+            b0, b1, b2 = x[x_partner + i], x[x_partner + i + in_chan], x[x_partner + i + 2 * in_chan]
+            o = x_self + q * out_pix
+            _put(out, o, _mix(a0, b0, ka, kb, sc0, sh0), out_bf16)
+            _put(out, o + out_chan, _mix(a1, b1, ka, kb, sc1, sh1), out_bf16)
+            _put(out, o + 2 * out_chan, _mix(a2, b2, ka, kb, sc2, sh2), out_bf16)
+        return
     for q in range(start, HW, step):
         for c in range(C):
             i = q * in_pix + c * in_chan
             v = _mix(x[x_self + i], x[x_partner + i], ka, kb, scale[c], shift[c])
-            o = x_self + q * out_pix + c * out_chan
-            if out_bf16:
-                out[o] = np.uint16(_to_bf16(v))
-            else:
-                out[o] = v
+            _put(out, x_self + q * out_pix + c * out_chan, v, out_bf16)
 
 
 def grid(batch: int, pixels: int, threads: int = THREADS) -> tuple[int, int]:
