@@ -107,11 +107,12 @@ def test_empty_classes_get_exactly_zero(kind):
 
 
 @pytest.mark.parametrize("kind", ["diag", "tied"])
-@pytest.mark.parametrize("b", [1, 2, 3, 7])
-def test_fused_kernel_tiles_and_class_loops(kind, b):
-    """affine_fused: partial sample tiles (TS = 2 here), K over several thread strides (TPB = 8),
-    d over several feature chunks (TD = 4), one launch per call."""
-    model, z, y = make_model(kind, 19, 9, prior="empirical", empty=(4,), seed=b)
+@pytest.mark.parametrize("b,d", [(1, 9), (2, 7), (3, 9), (7, 7)])
+def test_fused_kernel_tiles_and_class_loops(kind, b, d):
+    """affine_fused: partial sample tiles (TS = 2 here), K over several class tiles (TPB = 8), d
+    over several feature chunks (TD = 4) with register groups (LOADS = 2) and their tails
+    (d = 7: chunks of 4 and 3; d = 9: 4, 4 and 1), one launch per call."""
+    model, z, y = make_model(kind, 19, d, prior="empirical", empty=(4,), seed=b)
     zb, pairs, labels = batch(np.random.default_rng(b), z, y, b, "sample")
     got = run_device(model, zb, pairs, labels, 0.6, 0.05)
     np.testing.assert_allclose(got, reference(model, zb, pairs, labels, 0.6, 0.05), atol=ATOL[kind])

@@ -6,8 +6,9 @@ no kernel makes a B x K x d intermediate.
 
 - ``affine_fused`` (diagonal and tied covariance): one launch. Grid (sample tiles of ``TS``,
   class tiles of ``TPB``), threads over classes (coalesced reads of the feature-major (d, K)
-  parameters), the tile's features staged through shared memory ``TD`` at a time, float32
-  partial sums per chunk added with Kahan compensation; the scores go to ``out``. The last block
+  parameters, ``LOADS`` features' worth loaded into registers together), the tile's features
+  staged through shared memory ``TD`` at a time, float32 partial sums per chunk added with Kahan
+  compensation; the scores go to ``out``. The last block
   to finish a sample tile (a per-tile counter, atomics and fences) holds every class of those
   samples and turns them into targets itself (``finish_row``). Tied covariance scores the mixed
   sample directly: w_c^T (z_mix - m) costs the same K d per sample as scoring the unmixed ones
@@ -45,6 +46,7 @@ SIM = bool(config.ENABLE_CUDASIM)
 TPB = 8 if SIM else 128  # threads per block (a power of two)
 TS = 2 if SIM else 8  # samples per block tile (<= TPB)
 TD = 4 if SIM else 32  # features staged in shared memory at a time
+LOADS = 2 if SIM else 8  # affine_fused: parameters loaded into registers together (divides TD)
 MAX_SHARED_BYTES = 48 * 1024
 MAX_GRID_Y = 65535
 
@@ -142,6 +144,31 @@ def load_l2(a, s, c):
     return cuda.ldcg(a, (s, c))
 
 
+@cuda.jit(device=True)
+def affine_chunk(part, tile, center, mu_t, w_t, tied, i0, c, n, wr, mr):
+    """Add features i0 .. i0 + n of class ``c`` to the TS samples' partial scores ``part``.
+
+    ``LOADS`` features at a time, their parameters are loaded into registers (``wr``, ``mr``:
+    local arrays indexed by unrolled constants) before any of them is used, so that a warp waits
+    for memory once per group rather than once or twice per feature; the tail goes one by one.
+    """
+    g_end = n - n % LOADS
+    for g in range(0, g_end, LOADS):
+        for u in range(LOADS):
+            wr[u] = w_t[i0 + g + u, c]
+            mr[u] = center[i0 + g + u] if tied else mu_t[i0 + g + u, c]
+        for u in range(LOADS):
+            for t in range(TS):
+                x = tile[t, g + u]
+                part[t] += (x - mr[u]) * wr[u] if tied else diag_term(x, mr[u], wr[u])
+    for ii in range(g_end, n):
+        w = w_t[i0 + ii, c]
+        m = center[i0 + ii] if tied else mu_t[i0 + ii, c]
+        for t in range(TS):
+            x = tile[t, ii]
+            part[t] += (x - m) * w if tied else diag_term(x, m, w)
+
+
 @cuda.jit(cache=True)
 def affine_fused(z, perm, lam, center, mu_t, w_t, tied, labels, bias, gamma, keep, add, out, done):
     """Diagonal and tied covariance in one launch. Grid (sample tiles, class tiles): a block
@@ -170,6 +197,8 @@ def affine_fused(z, perm, lam, center, mu_t, w_t, tied, labels, bias, gamma, kee
     acc = cuda.local.array(TS, float32)
     comp = cuda.local.array(TS, float32)
     part = cuda.local.array(TS, float32)
+    wr = cuda.local.array(LOADS, float32)
+    mr = cuda.local.array(LOADS, float32)
     if gamma > ZERO:
         for t in range(TS):
             acc[t] = ZERO
@@ -180,16 +209,7 @@ def affine_fused(z, perm, lam, center, mu_t, w_t, tied, labels, bias, gamma, kee
             if c < k:
                 for t in range(TS):
                     part[t] = ZERO
-                for ii in range(min(TD, d - i0)):
-                    w = w_t[i0 + ii, c]
-                    if tied:
-                        m = center[i0 + ii]
-                        for t in range(TS):
-                            part[t] += (tile[t, ii] - m) * w
-                    else:
-                        mu = mu_t[i0 + ii, c]
-                        for t in range(TS):
-                            part[t] += diag_term(tile[t, ii], mu, w)
+                affine_chunk(part, tile, center, mu_t, w_t, tied, i0, c, min(TD, d - i0), wr, mr)
                 for t in range(TS):
                     acc[t], comp[t] = kahan_add(acc[t], comp[t], part[t])
             cuda.syncthreads()
