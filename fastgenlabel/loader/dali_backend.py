@@ -76,6 +76,7 @@ class DaliBackend:
 
     def close(self) -> None:
         self.pipe = None  # DALI frees the pipeline when its last reference goes
+        self.source.close()
 
     def next_raw(self):
         """(images, thumbnails or None, indices, labels, MixPairs) of the next batch; StopIteration at the end."""

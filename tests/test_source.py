@@ -1,0 +1,130 @@
+"""The DALI backend's external source: reading ahead changes nothing that comes out, nor where errors surface."""
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastgenlabel.functional.pairs import PairFeed
+from fastgenlabel.loader.files import CorruptImageError, scan
+from fastgenlabel.loader.source import EpochSource
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        for i in range(7):
+            path = tmp_path / f"c{k}" / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(path, quality=90)
+    return tmp_path
+
+
+def source(files, read_ahead, **kw):
+    args = dict(batch_size=4, last_batch="partial", shuffle=True, seed=3, shard_id=0, num_shards=1)
+    args.update(kw)
+    return EpochSource(files, PairFeed(1.0, seed=5, batch_size=4, lam_mode="sample"), read_ahead=read_ahead, **args)
+
+
+def passes(src, epochs):
+    """What DALI sees: iter once, then next across epochs (the loader sets the epoch between them)."""
+    it = iter(src)
+    out = []
+    for epoch in epochs:
+        src.epoch = epoch
+        batch_items = []
+        while True:
+            try:
+                batch_items.append(next(it))
+            except StopIteration:
+                break
+        out.append(batch_items)
+    return out
+
+
+def same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for part_x, part_y in zip(x, y):
+            assert len(part_x) == len(part_y)
+            for u, v in zip(part_x, part_y):
+                np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("read_ahead", [1, 2, 5])
+def test_reading_ahead_gives_the_same_batches(folder, read_ahead):
+    files = scan(folder)
+    want = passes(source(files, 0), [0, 1, 4])
+    src = source(files, read_ahead)
+    got = passes(src, [0, 1, 4])
+    for w, g in zip(want, got):
+        same(w, g)
+    assert [len(p) for p in got] == [6, 6, 6]  # 21 samples: five full batches and a partial one
+    src.close()
+
+
+def test_reading_ahead_is_done_by_another_thread(folder, monkeypatch):
+    files = scan(folder)
+    readers = set()
+    real = type(files).read
+
+    def read(self, i):
+        readers.add(threading.current_thread().name)
+        return real(self, i)
+
+    monkeypatch.setattr(type(files), "read", read)
+    src = source(files, 2)
+    passes(src, [0])
+    assert readers and all(name.startswith("fastgenlabel-read") for name in readers)
+    src.close()
+
+
+@pytest.mark.parametrize("read_ahead", [0, 2])
+def test_a_corrupt_file_raises_at_its_own_batch(folder, read_ahead):
+    files = scan(folder)
+    order = source(files, 0).batches(0)
+    bad = files.paths[order[2][1]]
+    with open(bad, "wb") as f:
+        f.write(b"not an image at all")
+    src = source(files, read_ahead)
+    it = iter(src)
+    first = [next(it), next(it)]  # batches 0 and 1 come out although batch 2 is already read
+    assert len(first) == 2
+    with pytest.raises(CorruptImageError, match=bad.rsplit("/", 1)[-1]):
+        next(it)
+    src.close()
+
+
+@pytest.mark.parametrize("read_ahead", [0, 2])
+def test_skip_warns_when_the_batch_is_handed_out(folder, read_ahead):
+    files = scan(folder)
+    order = source(files, 0).batches(0)
+    bad = files.paths[order[3][0]]
+    with open(bad, "wb") as f:
+        f.write(b"\xff\xd8 truncated")
+    src = source(files, read_ahead, on_bad_image="skip")
+    it = iter(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            next(it)
+    with pytest.warns(UserWarning, match="skipping corrupt"):
+        encoded, indices, perm, lam = next(it)
+    assert len(encoded) == len(indices) == len(perm) == 3
+    src.close()
+
+
+def test_close_stops_the_reader(folder):
+    files = scan(folder)
+    src = source(files, 3)
+    it = iter(src)
+    next(it)
+    src.close()
+    assert src._reader is None and not src._pending
+    deadline = time.time() + 5
+    while any(t.name.startswith("fastgenlabel-read") for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name.startswith("fastgenlabel-read") for t in threading.enumerate())
