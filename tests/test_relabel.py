@@ -506,5 +506,5 @@ def test_numba_cuda_fused_kernel_over_many_class_tiles_and_streams(kind):
     for out, stream, *_keep, want in runs:
         stream.synchronize()
         np.testing.assert_allclose(out.cpu().numpy(), want, rtol=0, atol=ATOL[kind])
-    for counters in relabel_module._COUNTERS.values():
+    for counters, _view in relabel_module._COUNTERS.values():
         assert int(counters.count_nonzero()) == 0

@@ -67,7 +67,11 @@ def _new_view(t: torch.Tensor):
 def current_stream():
     """torch's current CUDA stream as a Numba stream (one wrapper per stream handle), so kernels
     order with torch's work."""
-    handle = torch.cuda.current_stream().cuda_stream
+    return numba_stream(torch.cuda.current_stream().cuda_stream)
+
+
+def numba_stream(handle: int):
+    """The Numba wrapper of the CUDA stream ``handle`` (made once per handle)."""
     stream = _STREAMS.get(handle)
     if stream is None:
         cuda = cuda_modules()

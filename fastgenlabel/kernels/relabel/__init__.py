@@ -22,6 +22,7 @@ compute in float32; the tolerance table against the float64 reference is in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,11 @@ class RelabelCall:
     smoothing: float
     num_classes: int
     out: Array | None
+
+    @cached_property
+    def params(self) -> RelabelParams:
+        """The model's packed kernel parameters (kernel backends only), looked up once per call."""
+        return params_for(self.model)
 
 
 def _device_of(x) -> torch.device:
@@ -218,7 +224,7 @@ def _run_cpu(call: RelabelCall):
     else:
         out = _host(call.out)
         result = call.out
-    params = params_for(call.model)
+    params = call.params
     product = None
     if params.kind == "full" and gemm.use_gemm(k, params.dim):  # one float32 product (gemm.py)
         product = gemm_params_for(call.model, torch.device("cpu"))
@@ -243,18 +249,20 @@ def _refuse_cuda(call: RelabelCall) -> str | None:
         return why
     from .cuda import refuse_shape
 
-    return refuse_shape(params_for(call.model), call.zt.shape[0])
+    return refuse_shape(call.params, call.zt.shape[0])
 
 
 def _run_cuda(call: RelabelCall):
-    from .._interop import current_stream, device_view
+    from .._interop import device_view, numba_stream
     from . import cuda as kernels
 
     dev = call.zt.device
     b, k = call.zt.shape[0], call.num_classes
     out = call.out if call.out is not None else torch.empty((b, k), dtype=torch.float32, device=dev)
-    params = params_for(call.model)
+    params = call.params
     with torch.cuda.device(dev):
+        handle = torch.cuda.current_stream().cuda_stream
+        stream = numba_stream(handle)
         lam = call.pairs.lam if call.pairs.lam.dtype == torch.float32 else call.pairs.lam.to(torch.float32)
         labels = call.labels_t if call.labels_t.dtype == torch.int64 else call.labels_t.to(torch.int64)
         if params.kind == "full" and gemm.use_gemm(k, params.dim):  # tensor cores (gemm.py)
@@ -264,31 +272,34 @@ def _run_cuda(call: RelabelCall):
             kernels.relabel_device(
                 params, {"bias": device_view(g["bias"])}, device_view(call.zt), device_view(call.pairs.perm),
                 device_view(lam), device_view(labels), call.gamma, call.smoothing, device_view(out),
-                stream=current_stream(), scores_ready=True)
+                stream=stream, scores_ready=True)
             return out
         arrays = device_params_for(call.model, dev, view=device_view)
         done = None
         if params.kind in ("diag", "tied"):
-            done = device_view(_tile_counters(dev, kernels.sample_tiles(b)))
+            done = _tile_counters(dev, handle, kernels.sample_tiles(b))
         kernels.relabel_device(
             params, arrays, device_view(call.zt), device_view(call.pairs.perm), device_view(lam),
-            device_view(labels), call.gamma, call.smoothing, device_view(out), stream=current_stream(), done=done,
+            device_view(labels), call.gamma, call.smoothing, device_view(out), stream=stream, done=done,
         )
     return out
 
 
-_COUNTERS: dict = {}  # (device index, stream handle) -> int32 zeros, affine_fused's per-tile counters
+_COUNTERS: dict = {}  # (device index, stream handle) -> (int32 zeros, their view): affine_fused's tile counters
 
 
-def _tile_counters(dev: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed per-tile counters for launches on torch's current stream, made once per stream
-    (the kernel leaves them zero; a larger batch gets a larger array). Zeroed on that stream, so
-    the first launch is ordered after the fill."""
-    key = (dev.index, torch.cuda.current_stream(dev).cuda_stream)
-    t = _COUNTERS.get(key)
-    if t is None or t.shape[0] < tiles:
-        t = _COUNTERS[key] = torch.zeros(max(tiles, 64), dtype=torch.int32, device=dev)
-    return t
+def _tile_counters(dev: torch.device, handle: int, tiles: int):
+    """A view of zeroed per-tile counters for launches on stream ``handle`` (torch's current
+    stream), made once per stream: the kernel leaves them zero, a larger batch gets a larger
+    array. Zeroed on that stream, so the first launch is ordered after the fill."""
+    from .._interop import device_view
+
+    key = (dev.index, handle)
+    entry = _COUNTERS.get(key)
+    if entry is None or entry[0].shape[0] < tiles:
+        t = torch.zeros(max(tiles, 64), dtype=torch.int32, device=dev)
+        entry = _COUNTERS[key] = (t, device_view(t))
+    return entry[1]
 
 
 def _run_reference(call: RelabelCall):

@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...models import GaussianClassModel, KDEClassModel
+
 KINDS = ("diag", "tied", "full", "kde")
 _CACHE_ATTR = "_fastgenlabel_relabel_params"
 
@@ -69,8 +71,6 @@ class RelabelParams:
 
 def model_kind(model) -> str | None:
     """The packed kind of ``model``, or None if the kernels do not support it."""
-    from ...models import GaussianClassModel, KDEClassModel
-
     if type(model) is GaussianClassModel:
         return model.covariance
     if type(model) is KDEClassModel:
