@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ...functional.images import PixelJob, prepare_pixel_job, run_reference
-from .._interop import cuda_modules, current_stream, device_view, host_view
+from .._interop import current_stream, device_view, host_view
 from ..compat import numba_cuda_status
 from ..registry import Impl, dispatch, explain
 
@@ -138,7 +138,6 @@ def _refuse_cuda(job: PixelJob) -> str | None:
 def _run_cuda(job: PixelJob):
     from . import cuda as kernels
 
-    cuda = cuda_modules()
     out = job.allocate()
     b, h, w, c = job.size
     if b * h * w == 0:
@@ -148,7 +147,7 @@ def _run_cuda(job: PixelJob):
     scale_v, shift_v = _device_constants(scale, shift, device)
     out_bf16 = job.dtype == "bfloat16"
     flat_out = out.reshape(-1)
-    with torch.cuda.device(device), cuda.gpus[device.index if device.index is not None else 0]:
+    with torch.cuda.device(device):  # makes the device's primary context current: Numba launches there
         stream = current_stream()
         dev_out = device_view(flat_out.view(torch.int16) if out_bf16 else flat_out)
         if out_bf16:
