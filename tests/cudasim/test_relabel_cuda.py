@@ -175,6 +175,32 @@ def test_full_product_scores_then_finish(b, k, d, gamma, eps, empty):
     np.testing.assert_allclose(got, reference(model, zb, pairs, labels, gamma, eps), rtol=0, atol=ATOL["full"])
 
 
+@pytest.mark.parametrize("b,d", [(1, 2), (3, 5), (2, 9)])
+def test_quad_split_writes_both_tf32_halves_of_phi(b, d):
+    """The full-covariance product's operand on CUDA (``gemm.split_features``): one kernel writes
+    [hi; lo] of phi = [x_i x_j (i <= j), x_i]; hi + lo is phi exactly, hi is TF32-exact, phi is
+    ``gemm.features``' (several blocks per sample: T = 5 .. 54 over 2 blocks of 8 threads)."""
+    from fastgenlabel.kernels.relabel import gemm
+    from fastgenlabel.kernels.relabel.params import gemm_params_for
+
+    model, z, y = make_model("full", 4, d, seed=d)
+    zb, pairs, _ = batch(np.random.default_rng(b + d), z, y, b, "sample")
+    g = gemm_params_for(model, torch.device("cpu"))
+    width = g["pair_i"].numel() + d
+    args = [cuda.to_device(a) for a in (zb, pairs.perm.numpy(), pairs.lam.numpy(), g["center"].numpy(),
+                                        g["pair_i"].numpy(), g["pair_j"].numpy())]
+    out = cuda.to_device(np.full((2 * b, width), np.nan, np.float32))
+    kernels.quad_split[kernels.quad_split_grid(b, width), kernels.TPB, 0, 4 * d](*args, out)
+    got = out.copy_to_host()
+    hi, lo = got[:b], got[b:]
+    assert np.isfinite(got).all()
+    assert ((hi.view(np.uint32) & 0x1FFF) == 0).all()
+    phi = gemm.features(g, torch.from_numpy(zb), pairs.perm, pairs.lam.to(torch.float32)).numpy()
+    np.testing.assert_array_equal(hi + lo, (hi.astype(np.float64) + lo).astype(np.float32))
+    np.testing.assert_allclose(hi + lo, phi, rtol=2e-6, atol=1e-6)
+    assert (np.abs(lo) <= np.abs(phi) * 2.0 ** -10 + 1e-30).all()
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator's NumPy scalars report the overflow
 @pytest.mark.parametrize("kind", ["diag", "full"])
 def test_float32_overflow_falls_back_to_the_mixup_label(kind):

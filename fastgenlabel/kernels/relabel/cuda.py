@@ -47,6 +47,8 @@ TPB = 8 if SIM else 128  # threads per block (a power of two)
 TS = 2 if SIM else 8  # samples per block tile (<= TPB)
 TD = 4 if SIM else 32  # features staged in shared memory at a time
 LOADS = 2 if SIM else 8  # affine_fused: parameters loaded into registers together (divides TD)
+QUAD_BLOCKS = 2 if SIM else 16  # quad_split: blocks per sample
+TF32_MASK = np.uint32(0xFFFFE000)  # float32 -> TF32: 23 - 10 = 13 mantissa bits cleared
 MAX_SHARED_BYTES = 48 * 1024
 MAX_GRID_Y = 65535
 
@@ -335,6 +337,44 @@ def kde_scores(z, perm, lam, order, center, factor, tri, points, offsets, bias, 
         step //= 2
     if tid == 0:
         out[s, c] = lse_value(red_m[0], red_s[0])
+
+
+@cuda.jit(device=True)
+def tf32_high(v):
+    """``v`` with its 13 low mantissa bits cleared: exactly representable in TF32."""
+    return np.uint32(np.float32(v).view(np.uint32) & TF32_MASK).view(np.float32)
+
+
+@cuda.jit(cache=True)
+def quad_split(z, perm, lam, center, pair_i, pair_j, out):
+    """The full-covariance product's left operand, split for TF32 tensor cores, in one pass:
+    with phi = [x_i x_j (i <= j, the ``pair_i``, ``pair_j`` order), x_i] of x = z_mix[s] - center,
+    ``out[s] = hi(phi)`` and ``out[B + s] = phi - hi(phi)`` (both exact in float32; ``gemm.py``).
+
+    Grid (blocks per sample, B); dynamic shared memory d float32 holding x. (Built with torch ops
+    instead, phi and its halves took six passes over B x T floats.)
+    """
+    b, d = z.shape
+    s = cuda.blockIdx.y
+    tq = pair_i.shape[0]
+    width = out.shape[1]
+    x = cuda.shared.array(0, float32)
+    l = lam[s]
+    p = perm[s]
+    for i in range(cuda.threadIdx.x, d, cuda.blockDim.x):
+        x[i] = mixed(z[s, i], z[p, i], l, ONE - l) - center[i]
+    cuda.syncthreads()
+    for t in range(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, width, cuda.gridDim.x * cuda.blockDim.x):
+        v = x[pair_i[t]] * x[pair_j[t]] if t < tq else x[t - tq]
+        hi = tf32_high(v)
+        out[s, t] = hi
+        out[b + s, t] = v - hi
+
+
+def quad_split_grid(batch: int, width: int) -> tuple[int, int]:
+    """``quad_split``'s grid: up to QUAD_BLOCKS blocks of TPB threads per sample (each block
+    recomputes the sample's d mixed features, so not one block per TPB outputs)."""
+    return max(1, min(QUAD_BLOCKS, -(-width // TPB))), batch
 
 
 @cuda.jit(device=True)
