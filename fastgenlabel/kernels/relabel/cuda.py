@@ -21,6 +21,9 @@ no kernel makes a B x K x d intermediate.
   served from L2 to its B / TS tiles. SIMT float32.
 - ``kde_scores``: one block per (sample, class): whiten into shared memory, threads over the
   class's points with an online log-sum-exp, then a block-level log-sum-exp merge.
+- ``quad_split`` (full covariance at ``gemm.use_gemm``'s sizes): the tensor-core product's left
+  operand, phi = [x_i x_j, x_i] of the mixed, centred sample, written as its two TF32 halves in
+  one pass; the products themselves are cuBLAS's (``gemm.py``).
 - ``finish`` (full and KDE): one block per sample, threads over classes: logits = scores + bias,
   block-level max and sum reductions for the softmax, then the gamma blend and label smoothing,
   in place.
