@@ -42,3 +42,32 @@ def patch_numba_cuda_row_stack() -> bool:
         return False
     np.row_stack = np.vstack  # type: ignore[attr-defined]
     return True
+
+
+def key_disk_cache_on(namespace: dict, *modules) -> int:
+    """Make the on-disk cache of the Numba kernels in ``namespace`` depend on ``modules`` too.
+
+    Numba checks a cached kernel against its own source file's modification time and size only,
+    so after an edit of the scalar math it calls (``math.py``, another file) it would keep
+    loading the old machine code. This adds a digest of those modules' sources to the stamp that
+    each kernel's cache index is saved with and compared against (Numba's and numba-cuda's
+    ``IndexDataCacheFile``; a dispatcher without that attribute, e.g. under the CUDA simulator,
+    is left as it is). Returns the number of kernels keyed.
+    """
+    import hashlib
+    import pathlib
+
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(pathlib.Path(module.__file__).read_bytes())
+    tag = digest.hexdigest()[:16]
+    keyed = 0
+    for obj in namespace.values():
+        cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
+        stamp = getattr(cache_file, "_source_stamp", None)
+        if stamp is None:
+            continue
+        base = stamp[0] if isinstance(stamp, tuple) and len(stamp) == 2 and isinstance(stamp[1], str) else stamp
+        cache_file._source_stamp = (base, tag)
+        keyed += 1
+    return keyed

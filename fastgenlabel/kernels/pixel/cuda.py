@@ -99,3 +99,8 @@ def launch(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, out_bf16, 
         raise ValueError(f"images: numba-cuda handles at most {MAX_BATCH} samples per call, got {batch}")
     mix_kernel[grid(batch, H * W, threads), threads, stream](
         x, perm, lam, scale, shift, out, H * W, C, bool(in_chw), bool(out_chw), bool(out_bf16))
+
+
+from ..compat import key_disk_cache_on  # noqa: E402
+
+key_disk_cache_on(globals(), _math)

@@ -4,8 +4,9 @@ Plain Python on NumPy scalars: :mod:`.cpu` compiles these functions with ``numba
 :mod:`.cuda` with ``numba.cuda.jit(device=True)``; the CUDA simulator runs them as they are.
 They match :func:`fastgenlabel.functional.images.mix_images` (the reference) element by element.
 
-Numba's on-disk cache keys a kernel on its own source file only: after editing this file, touch
-``cpu.py`` and ``cuda.py`` (or delete their ``__pycache__``) so that cached kernels are rebuilt.
+Numba's on-disk cache checks a kernel against its own source file only; ``cpu.py`` and
+``cuda.py`` add this file's digest to that check (``kernels.compat.key_disk_cache_on``), so an
+edit here rebuilds the cached kernels.
 
 Integer work is done in int64 so that NumPy's and Numba's promotion rules agree (uint32 mixed
 with a Python int would become float64 in Numba).

@@ -276,3 +276,8 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
                            a["bias"], out)
     finish(src, mix_flag, perm, lam, labels, bias, g, keep, add, out)
     return out
+
+
+from ..compat import key_disk_cache_on  # noqa: E402
+
+key_disk_cache_on(globals(), rm)

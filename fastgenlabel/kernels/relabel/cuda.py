@@ -499,3 +499,8 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
                 arrays["points"], arrays["offsets"], bias, out)
     finish[b, TPB, stream](out, 0, perm, lam, labels, bias, g, keep, add, out)
     return out
+
+
+from ..compat import key_disk_cache_on  # noqa: E402
+
+key_disk_cache_on(globals(), rm)
