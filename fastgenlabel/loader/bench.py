@@ -1,9 +1,14 @@
 """``fastgenlabel bench loader``: images/s of the loader, with and without mixup + GenLabel, and a baseline.
 
-Three contestants read the same JPEG folder at the same batch size and crop size:
+Four contestants read the same JPEG folder at the same batch size and crop size:
 
-- ``dali``: the DALI pipeline without mixing or relabeling (decode + random resized crop +
-  ``crop_mirror_normalize`` with a random flip), one-hot targets.
+- ``dali``: the loader's DALI pipeline without mixing or relabeling (decode + random resized crop
+  + ``crop_mirror_normalize`` with a random flip), one-hot targets: the same front end (the
+  loader's external source) as the next contestant, so their ratio is the cost of mixup + GenLabel.
+- ``dali-reader``: plain DALI as its users write it, and as the anchor figures measured it:
+  ``fn.readers.file`` (DALI's own reader threads, DALI's order), ``decoders.image_random_crop``,
+  ``resize``, ``crop_mirror_normalize`` with a random flip, through ``DALIGenericIterator``; labels
+  as they come. What a user switching from plain DALI compares against.
 - ``dali+mixup+genlabel``: the same pipeline with the in-graph mix stage (flip, normalise, mix,
   thumbnails) and GenLabel targets (PCA of 8x8 thumbnails, d = 32, full Gaussians) by ``relabel``.
 - ``torch-baseline``: what users run today. With torchvision and timm importable:
@@ -95,6 +100,37 @@ def dali_loader(data, *, genlabel: bool, batch_size: int, image_size: int, threa
     return GenLabelLoader(c, alpha=1.0, feature_map=fmap, model=model, gamma=1.0)
 
 
+def dali_reader_loader(data, *, batch_size: int, image_size: int, threads: int, device: str):
+    """Plain DALI (``fn.readers.file`` ... ``crop_mirror_normalize``), yielding (images, labels) torch tensors."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    from ..dali import _compat
+    from .config import IMAGENET_MEAN, IMAGENET_STD
+
+    _compat.require_dali()
+    gpu = device != "cpu" and torch.cuda.is_available()
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=torch.cuda.current_device() if gpu else None,
+                  seed=0)
+    def pipe():
+        jpegs, labels = fn.readers.file(file_root=str(data), random_shuffle=True, name="Reader")
+        images = fn.decoders.image_random_crop(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size)
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=list(IMAGENET_MEAN),
+                                          std=list(IMAGENET_STD), mirror=fn.random.coin_flip())
+        return images, labels
+
+    it = DALIGenericIterator(pipe(), ["images", "labels"], reader_name="Reader", auto_reset=True,
+                             last_batch_policy=LastBatchPolicy.DROP)
+
+    def batches():
+        for item in _cycle(it):
+            yield item[0]["images"], item[0]["labels"]
+
+    return batches()
+
+
 def baseline_loader(data, *, batch_size: int, image_size: int, threads: int, device: str):
     """torch DataLoader + transforms + mixup; torchvision/timm when importable. Returns (name, iterable)."""
     from .config import IMAGENET_MEAN, IMAGENET_STD
@@ -165,6 +201,9 @@ def run(data, *, batch_size: int, image_size: int, batches: int, warmup: int, re
     if want is None or "dali" in want:
         iters["dali"] = _cycle(dali_loader(data, genlabel=False, batch_size=batch_size, image_size=image_size,
                                            threads=threads, device=device))
+    if want is None or "dali-reader" in want:
+        iters["dali-reader"] = dali_reader_loader(data, batch_size=batch_size, image_size=image_size, threads=threads,
+                                                  device=device)
     if want is None or "dali+mixup+genlabel" in want:
         parts = genlabel_parts(data, image_size=image_size, threads=threads, device=device, batch_size=batch_size)
         iters["dali+mixup+genlabel"] = _cycle(dali_loader(data, genlabel=True, batch_size=batch_size,
@@ -204,4 +243,7 @@ def main(args) -> int:
     if "dali" in by and "dali+mixup+genlabel" in by:
         print(f"\nmixup + GenLabel keeps {100 * by['dali+mixup+genlabel'] / by['dali']:.1f}% of the DALI "
               "pipeline's throughput")
+    if "dali-reader" in by and "dali+mixup+genlabel" in by:
+        print(f"the loader with mixup + GenLabel runs at {100 * by['dali+mixup+genlabel'] / by['dali-reader']:.1f}% "
+              "of plain DALI (fn.readers.file, no mixup)")
     return 0
