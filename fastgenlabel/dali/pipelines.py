@@ -61,8 +61,9 @@ def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, 
 
     Args:
         source: an iterable for ``fn.external_source(num_outputs=4, batch=True)``: each item is
-            (encoded images, indices, perm, lam), four lists of B per-sample arrays (uint8 bytes;
-            (1,) int64; (1,) int64; (1,) float32). StopIteration ends an epoch.
+            (encoded images, indices, perm, lam): a list of B uint8 byte arrays, then (B, 1) int64,
+            (B, 1) int64 and (B, 1) float32 arrays (lists of B (1,) arrays work too, slower).
+            StopIteration ends an epoch.
         batch_size: the largest B (shorter batches are allowed: a partial last batch).
         image_size: side of the square crops.
         device_id: None for a CPU-only pipeline, else the GPU.

@@ -90,7 +90,7 @@ class EpochSource:
                 warnings.warn(f"skipping corrupt or truncated image {path!r} (on_bad_image='skip')", stacklevel=2)
         self.recent.append((self._pass_epoch, b, kept))
         perm, lam = split_pairs(self.feed.draw(len(kept), self._pass_epoch, b))
-        return encoded, list(np.asarray(kept, np.int64).reshape(-1, 1)), perm, lam
+        return encoded, np.asarray(kept, np.int64).reshape(-1, 1), perm, lam
 
     def _read_batch(self, idx) -> tuple[list, list, list]:
         """(encoded images, their sample indices, names of skipped corrupt samples) of one batch."""
