@@ -217,10 +217,13 @@ def test_identical_class_models_give_the_prior():
         np.testing.assert_allclose(got, np.tile([0.5, 0.25, 0.25], (5, 1)), atol=1e-5)
 
 
-def test_huge_features_never_give_nan():
-    """float32 overflow of every log-likelihood falls back to the mixup label, never NaN."""
-    model, z, y = model_for("full", 3, 2)
-    zb = np.array([[1e30, -1e30], [3e19, 1e20]], np.float32)
+@pytest.mark.parametrize("kind", ["full", "diag", "tied"])
+@pytest.mark.parametrize("scale", [1e19, 1e30, 3e38])
+def test_huge_features_never_give_nan(kind, scale):
+    """float32 overflow of the log-likelihoods, downwards (full, diag: -inf, the mixup label) or
+    upwards (tied: +inf, shared among those classes), never gives NaN."""
+    model, z, y = model_for(kind, 3, 2)
+    zb = np.array([[scale, -scale], [0.3 * scale, scale]], np.float32)
     pairs = fg.MixPairs(torch.tensor([1, 0]), torch.tensor([0.3, 1.0]))
     out = relabel(model, zb, pairs, np.array([0, 2]), 0.5, num_classes=3, backend="numba-cpu")
     assert np.isfinite(out).all()

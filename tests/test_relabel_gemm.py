@@ -130,3 +130,22 @@ def test_product_form_cached_per_fit_and_only_for_full():
 
 def test_fastgenlabel_exposes_no_new_public_name():
     assert not hasattr(fg, "gemm")
+
+
+@pytest.mark.parametrize("before", ["ieee", "tf32", "none"])
+def test_tf32_block_restores_the_new_precision_api(before):
+    """torch >= 2.9: a script that set ``fp32_precision`` must not see the legacy flag read (it
+    raises then) nor its setting changed after the block."""
+    from fastgenlabel.kernels.relabel.gemm import _tf32_matmul
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without fp32_precision")
+    old = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = before
+        with _tf32_matmul(True):
+            assert matmul.fp32_precision == "tf32"
+        assert matmul.fp32_precision == before
+    finally:
+        matmul.fp32_precision = old

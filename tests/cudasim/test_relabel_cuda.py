@@ -6,6 +6,7 @@ Torch CUDA tensors do not exist here, so ``relabel_device`` is launched on simul
 simulator ``cuda.py`` uses tiny blocks (8 threads, 2-sample tiles, 4-feature chunks), so with K up
 to 10 and d = 9 every strided loop, partial tile and chunk runs. Tolerances: tests/test_relabel.py.
 """
+import importlib
 import os
 import warnings
 
@@ -213,6 +214,81 @@ def test_float32_overflow_falls_back_to_the_mixup_label(kind):
     np.testing.assert_allclose(got, [[0.25, 0, 0.75], [0, 0, 1]], atol=1e-6)
 
 
+@pytest.fixture
+def fake_cuda_glue(monkeypatch):
+    """Under the simulator: CPU tensors whose memory the simulator wraps as device arrays, torch's
+    CUDA calls made no-ops, so that the torch glue (``_run_cuda``, ``gemm.split_features``) runs:
+    its views, streams, counters and parameter caches."""
+    import contextlib
+    import types
+
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    from fastgenlabel.kernels import _interop
+
+    if not os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("the GPU runs the real glue in tests/test_relabel.py")
+    relabel_module = importlib.import_module("fastgenlabel.kernels.relabel")
+    monkeypatch.setattr(_interop, "device_view", lambda t: FakeCUDAArray(t.detach().numpy()))
+    monkeypatch.setattr(_interop, "current_stream", lambda: cuda.stream())
+    monkeypatch.setattr(_interop, "numba_stream", lambda handle: cuda.stream())
+    monkeypatch.setattr(relabel_module, "_COUNTERS", {})
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    return relabel_module
+
+
+@pytest.mark.parametrize("kind,form", [("diag", "auto"), ("tied", "auto"), ("full", "never"), ("full", "always"),
+                                       ("kde", "auto")])
+def test_torch_glue_end_to_end(fake_cuda_glue, kind, form):
+    """``_run_cuda`` as a GPU runs it, twice (views, counters and parameters cached per model and
+    stream); K = 19 spans three class tiles of the fused kernel."""
+    from fastgenlabel.kernels.relabel import _check_call, gemm
+
+    k = 6 if kind in ("full", "kde") else 19
+    model, z, y = make_model(kind, k, 5, prior="empirical", empty=(2,), seed=k)
+    rng = np.random.default_rng(k)
+    for b in (5, 3):
+        zb, pairs, labels = batch(rng, z, y, b, "sample")
+        out = torch.full((b, k), float("nan"))
+        call = _check_call(model, torch.from_numpy(zb), pairs, torch.from_numpy(labels), 0.7, k, 0.05, out, True)
+        with gemm.policy(form):
+            got = fake_cuda_glue._run_cuda(call)
+        assert got is out
+        np.testing.assert_allclose(out.numpy(), reference(model, zb, pairs, labels, 0.7, 0.05), atol=ATOL[kind])
+    for counters, _view in fake_cuda_glue._COUNTERS.values():
+        assert int(counters.count_nonzero()) == 0
+
+
+def test_product_form_cuda_scores(fake_cuda_glue):
+    """The CUDA form of the full-covariance product: [hi; lo] by quad_split through the glue, then
+    the two products of ``split_scores`` against W's TF32 halves; equal to the CPU form's scores."""
+    from fastgenlabel.kernels.relabel import gemm
+    from fastgenlabel.kernels.relabel.params import gemm_params_for
+
+    model, z, y = make_model("full", 5, 4, seed=3)
+    zb, pairs, _ = batch(np.random.default_rng(3), z, y, 4, "sample")
+    g = dict(gemm_params_for(model, torch.device("cpu")))
+    g["w_hi"], g["w_lo"] = gemm.split_tf32(g["w"])
+    zt, lam = torch.from_numpy(zb), pairs.lam.to(torch.float32)
+    halves = gemm.split_features(g, zt, pairs.perm, lam)
+    got = gemm.split_scores(g, halves, torch.empty(4, 5))
+    want = gemm.scores(g, zt, pairs.perm, lam, torch.empty(4, 5))  # the CPU form: phi @ W^T, float32
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("kind", ["tied", "diag"])
+def test_upward_float32_overflow_is_shared_never_nan(kind):
+    """Tied scores overflow upwards at |z| ~ 3e38 (+inf): those classes share the row; the Kahan
+    compensation of an infinite sum stays finite; never NaN."""
+    model, z, y = make_model(kind, 3, 2)
+    zb = np.array([[3e38, -3e38], [-3e38, 3e38]], np.float32)
+    pairs = fg.MixPairs(torch.tensor([1, 0]), torch.tensor([0.5, 1.0]))
+    got = run_device(model, zb, pairs, np.array([0, 2]), 1.0, 0.0)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-6)
+
+
 def test_refusals():
     model, z, y = make_model("diag", 3, 2)
     zb, pairs, labels = batch(np.random.default_rng(0), z, y, 2, "batch")
@@ -222,4 +298,7 @@ def test_refusals():
         relabel(model, torch.from_numpy(zb), pairs, torch.from_numpy(labels), num_classes=3, backend="numba-cuda")
     big = relabel_params.RelabelParams("kde", 2, 10_000, True, {})
     assert "shape" in kernels.refuse_shape(big, 4)
+    assert "shape" in kernels.refuse_shape(relabel_params.RelabelParams("full", 40, 20_000, True, {}), 4)
+    assert kernels.refuse_shape(relabel_params.RelabelParams("full", 1000, 64, True, {}), 100_000) is None
+    assert kernels.quad_split_grid(100_000, 2144)[0] == 100_000  # the batch on x: up to 2^31 - 1 blocks
     assert kernels.refuse_shape(params_for(model), 4) is None

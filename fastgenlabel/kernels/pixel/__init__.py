@@ -169,6 +169,9 @@ def _device_constants(scale: np.ndarray, shift: np.ndarray, device: torch.device
     t = _CONSTANTS.get(key)
     if t is None:
         if len(_CONSTANTS) >= 64:
+            # A kernel on another stream may still read an entry; freed memory goes back to the
+            # stream it was made on, where the next allocation could overwrite it. Rare: wait.
+            torch.cuda.synchronize()
             _CONSTANTS.clear()
         t = _CONSTANTS[key] = torch.from_numpy(np.concatenate([scale, shift])).to(device)
     c = scale.shape[0]

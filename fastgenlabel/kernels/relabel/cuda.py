@@ -354,11 +354,12 @@ def quad_split(z, perm, lam, center, pair_i, pair_j, out):
     with phi = [x_i x_j (i <= j, the ``pair_i``, ``pair_j`` order), x_i] of x = z_mix[s] - center,
     ``out[s] = hi(phi)`` and ``out[B + s] = phi - hi(phi)`` (both exact in float32; ``gemm.py``).
 
-    Grid (blocks per sample, B); dynamic shared memory d float32 holding x. (Built with torch ops
-    instead, phi and its halves took six passes over B x T floats.)
+    Grid (B, blocks per sample): the batch on x, which takes up to 2^31 - 1 blocks; dynamic shared
+    memory d float32 holding x. (Built with torch ops instead, phi and its halves took six passes
+    over B x T floats.)
     """
     b, d = z.shape
-    s = cuda.blockIdx.y
+    s = cuda.blockIdx.x
     tq = pair_i.shape[0]
     width = out.shape[1]
     x = cuda.shared.array(0, float32)
@@ -367,7 +368,7 @@ def quad_split(z, perm, lam, center, pair_i, pair_j, out):
     for i in range(cuda.threadIdx.x, d, cuda.blockDim.x):
         x[i] = mixed(z[s, i], z[p, i], l, ONE - l) - center[i]
     cuda.syncthreads()
-    for t in range(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, width, cuda.gridDim.x * cuda.blockDim.x):
+    for t in range(cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x, width, cuda.gridDim.y * cuda.blockDim.x):
         v = x[pair_i[t]] * x[pair_j[t]] if t < tq else x[t - tq]
         hi = tf32_high(v)
         out[s, t] = hi
@@ -375,9 +376,9 @@ def quad_split(z, perm, lam, center, pair_i, pair_j, out):
 
 
 def quad_split_grid(batch: int, width: int) -> tuple[int, int]:
-    """``quad_split``'s grid: up to QUAD_BLOCKS blocks of TPB threads per sample (each block
+    """``quad_split``'s grid: (B, up to QUAD_BLOCKS blocks of TPB threads per sample; each block
     recomputes the sample's d mixed features, so not one block per TPB outputs)."""
-    return max(1, min(QUAD_BLOCKS, -(-width // TPB))), batch
+    return batch, max(1, min(QUAD_BLOCKS, -(-width // TPB)))
 
 
 @cuda.jit(device=True)
@@ -431,7 +432,9 @@ def refuse_shape(params, batch: int) -> str | None:
         return f"shape: the {params.kind} kernel launches one grid row per class; needs K <= {MAX_GRID_Y}"
     if params.kind in ("diag", "tied") and class_tiles(params.num_classes) > MAX_GRID_Y:
         return f"shape: the {params.kind} kernel launches one grid row per {TPB} classes; needs K <= {MAX_GRID_Y * TPB}"
-    del batch  # every batch size fits the grid's x dimension
+    if params.kind == "full" and 4 * params.dim > MAX_SHARED_BYTES:
+        return f"shape: the full-covariance kernels stage d floats in shared memory; d = {params.dim} is too large"
+    del batch  # every kernel puts the batch on the grid's x dimension (up to 2^31 - 1 blocks)
     return None
 
 

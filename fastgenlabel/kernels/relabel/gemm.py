@@ -33,7 +33,6 @@ products.
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import numpy as np
 import torch
@@ -113,20 +112,31 @@ def pack(model, bias_of) -> dict[str, np.ndarray]:
 
 @contextlib.contextmanager
 def _tf32_matmul(enabled: bool):
-    """Let cuBLAS use TF32 tensor cores for float32 products inside the block (inputs are split)."""
+    """Let cuBLAS use TF32 tensor cores for float32 products inside the block (inputs are split).
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` beside the legacy
+    ``allow_tf32``, and reading the legacy flag raises once a script has set the new one, so the
+    new setting is saved and restored where it exists. The setting is process-wide: float32
+    products that other threads run during the block may use TF32 too.
+    """
     if not enabled:
         yield
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch >= 2.9 prefers fp32_precision; both spellings work
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        old = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = old
+        return
+    old = matmul.allow_tf32
+    matmul.allow_tf32 = True
     try:
         yield
     finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32 = old
+        matmul.allow_tf32 = old
 
 
 def features(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -153,10 +163,15 @@ def scores(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch.Tensor,
         phi = torch.empty((z.shape[0], arrays["w"].shape[1]), dtype=torch.float32)
         quad_features(z.numpy(), perm.numpy(), lam.numpy(), arrays["center"].numpy(), phi.numpy())
         return torch.matmul(phi, arrays["w"].T, out=out)
-    halves = split_features(arrays, z, perm, lam)  # (2B, T): [hi(phi); lo(phi)]
-    b = z.shape[0]
+    return split_scores(arrays, split_features(arrays, z, perm, lam), out)
+
+
+def split_scores(arrays: dict[str, torch.Tensor], halves: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = hi @ W_hi^T + lo @ W_hi^T + hi @ W_lo^T`` from ``halves`` = [hi; lo] (2B, T), as two
+    products with TF32 tensor cores allowed: W's high half is read once for both halves."""
+    b = halves.shape[0] // 2
     with _tf32_matmul(True):
-        both = torch.matmul(halves, arrays["w_hi"].T)  # W's high half read once for both
+        both = torch.matmul(halves, arrays["w_hi"].T)
         torch.add(both[:b], both[b:], out=out)
         out.addmm_(halves[:b], arrays["w_lo"].T)
     return out
@@ -185,4 +200,4 @@ def flops(num_classes: int, dim: int, batch: int) -> float:
 
 
 __all__ = ["MIN_CLASSES", "MIN_WORK", "POLICY", "features", "flops", "pack", "policy", "scores", "split_features",
-           "split_tf32", "use_gemm"]
+           "split_scores", "split_tf32", "use_gemm"]

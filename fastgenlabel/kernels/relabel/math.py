@@ -20,6 +20,7 @@ ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 HALF = np.float32(0.5)
 NEG_INF = np.float32(-np.inf)
+MAX_F32 = np.float32(np.finfo(np.float32).max)
 
 
 def mixed(a, b, lam, lam_c):
@@ -46,7 +47,10 @@ def kahan_add(total, comp, x):
     """
     y = x - comp
     t = total + y
-    return t, (t - total) - y
+    c = (t - total) - y
+    if c != c:  # t overflowed to infinity (inf - inf): keep it, with no compensation
+        c = ZERO
+    return t, c
 
 
 def lse_update(m, s, x):
@@ -75,7 +79,10 @@ def lse_value(m, s):
 
 
 def row_logit(src, mix_rows, s, p, c, lam, lam_c, bias):
-    """Logit of class ``c`` for mixed sample ``s`` (partner ``p``); NaN is mapped to ``-inf``.
+    """Logit of class ``c`` for mixed sample ``s`` (partner ``p``); NaN is mapped to ``-inf`` and
+    ``+inf`` (a float32 score that overflowed upwards: tied covariance at |z| ~ 1e38) to the
+    largest float32, so that the softmax shares the row among those classes instead of making
+    ``inf - inf`` NaN.
 
     ``mix_rows`` false: ``src[s, c]`` already holds the raw score of the mixed sample.
     ``mix_rows`` true (tied covariance): ``src`` holds raw scores of the *unmixed* samples, which
@@ -87,6 +94,8 @@ def row_logit(src, mix_rows, s, p, c, lam, lam_c, bias):
         v = src[s, c] + bias[c]
     if v != v:
         return NEG_INF
+    if v > MAX_F32:
+        return MAX_F32
     return v
 
 
