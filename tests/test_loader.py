@@ -134,6 +134,24 @@ def test_epochs_set_epoch_and_reset(data):
     assert torch.equal(full[0].pairs.lam, early.pairs.lam)
 
 
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_a_pass_ends_with_its_last_batch(data, backend):
+    """Stopping right after the last batch (zip with range(len)) still moves to the next epoch,
+    and set_epoch during a pass chooses the next one."""
+    loader = GenLabelLoader(config(data, alpha=1.0, backend=backend))
+    n = len(loader)
+    first = [b.indices for _, b in zip(range(n), loader)]
+    assert loader.epoch == 1
+    second = [b.indices for _, b in zip(range(n), loader)]
+    assert loader.epoch == 2 and not all(torch.equal(a, b) for a, b in zip(first, second))
+    again = []
+    for b in loader:
+        again.append(b.indices)
+        loader.set_epoch(0)  # during the pass: the next pass is epoch 0
+    assert loader.epoch == 0
+    assert all(torch.equal(a, b.indices) for a, b in zip(first, loader))
+
+
 def test_shards_split_the_epoch(data):
     parts = [torch.cat([b.indices for b in GenLabelLoader(config(data, shard_id=r, num_shards=2, batch_size=5,
                                                                   last_batch="partial"))]) for r in range(2)]

@@ -148,3 +148,20 @@ def test_non_finite_stored_features_name_the_file_and_samples(tmp_path):
     loader = GenLabelLoader(config(tmp_path, embeddings=str(tmp_path / "emb.npy"), model=model, batch_size=8))
     with pytest.raises(ValueError, match=r"emb\.npy.*sample\(s\) \[5\] contain NaN or infinity"):
         next(iter(loader))
+
+
+def test_skip_warns_once_per_file_across_rebuilt_pipelines(tmp_path):
+    """Leaving a pass early rebuilds the DALI pipeline and its source; a skipped file is still
+    warned about once per loader."""
+    import warnings
+
+    folder(tmp_path)
+    (tmp_path / "c0" / "0.jpg").write_bytes(b"not a jpeg at all, just text")
+    loader = GenLabelLoader(config(tmp_path, backend="dali", on_bad_image="skip"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        next(iter(loader))
+        loader.reset()
+        list(loader)
+    skips = [w for w in caught if "c0/0.jpg" in str(w.message)]
+    assert len(skips) == 1, [str(w.message) for w in caught]

@@ -119,12 +119,15 @@ def test_skip_warns_when_the_batch_is_handed_out(folder, read_ahead):
 
 def test_close_stops_the_reader(folder):
     files = scan(folder)
+    before = set(threading.enumerate())
     src = source(files, 3)
     it = iter(src)
     next(it)
+    mine = [t for t in threading.enumerate() if t not in before and t.name.startswith("fastgenlabel-read")]
+    assert mine
     src.close()
     assert src._reader is None and not src._pending
     deadline = time.time() + 5
-    while any(t.name.startswith("fastgenlabel-read") for t in threading.enumerate()) and time.time() < deadline:
+    while any(t.is_alive() for t in mine) and time.time() < deadline:
         time.sleep(0.05)
-    assert not any(t.name.startswith("fastgenlabel-read") for t in threading.enumerate())
+    assert not any(t.is_alive() for t in mine)

@@ -32,7 +32,8 @@ class DaliBackend:
         self.feed = PairFeed(c.alpha, pairing=c.pairing, lam_mode=c.lam_mode, seed=c.seed, shard_id=c.shard_id,
                              batch_size=c.batch_size)
         self._source_args = dict(batch_size=c.batch_size, last_batch=c.last_batch, shuffle=c.shuffle, seed=c.seed,
-                                 shard_id=c.shard_id, num_shards=c.num_shards, on_bad_image=c.on_bad_image)
+                                 shard_id=c.shard_id, num_shards=c.num_shards, on_bad_image=c.on_bad_image,
+                                 warned=set())
         self.source = EpochSource(files, self.feed, **self._source_args)
         self.pipe = None
         self._clean = False  # the pipeline sits at the start of an epoch

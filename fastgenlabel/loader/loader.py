@@ -25,11 +25,12 @@ class GenLabelLoader:
     equal ``fastgenlabel.genlabel_target(model, mix(features, pairs), labels, labels[perm], lam,
     gamma, ...)`` (or ``mixup_target`` without a model), computed by ``fastgenlabel.relabel``.
 
-    Epochs: each complete pass is one epoch and advances :attr:`epoch` by one; ``set_epoch(e)``
-    chooses the next pass's epoch (as with ``DistributedSampler``). The order of samples and the
-    pairs are pure functions of (seed, epoch, shard, batch). Leaving a pass early is fine: the next
-    pass starts :attr:`epoch` again from its beginning (the DALI pipeline is rebuilt; its kernels
-    are compiled once per process, so that takes well under a second).
+    Epochs: each complete pass is one epoch and advances :attr:`epoch` by one once its last batch
+    is handed out (so ``zip(range(len(loader)), loader)`` moves on too); ``set_epoch(e)``, before
+    or during a pass, chooses the next pass's epoch (as with ``DistributedSampler``). The order of
+    samples and the pairs are pure functions of (seed, epoch, shard, batch). Leaving a pass early
+    is fine: the next pass starts :attr:`epoch` again from its beginning (the DALI pipeline is
+    rebuilt; its kernels are compiled once per process, so that takes well under a second).
 
     Args:
         config: a :class:`LoaderConfig` (``**overrides`` replace its fields).
@@ -67,6 +68,7 @@ class GenLabelLoader:
         if config.return_thumbnails and not self.thumbnail:
             raise ValueError("return_thumbnails: set thumbnail (the side t) or give a ThumbnailPCA feature_map")
         self.epoch = 0
+        self._epoch_chosen = False
         self._backend = self._make_backend(dataset)
 
     # ---- resolution of the configuration -----------------------------------------------------------
@@ -166,6 +168,7 @@ class GenLabelLoader:
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch: expected an integer >= 0, got {epoch!r}")
         self.epoch = epoch
+        self._epoch_chosen = True
 
     def set_model(self, model) -> None:
         """Relabel with ``model`` from the next yielded batch on (e.g. after a refit).
@@ -198,15 +201,31 @@ class GenLabelLoader:
 
     def __iter__(self):
         backend = self._backend
-        backend.start_epoch(self.epoch)
+        epoch = self.epoch
+        self._epoch_chosen = False
+        backend.start_epoch(epoch)
+        try:
+            expected = len(self)
+        except TypeError:  # a user DataLoader without a length
+            expected = None
+        handed_out = 0
         while True:
             try:
                 images, thumbs, indices, labels, pairs = backend.next_raw()
             except StopIteration:
                 break
-            yield self._finish(images, thumbs, indices, labels, pairs)
-        self.epoch += 1
+            batch = self._finish(images, thumbs, indices, labels, pairs)
+            handed_out += 1
+            if handed_out == expected:  # the pass is complete once its last batch is handed out
+                self._end_pass(epoch)
+            yield batch
+        if handed_out != expected:
+            self._end_pass(epoch)
         backend.finished_epoch(self.epoch)
+
+    def _end_pass(self, epoch: int) -> None:
+        if not self._epoch_chosen:  # set_epoch during the pass chose the next one
+            self.epoch = epoch + 1
 
     def _finish(self, images, thumbs, indices, labels, pairs) -> LoaderBatch:
         labels = to_device(labels, self.device)

@@ -26,6 +26,8 @@ class EpochSource:
         feed: draws each batch's pairs.
         batch_size, last_batch, shuffle, seed, shard_id, num_shards: see LoaderConfig.
         on_bad_image: "error" or "skip".
+        warned: the set of files already warned about (the backend keeps one across rebuilt
+            sources, so that a file is warned about once per loader).
         read_ahead: batches read by a background thread ahead of the one DALI asks for (0: each
             is read when asked). DALI calls ``next`` on the thread that runs the pipeline, which
             also turns the outputs into the user's batch: reading 256 files there took about a
@@ -35,7 +37,7 @@ class EpochSource:
 
     def __init__(self, files: ImageFiles, feed: PairFeed, *, batch_size: int, last_batch: str, shuffle: bool,
                  seed: int, shard_id: int, num_shards: int, on_bad_image: str = "error", history: int = 8,
-                 read_ahead: int = 2):
+                 read_ahead: int = 2, warned: set | None = None):
         self.files, self.feed = files, feed
         self.batch_size, self.last_batch, self.shuffle = batch_size, last_batch, shuffle
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
@@ -45,7 +47,7 @@ class EpochSource:
         self._batches = None
         self._pass_epoch = 0
         self._next = 0
-        self._warned: set = set()
+        self._warned = set() if warned is None else warned  # files warned about (shared across rebuilds)
         self.read_ahead = read_ahead
         self._pending: dict = {}  # batch number of this pass -> Future of _read_batch
         self._reader: ThreadPoolExecutor | None = None
@@ -87,7 +89,8 @@ class EpochSource:
         for path in skipped:
             if path not in self._warned:
                 self._warned.add(path)
-                warnings.warn(f"skipping corrupt or truncated image {path!r} (on_bad_image='skip')", stacklevel=2)
+                # called from DALI's machinery: no caller frame of the user's to point at
+                warnings.warn(f"skipping corrupt or truncated image {path!r} (on_bad_image='skip')", stacklevel=1)
         self.recent.append((self._pass_epoch, b, kept))
         perm, lam = split_pairs(self.feed.draw(len(kept), self._pass_epoch, b))
         return encoded, np.asarray(kept, np.int64).reshape(-1, 1), perm, lam
