@@ -62,7 +62,8 @@ def components(calls):
     arrays = device_params_for(m, dev, view=_interop.device_view)
     stream = _interop.current_stream()
     params = params_for(m)
-    done = _interop.device_view(torch.zeros(kernels.sample_tiles(256), dtype=torch.int32, device=dev))
+    done_t = torch.zeros(kernels.sample_tiles(256), dtype=torch.int32, device=dev)  # kept alive: views hold no memory
+    done = _interop.device_view(done_t)
     rows = {
         "torch.cuda.synchronize() (idle GPU)": lambda: torch.cuda.synchronize(),
         "device_view, cached": lambda: _interop.device_view(t),
@@ -101,7 +102,8 @@ def launch_floor():
     def k14(a, b, c, d, e, f, g, h, i, j, w, x, y, z):
         pass
 
-    v = _interop.device_view(torch.zeros(256, device=dev))
+    t = torch.zeros(256, device=dev)  # kept alive while the views are used
+    v = _interop.device_view(t)
     stream = _interop.current_stream()
     one, zero = np.float32(1.0), np.int64(0)
     rows = {
