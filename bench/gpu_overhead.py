@@ -85,7 +85,7 @@ def components(calls):
 
 def launch_floor():
     """Host time of Numba launches of empty kernels (prebuilt views): the floor under any
-    numba-cuda call, by argument count (affine_fused takes 10 arrays and 4 scalars)."""
+    numba-cuda call, by argument count (diag_fused takes 9 arrays and 3 scalars)."""
     from fastgenlabel.kernels import _interop
 
     cuda = _interop.cuda_modules()
@@ -99,20 +99,18 @@ def launch_floor():
         pass
 
     @cuda.jit
-    def k14(a, b, c, d, e, f, g, h, i, j, w, x, y, z):
+    def k12(a, b, c, d, e, f, g, h, i, x, y, z):
         pass
 
     t = torch.zeros(256, device=dev)  # kept alive while the views are used
     v = _interop.device_view(t)
     stream = _interop.current_stream()
-    one, zero = np.float32(1.0), np.int64(0)
+    one = np.float32(1.0)
     rows = {
         "empty kernel, no arguments": lambda: k0[1, 32, stream](),
         "empty kernel, 4 arrays": lambda: k4[1, 32, stream](v, v, v, v),
-        "empty kernel, 10 arrays + 4 scalars": lambda: k14[1, 32, stream](v, v, v, v, v, v, v, v, v, v, zero, one,
-                                                                            one, one),
-        "empty kernel, 10 arrays + 4 scalars, stream 0": lambda: k14[1, 32](v, v, v, v, v, v, v, v, v, v, zero, one,
-                                                                              one, one),
+        "empty kernel, 9 arrays + 3 scalars": lambda: k12[1, 32, stream](v, v, v, v, v, v, v, v, v, one, one, one),
+        "empty kernel, 9 arrays + 3 scalars, stream 0": lambda: k12[1, 32](v, v, v, v, v, v, v, v, v, one, one, one),
     }
     print("\n--- Numba launch floor (us per launch, 200 launches, no sync)")
     for name, fn in rows.items():

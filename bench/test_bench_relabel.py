@@ -36,7 +36,6 @@ from queued import record_queued
 from startup import fresh_process_json
 
 import fastgenlabel as fg
-from fastgenlabel.kernels.relabel import params_for
 from fastgenlabel.models.gaussian import GaussianStats
 
 BATCHES = (64, 256)
@@ -163,11 +162,15 @@ def torch_diag(m, device):
 
 
 def torch_tied(m, device):
-    p = params_for(m).arrays  # the same affine scores as the kernel: s = W (z - m) + b
-    w_t, center, bias = (torch.from_numpy(p[n]).to(device) for n in ("w_t", "center", "bias"))
+    """What users write for a shared covariance: the linear discriminant s_c = w_c^T z + b_c,
+    w_c = P mu_c, b_c = -1/2 mu_c^T P mu_c + log pi_c (one float32 matmul)."""
+    prec = m.precision_chol.double() @ m.precision_chol.double().T
+    w = m.means.double() @ prec  # rows: w_c^T = mu_c^T P
+    b = -0.5 * (w * m.means.double()).sum(1) + m.log_prior.double()
+    w_t, bias = w.T.float().contiguous().to(device), b.float().to(device)
 
     def target(z, pairs, labels):
-        return blend((fg.mix(z, pairs) - center) @ w_t + bias, pairs, labels, m.num_classes)
+        return blend(fg.mix(z, pairs) @ w_t + bias, pairs, labels, m.num_classes)
 
     return target
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_relabel import batch, fit, make_data
+from test_relabel import batch, far_clusters, fit, make_data
 
 import fastgenlabel as fg
 from fastgenlabel.functional import mix
@@ -136,7 +136,7 @@ def test_fastgenlabel_exposes_no_new_public_name():
 def test_tf32_block_restores_the_new_precision_api(before):
     """torch >= 2.9: a script that set ``fp32_precision`` must not see the legacy flag read (it
     raises then) nor its setting changed after the block."""
-    from fastgenlabel.kernels.relabel.gemm import _tf32_matmul
+    from fastgenlabel.kernels.relabel.gemm import fp32_matmul
 
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, "fp32_precision"):
@@ -144,8 +144,36 @@ def test_tf32_block_restores_the_new_precision_api(before):
     old = matmul.fp32_precision
     try:
         matmul.fp32_precision = before
-        with _tf32_matmul(True):
+        with fp32_matmul(True):
             assert matmul.fp32_precision == "tf32"
+        assert matmul.fp32_precision == before
+        with fp32_matmul(False):
+            assert matmul.fp32_precision == "ieee"
         assert matmul.fp32_precision == before
     finally:
         matmul.fp32_precision = old
+
+
+def test_spread_keeps_inaccurate_models_off_the_product():
+    """A model whose classes sit far from the centre (two groups of close classes, 30 standard
+    deviations out) at a size where the product would run: the product's targets are off by more
+    than 1e-4, so "auto" keeps the model on the factor form, which is accurate."""
+    model, zb, labels, pairs = far_clusters("full", 32, 182, 30.0)
+    assert gemm.use_gemm(32, 182)  # by size alone
+    assert gemm.spread(model) * gemm.ERROR_PER_SPREAD > gemm.MAX_TARGET_ERROR
+    want = fg.relabel(model, zb, pairs, labels, 1.0, num_classes=32, backend="reference")
+    got = fg.relabel(model, zb, pairs, labels, 1.0, num_classes=32, backend="numba-cpu")
+    np.testing.assert_allclose(got, want, rtol=0, atol=TARGET_ATOL)
+    with gemm.policy("always"):
+        forced = fg.relabel(model, zb, pairs, labels, 1.0, num_classes=32, backend="numba-cpu")
+    assert np.abs(forced - want).max() > 1e-4
+
+
+def test_use_gemm_spread_rule():
+    limit = gemm.MAX_TARGET_ERROR / gemm.ERROR_PER_SPREAD
+    assert gemm.use_gemm(1000, 256, spread=0.5 * limit) and not gemm.use_gemm(1000, 256, spread=2 * limit)
+    calls = []
+    assert not gemm.use_gemm(16, 256, spread=lambda: calls.append(1) or 0.0)
+    assert not calls  # the spread is computed only when the sizes qualify
+    with gemm.policy("always"):
+        assert gemm.use_gemm(1000, 256, spread=2 * limit)

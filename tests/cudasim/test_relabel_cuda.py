@@ -110,7 +110,7 @@ def test_empty_classes_get_exactly_zero(kind):
 @pytest.mark.parametrize("kind", ["diag", "tied"])
 @pytest.mark.parametrize("b,d", [(1, 9), (2, 7), (3, 9), (7, 7)])
 def test_fused_kernel_tiles_and_class_loops(kind, b, d):
-    """affine_fused: partial sample tiles (TS = 2 here), K over several class tiles (TPB = 8), d
+    """diag_fused: partial sample tiles (TS = 2 here), K over several class tiles (TPB = 8), d
     over several feature chunks (TD = 4) with register groups (LOADS = 2) and their tails
     (d = 7: chunks of 4 and 3; d = 9: 4, 4 and 1), one launch per call."""
     model, z, y = make_model(kind, 19, d, prior="empirical", empty=(4,), seed=b)
@@ -121,7 +121,7 @@ def test_fused_kernel_tiles_and_class_loops(kind, b, d):
 
 @pytest.mark.parametrize("kind", ["diag", "tied"])
 def test_fused_kernel_counters_reset_for_the_next_launch(kind):
-    """affine_fused's per-tile counters (three class tiles here: K = 19, TPB = 8) are zero again
+    """diag_fused's per-tile counters (three class tiles here: K = 19, TPB = 8) are zero again
     after each launch, so one array serves launch after launch on a stream; gamma = 0 launches
     one class tile and never counts."""
     model, z, y = make_model(kind, 19, 5, seed=7)
@@ -212,6 +212,24 @@ def test_float32_overflow_falls_back_to_the_mixup_label(kind):
     labels = np.array([0, 2])
     got = run_device(model, zb, pairs, labels, 0.5, 0.0)
     np.testing.assert_allclose(got, [[0.25, 0, 0.75], [0, 0, 1]], atol=1e-6)
+
+
+def test_tied_classes_far_from_the_mean_keep_float32_accuracy():
+    """whiten_rows + diag_fused on two groups of close classes 100 standard deviations out: the
+    targets are unsaturated and match the float64 reference (the former affine form lost 3e-3)."""
+    rng = np.random.default_rng(5)
+    k, d = 8, 5
+    centers = rng.normal(size=(k, d)) * 0.15
+    centers[:, 0] += np.where(np.arange(k) < k // 2, 100.0, -100.0)
+    y = np.repeat(np.arange(k), 30)
+    z = (centers[y] + rng.normal(size=(len(y), d))).astype(np.float32)
+    model = fg.GaussianClassModel("tied").fit(z, y, k)
+    idx = rng.integers(0, len(y) // 2, 6)
+    zb, labels = np.ascontiguousarray(z[idx]), y[idx]
+    pairs = fg.sample_pairs(6, 1.0, lam_mode="sample", generator=2)
+    want = reference(model, zb, pairs, labels, 1.0, 0.0)
+    assert want.max(1).mean() < 0.99
+    np.testing.assert_allclose(run_device(model, zb, pairs, labels, 1.0, 0.0), want, rtol=0, atol=ATOL["tied"])
 
 
 @pytest.fixture

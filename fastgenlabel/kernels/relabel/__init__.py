@@ -33,7 +33,14 @@ from ...functional._arrays import Array, as_tensor, check_num_classes, check_uni
 from ...functional.pairs import MixPairs
 from ..registry import Impl, dispatch, explain
 from . import gemm
-from .params import RelabelParams, device_params_for, gemm_params_for, params_for, unsupported_reason
+from .params import (
+    RelabelParams,
+    device_params_for,
+    gemm_params_for,
+    gemm_spread_for,
+    params_for,
+    unsupported_reason,
+)
 
 __all__ = ["IMPLS", "RelabelParams", "explain_relabel", "params_for", "relabel"]
 
@@ -199,6 +206,11 @@ def _kernel_input_reason(call: RelabelCall) -> str | None:
     return None
 
 
+def _use_product(call: RelabelCall) -> bool:
+    """Full covariance: the product form (gemm.py) for this model and size, or the factor kernels."""
+    return gemm.use_gemm(call.num_classes, call.params.dim, spread=lambda: gemm_spread_for(call.model))
+
+
 def _refuse_cpu(call: RelabelCall) -> str | None:
     if call.zt.is_cuda:
         return f"device: numba-cpu runs on host memory, z is on {call.zt.device}"
@@ -226,7 +238,7 @@ def _run_cpu(call: RelabelCall):
         result = call.out
     params = call.params
     product = None
-    if params.kind == "full" and gemm.use_gemm(k, params.dim):  # one float32 product (gemm.py)
+    if params.kind == "full" and _use_product(call):  # one float32 product (gemm.py)
         product = gemm_params_for(call.model, torch.device("cpu"))
     cpu.relabel_host(
         params, _host(call.zt), call.pairs.perm.numpy(), call.pairs.lam.to(torch.float32).numpy(),
@@ -265,7 +277,7 @@ def _run_cuda(call: RelabelCall):
         stream = numba_stream(handle)
         lam = call.pairs.lam if call.pairs.lam.dtype == torch.float32 else call.pairs.lam.to(torch.float32)
         labels = call.labels_t if call.labels_t.dtype == torch.int64 else call.labels_t.to(torch.int64)
-        if params.kind == "full" and gemm.use_gemm(k, params.dim):  # tensor cores (gemm.py)
+        if params.kind == "full" and _use_product(call):  # tensor cores (gemm.py)
             g = gemm_params_for(call.model, dev)
             if call.gamma > 0:
                 gemm.scores(g, call.zt, call.pairs.perm, lam, out)
@@ -275,17 +287,21 @@ def _run_cuda(call: RelabelCall):
                 stream=stream, scores_ready=True)
             return out
         arrays = device_params_for(call.model, dev, view=device_view)
-        done = None
+        done = whitened = scratch = None
         if params.kind in ("diag", "tied"):
             done = _tile_counters(dev, handle, kernels.sample_tiles(b))
+        if params.kind == "tied" and call.gamma > 0:  # held until the launches are queued
+            whitened = torch.empty((b, params.dim), dtype=torch.float32, device=dev)
+            scratch = device_view(whitened)
         kernels.relabel_device(
             params, arrays, device_view(call.zt), device_view(call.pairs.perm), device_view(lam),
             device_view(labels), call.gamma, call.smoothing, device_view(out), stream=stream, done=done,
+            scratch=scratch,
         )
     return out
 
 
-_COUNTERS: dict = {}  # (device index, stream handle) -> (int32 zeros, their view): affine_fused's tile counters
+_COUNTERS: dict = {}  # (device index, stream handle) -> (int32 zeros, their view): diag_fused's tile counters
 
 
 def _tile_counters(dev: torch.device, handle: int, tiles: int):

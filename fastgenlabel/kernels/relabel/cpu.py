@@ -7,8 +7,8 @@ Each path matches the reference ``genlabel_target(model, mix(z, pairs), ...)`` (
 
    - diag: :func:`diag_scores`, one fused pass over the (d, K) parameters, parallel over tiles of
      samples (no B x K x d intermediate);
-   - tied: the scores s = W (z - m) of the *unmixed* samples, one float32 GEMM (``torch.mm``) into
-     a scratch (B, K); :func:`finish` mixes them (s is affine, GENLABEL.md section 5);
+   - tied: the samples whitened (one float32 product, ``torch.mm``), then :func:`diag_scores`
+     with unit scales (``params.py`` says why not the cheaper affine form);
    - full: :func:`full_scores`, batched GEMMs over chunks of classes plus a fused epilogue;
    - kde: :func:`kde_scores`, parallel over (class, sample): whitening and an online log-sum-exp;
 
@@ -20,8 +20,8 @@ OpenBLAS: measured faster and steadier on shared cores (see :func:`full_scores`)
 is njit. Hot loops run in float32 (the params are float32) with reassociation allowed so that LLVM
 can vectorise them; sums whose rounding would show in the result are accumulated in float64.
 Compiled kernels are cached on disk (``cache=True``): the first call in a fresh environment
-compiles (a few seconds per model kind), later processes load them. Numba's cache is keyed on
-this file only: after editing ``math.py`` during development, delete ``__pycache__/cpu.*.nb[ic]``.
+compiles (a few seconds per model kind), later processes load them; the cache follows edits of
+``math.py`` too (``kernels.compat.key_disk_cache_on``).
 """
 from __future__ import annotations
 
@@ -193,10 +193,10 @@ def kde_scores(z_mix, order, center, factor, tri, points, offsets, bias, out):
 
 
 @njit(parallel=True, cache=True)
-def finish(src, mix_rows_flag, perm, lam, labels, bias, gamma, keep, add, out):
-    """Scores -> targets, one sample per iteration (``src`` may be ``out``: each element is read
-    before it is written). gamma == 0 never reads ``src``. If every logit of a row is -inf (a
-    float32 overflow for |z| ~ 1e19), y_gen falls back to the mixup label: never NaN."""
+def finish(perm, lam, labels, bias, gamma, keep, add, out):
+    """Scores -> targets in place, one sample per iteration (each element is read before it is
+    written). gamma == 0 never reads the scores. If every logit of a row is -inf (a float32
+    overflow for |z| ~ 1e19), y_gen falls back to the mixup label: never NaN."""
     b, k = out.shape
     gamma_c = ONE - gamma
     for s in prange(b):
@@ -208,13 +208,13 @@ def finish(src, mix_rows_flag, perm, lam, labels, bias, gamma, keep, add, out):
         mx = NEG_INF
         if gamma > 0:
             for c in range(k):
-                v = row_logit(src, mix_rows_flag, s, p, c, l, lc, bias)
+                v = row_logit(out, s, c, bias)
                 if v > mx:
                     mx = v
         if mx > NEG_INF:
             total = 0.0
             for c in range(k):
-                e = np.exp(row_logit(src, mix_rows_flag, s, p, c, l, lc, bias) - mx)
+                e = np.exp(row_logit(out, s, c, bias) - mx)
                 out[s, c] = e
                 total += e
             inv = np.float32(1.0 / total)
@@ -250,31 +250,27 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
     g = np.float32(gamma)
     keep = np.float32(1.0 - smoothing)
     add = np.float32(smoothing / k)
-    src, mix_flag = out, False
     bias = a["bias"]
     if params.kind == "full" and product is not None:
         if g > 0:
             from .gemm import scores
 
             scores(product, torch.from_numpy(z), torch.from_numpy(perm), torch.from_numpy(lam), torch.from_numpy(out))
-        finish(out, False, perm, lam, labels, product["bias"].numpy(), g, keep, add, out)
+        finish(perm, lam, labels, product["bias"].numpy(), g, keep, add, out)
         return out
     if g > 0:
-        if params.kind == "tied":
-            zc = torch.from_numpy(np.subtract(z, a["center"]))
-            src = torch.mm(zc, torch.from_numpy(a["w_t"])).numpy()  # raw scores of the unmixed samples
-            mix_flag = True
+        if params.kind == "tied":  # whitened (y = (z - m) L), then unit-scale diag scores (params.py)
+            z = torch.mm(torch.from_numpy(np.subtract(z, a["center"])), torch.from_numpy(a["chol"])).numpy()
+        z_mix = np.empty_like(z)
+        mix_rows(z, perm, lam, z_mix)
+        if params.kind in ("diag", "tied"):
+            diag_scores(z_mix, a["mu_t"], a["istd_t"], out)
+        elif params.kind == "full":
+            full_scores(z_mix, params, out)
         else:
-            z_mix = np.empty_like(z)
-            mix_rows(z, perm, lam, z_mix)
-            if params.kind == "diag":
-                diag_scores(z_mix, a["mu_t"], a["istd_t"], out)
-            elif params.kind == "full":
-                full_scores(z_mix, params, out)
-            else:
-                kde_scores(z_mix, a["order"], a["center"], a["factor"], params.tri, a["points"], a["offsets"],
-                           a["bias"], out)
-    finish(src, mix_flag, perm, lam, labels, bias, g, keep, add, out)
+            kde_scores(z_mix, a["order"], a["center"], a["factor"], params.tri, a["points"], a["offsets"],
+                       a["bias"], out)
+    finish(perm, lam, labels, bias, g, keep, add, out)
     return out
 
 

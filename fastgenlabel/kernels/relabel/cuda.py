@@ -4,15 +4,15 @@ Each kernel matches the reference ``genlabel_target(model, mix(z, pairs), ...)``
 the caller's stream. Mixing is fused into the loads of z (no z_mix array in global memory), and
 no kernel makes a B x K x d intermediate.
 
-- ``affine_fused`` (diagonal and tied covariance): one launch. Grid (sample tiles of ``TS``,
-  class tiles of ``TPB``), threads over classes (coalesced reads of the feature-major (d, K)
-  parameters, ``LOADS`` features' worth loaded into registers together), the tile's features
-  staged through shared memory ``TD`` at a time, float32 partial sums per chunk added with Kahan
-  compensation; the scores go to ``out``. The last block
-  to finish a sample tile (a per-tile counter, atomics and fences) holds every class of those
-  samples and turns them into targets itself (``finish_row``). Tied covariance scores the mixed
-  sample directly: w_c^T (z_mix - m) costs the same K d per sample as scoring the unmixed ones
-  and mixing the scores, and needs no scratch matrix or second launch.
+- ``diag_fused`` (diagonal covariance; tied after ``whiten_rows``): one launch. Grid (sample
+  tiles of ``TS``, class tiles of ``TPB``), threads over classes (coalesced reads of the
+  feature-major (d, K) parameters, ``LOADS`` features' worth loaded into registers together),
+  the tile's features staged through shared memory ``TD`` at a time, float32 partial sums per
+  chunk added with Kahan compensation; the scores go to ``out``. The last block to finish a
+  sample tile (a per-tile counter, atomics and fences) holds every class of those samples and
+  turns them into targets itself (``finish_row``).
+- ``whiten_rows`` (tied covariance): y = (z - m) L per sample, so that tied is diag with unit
+  scales on y (whitening commutes with mixing; ``params.py`` says why not the affine form).
 - Full covariance below ``gemm.use_gemm``'s size (larger ones use its tensor-core product): ``tri_scores``,
   one block per (sample tile, class), threads over the output coordinates j of
   u = L_c^T (z_mix - mu_c) (coalesced reads of the factor's rows), skipping its zero triangle;
@@ -49,7 +49,7 @@ SIM = bool(config.ENABLE_CUDASIM)
 TPB = 8 if SIM else 128  # threads per block (a power of two)
 TS = 2 if SIM else 8  # samples per block tile (<= TPB)
 TD = 4 if SIM else 32  # features staged in shared memory at a time
-LOADS = 2 if SIM else 8  # affine_fused: parameters loaded into registers together (divides TD)
+LOADS = 2 if SIM else 8  # diag_fused: parameters loaded into registers together (divides TD)
 QUAD_BLOCKS = 2 if SIM else 16  # quad_split: blocks per sample
 TF32_MASK = np.uint32(0xFFFFE000)  # float32 -> TF32: 23 - 10 = 13 mantissa bits cleared
 MAX_SHARED_BYTES = 48 * 1024
@@ -150,8 +150,8 @@ def load_l2(a, s, c):
 
 
 @cuda.jit(device=True)
-def affine_chunk(part, tile, center, mu_t, w_t, tied, i0, c, n, wr, mr):
-    """Add features i0 .. i0 + n of class ``c`` to the TS samples' partial scores ``part``.
+def diag_chunk(part, tile, mu_t, istd_t, i0, c, n, wr, mr):
+    """Add features i0 .. i0 + n of class ``c`` to the TS samples' partial sums ``part``.
 
     ``LOADS`` features at a time, their parameters are loaded into registers (``wr``, ``mr``:
     local arrays indexed by unrolled constants) before any of them is used, so that a warp waits
@@ -160,29 +160,24 @@ def affine_chunk(part, tile, center, mu_t, w_t, tied, i0, c, n, wr, mr):
     g_end = n - n % LOADS
     for g in range(0, g_end, LOADS):
         for u in range(LOADS):
-            wr[u] = w_t[i0 + g + u, c]
-            mr[u] = center[i0 + g + u] if tied else mu_t[i0 + g + u, c]
+            wr[u] = istd_t[i0 + g + u, c]
+            mr[u] = mu_t[i0 + g + u, c]
         for u in range(LOADS):
             for t in range(TS):
-                x = tile[t, g + u]
-                part[t] += (x - mr[u]) * wr[u] if tied else diag_term(x, mr[u], wr[u])
+                part[t] += diag_term(tile[t, g + u], mr[u], wr[u])
     for ii in range(g_end, n):
-        w = w_t[i0 + ii, c]
-        m = center[i0 + ii] if tied else mu_t[i0 + ii, c]
+        w = istd_t[i0 + ii, c]
+        m = mu_t[i0 + ii, c]
         for t in range(TS):
-            x = tile[t, ii]
-            part[t] += (x - m) * w if tied else diag_term(x, m, w)
+            part[t] += diag_term(tile[t, ii], m, w)
 
 
 @cuda.jit(cache=True)
-def affine_fused(z, perm, lam, center, mu_t, w_t, tied, labels, bias, gamma, keep, add, out, done):
-    """Diagonal and tied covariance in one launch. Grid (sample tiles, class tiles): a block
+def diag_fused(z, perm, lam, mu_t, istd_t, labels, bias, gamma, keep, add, out, done):
+    """Diagonal covariance (and tied, on whitened features with unit scales) in one launch:
+    score = -1/2 sum_i ((z_mix_i - mu_ci) istd_ic)^2. Grid (sample tiles, class tiles): a block
     scores its TS samples over its TPB classes into ``out``; the last block to finish a sample
     tile (counted in ``done``) turns that tile's rows into targets (``finish_row``).
-
-    diag (``tied`` 0): score = -1/2 sum_i ((z_mix_i - mu_ci) w_ic)^2, w = 1 / sigma;
-    tied (``tied`` 1): score = sum_i (z_mix_i - m_i) w_ic, the affine score of the mixed sample
-    (``center`` = m; ``mu_t`` unused). ``tied`` is uniform over the launch: no divergence.
 
     Splitting the classes over blocks keeps the GPU busy: at B = 256, K = 1000 one block per
     sample tile would be 32 blocks of 4 warps on a 132-SM H200, each warp stalling on every
@@ -214,14 +209,14 @@ def affine_fused(z, perm, lam, center, mu_t, w_t, tied, labels, bias, gamma, kee
             if c < k:
                 for t in range(TS):
                     part[t] = ZERO
-                affine_chunk(part, tile, center, mu_t, w_t, tied, i0, c, min(TD, d - i0), wr, mr)
+                diag_chunk(part, tile, mu_t, istd_t, i0, c, min(TD, d - i0), wr, mr)
                 for t in range(TS):
                     acc[t], comp[t] = kahan_add(acc[t], comp[t], part[t])
             cuda.syncthreads()
         if c < k:
             for t in range(TS):
                 if s0 + t < b:
-                    out[s0 + t, c] = acc[t] if tied else gauss_score(acc[t])
+                    out[s0 + t, c] = gauss_score(acc[t])
         if cuda.gridDim.y > 1:
             cuda.threadfence()  # this thread's scores reach L2 before the block is counted
             cuda.syncthreads()
@@ -240,7 +235,7 @@ def affine_fused(z, perm, lam, center, mu_t, w_t, tied, labels, bias, gamma, kee
         cuda.syncthreads()  # the tile's scores are in out, visible to the whole block
     for t in range(TS):
         if s0 + t < b:  # uniform over the block: finish_row's reductions see every thread
-            finish_row(out, 0, s0 + t, perm, lam, labels, bias, gamma, keep, add, out, red)
+            finish_row(s0 + t, perm, lam, labels, bias, gamma, keep, add, out, red)
 
 
 @cuda.jit(cache=True)
@@ -342,6 +337,24 @@ def kde_scores(z, perm, lam, order, center, factor, tri, points, offsets, bias, 
         out[s, c] = lse_value(red_m[0], red_s[0])
 
 
+@cuda.jit(cache=True)
+def whiten_rows(z, center, chol, out):
+    """Tied covariance: out[s] = (z[s] - m) L, the samples where the shared covariance is the
+    identity (``params.py``). One block per sample (grid x: up to 2^31 - 1), threads over output
+    coordinates j (coalesced reads of L's rows); dynamic shared memory d float32 holding z - m."""
+    s = cuda.blockIdx.x
+    d = z.shape[1]
+    x = cuda.shared.array(0, float32)
+    for i in range(cuda.threadIdx.x, d, cuda.blockDim.x):
+        x[i] = z[s, i] - center[i]
+    cuda.syncthreads()
+    for j in range(cuda.threadIdx.x, d, cuda.blockDim.x):
+        acc = ZERO
+        for i in range(d):
+            acc += x[i] * chol[i, j]
+        out[s, j] = acc
+
+
 @cuda.jit(device=True)
 def tf32_high(v):
     """``v`` with its 13 low mantissa bits cleared: exactly representable in TF32."""
@@ -382,10 +395,10 @@ def quad_split_grid(batch: int, width: int) -> tuple[int, int]:
 
 
 @cuda.jit(device=True)
-def finish_row(src, mix_rows_flag, s, perm, lam, labels, bias, gamma, keep, add, out, red):
-    """Scores -> targets of sample ``s``; every thread of the block calls it (block reductions
-    in ``red``). ``src`` may be ``out``: each element is read by the thread that writes it,
-    before it writes. gamma == 0 never reads ``src``; a row whose logits are all -inf (float32
+def finish_row(s, perm, lam, labels, bias, gamma, keep, add, out, red):
+    """Scores -> targets of sample ``s`` in place; every thread of the block calls it (block
+    reductions in ``red``). Each element is read by the thread that writes it, before it
+    writes. gamma == 0 never reads the scores; a row whose logits are all -inf (float32
     overflow) takes the mixup label as y_gen: never NaN."""
     tid = cuda.threadIdx.x
     k = out.shape[1]
@@ -398,14 +411,14 @@ def finish_row(src, mix_rows_flag, s, perm, lam, labels, bias, gamma, keep, add,
     mx = NEG_INF
     if gamma > ZERO:
         for c in range(tid, k, TPB):
-            v = row_logit(src, mix_rows_flag, s, p, c, l, lc, bias)
+            v = row_logit(out, s, c, bias)
             if v > mx:
                 mx = v
         mx = block_max(red, mx)
     if mx > NEG_INF:
         total = ZERO
         for c in range(tid, k, TPB):
-            e = math.exp(row_logit(src, mix_rows_flag, s, p, c, l, lc, bias) - mx)
+            e = math.exp(row_logit(out, s, c, bias) - mx)
             out[s, c] = e
             total += e
         inv = ONE / block_sum(red, total)
@@ -418,10 +431,10 @@ def finish_row(src, mix_rows_flag, s, perm, lam, labels, bias, gamma, keep, add,
 
 
 @cuda.jit(cache=True)
-def finish(src, mix_rows_flag, perm, lam, labels, bias, gamma, keep, add, out):
-    """Scores -> targets; one block per sample (the full-covariance and KDE paths)."""
+def finish(perm, lam, labels, bias, gamma, keep, add, out):
+    """Scores -> targets in place; one block per sample (the full-covariance and KDE paths)."""
     red = cuda.shared.array(TPB, float32)
-    finish_row(src, mix_rows_flag, cuda.blockIdx.x, perm, lam, labels, bias, gamma, keep, add, out, red)
+    finish_row(cuda.blockIdx.x, perm, lam, labels, bias, gamma, keep, add, out, red)
 
 
 def refuse_shape(params, batch: int) -> str | None:
@@ -432,14 +445,14 @@ def refuse_shape(params, batch: int) -> str | None:
         return f"shape: the {params.kind} kernel launches one grid row per class; needs K <= {MAX_GRID_Y}"
     if params.kind in ("diag", "tied") and class_tiles(params.num_classes) > MAX_GRID_Y:
         return f"shape: the {params.kind} kernel launches one grid row per {TPB} classes; needs K <= {MAX_GRID_Y * TPB}"
-    if params.kind == "full" and 4 * params.dim > MAX_SHARED_BYTES:
-        return f"shape: the full-covariance kernels stage d floats in shared memory; d = {params.dim} is too large"
+    if params.kind in ("full", "tied") and 4 * params.dim > MAX_SHARED_BYTES:
+        return f"shape: the {params.kind} kernels stage d floats in shared memory; d = {params.dim} is too large"
     del batch  # every kernel puts the batch on the grid's x dimension (up to 2^31 - 1 blocks)
     return None
 
 
 def sample_tiles(batch: int) -> int:
-    """Blocks along the batch (``TS`` samples each): the length ``affine_fused``'s ``done`` needs."""
+    """Blocks along the batch (``TS`` samples each): the length ``diag_fused``'s ``done`` needs."""
     return (batch + TS - 1) // TS
 
 
@@ -448,7 +461,7 @@ def class_tiles(num_classes: int) -> int:
 
 
 def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, *, stream=0, scores_ready=False,
-                   done=None):
+                   done=None, scratch=None):
     """Launch the relabel stage on device arrays (anything with ``__cuda_array_interface__``).
 
     Args:
@@ -462,12 +475,13 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
             ``arrays["bias"]`` their bias (the full-covariance product of ``gemm.py``): only
             ``finish`` runs.
         done: diag and tied: an int32 device array of at least :func:`sample_tiles` (B) zeros,
-            ``affine_fused``'s per-tile counters. The kernel leaves it zero again, so one array
+            ``diag_fused``'s per-tile counters. The kernel leaves it zero again, so one array
             serves every launch on one stream (launches on other streams need their own). None:
             a fresh one is uploaded for this call.
+        scratch: tied: a (B, d) float32 device array for the whitened samples (None: allocated).
 
     Returns:
-        out. The launches (one for diag and tied, two for full and KDE) are asynchronous on
+        out. The launches (one for diag, two for tied, full and KDE) are asynchronous on
         ``stream``.
     """
     b = z.shape[0]
@@ -484,13 +498,15 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
             done = cuda.to_device(np.zeros(tiles, np.int32), stream=stream)
         elif done.shape[0] < tiles:
             raise ValueError(f"done: {done.shape[0]} counters for {tiles} sample tiles")
+        if params.kind == "tied" and g > 0:  # whitened, then the diag kernel with unit scales
+            d = params.dim
+            if scratch is None:
+                scratch = cuda.device_array((b, d), np.float32, stream=stream)
+            whiten_rows[b, TPB, stream, 4 * d](z, arrays["center"], arrays["chol"], scratch)
+            z = scratch
         grid = (tiles, class_tiles(k) if g > 0 else 1)
-        if params.kind == "diag":
-            affine_fused[grid, TPB, stream](z, perm, lam, bias, arrays["mu_t"], arrays["istd_t"], 0, labels, bias, g,
-                                            keep, add, out, done)  # bias stands in for the unused centre
-        else:
-            affine_fused[grid, TPB, stream](z, perm, lam, arrays["center"], arrays["w_t"], arrays["w_t"], 1, labels,
-                                            bias, g, keep, add, out, done)  # w_t stands in for the unused means
+        diag_fused[grid, TPB, stream](z, perm, lam, arrays["mu_t"], arrays["istd_t"], labels, bias, g, keep, add, out,
+                                      done)
         return out
     if g > 0 and not scores_ready:
         if params.kind == "full":
@@ -500,10 +516,5 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
             kde_scores[(b, k), TPB, stream, 8 * params.dim](
                 z, perm, lam, arrays["order"], arrays["center"], arrays["factor"], int(params.tri),
                 arrays["points"], arrays["offsets"], bias, out)
-    finish[b, TPB, stream](out, 0, perm, lam, labels, bias, g, keep, add, out)
+    finish[b, TPB, stream](perm, lam, labels, bias, g, keep, add, out)
     return out
-
-
-from ..compat import key_disk_cache_on  # noqa: E402
-
-key_disk_cache_on(globals(), rm)

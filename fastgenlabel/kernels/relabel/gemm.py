@@ -16,10 +16,12 @@ Precision: tensor cores round float32 inputs to TF32 (11 significant bits), whic
 remainder (``hi = x with its 13 low mantissa bits cleared``, ``lo = x - hi``, both exact in
 float32), and ``hi hi^T + hi lo^T + lo hi^T`` (three products, float32 accumulation) restores
 float32-level accuracy (the dropped ``lo lo^T`` is ~2^-20 relative). On the CPU the products are
-plain float32. What remains is the expansion's cancellation: the score error grows like
+plain float32. What remains is the expansion's cancellation: the error grows like
 ~1e-7 x a_c^T P_c a_c, the squared Mahalanobis distance of the class mean from the centre
-(tests/test_relabel_gemm.py measures it); it matters only where classes are far apart, and
-there the softmax is saturated.
+(tests/test_relabel_gemm.py measures it). It is not confined to saturated softmaxes: a group of
+close classes far from the centre gets unsaturated targets off by 1e-3 at 100 standard
+deviations. So :func:`use_gemm` also looks at the model's :func:`spread` and leaves such models
+to the factor form.
 
 Memory: W as two float32 (K, T) halves, 4 K T bytes (265 MB at K = 1000, d = 256), about what
 the factor form's (K, d, d) float32 factors take.
@@ -47,18 +49,51 @@ MIN_WORK = 1 << 20  # K d^2 from which "auto" takes the product
 MIN_CLASSES = 32  # below, building phi (d^2 / 2 per sample) costs about what it saves
 
 
-def use_gemm(num_classes: int, dim: int) -> bool:
+# The product's error in the targets, measured (session 3, K = 32, d = 16..182, two groups of
+# classes far from the overall mean): 0.6-2.5e-7 x max_c a_c^T P_c a_c. Above MAX_TARGET_ERROR
+# predicted, the factor form runs instead (its error grows only linearly with the distance).
+ERROR_PER_SPREAD = 3e-7
+MAX_TARGET_ERROR = 1e-4
+
+
+def use_gemm(num_classes: int, dim: int, spread=None) -> bool:
     """Whether full-covariance scores are computed by the matrix product (CPU and CUDA).
 
-    Measured on the 2-core CPU (B = 256; factor kernel vs product): K = 1000, d = 256: 232 vs
-    100 ms; K = 1000, d = 64: 46 vs 10.5 ms; K = 100, d = 128: 6.9 vs 4.4 ms; K = 10, d = 256:
+    Speed (measured on the 2-core CPU, B = 256; factor kernel vs product): K = 1000, d = 256: 232
+    vs 100 ms; K = 1000, d = 64: 46 vs 10.5 ms; K = 100, d = 128: 6.9 vs 4.4 ms; K = 10, d = 256:
     2.4 vs 10.6 ms. On the H200 (with host overhead) at K = 1000, d = 256: 7.7 vs 3.0 ms.
+
+    Accuracy: ``spread`` (a number, or a function giving it: :func:`spread`, computed only when
+    the sizes qualify) is the model's largest squared Mahalanobis distance of a class mean from
+    the centre; the product is used only while ``ERROR_PER_SPREAD * spread`` stays within
+    ``MAX_TARGET_ERROR``. POLICY "always" / "never" override both rules.
     """
     if POLICY == "always":
         return True
     if POLICY == "never":
         return False
-    return num_classes >= MIN_CLASSES and num_classes * dim * dim >= MIN_WORK
+    if num_classes < MIN_CLASSES or num_classes * dim * dim < MIN_WORK:
+        return False
+    if spread is None:
+        return True
+    value = spread() if callable(spread) else spread
+    return ERROR_PER_SPREAD * value <= MAX_TARGET_ERROR
+
+
+def spread(model) -> float:
+    """max_c a_c^T P_c a_c, a_c = mu_c - m (the centre the product form expands around), over the
+    classes with samples: the size of the terms that cancel in the product form."""
+    means = model.means.detach().to("cpu", torch.float64)
+    chol = model.precision_chol.detach().to("cpu", torch.float64)
+    counts = model.class_counts.detach().to("cpu", torch.float64)
+    center = (means * counts.unsqueeze(1)).sum(0) / counts.sum()
+    worst = 0.0
+    for c0 in range(0, means.shape[0], _CLASS_CHUNK):
+        sl = slice(c0, min(means.shape[0], c0 + _CLASS_CHUNK))
+        v = torch.einsum("ki,kij->kj", means[sl] - center, chol[sl])  # rows: (mu_c - m)^T L_c
+        maha = torch.where(counts[sl] > 0, (v * v).sum(1), torch.zeros_like(counts[sl]))
+        worst = max(worst, float(maha.max()))
+    return worst
 
 
 @contextlib.contextmanager
@@ -111,28 +146,27 @@ def pack(model, bias_of) -> dict[str, np.ndarray]:
 
 
 @contextlib.contextmanager
-def _tf32_matmul(enabled: bool):
-    """Let cuBLAS use TF32 tensor cores for float32 products inside the block (inputs are split).
+def fp32_matmul(tf32: bool):
+    """float32 matrix products inside the block with TF32 tensor cores allowed (``tf32``: the
+    inputs are split, ``split_scores``) or forbidden (products that need float32 accuracy even
+    where the user enabled TF32).
 
     torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` beside the legacy
     ``allow_tf32``, and reading the legacy flag raises once a script has set the new one, so the
     new setting is saved and restored where it exists. The setting is process-wide: float32
-    products that other threads run during the block may use TF32 too.
+    products that other threads run during the block follow it too.
     """
-    if not enabled:
-        yield
-        return
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):
         old = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
+        matmul.fp32_precision = "tf32" if tf32 else "ieee"
         try:
             yield
         finally:
             matmul.fp32_precision = old
         return
     old = matmul.allow_tf32
-    matmul.allow_tf32 = True
+    matmul.allow_tf32 = tf32
     try:
         yield
     finally:
@@ -170,7 +204,7 @@ def split_scores(arrays: dict[str, torch.Tensor], halves: torch.Tensor, out: tor
     """``out = hi @ W_hi^T + lo @ W_hi^T + hi @ W_lo^T`` from ``halves`` = [hi; lo] (2B, T), as two
     products with TF32 tensor cores allowed: W's high half is read once for both halves."""
     b = halves.shape[0] // 2
-    with _tf32_matmul(True):
+    with fp32_matmul(True):
         both = torch.matmul(halves, arrays["w_hi"].T)
         torch.add(both[:b], both[b:], out=out)
         out.addmm_(halves[:b], arrays["w_lo"].T)
@@ -199,5 +233,6 @@ def flops(num_classes: int, dim: int, batch: int) -> float:
     return 3 * 2.0 * batch * num_classes * (dim * (dim + 3) / 2)
 
 
-__all__ = ["MIN_CLASSES", "MIN_WORK", "POLICY", "features", "flops", "pack", "policy", "scores", "split_features",
-           "split_scores", "split_tf32", "use_gemm"]
+__all__ = ["ERROR_PER_SPREAD", "MAX_TARGET_ERROR", "MIN_CLASSES", "MIN_WORK", "POLICY", "features", "flops",
+           "fp32_matmul", "pack", "policy", "scores", "split_features", "split_scores", "split_tf32", "spread",
+           "use_gemm"]

@@ -78,20 +78,12 @@ def lse_value(m, s):
     return NEG_INF
 
 
-def row_logit(src, mix_rows, s, p, c, lam, lam_c, bias):
-    """Logit of class ``c`` for mixed sample ``s`` (partner ``p``); NaN is mapped to ``-inf`` and
-    ``+inf`` (a float32 score that overflowed upwards: tied covariance at |z| ~ 1e38) to the
+def row_logit(scores, s, c, bias):
+    """Logit of class ``c`` for mixed sample ``s``: its raw score plus the class's bias. NaN is
+    mapped to ``-inf`` and ``+inf`` (a float32 score that overflowed upwards, |z| ~ 1e38) to the
     largest float32, so that the softmax shares the row among those classes instead of making
-    ``inf - inf`` NaN.
-
-    ``mix_rows`` false: ``src[s, c]`` already holds the raw score of the mixed sample.
-    ``mix_rows`` true (tied covariance): ``src`` holds raw scores of the *unmixed* samples, which
-    are affine in z, so the mixed sample's score is ``lam * src[s, c] + (1 - lam) * src[p, c]``.
-    """
-    if mix_rows:
-        v = lam * src[s, c] + lam_c * src[p, c] + bias[c]
-    else:
-        v = src[s, c] + bias[c]
+    ``inf - inf`` NaN."""
+    v = scores[s, c] + bias[c]
     if v != v:
         return NEG_INF
     if v > MAX_F32:
