@@ -74,8 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a subcommand. A usage error (bad value, missing or unwritable file: ValueError or
+    OSError) prints ``fastgenlabel <command>: error: <message>`` and returns 2, as argparse does
+    for its own errors; ``FASTGENLABEL_DEBUG=1`` raises it with its traceback instead."""
+    import os
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:
+        if os.environ.get("FASTGENLABEL_DEBUG"):
+            raise
+        command = " ".join(filter(None, (args.command, getattr(args, "bench", None))))
+        print(f"fastgenlabel {command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._args import nonnegative_int, positive_int
 from .features import ThumbnailPCA
 from .functional import soft_target_cross_entropy
 from .models import GaussianClassModel
@@ -201,13 +202,13 @@ def _top2(t: torch.Tensor) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="out/demo", help="output folder (data, model, grid, results)")
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs per run")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=positive_int, default=8, help="training epochs per run")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--gamma", type=float, default=1.0, help="GenLabel weight of the second run")
-    parser.add_argument("--dim", type=int, default=16, help="PCA components of the 8x8 thumbnails")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N digits (quick runs)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    parser.add_argument("--dim", type=positive_int, default=16, help="PCA components of the 8x8 thumbnails")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N digits (quick runs)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads for training")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

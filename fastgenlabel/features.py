@@ -127,10 +127,13 @@ class ThumbnailPCA:
             raise RuntimeError("ThumbnailPCA: not fitted; call fit(thumbs) or load(path)")
 
     def save(self, path) -> None:
-        """Write the map to an .npz file (plain arrays, no pickle)."""
+        """Write the map to an .npz file (plain arrays, no pickle) at exactly ``path``, atomically."""
+        from .models.io import write_atomically
+
         self._require_fitted()
-        np.savez(path, kind=np.array("thumbnail-pca"), thumbnail=np.array(self.thumbnail),
-                 mean=self.mean, components=self.components)
+        write_atomically(path, lambda f: np.savez(f, kind=np.array("thumbnail-pca"),
+                                                  thumbnail=np.array(self.thumbnail), mean=self.mean,
+                                                  components=self.components))
 
     @classmethod
     def load(cls, path) -> ThumbnailPCA:

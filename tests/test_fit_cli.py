@@ -1,4 +1,6 @@
 """``fastgenlabel fit`` on real JPEG files written into tmp_path."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -88,7 +90,7 @@ def test_fit_on_several_shard_arguments_equals_the_folder(folder, tmp_path):
     assert model.class_counts.tolist() == [PER_CLASS] * K
     z = expected_fmap.transform(_thumbnails(folder, 24, 8)[0])
     np.testing.assert_allclose(model.log_likelihood(z), expected.log_likelihood(z), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="is a folder; a list names tar shards"):
+    with pytest.raises(ValueError, match="is a folder; a list names tar shards"), debug():
         main(["fit", str(shards[0]), str(folder), "--out", str(tmp_path / "x.npz"), *common])
 
 
@@ -118,17 +120,31 @@ def test_fit_stored_embeddings(folder, tmp_path):
     assert not (tmp_path / "m.features.npz").exists()
 
 
-def test_fit_errors_name_the_argument(folder, tmp_path):
-    with pytest.raises(ValueError, match="embeddings"):
-        main(["fit", str(folder), "--out", str(tmp_path / "x.npz"), "--features", "stored"])
+@contextlib.contextmanager
+def debug():
+    """FASTGENLABEL_DEBUG=1: the CLI raises instead of printing ``error: ...`` and returning 2."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTGENLABEL_DEBUG", "1")
+        yield
+
+
+def fails(argv, capsys, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastgenlabel fit: error: ") and match in err, err
+    assert "Traceback" not in err
+
+
+def test_fit_errors_name_the_argument(folder, tmp_path, capsys):
+    fails(["fit", str(folder), "--out", str(tmp_path / "x.npz"), "--features", "stored"], capsys, "embeddings")
     np.save(tmp_path / "short.npy", np.zeros((5, 2), np.float32))
-    with pytest.raises(ValueError, match="rows"):
-        main(["fit", str(folder), "--out", str(tmp_path / "x.npz"), "--features", "stored",
-              "--embeddings", str(tmp_path / "short.npy")])
-    with pytest.raises(FileNotFoundError, match="data"):
-        main(["fit", str(tmp_path / "missing"), "--out", str(tmp_path / "x.npz")])
+    fails(["fit", str(folder), "--out", str(tmp_path / "x.npz"), "--features", "stored",
+           "--embeddings", str(tmp_path / "short.npy")], capsys, "rows")
+    fails(["fit", str(tmp_path / "missing"), "--out", str(tmp_path / "x.npz")], capsys, "data")
     with pytest.raises(SystemExit):
         main(["fit", str(folder), "--out", str(tmp_path / "x.npz"), "--bandwidth", "wide"])
+    with debug(), pytest.raises(FileNotFoundError, match="data"):
+        main(["fit", str(tmp_path / "missing"), "--out", str(tmp_path / "x.npz")])
 
 
 @pytest.mark.slow
@@ -164,3 +180,20 @@ def test_fit_under_torchrun_counts_every_image_once(folder, tmp_path, pca_sample
     # float32 projections of differently sized batches round differently: compare at float32 precision.
     torch.testing.assert_close(model.stats.mean, expected.stats.mean, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(model.log_likelihood(z), expected.log_likelihood(z), rtol=1e-4)
+
+
+def test_fit_checks_its_outputs_before_reading_and_writes_them_atomically(folder, tmp_path, capsys):
+    """A folder as --out, or --dim beyond the thumbnails, fail at once (no pass over the data);
+    --features-out gets exactly its name, in a folder that is made; no temporary is left."""
+    import time
+
+    t = time.perf_counter()
+    fails(["fit", str(folder), "--out", str(tmp_path)], capsys, "--out")
+    fails(["fit", str(folder), "--out", str(tmp_path / "m.npz"), "--dim", "200", "--thumbnail", "8"], capsys,
+          "--dim")
+    assert time.perf_counter() - t < 5  # nothing was decoded
+    fmap = tmp_path / "new" / "deeper" / "map.bin"
+    assert main(["fit", str(folder), "--out", str(tmp_path / "m.npz"), "--features-out", str(fmap), "--dim", "4",
+                 "--image-size", "24", "--no-progress"]) == 0
+    assert ThumbnailPCA.load(fmap).dim == 4 and fg.load_model(tmp_path / "m.npz").num_classes == K
+    assert not list(tmp_path.rglob("*.tmp*"))

@@ -276,3 +276,20 @@ def test_another_format_version_is_rejected(saved_one):
     rewrite(path, lambda arrays: set_header(arrays, {**header(arrays), "version": 99}, redigest=True))
     with pytest.raises(ModelFileError, match="version"):
         load_model(path)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    from fastgenlabel.models.io import write_atomically
+
+    path = tmp_path / "m.npz"
+    path.write_bytes(b"old")
+
+    def broken(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomically(path, broken)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.npz"]
+    with pytest.raises(IsADirectoryError, match="folder"):
+        write_atomically(tmp_path, lambda f: f.write(b"x"))

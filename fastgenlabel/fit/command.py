@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from .._args import nonnegative_int, positive_int
 from ..models import GaussianClassModel, KDEClassModel
 from .folder import FEATURES, features_path_for, fit_image_folder
 
@@ -28,23 +29,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reg", type=float, default=1e-4, help="gaussian only: added to the covariance diagonal")
     parser.add_argument("--prior", choices=("uniform", "empirical"), default="uniform")
     parser.add_argument("--bandwidth", type=_bandwidth, default="scott", help="kde only: scott, silverman or a factor")
-    parser.add_argument("--max-points-per-class", type=int, default=None, help="kde only: keep a seeded sample")
+    parser.add_argument("--max-points-per-class", type=positive_int, default=None, help="kde only: keep a seeded sample")
     parser.add_argument("--features", choices=FEATURES, default="pca",
                         help="pca: PCA of thumbnails (fitted here, exact under mixing); stored: --embeddings")
-    parser.add_argument("--dim", type=int, default=32, help="pca: principal components kept (d)")
-    parser.add_argument("--thumbnail", type=int, default=8, help="pca: thumbnail side t")
-    parser.add_argument("--image-size", type=int, default=224,
+    parser.add_argument("--dim", type=positive_int, default=32, help="pca: principal components kept (d)")
+    parser.add_argument("--thumbnail", type=positive_int, default=8, help="pca: thumbnail side t")
+    parser.add_argument("--image-size", type=positive_int, default=224,
                         help="pca: centre-crop side the thumbnails come from (use the training loader's)")
-    parser.add_argument("--pca-samples", type=int, default=20000, help="pca: images the PCA is fitted on")
+    parser.add_argument("--pca-samples", type=positive_int, default=20000, help="pca: images the PCA is fitted on")
     parser.add_argument("--embeddings", default=None, help="stored: (N, d) .npy in the dataset's sample order")
     parser.add_argument("--features-out", default=None,
                         help="pca: where the feature map goes (default: MODEL.features.npz next to --out)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--backend", choices=("auto", "dali", "torch"), default="auto",
                         help="image reading: DALI or PIL (auto: DALI when installed)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--threads", type=int, default=2, help="DALI decoding threads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=2, help="DALI decoding threads")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -88,6 +89,16 @@ def _main(args) -> int:
         model = KDEClassModel(args.bandwidth, max_points_per_class=args.max_points_per_class, prior=args.prior,
                               seed=args.seed)
     out = Path(args.out)
+    fpath = None
+    if args.features == "pca":
+        fpath = Path(args.features_out) if args.features_out else features_path_for(out)
+        if args.dim > 3 * args.thumbnail ** 2:
+            raise ValueError(f"--dim: {args.dim} components of {args.thumbnail}x{args.thumbnail}x3 thumbnails "
+                             f"(at most {3 * args.thumbnail ** 2}); lower --dim or raise --thumbnail")
+    if rank == 0:  # before the pass over the data, not after it
+        for flag, path in (("--out", out), ("--features-out", fpath)):
+            if path is not None:
+                _check_writable(flag, path)
     t0 = time.perf_counter()
     say = print if rank == 0 else None
     data = args.data[0] if len(args.data) == 1 else args.data  # several arguments: a list of shards
@@ -103,18 +114,31 @@ def _main(args) -> int:
         print(f"rank {rank}: class-model checksum {model_checksum(result.model)}", flush=True)
     if rank != 0:
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if result.feature_map is not None:  # the map first: a model file never points at a missing map
+        result.feature_map.save(fpath)
     result.model.save(out)
     n = int(result.model.class_counts.sum())
     ranks = f" on {world} ranks" if world > 1 else ""
     print(f"wrote {out}: {result.model!r}, {n} samples of {len(result.classes)} classes "
           f"in {seconds:.1f} s{ranks} ({n / seconds:,.0f} samples/s overall)")
     if result.feature_map is not None:
-        fpath = Path(args.features_out) if args.features_out else features_path_for(out)
-        result.feature_map.save(fpath)
         print(f"wrote {fpath}: {result.feature_map!r}")
         print(f"use: LoaderConfig(data=..., model={str(out)!r}, feature_map={str(fpath)!r}, "
               f"image_size={args.image_size})")
     else:
         print(f"use: LoaderConfig(data=..., model={str(out)!r}, embeddings={str(args.embeddings)!r})")
     return 0
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """Refuse an output path that cannot be written, before any work (its folder is made)."""
+    import os
+
+    if path.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot create the folder {str(path.parent)!r} ({e.strerror})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"{flag}: the folder {str(path.parent)!r} is not writable")

@@ -34,15 +34,17 @@ import time
 import numpy as np
 import torch
 
+from .._args import nonnegative_int, positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a folder of class sub-folders of JPEG files")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per repeat")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="DALI threads / DataLoader workers")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--batches", type=positive_int, default=20, help="timed batches per repeat")
+    parser.add_argument("--warmup", type=nonnegative_int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2, help="DALI threads / DataLoader workers")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--only", default=None, help="comma-separated contestants to run")
 

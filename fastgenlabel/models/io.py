@@ -8,6 +8,7 @@ half-loaded model.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -45,11 +46,24 @@ def save_state(path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Non
     header["digest"] = _digest(arrays, header)
     payload = dict(arrays)
     payload[_META] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
+    write_atomically(path, lambda f: np.savez(f, **payload))
+
+
+def write_atomically(path, write) -> None:
+    """``write(f)`` into a temporary file beside ``path``, then rename it over ``path``: readers
+    see the old file or the whole new one, and a failed write leaves no temporary behind."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder; expected a file path")
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **payload)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load_state(path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
