@@ -52,8 +52,48 @@ def all_gather_ints(values, group=None, device=None) -> list[list[int]]:
     return [o.tolist() for o in out]
 
 
+def _int64(text: str) -> int:
+    """A stable signed 64-bit digest of ``text``."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
+
+
+def model_signature(model: ClassModel) -> dict[str, int]:
+    """What every rank must agree on before its model's statistics meet another rank's: the
+    model's kind and options (as a digest of ``config()``)."""
+    import json
+
+    return {"model kind and options": _int64(type(model).__name__ + json.dumps(model.config(), sort_keys=True,
+                                                                              default=str))}
+
+
+def stats_signature(stats) -> dict[str, int]:
+    """The shape of a rank's statistics that must match across ranks: kind, covariance, K, d, the
+    KDE cap."""
+    if isinstance(stats, GaussianStats):
+        kind = {"full": 1, "diag": 2, "tied": 3}[stats.covariance]
+        return {"statistics kind (1 full, 2 diag, 3 tied, 4 kde)": kind, "K (classes)": int(stats.count.shape[0]),
+                "d (features)": int(stats.mean.shape[1]), "KDE points kept per class": -1}
+    if isinstance(stats, KDEStats):
+        return {"statistics kind (1 full, 2 diag, 3 tied, 4 kde)": 4, "K (classes)": int(stats.count.shape[0]),
+                "d (features)": int(stats.points.shape[1]), "KDE points kept per class": int(stats.max_points)}
+    raise TypeError(f"stats: expected GaussianStats or KDEStats, got {type(stats).__name__}")
+
+
+def check_agreement(fields: dict[str, int], group=None, device=None, what: str = "model") -> None:
+    """Raise the same ValueError on every rank unless every rank passed the same ``fields``: one
+    all-gather instead of a collective of mismatched shapes (which hangs or aborts the job)."""
+    names = list(fields)
+    values = all_gather_ints([fields[n] for n in names], group, device=device)
+    for i, name in enumerate(names):
+        seen = [v[i] for v in values]
+        if len(set(seen)) > 1:
+            raise ValueError(f"{what}: the ranks disagree on {name}: {seen} (rank order); every rank must use "
+                             "the same model, classes and features")
+
+
 def all_gather_stats(stats, group=None):
     """Merge every rank's statistics (in rank order); every rank gets the same result."""
+    check_agreement(stats_signature(stats), group, device=collective_device(group, stats.count.device), what="stats")
     if isinstance(stats, GaussianStats):
         parts = [_gather(t, group) for t in (stats.count, stats.mean, stats.m2)]
         ranks = [GaussianStats(stats.covariance, c, m, s) for c, m, s in zip(*parts)]
@@ -81,6 +121,7 @@ def all_reduce_stats(stats, group=None):
         return all_gather_stats(stats, group)
     if not isinstance(stats, GaussianStats):
         raise TypeError(f"stats: expected GaussianStats or KDEStats, got {type(stats).__name__}")
+    check_agreement(stats_signature(stats), group, device=collective_device(group, stats.count.device), what="stats")
     count = stats.count.clone()
     dist.all_reduce(count, group=group)
     total = stats.mean * stats.count.unsqueeze(1)
@@ -100,19 +141,30 @@ def all_reduce_stats(stats, group=None):
 
 
 def fit_distributed(model: ClassModel, z, y, num_classes: int, group=None) -> ClassModel:
-    """Fit ``model`` on the union of every rank's (z, y); identical on every rank."""
-    return model.fit_stats(all_gather_stats(model.compute_stats(z, y, num_classes), group))
+    """Fit ``model`` on the union of every rank's (z, y); identical on every rank. Ranks that
+    disagree on the model's kind and options, K or d get the same ValueError, not a hang."""
+    stats = model.compute_stats(z, y, num_classes)
+    check_agreement(model_signature(model), group, device=collective_device(group, stats.count.device))
+    return model.fit_stats(all_gather_stats(stats, group))
 
 
 def broadcast_model(model: ClassModel, src: int = 0, group=None) -> ClassModel:
     """Make every rank's fitted ``model`` equal to rank ``src``'s (e.g. after a refit on src).
 
-    Every rank must pass a model of the same kind and options; non-src ranks may be unfitted
-    only if they know K and d, so pass the previously fitted model there.
+    Every rank must pass a fitted model of the same kind, options, K and d (pass the previously
+    fitted model on the other ranks); otherwise every rank gets the same ValueError, not a hang.
     """
     stats = model.stats
-    if stats is None:
-        raise ValueError("model: every rank needs a fitted model of the same kind to receive a broadcast")
+    device = collective_device(group, stats.count.device if stats is not None else None)
+    fields = {**model_signature(model), **(stats_signature(stats) if stats is not None else {})}
+    mine = [1 if stats is not None else 0] + list(fields.values()) + [0] * (5 - len(fields))
+    theirs = torch.tensor(mine, dtype=torch.int64, device=device)
+    dist.broadcast(theirs, src, group=group)
+    ok = torch.tensor([1 if theirs.tolist() == mine else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    if not int(ok):
+        raise ValueError(f"model: rank {src} broadcasts a model that not every rank can receive: every rank "
+                         "needs a fitted model of the same kind, options, K and d")
     if isinstance(stats, GaussianStats):
         tensors = [_broadcast(t, src, group) for t in (stats.count, stats.mean, stats.m2)]
         return model.fit_stats(GaussianStats(stats.covariance, *tensors))

@@ -73,3 +73,47 @@ def test_gathered_stats_reject_unknown_type():
         from fastgenlabel.distributed import all_gather_stats
 
         all_gather_stats(object())
+
+
+def _mismatch_worker(rank, world, scenario, result_dir):
+    """Each rank makes its part of a disagreement; the error each rank gets is written down."""
+    import torch
+
+    from fastgenlabel.fit.streaming import StreamingFit
+
+    z, y = _data(rank)
+    try:
+        if scenario == "covariance":
+            fit_distributed(fg.GaussianClassModel("full" if rank == 0 else "diag"), z, y, K)
+        elif scenario == "reg":
+            fit_distributed(fg.GaussianClassModel("full", reg=1e-4 * (rank + 1)), z, y, K)
+        elif scenario == "d":
+            fit_distributed(fg.GaussianClassModel("diag"), z[:, : D - rank], y, K)
+        elif scenario == "kde-seed":
+            fit_distributed(fg.KDEClassModel(max_points_per_class=5, seed=rank), z, y, K)
+        elif scenario == "streaming-k":
+            fit = StreamingFit(fg.GaussianClassModel("diag"), num_classes=K + rank)
+            fit.update(torch.from_numpy(z), torch.from_numpy(y))
+            fit.result()
+        elif scenario == "broadcast-unfitted":
+            model = fg.GaussianClassModel("full")
+            if rank == 0:
+                model.fit(z, y, K)
+            broadcast_model(model, src=0)
+        else:
+            raise AssertionError(scenario)
+        message = "no error"
+    except ValueError as e:
+        message = str(e)
+    with open(os.path.join(result_dir, f"{scenario}-{rank}.txt"), "w") as f:
+        f.write(message)
+
+
+@pytest.mark.parametrize("scenario,words", [
+    ("covariance", "kind and options"), ("reg", "kind and options"), ("d", "d (features)"),
+    ("kde-seed", "kind and options"), ("streaming-k", "K (classes)"), ("broadcast-unfitted", "fitted model"),
+])
+def test_ranks_that_disagree_all_get_the_same_error_not_a_hang(scenario, words, tmp_path):
+    run_ranks(_mismatch_worker, scenario, str(tmp_path), timeout=120)
+    messages = [(tmp_path / f"{scenario}-{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1] and words in messages[0], messages

@@ -334,6 +334,8 @@ def _gather_stats(fit: StreamingFit, stats, group):
     from .. import distributed
 
     device = distributed.collective_device(group, stats.count.device if stats is not None else None)
+    distributed.check_agreement({**distributed.model_signature(fit.model), "K (classes)": fit.num_classes}, group,
+                                device=device)
     dims = distributed.all_gather_ints([fit.dim or 0], group, device=device)
     seen = sorted({d[0] for d in dims if d[0]})
     if not seen:
