@@ -222,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="DALI threads per rank")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if (args.model_file is None) != (args.feature_map is None):
+        p.error("--model-file and --feature-map go together (the files `fastgenlabel fit` writes)")
     if args.backend == "auto":
         args.backend = default_backend()
 

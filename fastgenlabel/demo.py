@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -96,10 +97,12 @@ class SmallCNN(torch.nn.Module):
 
 
 def _loader(data, **kw):
+    from .fit.folder import default_backend
     from .loader import GenLabelLoader, LoaderConfig
 
     base = dict(data=str(data), image_size=32, crop_scale=(0.7, 1.0), crop_ratio=(0.85, 1.18), flip=False,
-                mean=(127.5,) * 3, std=(127.5,) * 3, device="cpu", num_threads=1)
+                mean=(127.5,) * 3, std=(127.5,) * 3, device="cpu", num_threads=1,
+                backend=default_backend())  # DALI where it is installed, else PIL + torch
     base.update(kw)
     return GenLabelLoader(LoaderConfig(**base))
 
@@ -220,9 +223,13 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = out / "data"
-    if not (data / "train").is_dir():
+    stamp = json.dumps({"seed": args.seed, "limit": args.limit, "size": 32}, sort_keys=True)
+    if not (data / "train").is_dir() or not (data / "written").is_file() or (data / "written").read_text() != stamp:
+        # none yet, or written for another seed or limit, or cut short: write it (again)
         print(f"writing scikit-learn's digits as 32x32 JPEGs into {data}")
+        shutil.rmtree(data, ignore_errors=True)
         write_digits(data, seed=args.seed, limit=args.limit)
+        (data / "written").write_text(stamp)
     train_dir, test_dir = data / "train", data / "test"
     print("fitting the feature map (PCA of 8x8 thumbnails) and one Gaussian per class")
     fmap, model = fit_features(train_dir, thumbnail=8, dim=args.dim, seed=args.seed)

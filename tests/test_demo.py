@@ -24,6 +24,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["loader_images_per_s"] > 0 for r in results)
     assert (out / "mixed_samples.png").stat().st_size > 10_000
     assert load_model(out / "class_model.npz").num_classes == 10
+    # the same folder with another --limit: the data are written again, not reused
+    assert cli.main(["demo", "--out", str(out), "--epochs", "1", "--limit", "200", "--no-progress",
+                     "--batch-size", "32"]) == 0
+    assert sum(len(list((out / "data" / split).glob("*/*.jpg"))) for split in ("train", "test")) == 200
 
 
 def test_digits_are_real_images_written_as_jpegs(tmp_path):
