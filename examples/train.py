@@ -10,9 +10,9 @@ DIR is a folder of class sub-folders of images. Every rank reads its own shard o
 (``LoaderConfig(shard_id=rank, num_shards=world)``) and prints the checksum of its class model,
 which is the same on every rank (``fastgenlabel.distributed.model_checksum``).
 
-Two variants (GENLABEL.md section 4):
+Two variants (docs/MATH.md section 4):
 
-- default, (a) in GENLABEL.md: z is a PCA of 8 x 8 thumbnails, fitted as ``fastgenlabel fit`` does
+- default, (a) in docs/MATH.md: z is a PCA of 8 x 8 thumbnails, fitted as ``fastgenlabel fit`` does
   (``fastgenlabel.fit.fit_image_folder``): every rank reads its shard, rank 0 fits the PCA on every
   rank's thumbnails and broadcasts it, every rank streams its shard's features into a
   ``StreamingFit`` whose ``result()`` all-reduces the statistics; the loader then emits GenLabel

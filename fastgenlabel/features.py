@@ -1,4 +1,4 @@
-"""Per-sample features ``z`` for relabeling (GENLABEL.md section 4): where the loader gets them.
+"""Per-sample features ``z`` for relabeling (docs/MATH.md section 4): where the loader gets them.
 
 Three sources, each a small object with ``kind``, ``dim`` and ``exact_under_mixing``:
 

@@ -4,7 +4,7 @@ Every loader is a pure function of a ``numpy.random.Generator``: the same genera
 the same arrays. Train, validation and test sets are separate draws (synthetic sets) or a
 stratified split (tabular sets); nothing is shared between them.
 
-Sizes follow GENLABEL.md section 6 (the authors' scripts):
+Sizes follow docs/MATH.md section 6 (the authors' scripts):
 
 ==============  ====  ===  =======================  ===================  ======================
 name            d     K    train                    validation           test

@@ -1,4 +1,4 @@
-"""Per-dataset training protocols: the authors' settings for small nets (GENLABEL.md section 6).
+"""Per-dataset training protocols: the authors' settings for small nets (docs/MATH.md section 6).
 
 A :class:`Protocol` is plain data; :func:`protocol_for` returns the default of a dataset and
 :func:`dataclasses.replace` overrides fields (the CLI's ``--gamma``, ``--bandwidth``, ``--epochs``).

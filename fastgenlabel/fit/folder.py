@@ -1,6 +1,6 @@
 """Fit a class model on a folder of images (what ``fastgenlabel fit`` runs).
 
-Features, as the loader will compute them at training time (GENLABEL.md section 4):
+Features, as the loader will compute them at training time (docs/MATH.md section 4):
 
 - ``"pca"``: a :class:`~fastgenlabel.features.ThumbnailPCA` of the t x t thumbnails of the
   centre crops (``image_size``), fitted on a seeded subsample of ``pca_samples`` images, then

@@ -1,7 +1,7 @@
 """Feature sources for the streaming fit: where the z of a batch comes from.
 
 A source is a callable ``source(x, index) -> z``: a batch of inputs (and, where the batch has
-them, its sample indices) to (B, d) float features. Four kinds (GENLABEL.md section 4):
+them, its sample indices) to (B, d) float features. Four kinds (docs/MATH.md section 4):
 
 - :class:`InputFeatures`: the input itself, flattened (tabular and low-dimensional data).
 - :class:`LinearMapFeatures`: a fitted :class:`fastgenlabel.features.ThumbnailPCA` (images or

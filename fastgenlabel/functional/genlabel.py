@@ -1,4 +1,4 @@
-"""GenLabel labels and training targets (GENLABEL.md section 3): the plain reference."""
+"""GenLabel labels and training targets (docs/MATH.md section 3): the plain reference."""
 from __future__ import annotations
 
 import math

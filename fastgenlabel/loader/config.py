@@ -58,7 +58,7 @@ class LoaderConfig:
             (whichever is given).
         feature_map: a fitted :class:`fastgenlabel.features.ThumbnailPCA` or its .npz path.
         embeddings: path of the (N, d) .npy embeddings (one row per sample, in sample order).
-        gamma, smoothing: GenLabel's weight and label smoothing (GENLABEL.md section 3).
+        gamma, smoothing: GenLabel's weight and label smoothing (docs/MATH.md section 3).
         num_classes: K; defaults to the model's, else to the dataset's class count.
 
     Pipeline:

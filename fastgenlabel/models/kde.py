@@ -10,7 +10,7 @@ import torch
 from .base import CHUNK_ELEMENTS, LOG_2PI, ClassModel, register
 
 BANDWIDTHS = ("scott", "silverman")
-JITTER = 1e-8  # added to the data covariance before scaling, as GENLABEL.md specifies
+JITTER = 1e-8  # added to the data covariance before scaling, as docs/MATH.md specifies
 
 
 def _signed(c: int) -> int:

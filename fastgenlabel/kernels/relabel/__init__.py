@@ -154,7 +154,7 @@ def relabel(
     """GenLabel training targets of a mixed batch, from the features of its unmixed samples.
 
     ``t = gamma * softmax_c(log p_c(z_mix) + log pi_c) + (1 - gamma) * y_mix``, label-smoothed,
-    with ``z_mix = lam z + (1 - lam) z[perm]`` (GENLABEL.md sections 3 and 5). Matches
+    with ``z_mix = lam z + (1 - lam) z[perm]`` (docs/MATH.md sections 3 and 5). Matches
     ``genlabel_target(model, mix(z, pairs), labels, labels[perm], pairs.lam, gamma, ...)``.
 
     Args:

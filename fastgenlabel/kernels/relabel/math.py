@@ -6,7 +6,7 @@ with ``numba.cuda.jit(device=True)``; the simulator runs them as they are. Const
 float64 literal, so float32 arguments keep every operation in float32 on the GPU; the CPU
 kernels pass float64 accumulators where that is cheap and get float64 arithmetic.
 
-Notation (GENLABEL.md sections 3 and 5): a raw score is the class-dependent part of
+Notation (docs/MATH.md sections 3 and 5): a raw score is the class-dependent part of
 ``log p_c(z_mix)`` without the per-class constant; the *logit* is raw score + bias, with
 ``bias_c = log_norm_c + log_prior_c`` (shifted by a constant) and ``-inf`` for empty classes.
 """

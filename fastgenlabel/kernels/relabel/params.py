@@ -5,7 +5,7 @@ never recompiles. Packing reads only the models' public attributes (``means``, `
 ``precision_chol``, ``log_norm``, ``log_prior``, ``class_counts``, ``class_points``,
 ``kernel_chol``), derives everything in float64 and rounds once to float32.
 
-What each kind packs (K classes, d features, M kept KDE points), in terms of GENLABEL.md:
+What each kind packs (K classes, d features, M kept KDE points), in terms of docs/MATH.md:
 
 - every kind: ``bias`` (K,) = log_norm_c + log_prior_c minus its largest finite value (a
   constant, which the softmax ignores; it keeps float32 logits small), ``-inf`` for empty classes.
