@@ -304,3 +304,18 @@ def test_repr_and_empty_queries():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning when every class has samples
         GaussianClassModel().fit(z, y, 2)
+
+
+@pytest.mark.parametrize("reg", ["abc", None, True, float("nan"), -1.0])
+def test_bad_reg_names_the_argument(reg):
+    with pytest.raises(ValueError, match="reg"):
+        GaussianClassModel(reg=reg)
+
+
+def test_overflowing_or_ill_scaled_features_are_named():
+    """Features beyond float64's squares name z; a covariance reg cannot regularise says so."""
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="z: the variances"):
+        GaussianClassModel("diag").fit(rng.normal(size=(40, 3)) * 1e160, np.arange(40) % 2, 2)
+    with pytest.raises(ValueError, match="singular even with reg"):
+        GaussianClassModel("full").fit(rng.normal(size=(6, 8)) * 1e7, np.arange(6) % 2, 2)

@@ -202,3 +202,11 @@ def test_soft_target_cross_entropy_is_differentiable_and_validates():
         soft_target_cross_entropy(torch.zeros(3), torch.zeros(3))
     with pytest.raises(ValueError, match="reduction"):
         soft_target_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 3), "max")
+
+
+def test_soft_target_cross_entropy_ignores_minus_inf_logits_without_mass():
+    logits = torch.tensor([[0.0, -float("inf"), 1.0]])
+    target = torch.tensor([[0.25, 0.0, 0.75]])
+    loss = soft_target_cross_entropy(logits, target)
+    want = -(target[:, [0, 2]] * torch.log_softmax(logits[:, [0, 2]], -1)).sum()
+    assert torch.isfinite(loss) and torch.allclose(loss, want)

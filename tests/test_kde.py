@@ -327,3 +327,8 @@ def test_row_keys_equal_the_numpy_reference(device, seed):
     z32 = z[3:].astype(np.float32)
     np.testing.assert_array_equal(_row_keys(torch.from_numpy(z32).to(device), seed).cpu().numpy(),
                                   _numpy_row_keys(z32.astype(np.float64), seed))
+
+
+def test_bandwidth_true_is_refused():
+    with pytest.raises(ValueError, match="bandwidth"):
+        KDEClassModel(bandwidth=True)

@@ -19,7 +19,10 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduct
         raise ValueError(f"target: expected the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
-    per_sample = -(target.to(logits.dtype) * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
+    t = target.to(logits.dtype)
+    logp = torch.log_softmax(logits, dim=-1)
+    # a class with no target mass contributes nothing, even where its logit is -inf (0 * -inf is NaN)
+    per_sample = -torch.where(t > 0, t * logp, torch.zeros_like(logp)).sum(dim=-1)
     if reduction == "none":
         return per_sample
     return per_sample.sum() if reduction == "sum" else per_sample.mean()

@@ -117,6 +117,8 @@ class GaussianClassModel(ClassModel):
         super().__init__(prior)
         if covariance not in COVARIANCES:
             raise ValueError(f"covariance: expected one of {COVARIANCES}, got {covariance!r}")
+        if isinstance(reg, bool) or not isinstance(reg, (int, float, np.integer, np.floating)):
+            raise ValueError(f"reg: expected a finite number >= 0, got {reg!r}")
         reg = float(reg)
         if not (reg >= 0 and np.isfinite(reg)):
             raise ValueError(f"reg: expected a finite number >= 0, got {reg!r}")
@@ -140,6 +142,10 @@ class GaussianClassModel(ClassModel):
         if s.covariance == "diag":
             var = s.m2 / n.clamp(min=1).unsqueeze(1) + self.reg
             var = torch.where((n > 0).unsqueeze(1), var, torch.ones_like(var))
+            overflow = torch.nonzero(~torch.isfinite(var).all(dim=1)).flatten().tolist()
+            if overflow:
+                raise ValueError(f"z: the variances of class(es) {overflow[:10]} overflow float64 (features of "
+                                 "magnitude ~1e154 or more); rescale the features")
             bad = torch.nonzero(~(var > 0).all(dim=1)).flatten().tolist()
             if bad:
                 raise ValueError(f"reg: class(es) {bad[:10]} have a zero variance; use reg > 0")
@@ -159,6 +165,12 @@ class GaussianClassModel(ClassModel):
         bad = torch.nonzero(singular).flatten().tolist()
         if bad:
             which = "the tied covariance is" if s.covariance == "tied" else f"the covariance of class(es) {bad[:10]} is"
+            if not bool(torch.isfinite(sigma).all()):
+                raise ValueError(f"z: {which} not finite (features too large for float64 products); rescale them")
+            if self.reg > 0:
+                scale = float(torch.diagonal(sigma, dim1=-2, dim2=-1).max())
+                raise ValueError(f"reg: {which} singular even with reg = {self.reg:g}: its variances reach {scale:.3g}, "
+                                 "so reg is too small to regularise it; rescale the features (z) or raise reg")
             raise ValueError(f"reg: {which} singular (not positive definite); use reg > 0")
         # Sigma = C C^T  =>  Sigma^-1 = C^-T C^-1 = L L^T with L = C^-T.
         c_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)

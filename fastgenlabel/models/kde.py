@@ -162,6 +162,8 @@ class KDEClassModel(ClassModel):
             if bandwidth not in BANDWIDTHS:
                 raise ValueError(f"bandwidth: expected 'scott', 'silverman' or a positive float, got {bandwidth!r}")
         else:
+            if isinstance(bandwidth, bool):
+                raise ValueError(f"bandwidth: expected 'scott', 'silverman' or a positive float, got {bandwidth!r}")
             try:
                 bandwidth = float(bandwidth)
             except (TypeError, ValueError):
