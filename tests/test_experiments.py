@@ -192,3 +192,13 @@ def test_cli_no_plot_and_bad_names(tmp_path, capsys):
     assert "mnist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "--gamma", "1.5"])
+
+
+def test_reproduce_refuses_an_unusable_out_before_training(tmp_path, capsys):
+    import time
+
+    from fastgenlabel.cli import main
+
+    t = time.perf_counter()
+    assert main(["reproduce", "--quick", "--out", str(tmp_path)]) == 2
+    assert time.perf_counter() - t < 5 and "--out" in capsys.readouterr().err

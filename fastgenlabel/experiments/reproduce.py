@@ -247,10 +247,9 @@ def run(args) -> dict:
         print("Validation-selected epoch, test accuracy (%) (sets with a validation split)")
         print(val)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(table, f, indent=1)
-            f.write("\n")
+        from ..models.io import write_atomically
+
+        write_atomically(args.out, lambda f: f.write((json.dumps(table, indent=1) + "\n").encode()))
         print(f"wrote {args.out}", file=sys.stderr)
     if plot_path is not None and panels:
         from .plotting import decision_boundaries
@@ -268,9 +267,14 @@ def run(args) -> dict:
 
 def main(args) -> int:
     """Entry point of ``fastgenlabel reproduce``; returns the exit code."""
+    from .._args import check_writable
+
     try:
         _config(args)
-    except argparse.ArgumentTypeError as e:
+        for flag, path in (("--out", args.out), ("--plot", _plot_path(args))):
+            if path:
+                check_writable(flag, path)  # before the training runs, not after
+    except (argparse.ArgumentTypeError, ValueError) as e:
         print(f"fastgenlabel reproduce: error: {e}", file=sys.stderr)
         return 2
     run(args)

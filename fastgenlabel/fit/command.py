@@ -5,7 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .._args import nonnegative_int, positive_int
+from .._args import check_writable, nonnegative_int, positive_int
 from ..models import GaussianClassModel, KDEClassModel
 from .folder import FEATURES, features_path_for, fit_image_folder
 
@@ -98,7 +98,7 @@ def _main(args) -> int:
     if rank == 0:  # before the pass over the data, not after it
         for flag, path in (("--out", out), ("--features-out", fpath)):
             if path is not None:
-                _check_writable(flag, path)
+                check_writable(flag, path)
     t0 = time.perf_counter()
     say = print if rank == 0 else None
     data = args.data[0] if len(args.data) == 1 else args.data  # several arguments: a list of shards
@@ -129,16 +129,3 @@ def _main(args) -> int:
         print(f"use: LoaderConfig(data=..., model={str(out)!r}, embeddings={str(args.embeddings)!r})")
     return 0
 
-
-def _check_writable(flag: str, path: Path) -> None:
-    """Refuse an output path that cannot be written, before any work (its folder is made)."""
-    import os
-
-    if path.is_dir():
-        raise ValueError(f"{flag}: {str(path)!r} is a folder; give a file path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{flag}: cannot create the folder {str(path.parent)!r} ({e.strerror})") from None
-    if not os.access(path.parent, os.W_OK):
-        raise ValueError(f"{flag}: the folder {str(path.parent)!r} is not writable")
