@@ -67,13 +67,13 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         path = self.files.name(i)
         try:
             src = self.files.paths[i] if self.files.offsets is None else io.BytesIO(self.files.read(i).tobytes())
             with Image.open(src) as im:
-                im = im.convert("RGB")
+                im = _to_rgb(ImageOps.exif_transpose(im))  # upright, as DALI's decoders give it
         except Exception as e:  # noqa: BLE001 - any decoder failure names the file
             if self.skip_bad:
                 import warnings
@@ -92,9 +92,21 @@ class ImageFileDataset(torch.utils.data.Dataset):
             short = round(s / 0.875)
             scale = short / min(im.width, im.height)
             im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BILINEAR)
-            left, top = (im.width - s) // 2, (im.height - s) // 2
+            left, top = int((im.width - s) / 2 + 0.5), int((im.height - s) / 2 + 0.5)  # half up, as DALI's fn.crop
             im = im.crop((left, top, left + s, top + s))
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()), int(self.files.labels[i]), int(i)
+
+
+def _to_rgb(im):
+    """8-bit RGB. 16- and 32-bit integer images (``I;16``, ``I``) are scaled to 8 bits first:
+    PIL's ``convert("RGB")`` clips them to 255 (a white image), where DALI decodes them."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8))
+    return im.convert("RGB")
 
 
 def collate_skipping_none(items):
