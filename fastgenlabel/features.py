@@ -35,7 +35,7 @@ def thumbnails(images, size: int) -> np.ndarray:
         images: (N, H, W, C) uint8 or float array/tensor.
         size: t, the thumbnail side.
     """
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    x = torch.as_tensor(np.ascontiguousarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.ndim != 4:
         raise ValueError(f"images: expected (N, H, W, C), got shape {tuple(x.shape)}")
     pooled = torch.nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2).to(torch.float32), size)
@@ -176,6 +176,10 @@ class StoredEmbeddings:
             self.array = np.load(self.path, mmap_mode="r", allow_pickle=False)
         except ValueError as e:
             raise ValueError(f"embeddings file {str(self.path)!r} is not a plain .npy array: {e}") from None
+        if not isinstance(self.array, np.ndarray):  # an .npz archive: several arrays, not one
+            self.array.close()
+            raise ValueError(f"embeddings file {str(self.path)!r} is an .npz archive; save the (N, d) array "
+                             "alone with np.save (.npy)")
         if self.array.ndim != 2 or self.array.dtype.kind != "f":
             raise ValueError(f"embeddings file {str(self.path)!r}: expected an (N, d) float array, got shape "
                              f"{self.array.shape} and dtype {self.array.dtype}")
@@ -200,11 +204,15 @@ class StoredEmbeddings:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"sample index out of range [0, {len(self)}): {idx.min()}..{idx.max()}")
-        rows = np.ascontiguousarray(self.array[idx], dtype=np.float32)
+        raw = self.array[idx]
+        with np.errstate(over="ignore"):
+            rows = np.ascontiguousarray(raw, dtype=np.float32)
         bad = ~np.isfinite(rows).all(axis=1)
         if bad.any():  # checked here, on the host, so the GPU relabel needs no check (and no sync)
+            what = ("contain NaN or infinity" if not np.isfinite(raw[bad]).all()
+                    else "hold values beyond float32's range (the kernels' precision)")
             raise ValueError(f"embeddings file {str(self.path)!r}: the rows of sample(s) {idx[bad][:5].tolist()} "
-                             "contain NaN or infinity; features must be finite")
+                             f"{what}; features must be finite")
         return torch.from_numpy(rows)
 
     def __repr__(self) -> str:

@@ -227,3 +227,22 @@ def test_set_model_rejects_another_k_or_d(data, fitted):
         loader.set_model(fgl.GaussianClassModel("diag").fit(z, torch.arange(30) % 4, 4))
     with pytest.raises(ValueError, match="model: fitted on 2-dimensional"):
         loader.set_model(fgl.GaussianClassModel("diag").fit(z[:, :2], torch.arange(30) % K, K))
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_no_mixing_gives_one_hot_targets_even_with_a_model(data, fitted, backend):
+    """alpha = 0: the images are not mixed, so there is nothing to relabel (the config's promise)."""
+    fmap, model = fitted
+    loader = GenLabelLoader(config(data, alpha=0.0, feature_map=fmap, model=model, gamma=1.0, smoothing=0.1,
+                                   backend=backend))
+    batch = next(iter(loader))
+    want = torch.nn.functional.one_hot(batch.labels, K).float() * 0.9 + 0.1 / K
+    torch.testing.assert_close(batch.targets, want)
+    assert batch.features is not None  # still computed (e.g. to fit a model from the loader)
+
+
+def test_benchmark_baseline_refuses_mixing_or_features(data, fitted):
+    with pytest.raises(ValueError, match="extra: baseline"):
+        GenLabelLoader(config(data, alpha=1.0), extra={"baseline": True})
+    with pytest.raises(ValueError, match="extra: baseline"):
+        GenLabelLoader(config(data, alpha=0.0, feature_map=fitted[0]), extra={"baseline": True})

@@ -43,7 +43,12 @@ def dali_version() -> tuple[int, ...] | None:
         except metadata.PackageNotFoundError:
             continue
         return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in raw.split(".")[:3])
-    return None
+    try:  # nightly and weekly builds have other distribution names; the module knows its version
+        import nvidia.dali as dali
+    except ImportError:
+        return None
+    raw = str(getattr(dali, "__version__", "0"))
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in raw.split(".")[:3])
 
 
 def require_dali():

@@ -156,6 +156,11 @@ class LoaderConfig:
             _positive_int(self.num_classes, "num_classes")
         if isinstance(self.thumbnail, bool) or not isinstance(self.thumbnail, int) or self.thumbnail < 0:
             raise ValueError(f"thumbnail: expected a side length >= 0, got {self.thumbnail!r}")
+        from ..functional.images import _mean_std
+
+        _mean_std(self.mean, self.std, 3)  # the loader decodes RGB: 3 finite values each, std > 0
+        if self.target_threads is not None:
+            _positive_int(self.target_threads, "target_threads")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale: expected 0 < min <= max <= 1, got {self.crop_scale!r}")

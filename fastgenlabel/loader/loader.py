@@ -62,7 +62,7 @@ class GenLabelLoader:
         self.num_classes = self._resolve_num_classes(dataset)
         self.features = self._resolve_features(dataset)
         self.targets = TargetMaker(self.model, self.features, num_classes=self.num_classes, gamma=config.gamma,
-                                   smoothing=config.smoothing, backend=config.relabel_backend)
+                                   smoothing=config.smoothing, backend=config.relabel_backend, mixing=config.alpha > 0)
         self.thumbnail = (self.features.thumbnail if isinstance(self.features, ThumbnailPCA)
                           else (config.thumbnail if config.return_thumbnails else 0))
         if config.return_thumbnails and not self.thumbnail:
@@ -134,6 +134,9 @@ class GenLabelLoader:
         c = self.config
         if c.backend == "dali":
             self._check_batch_fits(len(self.files))
+            if c.extra.get("baseline") and (c.alpha > 0 or self.thumbnail):
+                raise ValueError("extra: baseline (the benchmark's unmixed pipeline) needs alpha=0 and no thumbnails "
+                                 "or feature_map")
             from .dali_backend import DaliBackend
 
             return DaliBackend(c, self.files, device=self.device, thumbnail=self.thumbnail)

@@ -18,8 +18,8 @@ def shard_order(n: int, *, seed: int, epoch: int, shuffle: bool, shard_id: int, 
     """
     order = np.random.default_rng([int(seed), int(epoch)]).permutation(n) if shuffle else np.arange(n)
     per_shard = -(-n // num_shards)
-    if per_shard * num_shards > n:
-        order = np.concatenate([order, order[: per_shard * num_shards - n]])
+    if per_shard * num_shards > n:  # wrap around, as often as needed (more shards than samples)
+        order = np.resize(order, per_shard * num_shards)
     return order[shard_id::num_shards]
 
 

@@ -49,11 +49,15 @@ class TargetMaker:
         features: a ThumbnailPCA, StoredEmbeddings or NoFeatures.
         num_classes, gamma, smoothing: GenLabel's K, gamma and label smoothing.
         backend: :func:`fastgenlabel.relabel`'s backend.
+        mixing: False (alpha <= 0: the images are not mixed): one-hot targets, as without a
+            model; GenLabel relabels mixtures, not clean samples.
     """
 
-    def __init__(self, model, features, *, num_classes: int, gamma: float, smoothing: float, backend: str = "auto"):
+    def __init__(self, model, features, *, num_classes: int, gamma: float, smoothing: float, backend: str = "auto",
+                 mixing: bool = True):
         self.model, self.features = model, features
         self.num_classes, self.gamma, self.smoothing, self.backend = num_classes, gamma, smoothing, backend
+        self.mixing = mixing
 
     @property
     def uses_features(self) -> bool:
@@ -85,7 +89,7 @@ class TargetMaker:
             labels: (B,) int64 labels.
         """
         pairs = pairs.to(labels.device)
-        if z is None or not self.uses_features:
+        if z is None or not self.uses_features or not self.mixing:
             return mixup_target(labels, pairs, self.num_classes, smoothing=self.smoothing)
         # Labels come from the dataset's index and features from a finite map or from checked rows
         # (StoredEmbeddings.lookup), so a GPU batch skips relabel's check and the device sync it
