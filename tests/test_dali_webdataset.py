@@ -61,3 +61,14 @@ def test_webdataset_labels_and_in_graph_mix(shards):
 def test_feed_batch_size_must_match(shards):
     with pytest.raises(ValueError, match="drawn for batches of 8"):
         webdataset_pipeline(shards, PairFeed(1.0, batch_size=8), batch_size=4, image_size=16)
+
+
+def test_ascii_label_rule_matches_the_tar_index():
+    """Digits with surrounding whitespace parse; whitespace between digits, other bytes and more
+    than 18 digits (past int64) give -1 (the plain function DALI's numba operator compiles)."""
+    from fastgenlabel.dali._kernels import ascii_label_run_fn
+
+    texts = [b"3\n", b" 42 ", b"3 4\n", b"7a", b"", b"9" * 18, b"9" * 20, b"\t0\r\n"]
+    out = [np.zeros(1, np.int64) for _ in texts]
+    ascii_label_run_fn(out, [np.frombuffer(t, np.uint8) for t in texts])
+    assert [int(o[0]) for o in out] == [3, 42, -1, -1, -1, int("9" * 18), -1, 0]

@@ -233,24 +233,29 @@ def partner_run_fn(out, labels, perm):
 def ascii_label_run_fn(out, text):
     """Batch-processing run function: decimal ASCII bytes (a WebDataset ``.cls`` member) -> (1,) int64.
 
-    Leading/trailing whitespace is skipped; anything else that is not a digit gives -1, which the
-    loader reports as an error naming the sample.
+    Leading/trailing whitespace is skipped; anything else that is not a digit (whitespace between
+    digits included), and more than 18 digits (past int64), gives -1, which the loader reports as
+    an error naming the sample. The same rule as the tar index's labels (``tar_index.py``).
     """
     for s in range(len(text)):
         t = text[s]
         value = 0
         digits = 0
         bad = False
+        ended = False  # whitespace after the digits: only more whitespace may follow
         for i in range(t.shape[0]):
             ch = t[i]
             if ch >= 48 and ch <= 57:
+                if ended:
+                    bad = True
                 value = value * 10 + (ch - 48)
                 digits += 1
             elif ch == 32 or ch == 10 or ch == 13 or ch == 9:
-                continue
+                if digits > 0:
+                    ended = True
             else:
                 bad = True
-        out[s][0] = value if digits > 0 and not bad else -1
+        out[s][0] = value if 0 < digits <= 18 and not bad else -1
 
 
 def scalar_setup_fn(outs, ins):
