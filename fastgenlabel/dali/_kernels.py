@@ -244,7 +244,7 @@ def ascii_label_run_fn(out, text):
         bad = False
         ended = False  # whitespace after the digits: only more whitespace may follow
         for i in range(t.shape[0]):
-            ch = t[i]
+            ch = np.int64(t[i])  # int64 arithmetic in Numba and in plain Python alike
             if ch >= 48 and ch <= 57:
                 if ended:
                     bad = True
