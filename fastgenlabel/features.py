@@ -91,6 +91,10 @@ class ThumbnailPCA:
             raise ValueError(f"thumbs: expected (N, F) with N >= 2, got shape {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("thumbs: contain NaN or infinity")
+        t2 = self.thumbnail * self.thumbnail
+        if x.shape[1] % t2:
+            raise ValueError(f"thumbs: {x.shape[1]} values per sample is not {self.thumbnail}x{self.thumbnail}xC "
+                             f"(thumbnail={self.thumbnail}); fit on thumbnails of that side")
         if self.dim > min(x.shape):
             raise ValueError(f"dim: {self.dim} components, but the thumbnails allow at most {min(x.shape)} "
                              f"({x.shape[0]} samples of {x.shape[1]} values)")

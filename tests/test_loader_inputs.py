@@ -39,3 +39,22 @@ def test_stored_embeddings_name_npz_archives_and_float32_overflow(tmp_path):
     np.save(tmp_path / "big.npy", big)
     with pytest.raises(ValueError, match="beyond float32"):
         StoredEmbeddings(tmp_path / "big.npy").lookup(torch.arange(2))
+
+
+def test_a_feature_map_for_other_thumbnails_is_refused_when_fitted_and_when_given(tmp_path):
+    from PIL import Image
+
+    from fastgenlabel.features import ThumbnailPCA
+
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        (tmp_path / f"c{k}").mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"c{k}" / f"{i}.png")
+    with pytest.raises(ValueError, match="thumbs: 27 values"):
+        ThumbnailPCA(4, 2).fit(rng.normal(size=(10, 27)))
+    gray = ThumbnailPCA(4, 2).fit(rng.normal(size=(10, 16)))  # one channel: fine for the map itself
+    with pytest.raises(ValueError, match="feature_map: fitted on 16 values"):
+        from fastgenlabel.loader import GenLabelLoader
+
+        GenLabelLoader(LoaderConfig(data=str(tmp_path), feature_map=gray, backend="torch", batch_size=2))

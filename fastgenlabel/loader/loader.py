@@ -111,6 +111,9 @@ class GenLabelLoader:
                 fmap = ThumbnailPCA.load(fmap)
             if not isinstance(fmap, ThumbnailPCA) or not fmap.fitted:
                 raise ValueError(f"feature_map: expected a fitted ThumbnailPCA, got {fmap!r}")
+            if fmap.in_features != 3 * fmap.thumbnail ** 2:
+                raise ValueError(f"feature_map: fitted on {fmap.in_features} values per thumbnail, but the loader's "
+                                 f"RGB thumbnails of side {fmap.thumbnail} have {3 * fmap.thumbnail ** 2}")
             features = fmap
         elif kind == "stored":
             if c.embeddings is None:
