@@ -66,17 +66,20 @@ def model_signature(model: ClassModel) -> dict[str, int]:
                                                                               default=str))}
 
 
+_STATS_FIELDS = ("statistics kind (1 full, 2 diag, 3 tied, 4 kde)", "K (classes)", "d (features)",
+                 "KDE points kept per class")
+
+
 def stats_signature(stats) -> dict[str, int]:
     """The shape of a rank's statistics that must match across ranks: kind, covariance, K, d, the
     KDE cap."""
     if isinstance(stats, GaussianStats):
-        kind = {"full": 1, "diag": 2, "tied": 3}[stats.covariance]
-        return {"statistics kind (1 full, 2 diag, 3 tied, 4 kde)": kind, "K (classes)": int(stats.count.shape[0]),
-                "d (features)": int(stats.mean.shape[1]), "KDE points kept per class": -1}
-    if isinstance(stats, KDEStats):
-        return {"statistics kind (1 full, 2 diag, 3 tied, 4 kde)": 4, "K (classes)": int(stats.count.shape[0]),
-                "d (features)": int(stats.points.shape[1]), "KDE points kept per class": int(stats.max_points)}
-    raise TypeError(f"stats: expected GaussianStats or KDEStats, got {type(stats).__name__}")
+        values = ({"full": 1, "diag": 2, "tied": 3}[stats.covariance], stats.count.shape[0], stats.mean.shape[1], -1)
+    elif isinstance(stats, KDEStats):
+        values = (4, stats.count.shape[0], stats.points.shape[1], stats.max_points)
+    else:
+        raise TypeError(f"stats: expected GaussianStats or KDEStats, got {type(stats).__name__}")
+    return dict(zip(_STATS_FIELDS, (int(v) for v in values)))
 
 
 def check_agreement(fields: dict[str, int], group=None, device=None, what: str = "model") -> None:
@@ -156,8 +159,9 @@ def broadcast_model(model: ClassModel, src: int = 0, group=None) -> ClassModel:
     """
     stats = model.stats
     device = collective_device(group, stats.count.device if stats is not None else None)
-    fields = {**model_signature(model), **(stats_signature(stats) if stats is not None else {})}
-    mine = [1 if stats is not None else 0] + list(fields.values()) + [0] * (5 - len(fields))
+    # the same length on every rank: an unfitted receiver sends zeros for the statistics' fields
+    shape = list(stats_signature(stats).values()) if stats is not None else [0] * len(_STATS_FIELDS)
+    mine = [1 if stats is not None else 0, *model_signature(model).values(), *shape]
     theirs = torch.tensor(mine, dtype=torch.int64, device=device)
     dist.broadcast(theirs, src, group=group)
     ok = torch.tensor([1 if theirs.tolist() == mine else 0], dtype=torch.int64, device=device)

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from .._args import check_writable, nonnegative_int, positive_int
 from . import datasets as ds
 from .protocol import QUICK_DATASETS, QUICK_SEEDS, protocol_for, with_epochs
 from .training import METHOD_LABELS, METHODS, RunResult, train_run
@@ -61,20 +62,6 @@ def _unit(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``reproduce`` subcommand's options."""
     parser.description = (
@@ -87,20 +74,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{', '.join(GROUPS)} (default: all; with --quick: {', '.join(QUICK_DATASETS)})")
     parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                         help=f"methods: {', '.join(METHODS)} (default: all)")
-    parser.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--seeds", type=positive_int, default=None, metavar="N",
                         help=f"number of seeds, run as --seed-start ... --seed-start + N - 1 "
                              f"(default {DEFAULT_SEEDS}; with --quick {QUICK_SEEDS})")
-    parser.add_argument("--seed-start", type=_nonnegative_int, default=0, metavar="S", help="first seed (default 0)")
+    parser.add_argument("--seed-start", type=nonnegative_int, default=0, metavar="S", help="first seed (default 0)")
     parser.add_argument("--gamma", type=_unit, default=None,
                         help="GenLabel weight gamma in [0, 1] for every dataset (default: per dataset, "
                              "docs/REPRODUCTION.md)")
     parser.add_argument("--bandwidth", type=_bandwidth, default=None,
                         help="KDE bandwidth for every dataset: scott, silverman or a factor such as 0.2 "
                              "(scipy's bw_method; default: per dataset)")
-    parser.add_argument("--kde-max-points", type=_nonnegative_int, default=None, metavar="N",
+    parser.add_argument("--kde-max-points", type=nonnegative_int, default=None, metavar="N",
                         help="keep at most N training points per class in the KDE, 0 = all "
                              "(default: per dataset; 500 on grid9, all elsewhere)")
-    parser.add_argument("--epochs", type=_positive_int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help="train every dataset this many epochs, lr milestones scaled alike (default: per dataset)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a small subset: {', '.join(QUICK_DATASETS)}, {QUICK_SEEDS} seeds, fewer epochs "
@@ -111,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"decision-boundary PNG of the 2-D sets (default: {DEFAULT_PLOT_NAME} next to --out, "
                              "else in the current directory)")
     parser.add_argument("--no-plot", action="store_true", help="draw no PNG")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default 1: the small MLPs run fastest single-threaded)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -267,8 +254,6 @@ def run(args) -> dict:
 
 def main(args) -> int:
     """Entry point of ``fastgenlabel reproduce``; returns the exit code."""
-    from .._args import check_writable
-
     try:
         _config(args)
         for flag, path in (("--out", args.out), ("--plot", _plot_path(args))):
