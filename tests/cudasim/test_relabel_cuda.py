@@ -152,42 +152,86 @@ def test_full_with_a_non_triangular_factor():
     np.testing.assert_allclose(got, reference(model, zb, pairs, labels, 1.0, 0.0), atol=ATOL["full"])
 
 
+def product_arrays(model):
+    """The arrays ``_run_cuda`` gives ``relabel_device`` for the product form, as device arrays:
+    the factor form's, with the product's centre and error bound."""
+    from fastgenlabel.kernels.relabel.params import gemm_params_for
+
+    g = gemm_params_for(model, torch.device("cpu"))
+    arrays = {name: cuda.to_device(a) for name, a in params_for(model).arrays.items()}
+    arrays.update(pcenter=cuda.to_device(g["center"].numpy()), bound=cuda.to_device(g["bound"].numpy()))
+    return g, arrays
+
+
 @pytest.mark.parametrize("b,k,d,gamma,eps,empty", [(1, 2, 2, 1.0, 0.0, ()), (5, 6, 9, 0.5, 0.1, (1,)),
                                                    (3, 4, 3, 0.0, 0.2, ())])
 def test_full_product_scores_then_finish(b, k, d, gamma, eps, empty):
-    """The large-K d^2 CUDA path: scores from gemm.py's product (computed by torch), then only
-    ``finish`` (``scores_ready``), as ``_run_cuda`` launches it."""
+    """The large-K d^2 CUDA path: scores from gemm.py's product (computed by torch), then
+    ``refine_scores`` and ``finish`` (``scores_ready``), as ``_run_cuda`` launches them."""
     from fastgenlabel.kernels.relabel import gemm
-    from fastgenlabel.kernels.relabel.params import gemm_params_for
 
     model, z, y = make_model("full", k, d, prior="empirical", empty=empty, seed=b + k)
     zb, pairs, labels = batch(np.random.default_rng(b), z, y, b, "sample")
-    g = gemm_params_for(model, torch.device("cpu"))
+    g, arrays = product_arrays(model)
     scores = torch.full((b, k), float("nan"))
     gemm.scores(g, torch.from_numpy(zb), pairs.perm, pairs.lam.to(torch.float32), scores)
     out = cuda.to_device(scores.numpy() if gamma > 0 else np.full((b, k), np.nan, np.float32))
     args = [cuda.to_device(a) for a in (zb, pairs.perm.numpy(), pairs.lam.numpy(), labels)]
     stream = cuda.stream()
-    kernels.relabel_device(params_for(model), {"bias": cuda.to_device(g["bias"].numpy())}, *args, gamma, eps, out,
-                           stream=stream, scores_ready=True)
+    kernels.relabel_device(params_for(model), arrays, *args, gamma, eps, out, stream=stream, scores_ready=True)
     stream.synchronize()
     got = out.copy_to_host()
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, reference(model, zb, pairs, labels, gamma, eps), rtol=0, atol=ATOL["full"])
 
 
+@pytest.mark.parametrize("k,d,b,spread", [(10, 9, 6, 300.0), (12, 5, 4, 3000.0), (19, 3, 3, 0.0)])
+def test_refine_scores_matches_the_cpu_kernel(k, d, b, spread):
+    """The CUDA ``refine_scores`` against ``cpu.refine_scores`` on the same product scores: the
+    same entries rescored (to float32 rounding), the rest untouched; K = 19 > 2 TPB spans three
+    candidate rounds, spread 0 rescores nothing."""
+    from fastgenlabel.kernels.relabel import cpu, gemm
+
+    rng = np.random.default_rng(k + d)
+    centers = rng.normal(size=(k, d)) * 0.5
+    centers[:, 0] += np.where(np.arange(k) < k // 2, spread, -spread) if spread else 0.0
+    y = np.repeat(np.arange(k), 4 * d + 8)
+    z = (centers[y] + rng.normal(size=(len(y), d))).astype(np.float32)
+    model = fg.GaussianClassModel("full").fit(z, y, k)
+    zb = np.ascontiguousarray(z[rng.integers(0, len(y) // 2, b)])
+    pairs = fg.sample_pairs(b, 1.0, lam_mode="sample", generator=k)
+    p = params_for(model)
+    g, arrays = product_arrays(model)
+    lam = pairs.lam.to(torch.float32)
+    scores = gemm.scores(g, torch.from_numpy(zb), pairs.perm, lam, torch.empty(b, k)).numpy()
+    want = scores.copy()
+    a = p.arrays
+    cpu.refine_scores(zb, pairs.perm.numpy(), lam.numpy(), g["center"].numpy(), g["bound"].numpy(), a["order"],
+                      a["center"], a["factor"], p.tri, a["bias"], want)
+    out = cuda.to_device(scores)
+    args = [cuda.to_device(x) for x in (zb, pairs.perm.numpy(), lam.numpy())]
+    kernels.refine_scores[b, kernels.TPB, 0, 8 * d](*args, arrays["pcenter"], arrays["bound"], arrays["order"],
+                                                    arrays["center"], arrays["factor"], int(p.tri), arrays["bias"],
+                                                    out)
+    got = out.copy_to_host()
+    changed = want != scores
+    assert changed.any() == bool(spread)
+    np.testing.assert_array_equal(got[~changed], scores[~changed])
+    np.testing.assert_allclose(got[changed], want[changed], rtol=2e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("b,d", [(1, 2), (3, 5), (2, 9)])
 def test_quad_split_writes_both_tf32_halves_of_phi(b, d):
     """The full-covariance product's operand on CUDA (``gemm.split_features``): one kernel writes
-    [hi; lo] of phi = [x_i x_j (i <= j), x_i]; hi + lo is phi exactly, hi is TF32-exact, phi is
-    ``gemm.features``' (several blocks per sample: T = 5 .. 54 over 2 blocks of 8 threads)."""
+    [hi; lo] of phi = [x_i x_j (i <= j), x_i, 1]; hi + lo is phi exactly, hi is TF32-exact, phi is
+    ``gemm.features``' (several blocks per sample: T = 6 .. 55 over 2 blocks of 8 threads)."""
     from fastgenlabel.kernels.relabel import gemm
     from fastgenlabel.kernels.relabel.params import gemm_params_for
 
     model, z, y = make_model("full", 4, d, seed=d)
     zb, pairs, _ = batch(np.random.default_rng(b + d), z, y, b, "sample")
     g = gemm_params_for(model, torch.device("cpu"))
-    width = g["pair_i"].numel() + d
+    width = g["w"].shape[1]
     args = [cuda.to_device(a) for a in (zb, pairs.perm.numpy(), pairs.lam.numpy(), g["center"].numpy(),
                                         g["pair_i"].numpy(), g["pair_j"].numpy())]
     out = cuda.to_device(np.full((2 * b, width), np.nan, np.float32))

@@ -10,9 +10,9 @@ computed by fused kernels. Backends, in the order ``backend="auto"`` tries them:
 
 - ``"numba-cuda"``: CUDA torch tensors, on torch's current stream, no copies of the inputs
   (``cuda.py``; full covariance with K >= 32 and K d^2 >= 2^20 computes its scores as one split-TF32
-  tensor-core product instead, ``gemm.py``);
+  tensor-core product instead, ``gemm.py``, rescoring exactly the classes where it may be off);
 - ``"numba-cpu"``: NumPy arrays and CPU torch tensors (``cpu.py``; full covariance with
-  K >= 32 and K d^2 >= 2^20 computes its scores as one float32 matrix product, ``gemm.py``);
+  K >= 32 and K d^2 >= 2^20 computes its scores as one float32 matrix product, refined alike);
 - ``"reference"``: the plain torch reference above (any float dtype, any layout).
 
 The kernels read the model as packed float32 arrays cached on the model (``params.py``) and
@@ -37,7 +37,6 @@ from .params import (
     RelabelParams,
     device_params_for,
     gemm_params_for,
-    gemm_spread_for,
     params_for,
     unsupported_reason,
 )
@@ -208,7 +207,7 @@ def _kernel_input_reason(call: RelabelCall) -> str | None:
 
 def _use_product(call: RelabelCall) -> bool:
     """Full covariance: the product form (gemm.py) for this model and size, or the factor kernels."""
-    return gemm.use_gemm(call.num_classes, call.params.dim, spread=lambda: gemm_spread_for(call.model))
+    return gemm.use_gemm(call.num_classes, call.params.dim)
 
 
 def _refuse_cpu(call: RelabelCall) -> str | None:
@@ -277,16 +276,16 @@ def _run_cuda(call: RelabelCall):
         stream = numba_stream(handle)
         lam = call.pairs.lam if call.pairs.lam.dtype == torch.float32 else call.pairs.lam.to(torch.float32)
         labels = call.labels_t if call.labels_t.dtype == torch.int64 else call.labels_t.to(torch.int64)
-        if params.kind == "full" and _use_product(call):  # tensor cores (gemm.py)
+        arrays = device_params_for(call.model, dev, view=device_view)
+        if params.kind == "full" and _use_product(call):  # tensor cores (gemm.py), then refined
             g = gemm_params_for(call.model, dev)
             if call.gamma > 0:
                 gemm.scores(g, call.zt, call.pairs.perm, lam, out)
+            arrays = dict(arrays, pcenter=device_view(g["center"]), bound=device_view(g["bound"]))
             kernels.relabel_device(
-                params, {"bias": device_view(g["bias"])}, device_view(call.zt), device_view(call.pairs.perm),
-                device_view(lam), device_view(labels), call.gamma, call.smoothing, device_view(out),
-                stream=stream, scores_ready=True)
+                params, arrays, device_view(call.zt), device_view(call.pairs.perm), device_view(lam),
+                device_view(labels), call.gamma, call.smoothing, device_view(out), stream=stream, scores_ready=True)
             return out
-        arrays = device_params_for(call.model, dev, view=device_view)
         done = whitened = scratch = None
         if params.kind in ("diag", "tied"):
             done = _tile_counters(dev, handle, kernels.sample_tiles(b))

@@ -9,7 +9,9 @@ Each path matches the reference ``genlabel_target(model, mix(z, pairs), ...)`` (
      samples (no B x K x d intermediate);
    - tied: the samples whitened (one float32 product, ``torch.mm``), then :func:`diag_scores`
      with unit scales (``params.py`` says why not the cheaper affine form);
-   - full: :func:`full_scores`, batched GEMMs over chunks of classes plus a fused epilogue;
+   - full: :func:`full_scores`, batched GEMMs over chunks of classes plus a fused epilogue; or,
+     for large K d^2, ``gemm.py``'s single product, made exact where needed by
+     :func:`refine_scores`;
    - kde: :func:`kde_scores`, parallel over (class, sample): whitening and an online log-sum-exp;
 
 2. :func:`finish`, parallel over samples: logits = scores + bias, a max-subtracted softmax in
@@ -45,9 +47,12 @@ lse_value = _jit(rm.lse_value)
 row_logit = _jit(rm.row_logit)
 mixup_mass = _jit(rm.mixup_mass)
 target_value = _jit(rm.target_value)
+product_error = _jit(rm.product_error)
+product_cutoff = _jit(rm.product_cutoff)
 
 ONE = rm.ONE
 NEG_INF = rm.NEG_INF
+PRODUCT_TRUST = rm.PRODUCT_TRUST
 
 
 @njit(cache=True)
@@ -65,8 +70,8 @@ def mix_rows(z, perm, lam, z_mix):
 
 @njit(parallel=True, cache=True)
 def quad_features(z, perm, lam, center, phi):
-    """phi[s] = [x_i x_j for i <= j (row-major, as torch.triu_indices), x_i], x = z_mix[s] - center:
-    the left operand of the full-covariance product (``gemm.py``)."""
+    """phi[s] = [x_i x_j for i <= j (row-major, as torch.triu_indices), x_i, 1, 0...], x =
+    z_mix[s] - center: the left operand of the full-covariance product (``gemm.py``)."""
     b, d = z.shape
     tq = d * (d + 1) // 2
     for s in prange(b):
@@ -77,6 +82,9 @@ def quad_features(z, perm, lam, center, phi):
         for i in range(d):
             x[i] = mixed(z[s, i], z[p, i], l, lc) - center[i]
             phi[s, tq + i] = x[i]
+        phi[s, tq + d] = ONE
+        for t in range(tq + d + 1, phi.shape[1]):
+            phi[s, t] = 0
         t = 0
         for i in range(d):
             xi = x[i]
@@ -138,6 +146,43 @@ def sq_scores(u, c0, bias, out):
                 for j in range(d):
                     acc += np.float64(u[cc, s, j]) * u[cc, s, j]
             out[s, c0 + cc] = gauss_score(acc)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def refine_scores(z, perm, lam, pcenter, bound, order, center, factor, tri, bias, out):
+    """The product form's raw scores in ``out`` made exact where they may be off (``gemm.py``):
+    per sample, the error bound ``product_error``; above ``PRODUCT_TRUST``, every class at or
+    above ``product_cutoff`` is scored again in the factor form. Parallel over samples."""
+    b, d = z.shape
+    k = out.shape[1]
+    for s in prange(b):
+        l = lam[s]
+        lc = ONE - l
+        p = perm[s]
+        zm = np.empty(d, np.float32)
+        xn2 = 0.0
+        for i in range(d):
+            zm[i] = mixed(z[s, i], z[p, i], l, lc)
+            v = np.float64(zm[i] - pcenter[i])
+            xn2 += v * v
+        err = product_error(np.float32(xn2), bound[0], bound[1], bound[2])
+        if err <= PRODUCT_TRUST:
+            continue
+        best = NEG_INF
+        for c in range(k):
+            v = row_logit(out, s, c, bias)
+            if v > best:
+                best = v
+        cut = product_cutoff(best, err)
+        diff = np.empty(d, np.float32)
+        u = np.empty(d, np.float32)
+        for c in range(k):
+            if bias[c] != NEG_INF and row_logit(out, s, c, bias) >= cut:
+                project(zm, order, center, factor, c, tri, diff, u)
+                acc = 0.0
+                for j in range(d):
+                    acc += np.float64(u[j]) * u[j]
+                out[s, c] = gauss_score(acc)
 
 
 def full_scores(z_mix, params, out, chunk_elements=1 << 20):
@@ -237,7 +282,7 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
         out: (B, K) float32 C-contiguous, fully overwritten.
         product: for full covariance, the model's product form on the CPU
             (``params.gemm_params_for``): the scores are then one float32 matrix product
-            (``gemm.py``) instead of ``full_scores``.
+            (``gemm.py``), refined by :func:`refine_scores`, instead of ``full_scores``.
 
     Returns:
         out.
@@ -256,7 +301,9 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
             from .gemm import scores
 
             scores(product, torch.from_numpy(z), torch.from_numpy(perm), torch.from_numpy(lam), torch.from_numpy(out))
-        finish(perm, lam, labels, product["bias"].numpy(), g, keep, add, out)
+            refine_scores(z, perm, lam, product["center"].numpy(), product["bound"].numpy(), a["order"], a["center"],
+                          a["factor"], params.tri, bias, out)
+        finish(perm, lam, labels, bias, g, keep, add, out)
         return out
     if g > 0:
         if params.kind == "tied":  # whitened (y = (z - m) L), then unit-scale diag scores (params.py)

@@ -22,8 +22,11 @@ no kernel makes a B x K x d intermediate.
 - ``kde_scores``: one block per (sample, class): whiten into shared memory, threads over the
   class's points with an online log-sum-exp, then a block-level log-sum-exp merge.
 - ``quad_split`` (full covariance at ``gemm.use_gemm``'s sizes): the tensor-core product's left
-  operand, phi = [x_i x_j, x_i] of the mixed, centred sample, written as its two TF32 halves in
-  one pass; the products themselves are cuBLAS's (``gemm.py``).
+  operand, phi = [x_i x_j, x_i, 1] of the mixed, centred sample, written as its two TF32 halves
+  in one pass; the products themselves are cuBLAS's (``gemm.py``).
+- ``refine_scores`` (after the product): one block per sample bounds the product's error from
+  |z_mix - m| and, where it may matter, scores the classes near the best logit again exactly
+  (the factor form, as ``tri_scores`` computes it).
 - ``finish`` (full and KDE): one block per sample, threads over classes: logits = scores + bias,
   block-level max and sum reductions for the softmax, then the gamma blend and label smoothing,
   in place.
@@ -70,6 +73,9 @@ lse_value = _dev(rm.lse_value)
 row_logit = _dev(rm.row_logit)
 mixup_mass = _dev(rm.mixup_mass)
 target_value = _dev(rm.target_value)
+product_error = _dev(rm.product_error)
+product_cutoff = _dev(rm.product_cutoff)
+PRODUCT_TRUST = rm.PRODUCT_TRUST
 
 
 @cuda.jit(device=True)
@@ -364,7 +370,7 @@ def tf32_high(v):
 @cuda.jit(cache=True)
 def quad_split(z, perm, lam, center, pair_i, pair_j, out):
     """The full-covariance product's left operand, split for TF32 tensor cores, in one pass:
-    with phi = [x_i x_j (i <= j, the ``pair_i``, ``pair_j`` order), x_i] of x = z_mix[s] - center,
+    with phi = [x_i x_j (i <= j, the ``pair_i``, ``pair_j`` order), x_i, 1, 0...] of x = z_mix[s] - center,
     ``out[s] = hi(phi)`` and ``out[B + s] = phi - hi(phi)`` (both exact in float32; ``gemm.py``).
 
     Grid (B, blocks per sample): the batch on x, which takes up to 2^31 - 1 blocks; dynamic shared
@@ -382,7 +388,14 @@ def quad_split(z, perm, lam, center, pair_i, pair_j, out):
         x[i] = mixed(z[s, i], z[p, i], l, ONE - l) - center[i]
     cuda.syncthreads()
     for t in range(cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x, width, cuda.gridDim.y * cuda.blockDim.x):
-        v = x[pair_i[t]] * x[pair_j[t]] if t < tq else x[t - tq]
+        if t < tq:
+            v = x[pair_i[t]] * x[pair_j[t]]
+        elif t < tq + d:
+            v = x[t - tq]
+        elif t == tq + d:
+            v = ONE
+        else:  # padding
+            v = ZERO
         hi = tf32_high(v)
         out[s, t] = hi
         out[b + s, t] = v - hi
@@ -392,6 +405,64 @@ def quad_split_grid(batch: int, width: int) -> tuple[int, int]:
     """``quad_split``'s grid: (B, up to QUAD_BLOCKS blocks of TPB threads per sample; each block
     recomputes the sample's d mixed features, so not one block per TPB outputs)."""
     return batch, max(1, min(QUAD_BLOCKS, -(-width // TPB)))
+
+
+@cuda.jit(cache=True)
+def refine_scores(z, perm, lam, pcenter, bound, order, center, factor, tri, bias, out):
+    """The product form's raw scores in ``out`` made exact where they may be off (``gemm.py``),
+    as ``cpu.refine_scores``: one block per sample; the error bound from |z_mix - m|; above
+    ``PRODUCT_TRUST``, the classes at or above the cutoff are gathered in shared memory, TPB
+    at a time, and each is scored again by the whole block (threads over the coordinates j of
+    u = L_c^T (z_mix - mu_c), coalesced reads of the factor's rows, its zero triangle skipped).
+    Dynamic shared memory: 2 d float32 (z_mix, then z_mix - mu_c in kernel feature order)."""
+    b, d = z.shape
+    k = out.shape[1]
+    s = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    buf = cuda.shared.array(0, float32)  # [0, d): z_mix; [d, 2d): the candidate's diff
+    red = cuda.shared.array(TPB, float32)
+    picked = cuda.shared.array(TPB, int32)
+    count = cuda.shared.array(1, int32)
+    l = lam[s]
+    p = perm[s]
+    sq = ZERO
+    for i in range(tid, d, TPB):
+        v = mixed(z[s, i], z[p, i], l, ONE - l)
+        buf[i] = v
+        x = v - pcenter[i]
+        sq += x * x
+    err = product_error(block_sum(red, sq), bound[0], bound[1], bound[2])
+    if err <= PRODUCT_TRUST:  # uniform over the block (a block reduction)
+        return
+    best = NEG_INF
+    for c in range(tid, k, TPB):
+        v = row_logit(out, s, c, bias)
+        if v > best:
+            best = v
+    cut = product_cutoff(block_max(red, best), err)
+    for c0 in range(0, k, TPB):
+        if tid == 0:
+            count[0] = 0
+        cuda.syncthreads()
+        c = c0 + tid
+        if c < k and bias[c] != NEG_INF and row_logit(out, s, c, bias) >= cut:
+            picked[cuda.atomic.add(count, 0, 1)] = c
+        cuda.syncthreads()
+        for q in range(count[0]):  # uniform
+            cc = picked[q]
+            for i in range(tid, d, TPB):
+                buf[d + i] = buf[order[i]] - center[cc, i]
+            cuda.syncthreads()
+            part = ZERO
+            for j in range(tid, d, TPB):
+                u = ZERO
+                for i in range(j if tri else 0, d):
+                    u += buf[d + i] * factor[cc, i, j]
+                part += u * u
+            total = block_sum(red, part)
+            if tid == 0:
+                out[s, cc] = gauss_score(total)
+        cuda.syncthreads()  # count and picked are rewritten next round
 
 
 @cuda.jit(device=True)
@@ -445,8 +516,10 @@ def refuse_shape(params, batch: int) -> str | None:
         return f"shape: the {params.kind} kernel launches one grid row per class; needs K <= {MAX_GRID_Y}"
     if params.kind in ("diag", "tied") and class_tiles(params.num_classes) > MAX_GRID_Y:
         return f"shape: the {params.kind} kernel launches one grid row per {TPB} classes; needs K <= {MAX_GRID_Y * TPB}"
-    if params.kind in ("full", "tied") and 4 * params.dim > MAX_SHARED_BYTES:
-        return f"shape: the {params.kind} kernels stage d floats in shared memory; d = {params.dim} is too large"
+    if params.kind == "full" and 8 * params.dim > MAX_SHARED_BYTES:
+        return f"shape: the full kernels stage 2 d floats in shared memory; d = {params.dim} is too large"
+    if params.kind == "tied" and 4 * params.dim > MAX_SHARED_BYTES:
+        return f"shape: the tied kernels stage d floats in shared memory; d = {params.dim} is too large"
     del batch  # every kernel puts the batch on the grid's x dimension (up to 2^31 - 1 blocks)
     return None
 
@@ -471,9 +544,9 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
         gamma, smoothing: floats in [0, 1].
         out: (B, K) float32 C-contiguous, fully overwritten.
         stream: a Numba stream (torch's current stream in the torch path) or 0.
-        scores_ready: ``out`` already holds the raw scores of the mixed samples and
-            ``arrays["bias"]`` their bias (the full-covariance product of ``gemm.py``): only
-            ``finish`` runs.
+        scores_ready: ``out`` already holds the approximate raw scores of the full-covariance
+            product (``gemm.py``): ``refine_scores`` (with the product's ``arrays["pcenter"]``
+            and ``arrays["bound"]`` beside the factor form's arrays) and ``finish`` run.
         done: diag and tied: an int32 device array of at least :func:`sample_tiles` (B) zeros,
             ``diag_fused``'s per-tile counters. The kernel leaves it zero again, so one array
             serves every launch on one stream (launches on other streams need their own). None:
@@ -508,7 +581,10 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
         diag_fused[grid, TPB, stream](z, perm, lam, arrays["mu_t"], arrays["istd_t"], labels, bias, g, keep, add, out,
                                       done)
         return out
-    if g > 0 and not scores_ready:
+    if g > 0 and scores_ready:
+        refine_scores[b, TPB, stream, 8 * params.dim](z, perm, lam, arrays["pcenter"], arrays["bound"], arrays["order"],
+                                                      arrays["center"], arrays["factor"], int(params.tri), bias, out)
+    elif g > 0:
         if params.kind == "full":
             tri_scores[(tiles, k), TPB, stream](z, perm, lam, arrays["order"], arrays["center"],
                                                 arrays["factor"], int(params.tri), bias, out)

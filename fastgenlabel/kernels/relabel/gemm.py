@@ -6,25 +6,33 @@ P_c = L_c L_c^T the precision), is linear in the pairwise products of x:
     -1/2 ||L_c^T (x - a_c)||^2 = sum_{i <= j} w_c,ij x_i x_j + (P_c a_c)^T x - 1/2 a_c^T P_c a_c
 
 with w_c,ii = -1/2 P_c,ii and w_c,ij = -P_c,ij (i < j). So the raw scores of B samples over K
-classes are ``phi @ W^T`` with phi = [x_i x_j (i <= j), x_i] (B, T), T = d (d + 3) / 2, and
-W (K, T) packed once per fit; the constant joins the bias. One (B x T) x (T x K) product: the
-same K d^2 / 2 multiply-adds per sample as the factor form, with no B x K x d intermediate, on
-cuBLAS's tensor-core kernels.
+classes are ``phi @ W^T`` with phi = [x_i x_j (i <= j), x_i, 1, 0...] (B, T), T = d (d + 3) / 2
++ 1 rounded up to a multiple of ``ALIGN`` (rows start on 128-byte boundaries, which tensor-core
+kernels want), and W (K, T) packed once per fit (the constant in the column of the 1). One (B x T) x (T x K) product:
+the same K d^2 / 2 multiply-adds per sample as the factor form, with no B x K x d intermediate,
+on cuBLAS's tensor-core kernels.
 
-Precision: tensor cores round float32 inputs to TF32 (11 significant bits), which would cost
-~3 decimal digits of the scores. Each operand is split into a TF32-exact high part and the
-remainder (``hi = x with its 13 low mantissa bits cleared``, ``lo = x - hi``, both exact in
-float32), and ``hi hi^T + hi lo^T + lo hi^T`` (three products, float32 accumulation) restores
-float32-level accuracy (the dropped ``lo lo^T`` is ~2^-20 relative). On the CPU the products are
-plain float32. What remains is the expansion's cancellation: the error grows like
-~1e-7 x a_c^T P_c a_c, the squared Mahalanobis distance of the class mean from the centre
-(tests/test_relabel_gemm.py measures it). It is not confined to saturated softmaxes: a group of
-close classes far from the centre gets unsaturated targets off by 1e-3 at 100 standard
-deviations. So :func:`use_gemm` also looks at the model's :func:`spread` and leaves such models
-to the factor form.
+Precision, twice:
+
+1. Tensor cores round float32 inputs to TF32 (11 significant bits), which would cost ~3 decimal
+   digits. Each operand is split into a TF32-exact high part and the remainder (``hi = x with
+   its 13 low mantissa bits cleared``, ``lo = x - hi``, both exact in float32), and ``hi hi^T +
+   hi lo^T + lo hi^T`` (float32 accumulation) restores float32-level accuracy (the dropped
+   ``lo lo^T`` is at most 2^-22 of the terms). On the CPU the products are plain float32.
+2. The expansion cancels: for a class far from m the three terms are each of the size of its
+   squared Mahalanobis distance from m, and a float32 sum of them loses that size times ~1e-7.
+   Real features are like that (scikit-learn's digits, PCA to 32 dimensions: classes 2,000
+   squared standard deviations from m; 64 dimensions: 195,000, where the logits are off by 0.4).
+   So every call bounds each sample's logit error (``math.product_error``, from ``bound`` below:
+   rigorous in shape, its constant measured) and, where the bound exceeds ``PRODUCT_TRUST``,
+   scores the classes that can hold any mass (within ``PRODUCT_MARGIN`` nats of the best
+   approximate logit, allowing for the errors) exactly again in the factor form: ``refine_scores``
+   in ``cpu.py`` and ``cuda.py``. Classes left alone hold at most e^-30 of their row's mass.
+   Separated classes leave few candidates per sample (1-4 at K = 10 to 1,000 in the measured
+   models), so the product's speed stays; classes close to m are never rescored.
 
 Memory: W as two float32 (K, T) halves, 4 K T bytes (265 MB at K = 1000, d = 256), about what
-the factor form's (K, d, d) float32 factors take.
+the factor form's (K, d, d) float32 factors take; refinement needs those factors too.
 
 On CUDA one Numba kernel writes phi's halves stacked, [hi; lo] (2B, T), in one pass
 (``cuda.quad_split``), and the three products become two: ``[hi; lo] @ W_hi^T`` (the larger
@@ -41,6 +49,7 @@ import torch
 
 _LOW_BITS = np.int32(~0x1FFF)  # float32 -> TF32: 23 - 10 = 13 mantissa bits cleared
 _CLASS_CHUNK = 64  # classes per float64 block while packing (bounds host memory)
+ALIGN = 32  # phi's and W's row length is a multiple of this many float32
 
 # "auto": large full-covariance problems on CUDA use the product (see ``use_gemm``);
 # "always" / "never" force it (tests, benchmarks).
@@ -49,51 +58,20 @@ MIN_WORK = 1 << 20  # K d^2 from which "auto" takes the product
 MIN_CLASSES = 32  # below, building phi (d^2 / 2 per sample) costs about what it saves
 
 
-# The product's error in the targets, measured (session 3, K = 32, d = 16..182, two groups of
-# classes far from the overall mean): 0.6-2.5e-7 x max_c a_c^T P_c a_c. Above MAX_TARGET_ERROR
-# predicted, the factor form runs instead (its error grows only linearly with the distance).
-ERROR_PER_SPREAD = 3e-7
-MAX_TARGET_ERROR = 1e-4
-
-
-def use_gemm(num_classes: int, dim: int, spread=None) -> bool:
-    """Whether full-covariance scores are computed by the matrix product (CPU and CUDA).
+def use_gemm(num_classes: int, dim: int) -> bool:
+    """Whether full-covariance scores are computed by the matrix product (CPU and CUDA), refined
+    where it is inexact (module docstring).
 
     Speed (measured on the 2-core CPU, B = 256; factor kernel vs product): K = 1000, d = 256: 232
     vs 100 ms; K = 1000, d = 64: 46 vs 10.5 ms; K = 100, d = 128: 6.9 vs 4.4 ms; K = 10, d = 256:
     2.4 vs 10.6 ms. On the H200 (with host overhead) at K = 1000, d = 256: 7.7 vs 3.0 ms.
-
-    Accuracy: ``spread`` (a number, or a function giving it: :func:`spread`, computed only when
-    the sizes qualify) is the model's largest squared Mahalanobis distance of a class mean from
-    the centre; the product is used only while ``ERROR_PER_SPREAD * spread`` stays within
-    ``MAX_TARGET_ERROR``. POLICY "always" / "never" override both rules.
+    POLICY "always" / "never" override the size rule.
     """
     if POLICY == "always":
         return True
     if POLICY == "never":
         return False
-    if num_classes < MIN_CLASSES or num_classes * dim * dim < MIN_WORK:
-        return False
-    if spread is None:
-        return True
-    value = spread() if callable(spread) else spread
-    return ERROR_PER_SPREAD * value <= MAX_TARGET_ERROR
-
-
-def spread(model) -> float:
-    """max_c a_c^T P_c a_c, a_c = mu_c - m (the centre the product form expands around), over the
-    classes with samples: the size of the terms that cancel in the product form."""
-    means = model.means.detach().to("cpu", torch.float64)
-    chol = model.precision_chol.detach().to("cpu", torch.float64)
-    counts = model.class_counts.detach().to("cpu", torch.float64)
-    center = (means * counts.unsqueeze(1)).sum(0) / counts.sum()
-    worst = 0.0
-    for c0 in range(0, means.shape[0], _CLASS_CHUNK):
-        sl = slice(c0, min(means.shape[0], c0 + _CLASS_CHUNK))
-        v = torch.einsum("ki,kij->kj", means[sl] - center, chol[sl])  # rows: (mu_c - m)^T L_c
-        maha = torch.where(counts[sl] > 0, (v * v).sum(1), torch.zeros_like(counts[sl]))
-        worst = max(worst, float(maha.max()))
-    return worst
+    return num_classes >= MIN_CLASSES and num_classes * dim * dim >= MIN_WORK
 
 
 @contextlib.contextmanager
@@ -115,11 +93,13 @@ def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, x - hi
 
 
-def pack(model, bias_of) -> dict[str, np.ndarray]:
+def pack(model, bias: np.ndarray) -> dict[str, np.ndarray]:
     """The product form of a fitted full-covariance ``GaussianClassModel``.
 
-    ``bias_of(extra)`` is ``params._bias``: log_norm + log_prior + extra, shifted, -inf if empty.
-    Returns float32 ``w`` (K, T), ``center`` (d,), ``bias`` (K,) and int64
+    ``bias`` is the model's packed bias (``params.py``): the product's raw scores include the
+    constant, so they take the same bias as the factor form's. Returns float32 ``w`` (K, T),
+    ``center`` (d,), ``bias`` (K,), ``bound`` (3,) = (max_c max row sum of |P_c|, max_c |P_c a_c|,
+    max_c a_c^T P_c a_c) over the classes with samples (``math.product_error``), and int64
     ``pair_i``, ``pair_j`` (the i <= j index pairs of the quadratic part).
     """
     means = model.means.detach().to("cpu", torch.float64)
@@ -130,19 +110,24 @@ def pack(model, bias_of) -> dict[str, np.ndarray]:
     center = (means * counts.unsqueeze(1)).sum(0) / counts.sum()
     iu, ju = torch.triu_indices(d, d)
     twice = torch.where(iu == ju, 1.0, 2.0).to(torch.float64)
-    w = np.empty((k, iu.numel() + d), np.float32)
-    const = torch.zeros(k, dtype=torch.float64)
+    w = np.zeros((k, width(d)), np.float32)
+    bound = np.zeros(3)
     for c0 in range(0, k, _CLASS_CHUNK):
         sl = slice(c0, min(k, c0 + _CLASS_CHUNK))
         prec = chol[sl] @ chol[sl].transpose(1, 2)
         a = means[sl] - center
         pa = torch.einsum("kij,kj->ki", prec, a)
-        block = torch.cat([-0.5 * prec[:, iu, ju] * twice, pa], 1)
+        apa = (a * pa).sum(1)
+        block = torch.cat([-0.5 * prec[:, iu, ju] * twice, pa, -0.5 * apa.unsqueeze(1)], 1)
         block[~live[sl]] = 0.0
-        w[sl] = block.numpy()
-        const[sl] = torch.where(live[sl], -0.5 * (a * pa).sum(1), torch.zeros_like(pa[:, 0]))
-    return {"w": w, "center": center.to(torch.float32).numpy(), "bias": bias_of(const),
-            "pair_i": iu.numpy().astype(np.int64), "pair_j": ju.numpy().astype(np.int64)}
+        w[sl, :block.shape[1]] = block.numpy()
+        if bool(live[sl].any()):
+            on = live[sl]
+            terms = (prec.abs().sum(2).max(1).values, pa.norm(dim=1), apa)
+            bound = np.maximum(bound, [float(t[on].max()) for t in terms])
+    return {"w": w, "center": center.to(torch.float32).numpy(), "bias": bias,
+            "bound": bound.astype(np.float32), "pair_i": iu.numpy().astype(np.int64),
+            "pair_j": ju.numpy().astype(np.int64)}
 
 
 @contextlib.contextmanager
@@ -173,14 +158,21 @@ def fp32_matmul(tf32: bool):
         matmul.allow_tf32 = old
 
 
+def width(dim: int) -> int:
+    """T, the length of phi and of W's rows: d (d + 3) / 2 + 1 rounded up to a multiple of ALIGN."""
+    return -(-(dim * (dim + 3) // 2 + 1) // ALIGN) * ALIGN
+
+
 def features(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """phi (B, T) of the mixed, centred batch: [x_i x_j (i <= j), x_i], x = z_mix - m."""
+    """phi (B, T) of the mixed, centred batch: [x_i x_j (i <= j), x_i, 1, 0...], x = z_mix - m."""
     lam = lam.to(z.dtype).unsqueeze(1)
     x = lam * z + (1 - lam) * z[perm] - arrays["center"]
     tq = arrays["pair_i"].numel()
-    phi = torch.empty((z.shape[0], tq + z.shape[1]), dtype=torch.float32, device=z.device)
+    d = z.shape[1]
+    phi = torch.zeros((z.shape[0], width(d)), dtype=torch.float32, device=z.device)
     torch.mul(x[:, arrays["pair_i"]], x[:, arrays["pair_j"]], out=phi[:, :tq])
-    phi[:, tq:] = x
+    phi[:, tq:tq + d] = x
+    phi[:, tq + d] = 1.0
     return phi
 
 
@@ -189,7 +181,8 @@ def scores(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch.Tensor,
     """Raw scores (B, K) of the mixed samples into ``out`` (float32, on z's device, torch's stream).
     On the host z (B, d) and lam (B,) must be float32 and C-contiguous, as the kernels take them.
 
-    With ``arrays["bias"]`` as the bias they equal the factor form's logits (module docstring).
+    They approximate the factor form's raw scores (the same bias), to within ``math.product_error``
+    (module docstring); ``refine_scores`` makes them exact where that matters.
     """
     if not z.is_cuda:  # host: phi by the parallel Numba kernel, then one plain float32 product
         from .cpu import quad_features
@@ -220,7 +213,7 @@ def split_features(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch
     from . import cuda as kernels
 
     b, d = z.shape
-    halves = torch.empty((2 * b, arrays["pair_i"].numel() + d), dtype=torch.float32, device=z.device)
+    halves = torch.empty((2 * b, arrays["w_hi"].shape[1]), dtype=torch.float32, device=z.device)
     if b:
         kernels.quad_split[kernels.quad_split_grid(b, halves.shape[1]), kernels.TPB, current_stream(), 4 * d](
             device_view(z), device_view(perm), device_view(lam), device_view(arrays["center"]),
@@ -228,11 +221,5 @@ def split_features(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch
     return halves
 
 
-def flops(num_classes: int, dim: int, batch: int) -> float:
-    """Floating-point operations of one call's products (three of them on a GPU)."""
-    return 3 * 2.0 * batch * num_classes * (dim * (dim + 3) / 2)
-
-
-__all__ = ["ERROR_PER_SPREAD", "MAX_TARGET_ERROR", "MIN_CLASSES", "MIN_WORK", "POLICY", "features", "flops",
-           "fp32_matmul", "pack", "policy", "scores", "split_features", "split_scores", "split_tf32", "spread",
-           "use_gemm"]
+__all__ = ["ALIGN", "MIN_CLASSES", "MIN_WORK", "POLICY", "features", "fp32_matmul", "pack", "policy", "scores",
+           "split_features", "split_scores", "split_tf32", "use_gemm", "width"]

@@ -22,6 +22,17 @@ HALF = np.float32(0.5)
 NEG_INF = np.float32(-np.inf)
 MAX_F32 = np.float32(np.finfo(np.float32).max)
 
+# The full-covariance product form's logit error (``gemm.py``): at most PRODUCT_GAMMA x M, M the
+# size of the terms its float32 sum cancels (:func:`product_error`). The measured error stayed
+# below 3.7e-7 M (tests/test_relabel_gemm.py): PRODUCT_GAMMA leaves a factor of 2.7, which also
+# covers the GPU's dropped lo x lo part of the split-TF32 products (2^-22 M at most). Logits whose
+# bound is within PRODUCT_TRUST nats are kept (targets within ~1e-4); otherwise the classes that
+# can matter, those within PRODUCT_MARGIN nats of the best (e^-30 = 1e-13 of its mass), are
+# scored again exactly in the factor form.
+PRODUCT_GAMMA = np.float32(1e-6)
+PRODUCT_TRUST = np.float32(5e-4)
+PRODUCT_MARGIN = np.float32(30.0)
+
 
 def mixed(a, b, lam, lam_c):
     """``lam * a + (1 - lam) * b`` with ``lam_c = 1 - lam`` computed once by the caller."""
@@ -37,6 +48,21 @@ def diag_term(x, mu, istd):
 def gauss_score(maha):
     """Raw Gaussian score from a squared Mahalanobis norm: ``-maha / 2``."""
     return -HALF * maha
+
+
+def product_error(xn2, rho, pa, spread):
+    """Bound on the error of every logit of one mixed sample in the product form: PRODUCT_GAMMA x
+    (rho / 2 |x|^2 + pa |x| + spread / 2), x = z_mix - m, |x|^2 = ``xn2``, with the model's
+    ``gemm.pack`` bound: rho = max_c max row sum of |P_c|, pa = max_c |P_c a_c|, spread =
+    max_c a_c^T P_c a_c (a_c = mu_c - m). Those three terms bound the sums of the absolute values of
+    the quadratic, linear and constant terms of the expansion (docs/MATH.md section 5)."""
+    return PRODUCT_GAMMA * (HALF * rho * xn2 + pa * math.sqrt(xn2) + HALF * spread)
+
+
+def product_cutoff(best, err):
+    """Logit below which a class can hold at most e^-PRODUCT_MARGIN of the row's mass whatever the
+    errors (``err`` bounds each logit's, ``best`` is the largest approximate logit)."""
+    return best - PRODUCT_MARGIN - (err + err)
 
 
 def kahan_add(total, comp, x):

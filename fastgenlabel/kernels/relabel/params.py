@@ -94,12 +94,10 @@ def _f32(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _bias(model, extra: torch.Tensor | None = None) -> np.ndarray:
-    """log_norm + log_prior (+ extra), shifted so its largest finite entry is 0; -inf if empty."""
+def _bias(model) -> np.ndarray:
+    """log_norm + log_prior, shifted so its largest finite entry is 0; -inf if empty."""
     counts = model.class_counts.detach().to("cpu", torch.float64)
     b = model.log_norm.detach().to("cpu", torch.float64) + model.log_prior.detach().to("cpu", torch.float64)
-    if extra is not None:
-        b = b + extra
     b = torch.where(counts > 0, b, torch.full_like(b, -math.inf))
     finite = torch.isfinite(b)
     if not bool(finite.any()):
@@ -197,7 +195,6 @@ class _Cache:
     devices: dict = field(default_factory=dict)  # device -> {name: torch.Tensor}
     views: dict = field(default_factory=dict)  # device -> {name: kernel view of that tensor}
     gemm: dict = field(default_factory=dict)  # "host" -> arrays, device -> tensors (gemm.py's form)
-    spread: float | None = None  # gemm.spread of the model
 
 
 def _cache(model) -> _Cache:
@@ -249,19 +246,9 @@ def gemm_params_for(model, device: torch.device) -> dict[str, torch.Tensor]:
     if key not in cache.gemm:
         host = cache.gemm.get("host")
         if host is None:
-            host = cache.gemm["host"] = gemm.pack(model, lambda extra: _bias(model, extra))
+            host = cache.gemm["host"] = gemm.pack(model, cache.host.arrays["bias"])
         tensors = {name: torch.from_numpy(a).to(device) for name, a in host.items()}
         if torch.device(device).type == "cuda":  # tensor cores: W as TF32-exact halves
             tensors["w_hi"], tensors["w_lo"] = gemm.split_tf32(tensors.pop("w"))
         cache.gemm[key] = tensors
     return cache.gemm[key]
-
-
-def gemm_spread_for(model) -> float:
-    """``gemm.spread(model)``, computed once per fit and cached with the other forms."""
-    from . import gemm
-
-    cache = _cache(model)
-    if cache.spread is None:
-        cache.spread = gemm.spread(model)
-    return cache.spread
