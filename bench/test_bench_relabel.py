@@ -328,13 +328,6 @@ def test_numba_cuda_full_forms(benchmark, form, k, d, b):
 
 
 @cuda_only
-@pytest.mark.parametrize("impl", ["numba-cuda", "numba-cuda: factor kernel", "torch precision-Cholesky",
-                                  "torch MultivariateNormal"])
-def test_cuda_full_separated(benchmark, impl):
-    _full_separated(benchmark, impl, 256, "cuda")
-
-
-@cuda_only
 @pytest.mark.parametrize("b", BATCHES)
 @pytest.mark.parametrize("d", [2, 16])
 def test_numba_cuda_kde_small(benchmark, d, b):
@@ -358,6 +351,14 @@ def test_torch_cuda(benchmark, impl, k, d, b):
         kind, m = "tied", model("tied", k, d)
         fn = torch_tied(m, "cuda")
     _torch(benchmark, fn, kind, m, b, "cuda", impl)
+
+
+@cuda_only
+@pytest.mark.parametrize("impl", ["numba-cuda", "numba-cuda: factor kernel", "torch precision-Cholesky",
+                                  "torch MultivariateNormal"])
+def test_cuda_full_separated(benchmark, impl):
+    """Last of the GPU cases: the device script stops the benchmarks at a time limit."""
+    _full_separated(benchmark, impl, 256, "cuda")
 
 
 # ---- start-up: compile vs on-disk cache ---------------------------------------------------------------------

@@ -485,7 +485,7 @@ def test_numba_cuda_full_product_and_factor_forms(form, b, k, d):
 @pytest.mark.parametrize("spread", [30.0, 1000.0])
 def test_numba_cuda_full_far_from_the_mean(form, spread):
     """Classes far from the overall mean on the GPU: the split-TF32 product, refined by
-    ``refine_scores``, matches the reference as the factor kernel does."""
+    ``refine_finish``, matches the reference as the factor kernel does."""
     from fastgenlabel.kernels.relabel import gemm
 
     model, zb, labels, pairs = far_clusters("full", 32, 96, spread)

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from numba import float32, int32
 
 assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or os.environ.get("FASTGENLABEL_GPU_TESTS") == "1", \
     "run through tests/test_cudasim.py (or with FASTGENLABEL_GPU_TESTS=1 on a GPU)"
@@ -167,7 +168,7 @@ def product_arrays(model):
                                                    (3, 4, 3, 0.0, 0.2, ())])
 def test_full_product_scores_then_finish(b, k, d, gamma, eps, empty):
     """The large-K d^2 CUDA path: scores from gemm.py's product (computed by torch), then
-    ``refine_scores`` and ``finish`` (``scores_ready``), as ``_run_cuda`` launches them."""
+    ``refine_finish`` (``scores_ready``), as ``_run_cuda`` launches it."""
     from fastgenlabel.kernels.relabel import gemm
 
     model, z, y = make_model("full", k, d, prior="empirical", empty=empty, seed=b + k)
@@ -185,11 +186,24 @@ def test_full_product_scores_then_finish(b, k, d, gamma, eps, empty):
     np.testing.assert_allclose(got, reference(model, zb, pairs, labels, gamma, eps), rtol=0, atol=ATOL["full"])
 
 
+@cuda.jit
+def refine_only(z, perm, lam, pcenter, bound, order, center, factor, tri, bias, out):
+    """``refine_row`` alone (``refine_finish`` without its ``finish_row``), to see which entries
+    it rewrites."""
+    buf = cuda.shared.array(0, float32)
+    red = cuda.shared.array(kernels.TPB, float32)
+    picked = cuda.shared.array(kernels.TPB, int32)
+    count = cuda.shared.array(1, int32)
+    kernels.refine_row(cuda.blockIdx.x, z, perm, lam, pcenter, bound, order, center, factor, tri, bias, out, buf,
+                       red, picked, count)
+
+
 @pytest.mark.parametrize("k,d,b,spread", [(10, 9, 6, 300.0), (12, 5, 4, 3000.0), (19, 3, 3, 0.0)])
-def test_refine_scores_matches_the_cpu_kernel(k, d, b, spread):
-    """The CUDA ``refine_scores`` against ``cpu.refine_scores`` on the same product scores: the
-    same entries rescored (to float32 rounding), the rest untouched; K = 19 > 2 TPB spans three
-    candidate rounds, spread 0 rescores nothing."""
+def test_refine_matches_the_cpu_kernel(k, d, b, spread):
+    """The CUDA refinement against ``cpu.refine_scores`` on the same product scores: the same
+    entries rescored (to float32 rounding), the rest untouched (K = 19 > 2 TPB spans three
+    candidate rounds; spread 0 rescores nothing); then ``refine_finish``, refinement and targets in
+    one launch, against the CPU's refine_scores + finish."""
     from fastgenlabel.kernels.relabel import cpu, gemm
 
     rng = np.random.default_rng(k + d)
@@ -199,25 +213,32 @@ def test_refine_scores_matches_the_cpu_kernel(k, d, b, spread):
     z = (centers[y] + rng.normal(size=(len(y), d))).astype(np.float32)
     model = fg.GaussianClassModel("full").fit(z, y, k)
     zb = np.ascontiguousarray(z[rng.integers(0, len(y) // 2, b)])
+    labels = y[:b].astype(np.int64)
     pairs = fg.sample_pairs(b, 1.0, lam_mode="sample", generator=k)
     p = params_for(model)
     g, arrays = product_arrays(model)
-    lam = pairs.lam.to(torch.float32)
-    scores = gemm.scores(g, torch.from_numpy(zb), pairs.perm, lam, torch.empty(b, k)).numpy()
-    want = scores.copy()
+    perm, lam = pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy()
+    scores = gemm.scores(g, torch.from_numpy(zb), pairs.perm, torch.from_numpy(lam), torch.empty(b, k)).numpy()
     a = p.arrays
-    cpu.refine_scores(zb, pairs.perm.numpy(), lam.numpy(), g["center"].numpy(), g["bound"].numpy(), a["order"],
-                      a["center"], a["factor"], p.tri, a["bias"], want)
+    want = scores.copy()
+    cpu.refine_scores(zb, perm, lam, g["center"].numpy(), g["bound"].numpy(), a["order"], a["center"], a["factor"],
+                      p.tri, a["bias"], want)
+    args = [cuda.to_device(x) for x in (zb, perm, lam)]
+    product = [arrays[name] for name in ("pcenter", "bound", "order", "center", "factor")]
     out = cuda.to_device(scores)
-    args = [cuda.to_device(x) for x in (zb, pairs.perm.numpy(), lam.numpy())]
-    kernels.refine_scores[b, kernels.TPB, 0, 8 * d](*args, arrays["pcenter"], arrays["bound"], arrays["order"],
-                                                    arrays["center"], arrays["factor"], int(p.tri), arrays["bias"],
-                                                    out)
+    refine_only[b, kernels.TPB, 0, 8 * d](*args, *product, int(p.tri), arrays["bias"], out)
     got = out.copy_to_host()
     changed = want != scores
     assert changed.any() == bool(spread)
     np.testing.assert_array_equal(got[~changed], scores[~changed])
     np.testing.assert_allclose(got[changed], want[changed], rtol=2e-5, atol=1e-3)
+
+    cpu.finish(perm, lam, labels, a["bias"], np.float32(0.9), np.float32(0.95), np.float32(0.05 / k), want)
+    out = cuda.to_device(scores)
+    kernels.refine_finish[b, kernels.TPB, 0, 8 * d](*args, *product, int(p.tri), cuda.to_device(labels),
+                                                    arrays["bias"], np.float32(0.9), np.float32(0.95),
+                                                    np.float32(0.05 / k), out)
+    np.testing.assert_allclose(out.copy_to_host(), want, rtol=0, atol=ATOL["full"])
 
 
 @pytest.mark.parametrize("b,d", [(1, 2), (3, 5), (2, 9)])

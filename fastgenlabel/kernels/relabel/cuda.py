@@ -24,10 +24,10 @@ no kernel makes a B x K x d intermediate.
 - ``quad_split`` (full covariance at ``gemm.use_gemm``'s sizes): the tensor-core product's left
   operand, phi = [x_i x_j, x_i, 1] of the mixed, centred sample, written as its two TF32 halves
   in one pass; the products themselves are cuBLAS's (``gemm.py``).
-- ``refine_scores`` (after the product): one block per sample bounds the product's error from
+- ``refine_finish`` (after the product): one block per sample bounds the product's error from
   |z_mix - m| and, where it may matter, scores the classes near the best logit again exactly
-  (the factor form, as ``tri_scores`` computes it).
-- ``finish`` (full and KDE): one block per sample, threads over classes: logits = scores + bias,
+  (the factor form, as ``tri_scores`` computes it), then turns the row into targets.
+- ``finish`` (the full factor form and KDE): one block per sample, threads over classes: logits = scores + bias,
   block-level max and sum reductions for the softmax, then the gamma blend and label smoothing,
   in place.
 
@@ -407,22 +407,17 @@ def quad_split_grid(batch: int, width: int) -> tuple[int, int]:
     return batch, max(1, min(QUAD_BLOCKS, -(-width // TPB)))
 
 
-@cuda.jit(cache=True)
-def refine_scores(z, perm, lam, pcenter, bound, order, center, factor, tri, bias, out):
-    """The product form's raw scores in ``out`` made exact where they may be off (``gemm.py``),
-    as ``cpu.refine_scores``: one block per sample; the error bound from |z_mix - m|; above
-    ``PRODUCT_TRUST``, the classes at or above the cutoff are gathered in shared memory, TPB
-    at a time, and each is scored again by the whole block (threads over the coordinates j of
-    u = L_c^T (z_mix - mu_c), coalesced reads of the factor's rows, its zero triangle skipped).
-    Dynamic shared memory: 2 d float32 (z_mix, then z_mix - mu_c in kernel feature order)."""
-    b, d = z.shape
+@cuda.jit(device=True)
+def refine_row(s, z, perm, lam, pcenter, bound, order, center, factor, tri, bias, out, buf, red, picked, count):
+    """The product form's raw scores of sample ``s`` made exact where they may be off
+    (``gemm.py``), as ``cpu.refine_scores``; every thread of the block calls it. The error bound
+    from |z_mix - m|; above ``PRODUCT_TRUST``, the classes at or above the cutoff are gathered in
+    ``picked``, TPB at a time, and each is scored again by the whole block (threads over the
+    coordinates j of u = L_c^T (z_mix - mu_c), coalesced reads of the factor's rows, its zero
+    triangle skipped). ``buf``: 2 d float32 (z_mix, then z_mix - mu_c in kernel feature order)."""
+    d = z.shape[1]
     k = out.shape[1]
-    s = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    buf = cuda.shared.array(0, float32)  # [0, d): z_mix; [d, 2d): the candidate's diff
-    red = cuda.shared.array(TPB, float32)
-    picked = cuda.shared.array(TPB, int32)
-    count = cuda.shared.array(1, int32)
     l = lam[s]
     p = perm[s]
     sq = ZERO
@@ -462,7 +457,21 @@ def refine_scores(z, perm, lam, pcenter, bound, order, center, factor, tri, bias
             total = block_sum(red, part)
             if tid == 0:
                 out[s, cc] = gauss_score(total)
-        cuda.syncthreads()  # count and picked are rewritten next round
+        cuda.syncthreads()  # count and picked are rewritten next round; out is final for finish_row
+
+
+@cuda.jit(cache=True)
+def refine_finish(z, perm, lam, pcenter, bound, order, center, factor, tri, labels, bias, gamma, keep, add, out):
+    """After the full-covariance product (``gemm.py``): one block per sample, ``refine_row`` then
+    ``finish_row``, in one launch. Dynamic shared memory: 2 d float32."""
+    buf = cuda.shared.array(0, float32)
+    red = cuda.shared.array(TPB, float32)
+    picked = cuda.shared.array(TPB, int32)
+    count = cuda.shared.array(1, int32)
+    s = cuda.blockIdx.x
+    if gamma > ZERO:  # uniform
+        refine_row(s, z, perm, lam, pcenter, bound, order, center, factor, tri, bias, out, buf, red, picked, count)
+    finish_row(s, perm, lam, labels, bias, gamma, keep, add, out, red)
 
 
 @cuda.jit(device=True)
@@ -545,8 +554,8 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
         out: (B, K) float32 C-contiguous, fully overwritten.
         stream: a Numba stream (torch's current stream in the torch path) or 0.
         scores_ready: ``out`` already holds the approximate raw scores of the full-covariance
-            product (``gemm.py``): ``refine_scores`` (with the product's ``arrays["pcenter"]``
-            and ``arrays["bound"]`` beside the factor form's arrays) and ``finish`` run.
+            product (``gemm.py``): only ``refine_finish`` runs (with the product's
+            ``arrays["pcenter"]`` and ``arrays["bound"]`` beside the factor form's arrays).
         done: diag and tied: an int32 device array of at least :func:`sample_tiles` (B) zeros,
             ``diag_fused``'s per-tile counters. The kernel leaves it zero again, so one array
             serves every launch on one stream (launches on other streams need their own). None:
@@ -554,8 +563,8 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
         scratch: tied: a (B, d) float32 device array for the whitened samples (None: allocated).
 
     Returns:
-        out. The launches (one for diag, two for tied, full and KDE) are asynchronous on
-        ``stream``.
+        out. The launches (one for diag and after the product, two for tied, the full factor
+        form and KDE) are asynchronous on ``stream``.
     """
     b = z.shape[0]
     k = params.num_classes
@@ -581,10 +590,12 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
         diag_fused[grid, TPB, stream](z, perm, lam, arrays["mu_t"], arrays["istd_t"], labels, bias, g, keep, add, out,
                                       done)
         return out
-    if g > 0 and scores_ready:
-        refine_scores[b, TPB, stream, 8 * params.dim](z, perm, lam, arrays["pcenter"], arrays["bound"], arrays["order"],
-                                                      arrays["center"], arrays["factor"], int(params.tri), bias, out)
-    elif g > 0:
+    if scores_ready:
+        refine_finish[b, TPB, stream, 8 * params.dim](z, perm, lam, arrays["pcenter"], arrays["bound"], arrays["order"],
+                                                      arrays["center"], arrays["factor"], int(params.tri), labels, bias,
+                                                      g, keep, add, out)
+        return out
+    if g > 0:
         if params.kind == "full":
             tri_scores[(tiles, k), TPB, stream](z, perm, lam, arrays["order"], arrays["center"],
                                                 arrays["factor"], int(params.tri), bias, out)

@@ -26,8 +26,8 @@ Precision, twice:
    So every call bounds each sample's logit error (``math.product_error``, from ``bound`` below:
    rigorous in shape, its constant measured) and, where the bound exceeds ``PRODUCT_TRUST``,
    scores the classes that can hold any mass (within ``PRODUCT_MARGIN`` nats of the best
-   approximate logit, allowing for the errors) exactly again in the factor form: ``refine_scores``
-   in ``cpu.py`` and ``cuda.py``. Classes left alone hold at most e^-30 of their row's mass.
+   approximate logit, allowing for the errors) exactly again in the factor form:
+   ``cpu.refine_scores`` and ``cuda.refine_row``. Classes left alone hold at most e^-30 of their row's mass.
    Separated classes leave few candidates per sample (1-4 at K = 10 to 1,000 in the measured
    models), so the product's speed stays; classes close to m are never rescored.
 
@@ -182,7 +182,7 @@ def scores(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch.Tensor,
     On the host z (B, d) and lam (B,) must be float32 and C-contiguous, as the kernels take them.
 
     They approximate the factor form's raw scores (the same bias), to within ``math.product_error``
-    (module docstring); ``refine_scores`` makes them exact where that matters.
+    (module docstring); ``cpu.refine_scores`` / ``cuda.refine_row`` make them exact where that matters.
     """
     if not z.is_cuda:  # host: phi by the parallel Numba kernel, then one plain float32 product
         from .cpu import quad_features
