@@ -7,9 +7,8 @@ Each path matches the reference ``genlabel_target(model, mix(z, pairs), ...)`` (
 
    - diag: :func:`diag_scores`, one fused pass over the (d, K) parameters, parallel over tiles of
      samples (no B x K x d intermediate);
-   - tied: the samples whitened (one float32 product, ``torch.mm``), mixed, and scored by a
-     second product against the whitened class means (the expanded square), made exact where
-     its float32 sum may be off by :func:`tied_refine` (``params.py``);
+   - tied: the samples whitened (one float32 product, ``torch.mm``), then :func:`diag_scores`
+     with unit scales (``params.py`` says why not the cheaper affine form);
    - full: :func:`full_scores`, batched GEMMs over chunks of classes plus a fused epilogue; or,
      for large K d^2, ``gemm.py``'s single product, made exact where needed by
      :func:`refine_scores`;
@@ -186,39 +185,6 @@ def refine_scores(z, perm, lam, pcenter, bound, order, center, factor, tri, bias
                 out[s, c] = gauss_score(acc)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def tied_refine(y_mix, mu_t, half_sq, bound, bias, out):
-    """Tied covariance: ``out`` holds y_mix . t_c (a float32 product); make it the raw score
-    -1/2 ||y_mix||^2 + y_mix . t_c - ``half_sq``_c, then, as :func:`refine_scores` does for the
-    full-covariance product, score the classes where its error may matter again exactly,
-    -1/2 ||y_mix - t_c||^2 (float64 sums). Parallel over samples."""
-    b, d = y_mix.shape
-    k = out.shape[1]
-    for s in prange(b):
-        yn2 = 0.0
-        for i in range(d):
-            yn2 += np.float64(y_mix[s, i]) * y_mix[s, i]
-        half = 0.5 * yn2
-        for c in range(k):
-            out[s, c] = np.float64(out[s, c]) - half_sq[c] - half
-        err = product_error(np.float32(yn2), bound[0], bound[1], bound[2])
-        if err <= PRODUCT_TRUST:
-            continue
-        best = NEG_INF
-        for c in range(k):
-            v = row_logit(out, s, c, bias)
-            if v > best:
-                best = v
-        cut = product_cutoff(best, err)
-        for c in range(k):
-            if bias[c] != NEG_INF and row_logit(out, s, c, bias) >= cut:
-                acc = 0.0
-                for i in range(d):
-                    v = np.float64(y_mix[s, i]) - mu_t[i, c]
-                    acc += v * v
-                out[s, c] = gauss_score(acc)
-
-
 def full_scores(z_mix, params, out, chunk_elements=1 << 20):
     """Full covariance: out[s, c] = -1/2 ||L_c^T (z_mix[s] - mu_c)||^2.
 
@@ -340,14 +306,11 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
         finish(perm, lam, labels, bias, g, keep, add, out)
         return out
     if g > 0:
-        if params.kind == "tied":  # whitened (y = (z - m) L), mixed, the expanded square (params.py)
+        if params.kind == "tied":  # whitened (y = (z - m) L), then unit-scale diag scores (params.py)
             z = torch.mm(torch.from_numpy(np.subtract(z, a["center"])), torch.from_numpy(a["chol"])).numpy()
         z_mix = np.empty_like(z)
         mix_rows(z, perm, lam, z_mix)
-        if params.kind == "tied":
-            torch.mm(torch.from_numpy(z_mix), torch.from_numpy(a["mu_t"]), out=torch.from_numpy(out))
-            tied_refine(z_mix, a["mu_t"], a["half_sq"], a["bound"], a["bias"], out)
-        elif params.kind == "diag":
+        if params.kind in ("diag", "tied"):
             diag_scores(z_mix, a["mu_t"], a["istd_t"], out)
         elif params.kind == "full":
             full_scores(z_mix, params, out)
