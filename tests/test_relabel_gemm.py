@@ -14,7 +14,7 @@ from test_relabel import batch, far_clusters, fit, make_data
 
 import fastgenlabel as fg
 from fastgenlabel.functional import mix
-from fastgenlabel.kernels.relabel import gemm
+from fastgenlabel.kernels.relabel import _check_call, gemm
 from fastgenlabel.kernels.relabel.params import gemm_params_for, params_for
 
 TARGET_ATOL = 5e-5  # as the factor form's "full" row in tests/test_relabel.py
@@ -30,13 +30,15 @@ def exact_logits(model, z_mix: torch.Tensor) -> torch.Tensor:
     return model.log_joint(z_mix.to(torch.float64))
 
 
-def product_logits(model, zb, pairs) -> torch.Tensor:
-    g = gemm_params_for(model, torch.device("cpu"))
-    z = torch.from_numpy(zb)
-    out = torch.full((z.shape[0], model.num_classes), float("nan"))
-    gemm.scores(g, z, pairs.perm, pairs.lam.to(torch.float32), out)
+def product_logits(model, zb, pairs, device="cpu") -> torch.Tensor:
+    """The product form's logits (unrefined), float64 on the host; on CUDA the split-TF32 products."""
+    dev = torch.device(device)
+    g = gemm_params_for(model, dev)
+    z = torch.from_numpy(zb).to(dev)
+    out = torch.full((z.shape[0], model.num_classes), float("nan"), device=dev)
+    gemm.scores(g, z, pairs.perm.to(dev), pairs.lam.to(torch.float32).to(dev), out)
     assert torch.isfinite(out).all(), "scores not fully written"
-    return out.to(torch.float64) + g["bias"].to(torch.float64)
+    return out.cpu().to(torch.float64) + g["bias"].cpu().to(torch.float64)
 
 
 @pytest.mark.parametrize("b,k,d", [(1, 2, 1), (5, 3, 2), (17, 10, 9), (64, 100, 64), (8, 7, 300)])
@@ -165,9 +167,9 @@ def digits_model(d):
     return fit("full", z, y, 10), z, y
 
 
-def bound_terms(model, g, zb, pairs):
+def bound_terms(model, g, zb, pairs, device="cpu"):
     """(measured logit error of the product form, M per sample) of one batch."""
-    got = product_logits(model, zb, pairs)
+    got = product_logits(model, zb, pairs, device)
     zm = mix(torch.from_numpy(zb).double(), pairs)
     want = exact_logits(model, zm)
     live = torch.isfinite(want[0])
@@ -193,12 +195,26 @@ def bound_cases():
         idx = rng.integers(0, len(z), 128)
         yield f"digits d={d}", model, np.ascontiguousarray(z[idx]), fg.sample_pairs(128, 1.0, lam_mode="sample",
                                                                                       generator=d)
+    for d in (128, 256):  # review: means at +-s (1, ..., 1), identity covariance, samples at the means
+        model = star_model(d, 30.0)
+        zb = np.ascontiguousarray(model.means.numpy()[np.arange(64) % 2].astype(np.float32))
+        yield f"star d={d}", model, zb, fg.sample_pairs(64, 1.0, lam_mode="sample", generator=d)
+
+
+def star_model(d, s, k=2):
+    """k = 2 classes at +-s (1, ..., 1) with identity covariance, from exact statistics."""
+    from fastgenlabel.models.gaussian import GaussianStats
+
+    n = torch.full((k,), 1000.0, dtype=torch.float64)
+    means = torch.ones(k, d, dtype=torch.float64) * s * torch.tensor([1.0, -1.0])[:, None]
+    m2 = n.view(-1, 1, 1) * torch.eye(d, dtype=torch.float64).expand(k, d, d)
+    return fg.GaussianClassModel("full", reg=0.0).fit_stats(GaussianStats("full", n, means, m2.clone()))
 
 
 def test_error_bound_holds_with_a_margin():
     """``math.product_error``'s constant against the measured error of the CPU product, on
-    compact, separated, far-clustered and real (digits) models: the measured error stays within
-    half of it (the rest covers the GPU's dropped lo x lo part, <= 2^-22 M)."""
+    compact, separated, far-clustered, star and real (digits) models: the measured error stays
+    within half of it (tests/test_relabel.py measures the GPU's split-TF32 products likewise)."""
     from fastgenlabel.kernels.relabel import math as rm
 
     worst = (0.0, "")
@@ -207,6 +223,72 @@ def test_error_bound_holds_with_a_margin():
         err, m = bound_terms(model, g, zb, pairs)
         worst = max(worst, (float((err / m).max()), name))
     assert worst[0] <= 0.5 * float(rm.PRODUCT_GAMMA), worst
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_error_bound_holds_on_the_gpu():
+    """The same on a GPU: the split-TF32 tensor-core products (whose accumulation need not round
+    to nearest) against ``math.product_error``'s constant."""
+    from fastgenlabel.kernels.relabel import math as rm
+
+    worst = (0.0, "")
+    for name, model, zb, pairs in bound_cases():
+        g = gemm_params_for(model, torch.device("cpu"))
+        err, m = bound_terms(model, g, zb, pairs, device="cuda")
+        worst = max(worst, (float((err / m).max()), name))
+    print("GPU product error / M:", worst)
+    assert worst[0] <= 0.5 * float(rm.PRODUCT_GAMMA), worst
+
+
+def test_product_error_is_the_documented_formula_and_each_term_counts():
+    """``math.product_error`` against its formula written out, at points where each of its three
+    terms dominates (so dropping any one of them changes the bound several-fold)."""
+    from fastgenlabel.kernels.relabel import math as rm
+
+    gamma = float(rm.PRODUCT_GAMMA)
+    for xn2, rho, pa, spread in [(1e4, 3.0, 1.0, 1.0), (1.0, 1.0, 1e4, 1.0), (1.0, 1.0, 1.0, 1e5)]:
+        want = gamma * (0.5 * rho * xn2 + pa * np.sqrt(xn2) + 0.5 * spread)
+        got = rm.product_error(np.float32(xn2), np.float32(rho), np.float32(pa), np.float32(spread))
+        assert got == pytest.approx(want, rel=1e-6)
+        parts = (0.5 * rho * xn2, pa * np.sqrt(xn2), 0.5 * spread)
+        assert max(parts) > 4 * (sum(parts) - max(parts))
+    assert rm.product_cutoff(np.float32(-3.0), np.float32(0.5)) == -3.0 - float(rm.PRODUCT_MARGIN) - 1.0
+
+
+def test_spectral_bound_of_abs_precision_is_an_upper_bound_and_tight():
+    from fastgenlabel.kernels.relabel.gemm import _abs_radius_bound
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 40, 40, generator=g, dtype=torch.float64)
+    prec = a @ a.transpose(1, 2) + 0.1 * torch.eye(40, dtype=torch.float64)
+    exact = torch.linalg.eigvalsh(prec.abs()).amax(1)
+    got = _abs_radius_bound(prec)
+    assert torch.all(got >= exact * (1 - 1e-12)) and torch.all(got <= exact * 1.01)
+    assert torch.all(got < prec.abs().sum(2).amax(1))  # tighter than the max row sum
+
+
+def test_ill_conditioned_models_stay_on_the_factor_form():
+    """Review: low-rank features with a tiny reg make the product's error bound thousands of nats
+    at a typical sample, so refinement would rescore every class of every row (3x slower than the
+    factor form alone on the CPU); "auto" keeps such models on the factor form, and separated,
+    well-conditioned ones on the product."""
+    from fastgenlabel.kernels.relabel import _use_product
+    from fastgenlabel.kernels.relabel.params import gemm_terms_for
+
+    k, d, r = 64, 128, 12
+    rng = np.random.default_rng(0)
+    lift = rng.normal(size=(r, d))
+    y = np.repeat(np.arange(k), 2 * d + 20)
+    z = ((rng.normal(size=(k, r))[y] * 3 + rng.normal(size=(len(y), r))) @ lift
+         + 0.01 * rng.normal(size=(len(y), d))).astype(np.float32)
+    model = fg.GaussianClassModel("full", reg=1e-6).fit(z, y, k)
+    assert gemm.use_gemm(k, d) and not gemm.use_gemm(k, d, typical=gemm_terms_for(model)[3])
+    separated, zb, labels, pairs = far_clusters("full", 32, 182, 30.0)
+    assert gemm.use_gemm(32, 182, typical=gemm_terms_for(separated)[3])
+    idx = rng.integers(0, len(y), 16)
+    call = _check_call(model, np.ascontiguousarray(z[idx]), fg.sample_pairs(16, 1.0, generator=0), y[idx], 1.0, k,
+                       0.0, None, True)
+    assert not _use_product(call)
 
 
 def refined_by_rule(model, zb, pairs, scores):

@@ -198,12 +198,28 @@ def refine_only(z, perm, lam, pcenter, bound, order, center, factor, tri, bias, 
                        red, picked, count)
 
 
-@pytest.mark.parametrize("k,d,b,spread", [(10, 9, 6, 300.0), (12, 5, 4, 3000.0), (19, 3, 3, 0.0)])
-def test_refine_matches_the_cpu_kernel(k, d, b, spread):
-    """The CUDA refinement against ``cpu.refine_scores`` on the same product scores: the same
-    entries rescored (to float32 rounding), the rest untouched (K = 19 > 2 TPB spans three
-    candidate rounds; spread 0 rescores nothing); then ``refine_finish``, refinement and targets in
-    one launch, against the CPU's refine_scores + finish."""
+def rescored_by_rule(zb, perm, lam, g, bias, scores):
+    """The entries the refinement must rescore, from the rule written out in NumPy (float64)."""
+    from fastgenlabel.kernels.relabel import math as rm
+
+    zm = lam[:, None] * zb.astype(np.float64) + (1 - lam[:, None]) * zb[perm].astype(np.float64)
+    xn2 = ((zm - g["center"].numpy()) ** 2).sum(1)
+    rho, pa, spread = g["bound"].numpy().astype(np.float64)
+    err = float(rm.PRODUCT_GAMMA) * (0.5 * rho * xn2 + pa * np.sqrt(xn2) + 0.5 * spread)
+    logits = scores + bias
+    cut = logits.max(1) - float(rm.PRODUCT_MARGIN) - 2 * err
+    return (err > float(rm.PRODUCT_TRUST))[:, None] & (logits >= cut[:, None]) & np.isfinite(bias)[None, :]
+
+
+@pytest.mark.parametrize("k,d,b,spread,dense", [(10, 9, 6, 300.0, False), (12, 5, 4, 3000.0, False),
+                                                (9, 17, 3, 300.0, False), (7, 6, 4, 300.0, True),
+                                                (19, 3, 3, 0.0, False)])
+def test_refine_matches_the_cpu_kernel(k, d, b, spread, dense):
+    """The CUDA refinement against ``cpu.refine_scores`` on the same product scores: the entries
+    the rule picks are rescored (to float32 rounding), the rest are untouched (K = 19 > 2 TPB
+    spans three candidate rounds; spread 0 rescores nothing; ``dense``: a non-triangular factor,
+    the same precision); then ``refine_finish``, refinement and targets in one launch, against
+    the CPU's refine_scores + finish."""
     from fastgenlabel.kernels.relabel import cpu, gemm
 
     rng = np.random.default_rng(k + d)
@@ -212,14 +228,20 @@ def test_refine_matches_the_cpu_kernel(k, d, b, spread):
     y = np.repeat(np.arange(k), 4 * d + 8)
     z = (centers[y] + rng.normal(size=(len(y), d))).astype(np.float32)
     model = fg.GaussianClassModel("full").fit(z, y, k)
+    if dense:
+        q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        model.precision_chol = model.precision_chol @ torch.from_numpy(q)
     zb = np.ascontiguousarray(z[rng.integers(0, len(y) // 2, b)])
     labels = y[:b].astype(np.int64)
     pairs = fg.sample_pairs(b, 1.0, lam_mode="sample", generator=k)
     p = params_for(model)
+    assert p.tri == (not dense)
     g, arrays = product_arrays(model)
     perm, lam = pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy()
     scores = gemm.scores(g, torch.from_numpy(zb), pairs.perm, torch.from_numpy(lam), torch.empty(b, k)).numpy()
     a = p.arrays
+    picked = rescored_by_rule(zb, perm, lam, g, a["bias"], scores)
+    assert picked.any() == bool(spread)
     want = scores.copy()
     cpu.refine_scores(zb, perm, lam, g["center"].numpy(), g["bound"].numpy(), a["order"], a["center"], a["factor"],
                       p.tri, a["bias"], want)
@@ -228,10 +250,11 @@ def test_refine_matches_the_cpu_kernel(k, d, b, spread):
     out = cuda.to_device(scores)
     refine_only[b, kernels.TPB, 0, 8 * d](*args, *product, int(p.tri), arrays["bias"], out)
     got = out.copy_to_host()
-    changed = want != scores
-    assert changed.any() == bool(spread)
-    np.testing.assert_array_equal(got[~changed], scores[~changed])
-    np.testing.assert_allclose(got[changed], want[changed], rtol=2e-5, atol=1e-3)
+    np.testing.assert_array_equal(got[~picked], scores[~picked])
+    np.testing.assert_array_equal(want[~picked], scores[~picked])
+    np.testing.assert_allclose(got[picked], want[picked], rtol=2e-5, atol=1e-3)
+    if spread:  # the rescored entries moved to the factor form's values, away from the product's
+        assert np.abs(got[picked] - scores[picked]).max() > 1e-3
 
     cpu.finish(perm, lam, labels, a["bias"], np.float32(0.9), np.float32(0.95), np.float32(0.05 / k), want)
     out = cuda.to_device(scores)

@@ -37,6 +37,7 @@ from .params import (
     RelabelParams,
     device_params_for,
     gemm_params_for,
+    gemm_terms_for,
     params_for,
     unsupported_reason,
 )
@@ -207,7 +208,7 @@ def _kernel_input_reason(call: RelabelCall) -> str | None:
 
 def _use_product(call: RelabelCall) -> bool:
     """Full covariance: the product form (gemm.py) for this model and size, or the factor kernels."""
-    return gemm.use_gemm(call.num_classes, call.params.dim)
+    return gemm.use_gemm(call.num_classes, call.params.dim, typical=lambda: gemm_terms_for(call.model)[3])
 
 
 def _refuse_cpu(call: RelabelCall) -> str | None:

@@ -23,13 +23,17 @@ Precision, twice:
    squared Mahalanobis distance from m, and a float32 sum of them loses that size times ~1e-7.
    Real features are like that (scikit-learn's digits, PCA to 32 dimensions: classes 2,000
    squared standard deviations from m; 64 dimensions: 195,000, where the logits are off by 0.4).
-   So every call bounds each sample's logit error (``math.product_error``, from ``bound`` below:
-   rigorous in shape, its constant measured) and, where the bound exceeds ``PRODUCT_TRUST``,
-   scores the classes that can hold any mass (within ``PRODUCT_MARGIN`` nats of the best
-   approximate logit, allowing for the errors) exactly again in the factor form:
-   ``cpu.refine_scores`` and ``cuda.refine_row``. Classes left alone hold at most e^-30 of their row's mass.
-   Separated classes leave few candidates per sample (1-4 at K = 10 to 1,000 in the measured
-   models), so the product's speed stays; classes close to m are never rescored.
+   So every call bounds each sample's logit error (``math.product_error``, from ``bound``, see
+   :func:`pack`: a bound on the sum of the absolute values of the terms, times a measured
+   constant) and, where it exceeds ``PRODUCT_TRUST``, scores the classes that can hold any mass
+   (within ``PRODUCT_MARGIN`` nats of the best approximate logit, allowing for the errors)
+   exactly again in the factor form: ``cpu.refine_scores`` and ``cuda.refine_row``. Each class
+   left alone holds at most e^-30 of its row's mass (all of them together at most K e^-30).
+   How many classes a row rescores depends on how the classes overlap: about one on the
+   separated benchmark model, none on the compact one (its bound stays under the trust level),
+   all of them for ill-conditioned covariances, which :func:`use_gemm` therefore keeps on the
+   factor form. The bound covers the product's own rounding; the rounding of the inputs (z,
+   the means, the mixing) is shared with the factor form.
 
 Memory: W as two float32 (K, T) halves, 4 K T bytes (265 MB at K = 1000, d = 256), about what
 the factor form's (K, d, d) float32 factors take; refinement needs those factors too.
@@ -47,9 +51,13 @@ import contextlib
 import numpy as np
 import torch
 
+from .math import PRODUCT_GAMMA
+
 _LOW_BITS = np.int32(~0x1FFF)  # float32 -> TF32: 23 - 10 = 13 mantissa bits cleared
 _CLASS_CHUNK = 64  # classes per float64 block while packing (bounds host memory)
 ALIGN = 32  # phi's and W's row length is a multiple of this many float32
+POWER_STEPS = 20  # power iterations before the Collatz-Wielandt bound of |P_c|'s spectral radius
+MAX_TYPICAL_ERROR = 5.0  # nats: the product's error bound at a typical sample, beyond which the factor form runs
 
 # "auto": large full-covariance problems on CUDA use the product (see ``use_gemm``);
 # "always" / "never" force it (tests, benchmarks).
@@ -58,20 +66,30 @@ MIN_WORK = 1 << 20  # K d^2 from which "auto" takes the product
 MIN_CLASSES = 32  # below, building phi (d^2 / 2 per sample) costs about what it saves
 
 
-def use_gemm(num_classes: int, dim: int) -> bool:
+def use_gemm(num_classes: int, dim: int, typical=None) -> bool:
     """Whether full-covariance scores are computed by the matrix product (CPU and CUDA), refined
     where it is inexact (module docstring).
 
     Speed (measured on the 2-core CPU, B = 256; factor kernel vs product): K = 1000, d = 256: 232
     vs 100 ms; K = 1000, d = 64: 46 vs 10.5 ms; K = 100, d = 128: 6.9 vs 4.4 ms; K = 10, d = 256:
     2.4 vs 10.6 ms. On the H200 (with host overhead) at K = 1000, d = 256: 7.7 vs 3.0 ms.
-    POLICY "always" / "never" override the size rule.
+
+    ``typical`` (a number, or a function giving it, called only when the sizes qualify): the
+    ``terms[3]`` of the model's :func:`pack`. Where the bound at a typical sample exceeds
+    ``MAX_TYPICAL_ERROR`` nats (ill-conditioned covariances), the refinement would rescore most
+    classes of every row, slower than the factor form alone, so the factor form runs. POLICY
+    "always" / "never" override both rules.
     """
     if POLICY == "always":
         return True
     if POLICY == "never":
         return False
-    return num_classes >= MIN_CLASSES and num_classes * dim * dim >= MIN_WORK
+    if num_classes < MIN_CLASSES or num_classes * dim * dim < MIN_WORK:
+        return False
+    if typical is None:
+        return True
+    value = typical() if callable(typical) else typical
+    return float(PRODUCT_GAMMA) * value <= MAX_TYPICAL_ERROR
 
 
 @contextlib.contextmanager
@@ -93,40 +111,71 @@ def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, x - hi
 
 
-def pack(model, bias: np.ndarray) -> dict[str, np.ndarray]:
-    """The product form of a fitted full-covariance ``GaussianClassModel``.
+def _centre(means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """m, the count-weighted mean of the class means, rounded to float32 (the kernels' copy) and
+    back, so that W is expanded around exactly the centre phi is built from."""
+    return ((means * counts.unsqueeze(1)).sum(0) / counts.sum()).to(torch.float32).to(torch.float64)
 
-    ``bias`` is the model's packed bias (``params.py``): the product's raw scores include the
-    constant, so they take the same bias as the factor form's. Returns float32 ``w`` (K, T),
-    ``center`` (d,), ``bias`` (K,), ``bound`` (3,) = (max_c max row sum of |P_c|, max_c |P_c a_c|,
-    max_c a_c^T P_c a_c) over the classes with samples (``math.product_error``), and int64
-    ``pair_i``, ``pair_j`` (the i <= j index pairs of the quadratic part).
-    """
+
+def _abs_radius_bound(prec: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of the spectral radius of |P_c| for a (kc, d, d) block: max_i (|P| v)_i / v_i
+    holds for any v > 0 (Collatz-Wielandt), and a few power steps make it tight."""
+    a = prec.abs()
+    v = torch.ones(a.shape[:2], dtype=a.dtype)
+    for _ in range(POWER_STEPS):
+        v = torch.einsum("kij,kj->ki", a, v)
+        v = v / v.amax(1, keepdim=True)
+    return (torch.einsum("kij,kj->ki", a, v) / v).amax(1)
+
+
+def _chunks(model):
+    """(slice, live mask, P_c, a_c, P_c a_c, a_c^T P_c a_c) per block of classes, in float64."""
     means = model.means.detach().to("cpu", torch.float64)
     chol = model.precision_chol.detach().to("cpu", torch.float64)
     counts = model.class_counts.detach().to("cpu", torch.float64)
-    k, d = means.shape
+    center = _centre(means, counts)
     live = counts > 0
-    center = (means * counts.unsqueeze(1)).sum(0) / counts.sum()
-    iu, ju = torch.triu_indices(d, d)
-    twice = torch.where(iu == ju, 1.0, 2.0).to(torch.float64)
-    w = np.zeros((k, width(d)), np.float32)
-    bound = np.zeros(3)
-    for c0 in range(0, k, _CLASS_CHUNK):
-        sl = slice(c0, min(k, c0 + _CLASS_CHUNK))
+    for c0 in range(0, means.shape[0], _CLASS_CHUNK):
+        sl = slice(c0, min(means.shape[0], c0 + _CLASS_CHUNK))
         prec = chol[sl] @ chol[sl].transpose(1, 2)
         a = means[sl] - center
         pa = torch.einsum("kij,kj->ki", prec, a)
-        apa = (a * pa).sum(1)
+        yield sl, live[sl], prec, a, pa, (a * pa).sum(1)
+
+
+def pack(model, bias: np.ndarray) -> dict[str, np.ndarray]:
+    """The product form of a fitted full-covariance ``GaussianClassModel``, with its error bound.
+
+    ``bias`` is the model's packed bias (``params.py``): the product's raw scores include the
+    constant, so they take the same bias as the factor form's. Returns float32 ``w`` (K, T),
+    ``center`` (d,), ``bias`` (K,), ``bound`` (3,) = (rho, pa, spread) for
+    ``math.product_error``: over the classes with samples, rho >= max_c of the spectral radius of
+    |P_c|, pa = max_c |P_c a_c|, spread = max_c a_c^T P_c a_c (a_c = mu_c - m); float64 ``terms``
+    (4,) = (rho, pa, spread, typical), ``typical`` the median over those classes of the bound's sum
+    at x = a_c (a sample at its class mean), which :func:`use_gemm` checks; and int64 ``pair_i``,
+    ``pair_j`` (the i <= j index pairs of the quadratic part). One pass over the classes.
+    """
+    k, d = model.num_classes, model.dim
+    iu, ju = torch.triu_indices(d, d)
+    twice = torch.where(iu == ju, 1.0, 2.0).to(torch.float64)
+    w = np.zeros((k, width(d)), np.float32)
+    maxima = np.zeros(3)
+    norms = [torch.zeros(0, dtype=torch.float64)]
+    for sl, on, prec, a, pa, apa in _chunks(model):
         block = torch.cat([-0.5 * prec[:, iu, ju] * twice, pa, -0.5 * apa.unsqueeze(1)], 1)
-        block[~live[sl]] = 0.0
+        block[~on] = 0.0
         w[sl, :block.shape[1]] = block.numpy()
-        if bool(live[sl].any()):
-            on = live[sl]
-            terms = (prec.abs().sum(2).max(1).values, pa.norm(dim=1), apa)
-            bound = np.maximum(bound, [float(t[on].max()) for t in terms])
-    return {"w": w, "center": center.to(torch.float32).numpy(), "bias": bias,
-            "bound": bound.astype(np.float32), "pair_i": iu.numpy().astype(np.int64),
+        if bool(on.any()):
+            terms = (_abs_radius_bound(prec), pa.norm(dim=1), apa)
+            maxima = np.maximum(maxima, [float(t[on].max()) for t in terms])
+            norms.append(a.norm(dim=1)[on])
+    rho, pa_max, spread = maxima
+    x = torch.cat(norms)
+    typical = float(torch.median(0.5 * rho * x * x + pa_max * x + 0.5 * spread))
+    counts = model.class_counts.detach().to("cpu", torch.float64)
+    center = _centre(model.means.detach().to("cpu", torch.float64), counts)
+    return {"w": w, "center": center.to(torch.float32).numpy(), "bias": bias, "bound": maxima.astype(np.float32),
+            "terms": np.array([rho, pa_max, spread, typical]), "pair_i": iu.numpy().astype(np.int64),
             "pair_j": ju.numpy().astype(np.int64)}
 
 
@@ -221,5 +270,5 @@ def split_features(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch
     return halves
 
 
-__all__ = ["ALIGN", "MIN_CLASSES", "MIN_WORK", "POLICY", "features", "fp32_matmul", "pack", "policy", "scores",
-           "split_features", "split_scores", "split_tf32", "use_gemm", "width"]
+__all__ = ["ALIGN", "MAX_TYPICAL_ERROR", "MIN_CLASSES", "MIN_WORK", "POLICY", "features", "fp32_matmul",
+           "pack", "policy", "scores", "split_features", "split_scores", "split_tf32", "use_gemm", "width"]

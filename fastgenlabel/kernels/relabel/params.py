@@ -244,11 +244,27 @@ def gemm_params_for(model, device: torch.device) -> dict[str, torch.Tensor]:
         raise ValueError(f"model: the product form is for full covariance, got {cache.host.kind!r}")
     key = str(torch.device(device))
     if key not in cache.gemm:
-        host = cache.gemm.get("host")
-        if host is None:
-            host = cache.gemm["host"] = gemm.pack(model, cache.host.arrays["bias"])
-        tensors = {name: torch.from_numpy(a).to(device) for name, a in host.items()}
+        host = _gemm_host(cache, model)
+        tensors = {name: torch.from_numpy(a).to(device) for name, a in host.items() if name != "terms"}
         if torch.device(device).type == "cuda":  # tensor cores: W as TF32-exact halves
             tensors["w_hi"], tensors["w_lo"] = gemm.split_tf32(tensors.pop("w"))
         cache.gemm[key] = tensors
     return cache.gemm[key]
+
+
+def _gemm_host(cache: _Cache, model) -> dict[str, np.ndarray]:
+    """``gemm.pack``'s host arrays (and error terms), once per fit."""
+    from . import gemm
+
+    host = cache.gemm.get("host")
+    if host is None:
+        host = cache.gemm["host"] = gemm.pack(model, cache.host.arrays["bias"])
+    return host
+
+
+def gemm_terms_for(model) -> np.ndarray:
+    """The product form's error terms (``gemm.pack``'s ``terms``), packed once per fit."""
+    cache = _cache(model)
+    if cache.host.kind != "full":
+        raise ValueError(f"model: the product form is for full covariance, got {cache.host.kind!r}")
+    return _gemm_host(cache, model)["terms"]
