@@ -41,8 +41,6 @@ from fastgenlabel.models.gaussian import GaussianStats
 BATCHES = (64, 256)
 SIZES = ((10, 64), (10, 256), (1000, 64), (1000, 256))
 SEPARATED = 3.0  # "full-sep": class means 3 standard deviations apart per feature (~2,900 squared at d = 256)
-FULL_FORMS = {"numba-cpu": "auto", "numba-cuda": "auto", "numba-cpu: factor kernel": "never",
-              "numba-cuda: factor kernel": "never"}  # impl -> gemm.policy
 GAMMA, EPS = 0.5, 0.1
 HAS_CUDA = torch.cuda.is_available()
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -242,7 +240,7 @@ def _full_separated(benchmark, impl, d, device):
         t = TorchFull(m, device)
         _torch(benchmark, t.mvn_target if "Multivariate" in impl else t.chol_target, "full-sep", m, 256, device, impl)
         return
-    with gemm.policy(FULL_FORMS[impl]):
+    with gemm.policy("never" if impl.endswith("factor kernel") else "auto"):
         _fastgenlabel(benchmark, m, "full-sep", 256, device, f"numba-{device}", impl)
 
 

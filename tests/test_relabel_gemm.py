@@ -38,7 +38,7 @@ def product_logits(model, zb, pairs, device="cpu") -> torch.Tensor:
     out = torch.full((z.shape[0], model.num_classes), float("nan"), device=dev)
     gemm.scores(g, z, pairs.perm.to(dev), pairs.lam.to(torch.float32).to(dev), out)
     assert torch.isfinite(out).all(), "scores not fully written"
-    return out.cpu().to(torch.float64) + g["bias"].cpu().to(torch.float64)
+    return out.cpu().to(torch.float64) + torch.from_numpy(params_for(model).arrays["bias"]).to(torch.float64)
 
 
 @pytest.mark.parametrize("b,k,d", [(1, 2, 1), (5, 3, 2), (17, 10, 9), (64, 100, 64), (8, 7, 300)])
@@ -83,7 +83,9 @@ def test_split_products_recover_float32_accuracy_under_tf32_rounding():
 
 @pytest.mark.parametrize("sep", [1.0, 3.0, 10.0])
 def test_cancellation_error_grows_with_mean_distance_as_documented(sep):
-    """Score error <= ~1e-7 (d + max_c a_c^T P_c a_c) (module docstring), emulated TF32 included."""
+    """With the tensor cores' TF32 rounding emulated, the split products' score error grows with
+    the classes' distance from the centre like 1e-7 (d + max_c a_c^T P_c a_c) (the bound of
+    ``math.product_error`` is tested below)."""
     rng = np.random.default_rng(0)
     k, d, b = 20, 16, 64
     z, y = make_data(rng, k, d, 4 * d, sep=sep)
@@ -94,7 +96,7 @@ def test_cancellation_error_grows_with_mean_distance_as_documented(sep):
     r = tf32_round
     w_hi, w_lo = gemm.split_tf32(g["w"])  # the halves the CUDA form keeps
     scores = r(p_hi) @ r(w_hi).T + r(p_hi) @ r(w_lo).T + r(p_lo) @ r(w_hi).T
-    got = scores.double() + g["bias"].double()
+    got = scores.double() + torch.from_numpy(params_for(model).arrays["bias"]).double()
     want = exact_logits(model, mix(torch.from_numpy(zb), pairs))
     shift = (want - got)[:, 0:1]  # the bias is shifted by a constant
     err = (got + shift - want).abs().max().item()
@@ -159,6 +161,7 @@ def test_tf32_block_restores_the_new_precision_api(before):
 def digits_model(d):
     """Real features: scikit-learn's digits, PCA to d dimensions (classes 2,000 (d = 32) to
     195,000 (d = 64) squared standard deviations from the overall mean)."""
+    pytest.importorskip("sklearn")
     from sklearn.datasets import load_digits
     from sklearn.decomposition import PCA
 
@@ -214,7 +217,7 @@ def star_model(d, s, k=2):
 def test_error_bound_holds_with_a_margin():
     """``math.product_error``'s constant against the measured error of the CPU product, on
     compact, separated, far-clustered, star and real (digits) models: the measured error stays
-    within half of it (tests/test_relabel.py measures the GPU's split-TF32 products likewise)."""
+    within half of it (``test_error_bound_holds_on_the_gpu`` measures the GPU's split-TF32 products)."""
     from fastgenlabel.kernels.relabel import math as rm
 
     worst = (0.0, "")
@@ -270,10 +273,10 @@ def test_spectral_bound_of_abs_precision_is_an_upper_bound_and_tight():
 def test_ill_conditioned_models_stay_on_the_factor_form():
     """Review: low-rank features with a tiny reg make the product's error bound thousands of nats
     at a typical sample, so refinement would rescore every class of every row (3x slower than the
-    factor form alone on the CPU); "auto" keeps such models on the factor form, and separated,
-    well-conditioned ones on the product."""
+    factor form alone on the CPU); "auto" keeps such models on the factor form (without keeping
+    W), and separated, well-conditioned ones and the digits on the product."""
     from fastgenlabel.kernels.relabel import _use_product
-    from fastgenlabel.kernels.relabel.params import gemm_terms_for
+    from fastgenlabel.kernels.relabel.params import _cache, gemm_typical_error_for
 
     k, d, r = 64, 128, 12
     rng = np.random.default_rng(0)
@@ -282,13 +285,21 @@ def test_ill_conditioned_models_stay_on_the_factor_form():
     z = ((rng.normal(size=(k, r))[y] * 3 + rng.normal(size=(len(y), r))) @ lift
          + 0.01 * rng.normal(size=(len(y), d))).astype(np.float32)
     model = fg.GaussianClassModel("full", reg=1e-6).fit(z, y, k)
-    assert gemm.use_gemm(k, d) and not gemm.use_gemm(k, d, typical=gemm_terms_for(model)[3])
-    separated, zb, labels, pairs = far_clusters("full", 32, 182, 30.0)
-    assert gemm.use_gemm(32, 182, typical=gemm_terms_for(separated)[3])
+    typical = gemm_typical_error_for(model)
+    assert typical > 100 * gemm.MAX_TYPICAL_ERROR
+    assert gemm.use_gemm(k, d) and not gemm.use_gemm(k, d, typical_error=typical)
+    assert "w" not in _cache(model).gemm["host"]  # let go: "auto" will not use it
     idx = rng.integers(0, len(y), 16)
-    call = _check_call(model, np.ascontiguousarray(z[idx]), fg.sample_pairs(16, 1.0, generator=0), y[idx], 1.0, k,
-                       0.0, None, True)
-    assert not _use_product(call)
+    zb, labels, pairs = np.ascontiguousarray(z[idx]), y[idx], fg.sample_pairs(16, 1.0, generator=0)
+    assert not _use_product(_check_call(model, zb, pairs, labels, 1.0, k, 0.0, None, True))
+    with gemm.policy("always"):  # still available: packed again
+        forced = fg.relabel(model, zb, pairs, labels, 1.0, num_classes=k, backend="numba-cpu")
+    want = fg.relabel(model, zb, pairs, labels, 1.0, num_classes=k, backend="reference")
+    np.testing.assert_allclose(forced, want, rtol=0, atol=TARGET_ATOL)
+    separated, *_ = far_clusters("full", 32, 182, 30.0)
+    assert gemm.use_gemm(32, 182, typical_error=gemm_typical_error_for(separated))
+    for d in (48, 64):  # the digits, as if K were large enough for the product
+        assert 1.0 < gemm_typical_error_for(digits_model(d)[0]) <= gemm.MAX_TYPICAL_ERROR
 
 
 def refined_by_rule(model, zb, pairs, scores):

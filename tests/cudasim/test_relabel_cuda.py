@@ -160,7 +160,7 @@ def product_arrays(model):
 
     g = gemm_params_for(model, torch.device("cpu"))
     arrays = {name: cuda.to_device(a) for name, a in params_for(model).arrays.items()}
-    arrays.update(pcenter=cuda.to_device(g["center"].numpy()), bound=cuda.to_device(g["bound"].numpy()))
+    arrays.update(product_center=cuda.to_device(g["center"].numpy()), bound=cuda.to_device(g["bound"].numpy()))
     return g, arrays
 
 
@@ -187,14 +187,14 @@ def test_full_product_scores_then_finish(b, k, d, gamma, eps, empty):
 
 
 @cuda.jit
-def refine_only(z, perm, lam, pcenter, bound, order, center, factor, tri, bias, out):
+def refine_only(z, perm, lam, product_center, bound, order, center, factor, tri, bias, out):
     """``refine_row`` alone (``refine_finish`` without its ``finish_row``), to see which entries
     it rewrites."""
     buf = cuda.shared.array(0, float32)
     red = cuda.shared.array(kernels.TPB, float32)
     picked = cuda.shared.array(kernels.TPB, int32)
     count = cuda.shared.array(1, int32)
-    kernels.refine_row(cuda.blockIdx.x, z, perm, lam, pcenter, bound, order, center, factor, tri, bias, out, buf,
+    kernels.refine_row(cuda.blockIdx.x, z, perm, lam, product_center, bound, order, center, factor, tri, bias, out, buf,
                        red, picked, count)
 
 
@@ -216,8 +216,8 @@ def rescored_by_rule(zb, perm, lam, g, bias, scores):
                                                 (19, 3, 3, 0.0, False)])
 def test_refine_matches_the_cpu_kernel(k, d, b, spread, dense):
     """The CUDA refinement against ``cpu.refine_scores`` on the same product scores: the entries
-    the rule picks are rescored (to float32 rounding), the rest are untouched (K = 19 > 2 TPB
-    spans three candidate rounds; spread 0 rescores nothing; ``dense``: a non-triangular factor,
+    the rule picks are rescored (to float32 rounding), the rest are untouched (K = 19 spans three
+    candidate rounds under the simulator, TPB = 8; spread 0 rescores nothing; ``dense``: a non-triangular factor,
     the same precision); then ``refine_finish``, refinement and targets in one launch, against
     the CPU's refine_scores + finish."""
     from fastgenlabel.kernels.relabel import cpu, gemm
@@ -246,7 +246,7 @@ def test_refine_matches_the_cpu_kernel(k, d, b, spread, dense):
     cpu.refine_scores(zb, perm, lam, g["center"].numpy(), g["bound"].numpy(), a["order"], a["center"], a["factor"],
                       p.tri, a["bias"], want)
     args = [cuda.to_device(x) for x in (zb, perm, lam)]
-    product = [arrays[name] for name in ("pcenter", "bound", "order", "center", "factor")]
+    product = [arrays[name] for name in ("product_center", "bound", "order", "center", "factor")]
     out = cuda.to_device(scores)
     refine_only[b, kernels.TPB, 0, 8 * d](*args, *product, int(p.tri), arrays["bias"], out)
     got = out.copy_to_host()

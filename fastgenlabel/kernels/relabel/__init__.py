@@ -37,7 +37,7 @@ from .params import (
     RelabelParams,
     device_params_for,
     gemm_params_for,
-    gemm_terms_for,
+    gemm_typical_error_for,
     params_for,
     unsupported_reason,
 )
@@ -208,7 +208,7 @@ def _kernel_input_reason(call: RelabelCall) -> str | None:
 
 def _use_product(call: RelabelCall) -> bool:
     """Full covariance: the product form (gemm.py) for this model and size, or the factor kernels."""
-    return gemm.use_gemm(call.num_classes, call.params.dim, typical=lambda: gemm_terms_for(call.model)[3])
+    return gemm.use_gemm(call.num_classes, call.params.dim, typical_error=lambda: gemm_typical_error_for(call.model))
 
 
 def _refuse_cpu(call: RelabelCall) -> str | None:
@@ -282,7 +282,7 @@ def _run_cuda(call: RelabelCall):
             g = gemm_params_for(call.model, dev)
             if call.gamma > 0:
                 gemm.scores(g, call.zt, call.pairs.perm, lam, out)
-            arrays = dict(arrays, pcenter=device_view(g["center"]), bound=device_view(g["bound"]))
+            arrays = dict(arrays, product_center=device_view(g["center"]), bound=device_view(g["bound"]))
             kernels.relabel_device(
                 params, arrays, device_view(call.zt), device_view(call.pairs.perm), device_view(lam),
                 device_view(labels), call.gamma, call.smoothing, device_view(out), stream=stream, scores_ready=True)

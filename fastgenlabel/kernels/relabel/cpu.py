@@ -149,7 +149,7 @@ def sq_scores(u, c0, bias, out):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def refine_scores(z, perm, lam, pcenter, bound, order, center, factor, tri, bias, out):
+def refine_scores(z, perm, lam, product_center, bound, order, center, factor, tri, bias, out):
     """The product form's raw scores in ``out`` made exact where they may be off (``gemm.py``):
     per sample, the error bound ``product_error``; above ``PRODUCT_TRUST``, every class at or
     above ``product_cutoff`` is scored again in the factor form. Parallel over samples."""
@@ -163,7 +163,7 @@ def refine_scores(z, perm, lam, pcenter, bound, order, center, factor, tri, bias
         xn2 = 0.0
         for i in range(d):
             zm[i] = mixed(z[s, i], z[p, i], l, lc)
-            v = np.float64(zm[i] - pcenter[i])
+            v = np.float64(zm[i] - product_center[i])
             xn2 += v * v
         err = product_error(np.float32(xn2), bound[0], bound[1], bound[2])
         if err <= PRODUCT_TRUST:

@@ -13,8 +13,8 @@ no kernel makes a B x K x d intermediate.
   turns them into targets itself (``finish_row``).
 - ``whiten_rows`` (tied covariance): y = (z - m) L per sample, so that tied is diag with unit
   scales on y (whitening commutes with mixing; ``params.py`` says why not the affine form).
-- Full covariance below ``gemm.use_gemm``'s size (larger ones use its tensor-core product): ``tri_scores``,
-  one block per (sample tile, class), threads over the output coordinates j of
+- Full covariance where ``gemm.use_gemm`` declines the tensor-core product: ``tri_scores``, one
+  block per (sample tile, class), threads over the output coordinates j of
   u = L_c^T (z_mix - mu_c) (coalesced reads of the factor's rows), skipping its zero triangle;
   the squared norm is reduced across the block (pairwise). The grid's fastest index is the sample
   tile, so the blocks of one class run together: L_c is read from memory about once per call and
@@ -27,9 +27,9 @@ no kernel makes a B x K x d intermediate.
 - ``refine_finish`` (after the product): one block per sample bounds the product's error from
   |z_mix - m| and, where it may matter, scores the classes near the best logit again exactly
   (the factor form, as ``tri_scores`` computes it), then turns the row into targets.
-- ``finish`` (the full factor form and KDE): one block per sample, threads over classes: logits = scores + bias,
-  block-level max and sum reductions for the softmax, then the gamma blend and label smoothing,
-  in place.
+- ``finish`` (the full factor form and KDE): one block per sample, threads over classes: logits =
+  scores + bias, block-level max and sum reductions for the softmax, then the gamma blend and
+  label smoothing, in place.
 
 Everything is float32 (the PTX for sm_90 has no f64 instruction, no local-memory traffic and
 no spills: 40-96 registers per thread). Block sizes are compile-time constants; under the
@@ -408,7 +408,7 @@ def quad_split_grid(batch: int, width: int) -> tuple[int, int]:
 
 
 @cuda.jit(device=True)
-def refine_row(s, z, perm, lam, pcenter, bound, order, center, factor, tri, bias, out, buf, red, picked, count):
+def refine_row(s, z, perm, lam, product_center, bound, order, center, factor, tri, bias, out, buf, red, picked, count):
     """The product form's raw scores of sample ``s`` made exact where they may be off
     (``gemm.py``), as ``cpu.refine_scores``; every thread of the block calls it. The error bound
     from |z_mix - m|; above ``PRODUCT_TRUST``, the classes at or above the cutoff are gathered in
@@ -424,7 +424,7 @@ def refine_row(s, z, perm, lam, pcenter, bound, order, center, factor, tri, bias
     for i in range(tid, d, TPB):
         v = mixed(z[s, i], z[p, i], l, ONE - l)
         buf[i] = v
-        x = v - pcenter[i]
+        x = v - product_center[i]
         sq += x * x
     err = product_error(block_sum(red, sq), bound[0], bound[1], bound[2])
     if err <= PRODUCT_TRUST:  # uniform over the block (a block reduction)
@@ -461,7 +461,7 @@ def refine_row(s, z, perm, lam, pcenter, bound, order, center, factor, tri, bias
 
 
 @cuda.jit(cache=True)
-def refine_finish(z, perm, lam, pcenter, bound, order, center, factor, tri, labels, bias, gamma, keep, add, out):
+def refine_finish(z, perm, lam, product_center, bound, order, center, factor, tri, labels, bias, gamma, keep, add, out):
     """After the full-covariance product (``gemm.py``): one block per sample, ``refine_row`` then
     ``finish_row``, in one launch. Dynamic shared memory: 2 d float32."""
     buf = cuda.shared.array(0, float32)
@@ -470,7 +470,7 @@ def refine_finish(z, perm, lam, pcenter, bound, order, center, factor, tri, labe
     count = cuda.shared.array(1, int32)
     s = cuda.blockIdx.x
     if gamma > ZERO:  # uniform
-        refine_row(s, z, perm, lam, pcenter, bound, order, center, factor, tri, bias, out, buf, red, picked, count)
+        refine_row(s, z, perm, lam, product_center, bound, order, center, factor, tri, bias, out, buf, red, picked, count)
     finish_row(s, perm, lam, labels, bias, gamma, keep, add, out, red)
 
 
@@ -555,7 +555,7 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
         stream: a Numba stream (torch's current stream in the torch path) or 0.
         scores_ready: ``out`` already holds the approximate raw scores of the full-covariance
             product (``gemm.py``): only ``refine_finish`` runs (with the product's
-            ``arrays["pcenter"]`` and ``arrays["bound"]`` beside the factor form's arrays).
+            ``arrays["product_center"]`` and ``arrays["bound"]`` beside the factor form's arrays).
         done: diag and tied: an int32 device array of at least :func:`sample_tiles` (B) zeros,
             ``diag_fused``'s per-tile counters. The kernel leaves it zero again, so one array
             serves every launch on one stream (launches on other streams need their own). None:
@@ -591,7 +591,7 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
                                       done)
         return out
     if scores_ready:
-        refine_finish[b, TPB, stream, 8 * params.dim](z, perm, lam, arrays["pcenter"], arrays["bound"], arrays["order"],
+        refine_finish[b, TPB, stream, 8 * params.dim](z, perm, lam, arrays["product_center"], arrays["bound"], arrays["order"],
                                                       arrays["center"], arrays["factor"], int(params.tri), labels, bias,
                                                       g, keep, add, out)
         return out

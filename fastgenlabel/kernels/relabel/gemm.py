@@ -5,12 +5,13 @@ P_c = L_c L_c^T the precision), is linear in the pairwise products of x:
 
     -1/2 ||L_c^T (x - a_c)||^2 = sum_{i <= j} w_c,ij x_i x_j + (P_c a_c)^T x - 1/2 a_c^T P_c a_c
 
-with w_c,ii = -1/2 P_c,ii and w_c,ij = -P_c,ij (i < j). So the raw scores of B samples over K
-classes are ``phi @ W^T`` with phi = [x_i x_j (i <= j), x_i, 1, 0...] (B, T), T = d (d + 3) / 2
-+ 1 rounded up to a multiple of ``ALIGN`` (rows start on 128-byte boundaries, which tensor-core
-kernels want), and W (K, T) packed once per fit (the constant in the column of the 1). One (B x T) x (T x K) product:
-the same K d^2 / 2 multiply-adds per sample as the factor form, with no B x K x d intermediate,
-on cuBLAS's tensor-core kernels.
+with w_c,ii = -1/2 P_c,ii and w_c,ij = -P_c,ij (i < j); m is the count-weighted mean of the
+class means. So the raw scores of B samples over K classes are ``phi @ W^T`` with phi = [x_i x_j
+(i <= j), x_i, 1, 0...] (B, T), T = d (d + 3) / 2 + 1 rounded up to a multiple of ``ALIGN``
+(tensor-core GEMMs want rows aligned to at least 16 bytes; 32 floats keep them on 128-byte cache
+lines), and W (K, T) packed once per fit (the constant in the column of the 1). One (B x T) x
+(T x K) product: the same K d^2 / 2 multiply-adds per sample as the factor form, with no
+B x K x d intermediate, on cuBLAS's tensor-core kernels.
 
 Precision, twice:
 
@@ -18,7 +19,7 @@ Precision, twice:
    digits. Each operand is split into a TF32-exact high part and the remainder (``hi = x with
    its 13 low mantissa bits cleared``, ``lo = x - hi``, both exact in float32), and ``hi hi^T +
    hi lo^T + lo hi^T`` (float32 accumulation) restores float32-level accuracy (the dropped
-   ``lo lo^T`` is at most 2^-22 of the terms). On the CPU the products are plain float32.
+   ``lo lo^T`` is ~2^-20 of the terms). On the CPU the products are plain float32.
 2. The expansion cancels: for a class far from m the three terms are each of the size of its
    squared Mahalanobis distance from m, and a float32 sum of them loses that size times ~1e-7.
    Real features are like that (scikit-learn's digits, PCA to 32 dimensions: classes 2,000
@@ -32,10 +33,12 @@ Precision, twice:
    How many classes a row rescores depends on how the classes overlap: about one on the
    separated benchmark model, none on the compact one (its bound stays under the trust level),
    all of them for ill-conditioned covariances, which :func:`use_gemm` therefore keeps on the
-   factor form. The bound covers the product's own rounding; the rounding of the inputs (z,
+   factor form (the bound at a typical sample: 0.004-0.016 nats for the benchmark's separated
+   model, 7-9 for digits at 48-64 dimensions, 11-4,300 for low-rank features with reg = 1e-2 to
+   1e-6). The bound covers the product's own rounding; the rounding of the inputs (z,
    the means, the mixing) is shared with the factor form.
 
-Memory: W as two float32 (K, T) halves, 4 K T bytes (265 MB at K = 1000, d = 256), about what
+Memory: W as two float32 (K, T) halves, 8 K T bytes (265 MB at K = 1000, d = 256), about what
 the factor form's (K, d, d) float32 factors take; refinement needs those factors too.
 
 On CUDA one Numba kernel writes phi's halves stacked, [hi; lo] (2B, T), in one pass
@@ -51,13 +54,13 @@ import contextlib
 import numpy as np
 import torch
 
-from .math import PRODUCT_GAMMA
+from .math import product_error
 
 _LOW_BITS = np.int32(~0x1FFF)  # float32 -> TF32: 23 - 10 = 13 mantissa bits cleared
 _CLASS_CHUNK = 64  # classes per float64 block while packing (bounds host memory)
 ALIGN = 32  # phi's and W's row length is a multiple of this many float32
 POWER_STEPS = 20  # power iterations before the Collatz-Wielandt bound of |P_c|'s spectral radius
-MAX_TYPICAL_ERROR = 5.0  # nats: the product's error bound at a typical sample, beyond which the factor form runs
+MAX_TYPICAL_ERROR = 10.0  # nats: the product's error bound at a typical sample beyond which the factor form runs
 
 # "auto": large full-covariance problems on CUDA use the product (see ``use_gemm``);
 # "always" / "never" force it (tests, benchmarks).
@@ -66,7 +69,7 @@ MIN_WORK = 1 << 20  # K d^2 from which "auto" takes the product
 MIN_CLASSES = 32  # below, building phi (d^2 / 2 per sample) costs about what it saves
 
 
-def use_gemm(num_classes: int, dim: int, typical=None) -> bool:
+def use_gemm(num_classes: int, dim: int, typical_error=None) -> bool:
     """Whether full-covariance scores are computed by the matrix product (CPU and CUDA), refined
     where it is inexact (module docstring).
 
@@ -74,11 +77,11 @@ def use_gemm(num_classes: int, dim: int, typical=None) -> bool:
     vs 100 ms; K = 1000, d = 64: 46 vs 10.5 ms; K = 100, d = 128: 6.9 vs 4.4 ms; K = 10, d = 256:
     2.4 vs 10.6 ms. On the H200 (with host overhead) at K = 1000, d = 256: 7.7 vs 3.0 ms.
 
-    ``typical`` (a number, or a function giving it, called only when the sizes qualify): the
-    ``terms[3]`` of the model's :func:`pack`. Where the bound at a typical sample exceeds
-    ``MAX_TYPICAL_ERROR`` nats (ill-conditioned covariances), the refinement would rescore most
-    classes of every row, slower than the factor form alone, so the factor form runs. POLICY
-    "always" / "never" override both rules.
+    ``typical_error`` (nats; a number, or a function giving it, called only when the sizes
+    qualify): the model's error bound at a typical sample (:func:`pack`). Above
+    ``MAX_TYPICAL_ERROR`` (ill-conditioned covariances: hundreds to thousands of nats) the
+    refinement would rescore most classes of every row, slower than the factor form alone, so the
+    factor form runs. POLICY "always" / "never" override both rules.
     """
     if POLICY == "always":
         return True
@@ -86,10 +89,10 @@ def use_gemm(num_classes: int, dim: int, typical=None) -> bool:
         return False
     if num_classes < MIN_CLASSES or num_classes * dim * dim < MIN_WORK:
         return False
-    if typical is None:
+    if typical_error is None:
         return True
-    value = typical() if callable(typical) else typical
-    return float(PRODUCT_GAMMA) * value <= MAX_TYPICAL_ERROR
+    value = typical_error() if callable(typical_error) else typical_error
+    return value <= MAX_TYPICAL_ERROR
 
 
 @contextlib.contextmanager
@@ -128,55 +131,58 @@ def _abs_radius_bound(prec: torch.Tensor) -> torch.Tensor:
     return (torch.einsum("kij,kj->ki", a, v) / v).amax(1)
 
 
-def _chunks(model):
-    """(slice, live mask, P_c, a_c, P_c a_c, a_c^T P_c a_c) per block of classes, in float64."""
+def _class_blocks(model):
+    """The centre m (:func:`_centre`) and, per block of classes, float64 (slice, live mask, P_c,
+    a_c = mu_c - m, P_c a_c, a_c^T P_c a_c)."""
     means = model.means.detach().to("cpu", torch.float64)
     chol = model.precision_chol.detach().to("cpu", torch.float64)
     counts = model.class_counts.detach().to("cpu", torch.float64)
     center = _centre(means, counts)
-    live = counts > 0
-    for c0 in range(0, means.shape[0], _CLASS_CHUNK):
-        sl = slice(c0, min(means.shape[0], c0 + _CLASS_CHUNK))
-        prec = chol[sl] @ chol[sl].transpose(1, 2)
-        a = means[sl] - center
-        pa = torch.einsum("kij,kj->ki", prec, a)
-        yield sl, live[sl], prec, a, pa, (a * pa).sum(1)
+
+    def blocks():
+        for c0 in range(0, means.shape[0], _CLASS_CHUNK):
+            sl = slice(c0, min(means.shape[0], c0 + _CLASS_CHUNK))
+            prec = chol[sl] @ chol[sl].transpose(1, 2)
+            a = means[sl] - center
+            pa = torch.einsum("kij,kj->ki", prec, a)
+            yield sl, counts[sl] > 0, prec, a, pa, (a * pa).sum(1)
+
+    return center, blocks()
 
 
-def pack(model, bias: np.ndarray) -> dict[str, np.ndarray]:
-    """The product form of a fitted full-covariance ``GaussianClassModel``, with its error bound.
+def pack(model) -> tuple[dict[str, np.ndarray], float]:
+    """The product form of a fitted full-covariance ``GaussianClassModel``, with its error bound,
+    in one pass over the classes. Its raw scores include the constant, so they take the factor
+    form's bias (``params.py``).
 
-    ``bias`` is the model's packed bias (``params.py``): the product's raw scores include the
-    constant, so they take the same bias as the factor form's. Returns float32 ``w`` (K, T),
-    ``center`` (d,), ``bias`` (K,), ``bound`` (3,) = (rho, pa, spread) for
-    ``math.product_error``: over the classes with samples, rho >= max_c of the spectral radius of
-    |P_c|, pa = max_c |P_c a_c|, spread = max_c a_c^T P_c a_c (a_c = mu_c - m); float64 ``terms``
-    (4,) = (rho, pa, spread, typical), ``typical`` the median over those classes of the bound's sum
-    at x = a_c (a sample at its class mean), which :func:`use_gemm` checks; and int64 ``pair_i``,
-    ``pair_j`` (the i <= j index pairs of the quadratic part). One pass over the classes.
+    Returns:
+        The arrays: float32 ``w`` (K, T), ``center`` (d,) = m, ``bound`` (3,) = (rho, pa, spread)
+        for ``math.product_error`` (over the classes with samples: rho >= max_c of the spectral
+        radius of |P_c|, pa = max_c |P_c a_c|, spread = max_c a_c^T P_c a_c), int64 ``pair_i``,
+        ``pair_j`` (the i <= j index pairs of the quadratic part); and the typical error, the
+        median over those classes of ``math.product_error`` at x = a_c (a sample at its class
+        mean), which :func:`use_gemm` checks.
     """
     k, d = model.num_classes, model.dim
     iu, ju = torch.triu_indices(d, d)
     twice = torch.where(iu == ju, 1.0, 2.0).to(torch.float64)
     w = np.zeros((k, width(d)), np.float32)
-    maxima = np.zeros(3)
-    norms = [torch.zeros(0, dtype=torch.float64)]
-    for sl, on, prec, a, pa, apa in _chunks(model):
-        block = torch.cat([-0.5 * prec[:, iu, ju] * twice, pa, -0.5 * apa.unsqueeze(1)], 1)
-        block[~on] = 0.0
+    bound = np.zeros(3)
+    distances = [torch.zeros(0, dtype=torch.float64)]
+    center, blocks = _class_blocks(model)
+    for sl, live, prec, a, pa, mean_maha in blocks:
+        block = torch.cat([-0.5 * prec[:, iu, ju] * twice, pa, -0.5 * mean_maha.unsqueeze(1)], 1)
+        block[~live] = 0.0
         w[sl, :block.shape[1]] = block.numpy()
-        if bool(on.any()):
-            terms = (_abs_radius_bound(prec), pa.norm(dim=1), apa)
-            maxima = np.maximum(maxima, [float(t[on].max()) for t in terms])
-            norms.append(a.norm(dim=1)[on])
-    rho, pa_max, spread = maxima
-    x = torch.cat(norms)
-    typical = float(torch.median(0.5 * rho * x * x + pa_max * x + 0.5 * spread))
-    counts = model.class_counts.detach().to("cpu", torch.float64)
-    center = _centre(model.means.detach().to("cpu", torch.float64), counts)
-    return {"w": w, "center": center.to(torch.float32).numpy(), "bias": bias, "bound": maxima.astype(np.float32),
-            "terms": np.array([rho, pa_max, spread, typical]), "pair_i": iu.numpy().astype(np.int64),
-            "pair_j": ju.numpy().astype(np.int64)}
+        if bool(live.any()):
+            terms = (_abs_radius_bound(prec), pa.norm(dim=1), mean_maha)
+            bound = np.maximum(bound, [float(t[live].max()) for t in terms])
+            distances.append(a.norm(dim=1)[live])
+    bound = bound.astype(np.float32)
+    errors = [product_error(np.float32(x * x), *bound) for x in torch.cat(distances).tolist()]
+    arrays = {"w": w, "center": center.to(torch.float32).numpy(), "bound": bound,
+              "pair_i": iu.numpy().astype(np.int64), "pair_j": ju.numpy().astype(np.int64)}
+    return arrays, float(np.median(errors))
 
 
 @contextlib.contextmanager

@@ -54,9 +54,9 @@ def gauss_score(maha):
 def product_error(xn2, rho, pa, spread):
     """Bound on the error of every logit of one mixed sample in the product form: PRODUCT_GAMMA x
     (rho / 2 |x|^2 + pa |x| + spread / 2), x = z_mix - m, |x|^2 = ``xn2``, with the model's
-    ``gemm.error_terms``: rho >= max_c of the spectral radius of |P_c|, pa = max_c |P_c a_c|, spread =
-    max_c a_c^T P_c a_c (a_c = mu_c - m). Those three terms bound the sums of the absolute values of
-    the quadratic, linear and constant terms of the expansion (docs/MATH.md section 5)."""
+    ``gemm.pack`` ``bound``: rho >= max_c of the spectral radius of |P_c|, pa = max_c |P_c a_c|,
+    spread = max_c a_c^T P_c a_c (a_c = mu_c - m). Those three terms bound the sums of the absolute
+    values of the quadratic, linear and constant terms of the expansion (docs/MATH.md section 5)."""
     return PRODUCT_GAMMA * (HALF * rho * xn2 + pa * math.sqrt(xn2) + HALF * spread)
 
 

@@ -195,6 +195,7 @@ class _Cache:
     devices: dict = field(default_factory=dict)  # device -> {name: torch.Tensor}
     views: dict = field(default_factory=dict)  # device -> {name: kernel view of that tensor}
     gemm: dict = field(default_factory=dict)  # "host" -> arrays, device -> tensors (gemm.py's form)
+    typical_error: float | None = None  # gemm.pack's error bound at a typical sample
 
 
 def _cache(model) -> _Cache:
@@ -240,31 +241,36 @@ def gemm_params_for(model, device: torch.device) -> dict[str, torch.Tensor]:
     from . import gemm
 
     cache = _cache(model)
-    if cache.host.kind != "full":
-        raise ValueError(f"model: the product form is for full covariance, got {cache.host.kind!r}")
     key = str(torch.device(device))
     if key not in cache.gemm:
-        host = _gemm_host(cache, model)
-        tensors = {name: torch.from_numpy(a).to(device) for name, a in host.items() if name != "terms"}
+        tensors = {name: torch.from_numpy(a).to(device) for name, a in _gemm_host(cache, model).items()}
         if torch.device(device).type == "cuda":  # tensor cores: W as TF32-exact halves
             tensors["w_hi"], tensors["w_lo"] = gemm.split_tf32(tensors.pop("w"))
         cache.gemm[key] = tensors
     return cache.gemm[key]
 
 
-def _gemm_host(cache: _Cache, model) -> dict[str, np.ndarray]:
-    """``gemm.pack``'s host arrays (and error terms), once per fit."""
+def gemm_typical_error_for(model) -> float:
+    """The product form's error bound at a typical sample (``gemm.pack``), which ``gemm.use_gemm``
+    checks; once per fit. A model it keeps on the factor form does not keep W in memory."""
     from . import gemm
 
-    host = cache.gemm.get("host")
-    if host is None:
-        host = cache.gemm["host"] = gemm.pack(model, cache.host.arrays["bias"])
-    return host
-
-
-def gemm_terms_for(model) -> np.ndarray:
-    """The product form's error terms (``gemm.pack``'s ``terms``), packed once per fit."""
     cache = _cache(model)
+    if cache.typical_error is None:
+        _gemm_host(cache, model)
+        if cache.typical_error > gemm.MAX_TYPICAL_ERROR:
+            del cache.gemm["host"]["w"]  # packed again if POLICY "always" asks for it
+    return cache.typical_error
+
+
+def _gemm_host(cache: _Cache, model) -> dict[str, np.ndarray]:
+    """``gemm.pack``'s host arrays, packed once per fit (again if W was let go)."""
+    from . import gemm
+
     if cache.host.kind != "full":
         raise ValueError(f"model: the product form is for full covariance, got {cache.host.kind!r}")
-    return _gemm_host(cache, model)["terms"]
+    host = cache.gemm.get("host")
+    if host is None or "w" not in host:
+        host, cache.typical_error = gemm.pack(model)
+        cache.gemm["host"] = host
+    return host
