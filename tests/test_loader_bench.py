@@ -1,7 +1,7 @@
 """``fastgenlabel bench loader`` end to end on a tiny JPEG folder (CPU): every contestant runs."""
 import numpy as np
 import pytest
-from PIL import Image
+from jpegs import write_folder
 
 pytest.importorskip("nvidia.dali")
 
@@ -11,13 +11,8 @@ from fastgenlabel.cli import main  # noqa: E402
 @pytest.fixture
 def folder(tmp_path):
     rng = np.random.default_rng(0)
-    for k in range(2):
-        for i in range(12):
-            path = tmp_path / f"class{k}" / f"{i}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            img = np.clip(rng.normal(80 + 90 * k, 30, (40, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(path, quality=90)
-    return tmp_path
+    return write_folder(tmp_path, 2, 12, lambda k, i: np.clip(rng.normal(80 + 90 * k, 30, (40, 48, 3)), 0, 255)
+                        .astype(np.uint8))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

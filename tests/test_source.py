@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
+from jpegs import write_folder
 
 from fastgenlabel.functional.pairs import PairFeed
 from fastgenlabel.loader.files import CorruptImageError, scan
@@ -15,12 +15,7 @@ from fastgenlabel.loader.source import EpochSource
 @pytest.fixture
 def folder(tmp_path):
     rng = np.random.default_rng(0)
-    for k in range(3):
-        for i in range(7):
-            path = tmp_path / f"c{k}" / f"{i}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(path, quality=90)
-    return tmp_path
+    return write_folder(tmp_path, 3, 7, lambda k, i: rng.integers(0, 256, (12, 10, 3), dtype=np.uint8))
 
 
 def source(files, read_ahead, **kw):
@@ -82,13 +77,18 @@ def test_reading_ahead_is_done_by_another_thread(folder, monkeypatch):
     src.close()
 
 
+def corrupt(folder, batch, position, data):
+    """Overwrite the file at ``position`` of epoch 0's batch ``batch`` with ``data``: (files, its path)."""
+    files = scan(folder)
+    bad = files.paths[source(files, 0).batches(0)[batch][position]]
+    with open(bad, "wb") as f:
+        f.write(data)
+    return files, bad
+
+
 @pytest.mark.parametrize("read_ahead", [0, 2])
 def test_a_corrupt_file_raises_at_its_own_batch(folder, read_ahead):
-    files = scan(folder)
-    order = source(files, 0).batches(0)
-    bad = files.paths[order[2][1]]
-    with open(bad, "wb") as f:
-        f.write(b"not an image at all")
+    files, bad = corrupt(folder, 2, 1, b"not an image at all")
     src = source(files, read_ahead)
     it = iter(src)
     first = [next(it), next(it)]  # batches 0 and 1 come out although batch 2 is already read
@@ -100,11 +100,7 @@ def test_a_corrupt_file_raises_at_its_own_batch(folder, read_ahead):
 
 @pytest.mark.parametrize("read_ahead", [0, 2])
 def test_skip_warns_when_the_batch_is_handed_out(folder, read_ahead):
-    files = scan(folder)
-    order = source(files, 0).batches(0)
-    bad = files.paths[order[3][0]]
-    with open(bad, "wb") as f:
-        f.write(b"\xff\xd8 truncated")
+    files, bad = corrupt(folder, 3, 0, b"\xff\xd8 truncated")
     src = source(files, read_ahead, on_bad_image="skip")
     it = iter(src)
     with warnings.catch_warnings():
