@@ -57,7 +57,8 @@ class Protocol:
             raise ValueError(f"gamma: expected a value in [0, 1], got {self.gamma!r}")
 
 
-# The small-cube protocol: MLP d-64-128-K, SGD, 40 epochs, batch 128 (the full 2-D training set).
+# The small-cube protocol: MLP d-64-128-K, SGD, 40 epochs, batch 128 (the whole 2-D training set;
+# two steps per epoch on the 3-D cube, as the authors' script).
 _CUBE = Protocol(hidden=(64, 128), epochs=40, batch_size=128)
 # The moon protocol: MLP d-64-128-128-128-K, SGD, 100 epochs, lr / 10 at 60 and 80.
 _MOON = Protocol(hidden=(64, 128, 128, 128), epochs=100, batch_size=128, milestones=(60, 80))

@@ -22,8 +22,9 @@ def genlabel_posterior(log_joint: Array, *, top2: bool = False) -> Array:
 
     Args:
         log_joint: (N, K) log-likelihoods plus log-priors.
-        top2: keep only the two most likely classes, weighted by a sigmoid of their
-            log-likelihood difference (the authors' synthetic-data variant).
+        top2: keep only the two classes of highest log-joint, weighted by a sigmoid of their
+            difference (the authors' synthetic-data variant; with a uniform prior that is the
+            log-likelihood difference, as in the paper).
 
     Returns:
         (N, K) softmax over classes, float64.

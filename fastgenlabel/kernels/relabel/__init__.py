@@ -174,7 +174,8 @@ def relabel(
 
     Returns:
         (B, K) float32 targets, rows summing to 1; a NumPy array if ``z`` is one, else a tensor
-        on z's device. Inputs are never modified.
+        on z's device. Inputs are never modified. A row whose every float32 logit overflows
+        (features of ~1e19 and beyond) gets y_mix as its y_gen on the kernel backends, never NaN.
 
     Raises:
         TypeError / ValueError naming the bad argument; ``BackendError`` listing every backend's
