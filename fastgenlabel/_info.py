@@ -59,9 +59,21 @@ def report() -> str:
 
 
 def describe_model(path) -> str:
+    """A class model's or a feature map's description (the two files ``fastgenlabel fit`` writes)."""
+    from .features import ThumbnailPCA
     from .models import load_model
+    from .models.io import ModelFileError
 
-    model = load_model(path)
+    try:
+        model = load_model(path)
+    except ModelFileError as e:
+        try:
+            fmap = ThumbnailPCA.load(path)
+        except (OSError, ValueError, KeyError):
+            raise e from None
+        t = fmap.thumbnail
+        c = fmap.components.shape[1] // (t * t)
+        return f"{path}: {fmap!r}\n  feature map: {t}x{t}x{c} thumbnails -> {fmap.dim} features (feature_map=)"
     counts = model.class_counts
     return "\n".join([
         f"{path}: {model!r}",

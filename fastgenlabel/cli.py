@@ -8,10 +8,11 @@ import sys
 def _cmd_info(args) -> int:
     from . import _info
 
+    described = [_info.describe_model(path) for path in args.model]  # a bad file fails before the report
     print(_info.report())
-    for path in args.model:
+    for text in described:
         print()
-        print(_info.describe_model(path))
+        print(text)
     return 0
 
 

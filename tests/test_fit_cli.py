@@ -28,30 +28,40 @@ def folder(tmp_path_factory):
     return root
 
 
-def _thumbnails(folder, size, t):
+def _thumbnails(folder, size, t, **crops):
     from fastgenlabel.loader import GenLabelLoader, LoaderConfig
 
-    loader = GenLabelLoader(LoaderConfig(data=str(folder), batch_size=16, alpha=0.0, train=False, shuffle=False,
+    loader = GenLabelLoader(LoaderConfig(data=str(folder), batch_size=16, alpha=0.0, shuffle=False,
                                          last_batch="partial", return_thumbnails=True, thumbnail=t,
-                                         image_size=size, backend="torch", device="cpu"))
+                                         image_size=size, backend="torch", device="cpu", **{"train": False, **crops}))
     th, y = zip(*[(b.thumbnails, b.labels) for b in loader])
     return torch.cat(th).numpy(), torch.cat(y)
 
 
-@pytest.mark.parametrize("pca_samples", [1000, 40])  # one pass (thumbnails kept) / PCA on a subsample, then a pass
-def test_fit_gaussian_pca_writes_model_and_feature_map(folder, tmp_path, capsys, pca_samples):
+CROPS = ["--crop-scale", "0.5", "0.9", "--crop-ratio", "0.8", "1.25", "--no-flip"]
+
+
+@pytest.mark.parametrize("pca_samples, flags, crops", [
+    (1000, [], {"train": True}),  # the loader's default random crops and flips; one pass (thumbnails kept)
+    (40, CROPS, {"train": True, "crop_scale": (0.5, 0.9), "crop_ratio": (0.8, 1.25), "flip": False}),  # PCA on a
+    (1000, ["--no-augment"], {"train": False}),                                      # subsample, then a pass
+])
+def test_fit_gaussian_pca_writes_model_and_feature_map(folder, tmp_path, capsys, pca_samples, flags, crops):
+    """The model is fitted on the crops the training loader will make (the flags' augmentation)."""
     out = tmp_path / "model.npz"
     rc = main(["fit", str(folder), "--out", str(out), "--dim", "6", "--image-size", "24", "--batch-size", "16",
                "--backend", "torch", "--covariance", "diag", "--reg", "1e-3", "--pca-samples", str(pca_samples),
-               "--no-progress"])
+               "--no-progress", *flags])
     assert rc == 0
     text = capsys.readouterr().out
     assert "samples/s" in text and "model.features.npz" in text
+    if flags == CROPS:
+        assert "crop_scale=(0.5, 0.9), crop_ratio=(0.8, 1.25), flip=False)" in text
     model = fg.load_model(out)
     fmap = ThumbnailPCA.load(tmp_path / "model.features.npz")
     assert (model.num_classes, model.dim, model.covariance, model.reg) == (K, 6, "diag", 1e-3)
     assert model.class_counts.tolist() == [PER_CLASS] * K
-    thumbs, labels = _thumbnails(folder, 24, 8)
+    thumbs, labels = _thumbnails(folder, 24, 8, **crops)
     expected = fg.GaussianClassModel("diag", reg=1e-3).fit(fmap.transform(thumbs), labels, K)
     z = fmap.transform(thumbs)
     np.testing.assert_allclose(model.log_likelihood(z), expected.log_likelihood(z), rtol=1e-5, atol=1e-5)
@@ -165,7 +175,7 @@ def test_fit_under_torchrun_counts_every_image_once(folder, tmp_path, pca_sample
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "fastgenlabel", "fit", str(data), "--out", str(out), "--dim", "5", "--image-size", "24",
            "--batch-size", "8", "--backend", "torch", "--device", "cpu", "--pca-samples", str(pca_samples),
-           "--no-progress"]
+           "--no-progress", "--no-augment"]  # centre crops: the same features whichever rank reads an image
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

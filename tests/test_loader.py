@@ -202,6 +202,34 @@ def test_torch_backend_wraps_a_user_dataset_and_dataloader(data, fitted):
     assert len(loader) == 3 and [len(b) for b in loader] == [5, 5, 2]
 
 
+class Images(torch.utils.data.Dataset):
+    """Items of a given shape and dtype, labels 0..K-1: what a user's Dataset might yield."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, dtype
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.full(self.shape, 10 * i).to(self.dtype), i % K
+
+
+def test_torch_backend_names_a_channels_first_or_float_dataset():
+    """A torchvision-style dataset ((C, H, W) floats after ToTensor) is refused with the reason, not
+    mixed as if its width were channels; already-normalised floats run with mean=std=None."""
+    def first(dataset, **kw):
+        return next(iter(GenLabelLoader(config(None, backend="torch", batch_size=4, num_classes=K, **kw),
+                                        dataset=dataset)))
+
+    with pytest.raises(ValueError, match=r"look like \(B, C, H, W\); the torch backend takes \(B, H, W, C\)"):
+        first(Images((3, 16, 16), torch.uint8))
+    with pytest.raises(TypeError, match="dataset: expected uint8 images .* or pass mean=None, std=None"):
+        first(Images((16, 16, 3), torch.float32))
+    batch = first(Images((16, 16, 3), torch.float32), mean=None, std=None)
+    assert batch.images.shape == (4, 3, 16, 16)
+
+
 def test_set_model_switches_at_a_batch_boundary(data, fitted):
     fmap, model = fitted
     loader = GenLabelLoader(config(data, feature_map=fmap, model=model, gamma=1.0))

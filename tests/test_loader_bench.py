@@ -26,3 +26,27 @@ def test_every_contestant_runs_and_the_ratios_are_printed(folder, capsys):
     assert {"dali", "dali-reader", "dali+mixup+genlabel", "torch-baseline"} <= set(rows)
     assert all(v > 0 for v in rows.values())
     assert "keeps" in out and "of plain DALI (fn.readers.file, no mixup)" in out
+
+
+def test_only_names_the_contestants_it_accepts(folder, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "loader", "--data", str(folder), "--only", "dali,foo"])
+    assert exit_info.value.code == 2
+    assert "expected contestants of dali, dali-reader, dali+mixup+genlabel" in capsys.readouterr().err
+
+
+def test_a_package_that_fails_to_import_counts_as_missing(monkeypatch):
+    """torchvision built for another torch is installed but raises on import: the stand-ins run."""
+    import importlib
+
+    from fastgenlabel.loader import bench
+
+    real = importlib.import_module
+
+    def broken(name, *args):
+        if name == "torchvision":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    assert bench._imports("torchvision") is False and bench._imports("json") is True

@@ -271,6 +271,23 @@ def test_files_of_other_formats(tmp_path):
         load_model(tmp_path / "missing.npz")
 
 
+def test_a_feature_map_is_named_as_one(tmp_path, capsys):
+    """``fastgenlabel fit`` writes a model and a feature map: loading the map as a model says what it is,
+    and ``fastgenlabel info`` describes both."""
+    from fastgenlabel.cli import main
+    from fastgenlabel.features import ThumbnailPCA
+
+    path = tmp_path / "m.features.npz"
+    ThumbnailPCA(2, 3).fit(np.random.default_rng(0).normal(size=(20, 12)).astype(np.float32)).save(path)
+    with pytest.raises(ModelFileError, match="is a ThumbnailPCA feature map, not a class model: pass it as feature_map="):
+        load_model(path)
+    assert main(["info", str(path)]) == 0
+    assert "feature map: 2x2x3 thumbnails -> 3 features" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "missing.npz")]) == 2  # before the environment report
+    printed = capsys.readouterr()
+    assert "cannot read" in printed.err and "fastgenlabel environment" not in printed.out
+
+
 def test_another_format_version_is_rejected(saved_one):
     _, path, _ = saved_one
     rewrite(path, lambda arrays: set_header(arrays, {**header(arrays), "version": 99}, redigest=True))

@@ -236,6 +236,8 @@ def batch():
     (dict(images="pixels"), TypeError, "images: expected a NumPy array or torch tensor"),
     (dict(images=[]), ValueError, "images: got an empty list"),
     (dict(mean=[1.0, 2.0]), ValueError, "mean: expected a scalar or 3 values"),
+    (dict(images=np.zeros((4, 3, 5, 6), np.uint8)), ValueError,  # channels first, read as HWC: 6 "channels"
+     "(one per channel of images; images (4, 3, 5, 6) read as input_layout='HWC')"),
     (dict(std=[1.0, 0.0, 1.0]), ValueError, "std: values must be positive"),
     (dict(std=[1.0, np.nan, 1.0]), ValueError, "std: values must be finite"),
     (dict(mean=None), ValueError, "mean: mean and std go together"),

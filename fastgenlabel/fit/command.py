@@ -35,7 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=positive_int, default=32, help="pca: principal components kept (d)")
     parser.add_argument("--thumbnail", type=positive_int, default=8, help="pca: thumbnail side t")
     parser.add_argument("--image-size", type=positive_int, default=224,
-                        help="pca: centre-crop side the thumbnails come from (use the training loader's)")
+                        help="pca: crop side the thumbnails come from (use the training loader's)")
+    parser.add_argument("--no-augment", action="store_true",
+                        help="pca: centre crops instead of the training loader's random resized crops and flips "
+                             "(fit the model on the crops it will relabel: the default)")
+    parser.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
+                        help="pca: the training loader's crop_scale (default: LoaderConfig's, 0.08 1)")
+    parser.add_argument("--crop-ratio", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
+                        help="pca: the training loader's crop_ratio (default: LoaderConfig's, 3/4 4/3)")
+    parser.add_argument("--no-flip", action="store_true", help="pca: the training loader has flip=False")
     parser.add_argument("--pca-samples", type=positive_int, default=20000, help="pca: images the PCA is fitted on")
     parser.add_argument("--embeddings", default=None, help="stored: (N, d) .npy in the dataset's sample order")
     parser.add_argument("--features-out", default=None,
@@ -62,6 +70,10 @@ def main(args) -> int:
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def _pair(values) -> tuple | None:
+    return None if values is None else tuple(values)
 
 
 def _init_distributed(device: str) -> bool:
@@ -104,7 +116,9 @@ def _main(args) -> int:
     data = args.data[0] if len(args.data) == 1 else args.data  # several arguments: a list of shards
     result = fit_image_folder(
         data, model, features=args.features, dim=args.dim, thumbnail=args.thumbnail,
-        image_size=args.image_size, embeddings=args.embeddings, batch_size=args.batch_size,
+        image_size=args.image_size, augment=not args.no_augment, crop_scale=_pair(args.crop_scale),
+        crop_ratio=_pair(args.crop_ratio), flip=False if args.no_flip else None,
+        embeddings=args.embeddings, batch_size=args.batch_size,
         pca_samples=args.pca_samples, backend=args.backend, device=args.device, num_threads=args.threads,
         seed=args.seed, progress=False if args.no_progress or rank else None, log=say)
     seconds = time.perf_counter() - t0
@@ -123,8 +137,11 @@ def _main(args) -> int:
           f"in {seconds:.1f} s{ranks} ({n / seconds:,.0f} samples/s overall)")
     if result.feature_map is not None:
         print(f"wrote {fpath}: {result.feature_map!r}")
+        crops = "".join(f", {name}={value}" for name, value in (
+            ("crop_scale", _pair(args.crop_scale)), ("crop_ratio", _pair(args.crop_ratio)),
+            ("flip", False if args.no_flip else None)) if value is not None)
         print(f"use: LoaderConfig(data=..., model={str(out)!r}, feature_map={str(fpath)!r}, "
-              f"image_size={args.image_size})")
+              f"image_size={args.image_size}{crops})" + ("  (fitted on centre crops)" if args.no_augment else ""))
     else:
         print(f"use: LoaderConfig(data=..., model={str(out)!r}, embeddings={str(args.embeddings)!r})")
     return 0

@@ -3,8 +3,9 @@
 Features, as the loader will compute them at training time (docs/MATH.md section 4):
 
 - ``"pca"``: a :class:`~fastgenlabel.features.ThumbnailPCA` of the t x t thumbnails of the
-  centre crops (``image_size``), fitted on a seeded subsample of ``pca_samples`` images, then
-  the class model streamed over every image. One pass over the data when N <= ``pca_samples``
+  images as the training loader crops them (``augment``: one random resized crop, flipped at
+  random, per image; else centre crops), fitted on a seeded subsample of ``pca_samples`` images,
+  then the class model streamed over every image. One pass over the data when N <= ``pca_samples``
   (the thumbnails are kept), two otherwise. Images are read by :class:`fastgenlabel.GenLabelLoader`
   (DALI, or PIL with ``backend="torch"``) without mixing.
 - ``"stored"``: an (N, d) ``.npy`` of embeddings in the dataset's sample order; no image is decoded.
@@ -47,8 +48,9 @@ def default_backend() -> str:
 
 def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int = 32, thumbnail: int = 8,
                      image_size: int = 224, embeddings=None, batch_size: int = 256, pca_samples: int = 20000,
-                     backend: str = "auto", device: str = "auto", num_threads: int = 2, seed: int = 0,
-                     progress: bool | None = None, log=print) -> FolderFit:
+                     augment: bool = True, crop_scale: tuple | None = None, crop_ratio: tuple | None = None,
+                     flip: bool | None = None, backend: str = "auto", device: str = "auto", num_threads: int = 2,
+                     seed: int = 0, progress: bool | None = None, log=print) -> FolderFit:
     """Fit ``model`` (and, for ``features="pca"``, the feature map) on a folder of class sub-folders.
 
     Args:
@@ -57,7 +59,13 @@ def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int
         model: the class model to fit.
         features: "pca" (thumbnail PCA, fitted here) or "stored" (``embeddings``).
         dim, thumbnail: PCA components d and thumbnail side t.
-        image_size: side of the centre crop the thumbnails are taken from (use the training loader's).
+        image_size: side of the crop the thumbnails are taken from (use the training loader's).
+        augment: crop as the training loader does (``LoaderConfig(train=True)``), so that the model
+            describes the features it will relabel: a model fitted on centre crops misreads random
+            resized crops (on the demo's digits under ``crop_scale=(0.08, 1)``, the classes of 35%
+            of unmixed training crops against 57% when fitted on such crops). False: centre crops.
+        crop_scale, crop_ratio, flip: the training loader's augmentation (None: LoaderConfig's
+            defaults, ImageNet's random resized crop and a horizontal flip).
         embeddings: (N, d) ``.npy`` path for ``features="stored"``.
         batch_size: images per batch.
         pca_samples: images the PCA is fitted on (a seeded uniform subsample).
@@ -99,7 +107,10 @@ def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int
     shard_size = -(-len(files) // world)
     batch_size = max(1, min(batch_size, shard_size))
     shards_or_path = list(data) if isinstance(data, (list, tuple)) else str(data)
-    config = LoaderConfig(data=shards_or_path, batch_size=batch_size, alpha=0.0, train=False, last_batch="partial",
+    crops = {name: v for name, v in (("crop_scale", crop_scale), ("crop_ratio", crop_ratio), ("flip", flip))
+             if v is not None}
+    config = LoaderConfig(data=shards_or_path, batch_size=batch_size, alpha=0.0, train=augment, **crops,
+                          last_batch="partial",
                           return_thumbnails=True, thumbnail=thumbnail, image_size=image_size, backend=backend,
                           device=device, device_id=torch.cuda.current_device() if torch.cuda.is_available() else 0,
                           num_threads=num_threads, seed=seed, shard_id=rank, num_shards=world)

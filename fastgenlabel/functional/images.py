@@ -192,7 +192,7 @@ def prepare_pixel_job(images, pairs, mean=None, std=None, *, dtype=None, layout=
             "dtype: bfloat16 output needs torch input (NumPy has no bfloat16); pass "
             "torch.from_numpy(images) (no copy) or ask for float16/float32"
         )
-    mean_v, std_v = _mean_std(mean, std, c)
+    mean_v, std_v = _mean_std(mean, std, c, f"; images {tuple(batch.shape)} read as input_layout={input_layout!r}")
     check_pairs(pairs, b)
     device = batch.device if is_torch else torch.device("cpu")
     perm, lam = _pairs_on(pairs, device)
@@ -280,7 +280,7 @@ def _size(batch, input_layout: str) -> tuple[int, int, int, int]:
     return int(b), int(h), int(w), int(c)
 
 
-def _channel_values(v, name: str, channels: int) -> np.ndarray:
+def _channel_values(v, name: str, channels: int, context: str = "") -> np.ndarray:
     if isinstance(v, torch.Tensor):
         if v.device.type != "cpu":
             raise TypeError(
@@ -295,21 +295,21 @@ def _channel_values(v, name: str, channels: int) -> np.ndarray:
     if a.ndim == 0:
         a = np.full(channels, float(a))
     if a.shape != (channels,):
-        raise ValueError(f"{name}: expected a scalar or {channels} values (one per channel of images), "
+        raise ValueError(f"{name}: expected a scalar or {channels} values (one per channel of images{context}), "
                          f"got shape {a.shape}")
     if not np.isfinite(a).all():
         raise ValueError(f"{name}: values must be finite, got {a.tolist()}")
     return a
 
 
-def _mean_std(mean, std, channels: int):
+def _mean_std(mean, std, channels: int, context: str = ""):
     if mean is None and std is None:
         return None, None
     if mean is None or std is None:
         missing = "mean" if mean is None else "std"
         raise ValueError(f"{missing}: mean and std go together; give both or neither (neither only mixes)")
-    m = _channel_values(mean, "mean", channels)
-    s = _channel_values(std, "std", channels)
+    m = _channel_values(mean, "mean", channels, context)
+    s = _channel_values(std, "std", channels, context)
     if (s <= 0).any():
         raise ValueError(f"std: values must be positive, got {s.tolist()}")
     return m, s

@@ -26,7 +26,7 @@ the spread (min, max). On the CPU there is nothing to synchronise; on a GPU the 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import platform
 import statistics
 import time
@@ -35,6 +35,16 @@ import numpy as np
 import torch
 
 from .._args import nonnegative_int, positive_int
+
+CONTESTANTS = ("dali", "dali-reader", "dali+mixup+genlabel", "dali+mixup+genlabel(per-sample)", "torch-baseline")
+
+
+def _contestants(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in CONTESTANTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected contestants of {', '.join(CONTESTANTS)}, got {text!r}")
+    return names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--threads", type=positive_int, default=2, help="DALI threads / DataLoader workers")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    parser.add_argument("--only", default=None, help="comma-separated contestants to run")
+    parser.add_argument("--only", type=_contestants, default=None,
+                        help=f"comma-separated contestants to run, of: {', '.join(CONTESTANTS)}")
 
 
 def _time_once(it, batches: int, sync) -> float:
@@ -138,8 +149,7 @@ def baseline_loader(data, *, batch_size: int, image_size: int, threads: int, dev
     from .config import IMAGENET_MEAN, IMAGENET_STD
 
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-    have_tv = importlib.util.find_spec("torchvision") is not None
-    have_timm = importlib.util.find_spec("timm") is not None
+    have_tv, have_timm = _imports("torchvision"), _imports("timm")
     if have_tv:
         import torchvision
         from torchvision import transforms as T
@@ -175,6 +185,15 @@ def baseline_loader(data, *, batch_size: int, image_size: int, threads: int, dev
 
     parts = ("torchvision" if have_tv else "PIL") + " + " + ("timm Mixup" if have_timm else "torch ops")
     return f"torch-baseline ({parts})", batches
+
+
+def _imports(name: str) -> bool:
+    """Whether ``name`` imports: a torchvision built for another torch is installed but raises."""
+    try:
+        importlib.import_module(name)
+    except Exception:  # any failure means "use the fallback"
+        return False
+    return True
 
 
 def _torch_mixup(num_classes: int):
@@ -232,7 +251,7 @@ def run(data, *, batch_size: int, image_size: int, batches: int, warmup: int, re
 
 
 def main(args) -> int:
-    only = args.only.split(",") if args.only else None
+    only = args.only
     rows = run(args.data, batch_size=args.batch_size, image_size=args.image_size, batches=args.batches,
                warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device, only=only)
     print(f"fastgenlabel bench loader: {args.data}, batch {args.batch_size}, crop {args.image_size}, "

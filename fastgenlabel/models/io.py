@@ -85,6 +85,9 @@ def load_state(path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             f"model file {path!r} is truncated or not a fastgenlabel model ({type(e).__name__}: {e})"
         ) from e
     if _META not in arrays:
+        if "kind" in arrays and str(arrays["kind"]) == "thumbnail-pca":
+            raise ModelFileError(f"model file {path!r} is a ThumbnailPCA feature map, not a class model: pass it "
+                                 "as feature_map= (ThumbnailPCA.load reads it)")
         raise ModelFileError(f"model file {path!r} has no fastgenlabel header")
     try:
         header = json.loads(arrays.pop(_META).tobytes().decode())
