@@ -225,6 +225,12 @@ def test_out_allocated_by_the_caller_is_returned():
 
 # --- arguments ---------------------------------------------------------------------------------------------------
 
+def _written(pairs, field, i, value):
+    """The pairs with one entry written after they were made (their tensors are mutable)."""
+    getattr(pairs, field)[i] = value
+    return pairs
+
+
 @pytest.fixture
 def batch():
     return make_images(np.random.default_rng(10), 4, 5, 6, 3, "uint8")
@@ -242,7 +248,11 @@ def batch():
     (dict(std=[1.0, np.nan, 1.0]), ValueError, "std: values must be finite"),
     (dict(mean=None), ValueError, "mean: mean and std go together"),
     (dict(mean="red"), TypeError, "mean: expected a number"),
+    (dict(mean="127", std="50"), TypeError, "mean: expected a number"),  # not converted
+    (dict(mean=True, std=True), TypeError, "mean: expected a number"),
     (dict(pairs=sample_pairs(5)), ValueError, "pairs: drawn for a batch of 5"),
+    (dict(pairs=_written(pairs_for(4), "perm", 0, 9)), ValueError, "pairs: perm must lie in [0, 4)"),
+    (dict(pairs=_written(pairs_for(4), "lam", 2, float("nan"))), ValueError, "and lam in [0, 1]"),
     (dict(pairs=(torch.arange(4), torch.ones(4))), TypeError, "pairs: expected MixPairs"),
     (dict(dtype="float64"), TypeError, "dtype: expected one of"),
     (dict(dtype="bfloat16"), TypeError, "dtype: bfloat16 output needs torch input"),

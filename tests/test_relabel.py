@@ -328,7 +328,21 @@ BAD = [
     ("out", lambda a: np.empty((4, 3), np.float64), TypeError),
     ("out", lambda a: torch.empty((4, 3)), TypeError),
     ("model", lambda a: object(), TypeError),
+    ("model", lambda a: fg.GaussianClassModel, TypeError),  # the class, not a fitted model
+    ("gamma", lambda a: True, ValueError),
+    ("gamma", lambda a: "0.5", ValueError),
+    ("smoothing", lambda a: "1e-1", ValueError),
+    ("pairs", lambda a: _changed(a["pairs"], "perm", 0, 7), ValueError),  # written after sample_pairs:
+    ("pairs", lambda a: _changed(a["pairs"], "lam", 1, float("nan")), ValueError),  # read out of bounds, NaN
 ]
+
+
+def _changed(pairs, field, i, value):
+    moved = pairs.to("cpu")
+    t = getattr(moved, field).clone()
+    t[i] = value
+    object.__setattr__(moved, field, t)
+    return moved
 
 
 @pytest.mark.parametrize("name,bad,exc", BAD, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD)])
@@ -337,6 +351,36 @@ def test_bad_inputs_name_the_argument(name, bad, exc):
     a[name] = bad(a)
     with pytest.raises(exc, match=f"^{name}"):
         relabel(a.pop("model"), a.pop("z"), a.pop("pairs"), a.pop("labels"), **a)
+
+
+@pytest.mark.parametrize("alias", ["z", "labels"])
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_out_that_overlaps_an_input_is_refused(alias, as_torch):
+    """The kernels read z and labels while they write out (the product form reads z after writing
+    its scores): an out sharing their memory would give wrong targets, so it is refused."""
+    a = _args()
+    base = np.zeros(64, np.float32 if alias == "z" else np.int64)
+    if alias == "z":
+        base[:8] = a["z"].ravel()
+        a["z"] = base[:8].reshape(4, 2)
+        out = base[4:16].reshape(4, 3)
+    else:
+        base[:4] = a["labels"]
+        a["labels"] = base[:4]
+        out = base.view(np.float32)[:12].reshape(4, 3)
+    if as_torch:
+        a = {**a, "z": torch.from_numpy(a["z"]), "labels": torch.from_numpy(a["labels"])}
+        out = torch.from_numpy(out)
+    with pytest.raises(ValueError, match=f"^out: overlaps {alias}"):
+        relabel(a.pop("model"), a.pop("z"), a.pop("pairs"), a.pop("labels"), out=out, **a)
+
+
+def test_out_that_requires_grad_is_refused():
+    a = _args()
+    a = {**a, "z": torch.from_numpy(a["z"]), "labels": torch.from_numpy(a["labels"])}
+    with pytest.raises(ValueError, match="^out: must not require grad"):
+        relabel(a.pop("model"), a.pop("z"), a.pop("pairs"), a.pop("labels"), out=torch.empty(4, 3, requires_grad=True),
+                **a)
 
 
 def test_unfitted_model():

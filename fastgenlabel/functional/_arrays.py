@@ -91,6 +91,8 @@ def check_num_classes(num_classes, name: str = "num_classes") -> int:
 
 
 def check_unit_interval(value: float, name: str) -> float:
+    if isinstance(value, (bool, str, bytes)):  # float() would take True and "0.5"
+        raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -98,3 +100,21 @@ def check_unit_interval(value: float, name: str) -> float:
     if not (0.0 <= v <= 1.0):
         raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
     return v
+
+
+def overlaps(a, b) -> bool:
+    """Whether two arrays or tensors share memory (tensors: their byte ranges on one device)."""
+    if isinstance(a, torch.Tensor):
+        if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+            return False
+        a0, b0 = a.data_ptr(), b.data_ptr()
+        a1 = a0 + _span(a)
+        b1 = b0 + _span(b)
+        return a0 < b1 and b0 < a1
+    return bool(np.may_share_memory(a, b))
+
+
+def _span(t: torch.Tensor) -> int:
+    """Bytes from a tensor's first element to just past its last one."""
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True) if n > 0)
+    return (last + 1) * t.element_size()

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._arrays import Array, like
+from ._arrays import Array, like, overlaps
 from .mixing import check_pairs
 from .pairs import MixPairs
 
@@ -196,6 +196,12 @@ def prepare_pixel_job(images, pairs, mean=None, std=None, *, dtype=None, layout=
     check_pairs(pairs, b)
     device = batch.device if is_torch else torch.device("cpu")
     perm, lam = _pairs_on(pairs, device)
+    if device.type == "cpu" and b:  # the pairs' tensors may have been written since they were made; on a
+        # GPU that check would synchronise each call, so there the pairs are trusted as made
+        pn, ln = perm.numpy(), lam.numpy()
+        if pn.min() < 0 or pn.max() >= b or not ((ln >= 0) & (ln <= 1)).all():
+            raise ValueError(f"pairs: perm must lie in [0, {b}) and lam in [0, 1]; the pairs' tensors were changed "
+                             "after sample_pairs made them")
     job = PixelJob(batch, perm, lam, mean_v, std_v, name, layout, input_layout, out, (b, h, w, c))
     if out is not None:
         _check_out(out, job, images)
@@ -288,10 +294,10 @@ def _channel_values(v, name: str, channels: int, context: str = "") -> np.ndarra
                 "(a sequence, NumPy array or CPU tensor): they are validated and staged on the host"
             )
         v = v.detach().numpy()
-    try:
-        a = np.asarray(v, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a number or {channels} numbers, got {v!r}") from None
+    a = np.asarray(v)
+    if a.dtype.kind not in "iuf":  # not strings, booleans or objects, which float64 would convert
+        raise TypeError(f"{name}: expected a number or {channels} numbers, got {v!r}")
+    a = a.astype(np.float64)
     if a.ndim == 0:
         a = np.full(channels, float(a))
     if a.shape != (channels,):
@@ -351,23 +357,6 @@ def _check_out(out, job: PixelJob, images) -> None:
     elif not out.flags.c_contiguous:
         raise ValueError(f"out: must be C-contiguous, got strides {out.strides}")
     sources = images if isinstance(images, (list, tuple)) else [images]
-    if any(_overlaps(out, src) for src in sources):
+    if any(overlaps(out, src) for src in sources):
         raise ValueError("out: overlaps images; the kernel reads partner samples while it writes, "
                          "so out must be a separate buffer")
-
-
-def _overlaps(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-            return False
-        a0, b0 = a.data_ptr(), b.data_ptr()
-        a1 = a0 + _span(a)
-        b1 = b0 + _span(b)
-        return a0 < b1 and b0 < a1
-    return bool(np.may_share_memory(a, b))
-
-
-def _span(t: torch.Tensor) -> int:
-    """Bytes from a tensor's first element to just past its last one."""
-    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True) if n > 0)
-    return (last + 1) * t.element_size()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ...functional import genlabel_target, mix
-from ...functional._arrays import Array, as_tensor, check_num_classes, check_unit_interval, like
+from ...functional._arrays import Array, as_tensor, check_num_classes, check_unit_interval, like, overlaps
 from ...functional.pairs import MixPairs
 from ..registry import Impl, dispatch, explain
 from . import gemm
@@ -74,23 +74,30 @@ def _c_contiguous(x) -> bool:
     return x.is_contiguous() if isinstance(x, torch.Tensor) else bool(np.asarray(x).flags.c_contiguous)
 
 
-def _data_ok(zt: torch.Tensor, lt: torch.Tensor, k: int) -> tuple[bool, bool]:
-    """(z finite, labels in [0, k)): NumPy on the host (several times faster than torch's
-    dispatch for a batch), one device-to-host transfer for both checks on CUDA."""
+def _data_ok(zt: torch.Tensor, lt: torch.Tensor, k: int, pairs: MixPairs) -> tuple[bool, bool, bool]:
+    """(z finite, labels in [0, k), pairs still valid): NumPy on the host (several times faster than
+    torch's dispatch for a batch), one device-to-host transfer for all checks on CUDA. The pairs
+    were checked when made, but their tensors can be written since: a bad perm would be read out
+    of bounds."""
+    b = zt.shape[0]
     if not zt.is_cuda and zt.dtype in (torch.float32, torch.float64, torch.float16):
         zh, lh = zt.detach().numpy(), lt.numpy()
-        return bool(np.isfinite(zh).all()), bool(lh.min() >= 0 and lh.max() < k)
-    flags = torch.stack([torch.isfinite(zt).all(), ((lt >= 0) & (lt < k)).all()]).tolist()
-    return bool(flags[0]), bool(flags[1])
+        perm, lam = pairs.perm.numpy(), pairs.lam.detach().to(torch.float64).numpy()
+        return (bool(np.isfinite(zh).all()), bool(lh.min() >= 0 and lh.max() < k),
+                bool(perm.min() >= 0 and perm.max() < b and ((lam >= 0) & (lam <= 1)).all()))
+    perm, lam = pairs.perm, pairs.lam
+    pairs_ok = ((perm >= 0) & (perm < b)).all() & ((lam >= 0) & (lam <= 1)).all()
+    flags = torch.stack([torch.isfinite(zt).all(), ((lt >= 0) & (lt < k)).all(), pairs_ok]).tolist()
+    return bool(flags[0]), bool(flags[1]), bool(flags[2])
 
 
 def _check_call(model, z, pairs, labels, gamma, num_classes, smoothing, out, validate) -> RelabelCall:
     k = check_num_classes(num_classes)
     g = check_unit_interval(gamma, "gamma")
     eps = check_unit_interval(smoothing, "smoothing")
-    if not hasattr(model, "log_joint") or not hasattr(model, "num_classes"):
-        raise TypeError(f"model: expected a fitted class model (GaussianClassModel, KDEClassModel), "
-                        f"got {type(model).__name__}")
+    if isinstance(model, type) or not hasattr(model, "log_joint") or not hasattr(model, "num_classes"):
+        what = f"the class {model.__name__} itself" if isinstance(model, type) else type(model).__name__
+        raise TypeError(f"model: expected a fitted class model (GaussianClassModel, KDEClassModel), got {what}")
     if model.num_classes != k:  # raises NotFittedError for an unfitted model
         raise ValueError(f"num_classes: {k}, but the model was fitted for {model.num_classes} classes")
     zt = as_tensor(z, "z")
@@ -127,8 +134,18 @@ def _check_call(model, z, pairs, labels, gamma, num_classes, smoothing, out, val
             raise ValueError(f"out: on {_device_of(out)}, but z is on {dev}")
         if isinstance(out, np.ndarray) and not out.flags.writeable:
             raise ValueError("out: the array is read-only")
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            raise ValueError("out: must not require grad (it is written in place)")
+        out_t = as_tensor(out, "out")
+        for name, src in (("z", zt), ("labels", lt), ("pairs.perm", pairs.perm), ("pairs.lam", pairs.lam)):
+            if overlaps(out_t, src):
+                raise ValueError(f"out: overlaps {name}; the kernels read their inputs while they write, so out "
+                                 "must be a separate buffer")
     if validate and b:
-        ok_z, ok_labels = _data_ok(zt, lt, k)
+        ok_z, ok_labels, ok_pairs = _data_ok(zt, lt, k, pairs)
+        if not ok_pairs:
+            raise ValueError(f"pairs: perm must lie in [0, {b}) and lam in [0, 1]; the pairs' tensors were "
+                             "changed after sample_pairs made them")
         if not ok_z:
             rows = torch.nonzero(~torch.isfinite(zt).all(dim=1)).flatten()[:5].tolist()
             raise ValueError(f"z: row(s) {rows} contain NaN or infinity; features must be finite")
@@ -169,7 +186,8 @@ def relabel(
         smoothing: label-smoothing epsilon in [0, 1] (timm's convention).
         backend: "auto", "numba-cuda", "numba-cpu" or "reference".
         out: optional (B, K) float32 array/tensor on z's device to write into (fully overwritten).
-        validate: check that z is finite and labels are in range (one device sync on CUDA).
+        validate: check that z is finite, labels are in range and the pairs are still valid (one
+            device sync on CUDA).
             With False, bad data gives undefined (but never out-of-bounds) results.
 
     Returns:

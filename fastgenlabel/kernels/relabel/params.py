@@ -142,11 +142,12 @@ def pack(model) -> RelabelParams:
         means = model.means.detach().to("cpu", torch.float64)
         chol = model.precision_chol.detach().to("cpu", torch.float64)
         live = counts > 0
-        center = (means * counts.unsqueeze(1)).sum(0) / counts.sum()
-        t = (means - center) @ chol  # rows: t_c^T = (mu_c - m)^T L
-        t = torch.where(live.unsqueeze(1), t, torch.zeros_like(t))
-        arrays["center"] = _f32(center)
+        arrays["center"] = _f32((means * counts.unsqueeze(1)).sum(0) / counts.sum())
         arrays["chol"] = _f32(chol)
+        # t_c around the float32 m and L the kernels whiten with (y = (z - m) L), so that y - t_c is
+        # (z - mu_c) L exactly up to rounding, whatever offset the features share
+        t = (means - torch.from_numpy(arrays["center"]).double()) @ torch.from_numpy(arrays["chol"]).double()
+        t = torch.where(live.unsqueeze(1), t, torch.zeros_like(t))
         arrays["mu_t"] = _f32(t.T)
         arrays["istd_t"] = np.ones((d, k), np.float32)
         arrays["bias"] = _bias(model)
