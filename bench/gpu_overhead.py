@@ -64,6 +64,8 @@ def components(calls):
     params = params_for(m)
     done_t = torch.zeros(kernels.sample_tiles(256), dtype=torch.int32, device=dev)  # kept alive: views hold no memory
     done = _interop.device_view(done_t)
+    logits_t = torch.empty(256, 1000, dtype=torch.float64, device=dev)
+    logits = _interop.device_view(logits_t)
     rows = {
         "torch.cuda.synchronize() (idle GPU)": lambda: torch.cuda.synchronize(),
         "device_view, cached": lambda: _interop.device_view(t),
@@ -74,7 +76,7 @@ def components(calls):
         "_check_call, validate=True": lambda: _check_call(m, x["z"], x["pairs"], x["labels"], 1.0, 1000, 0.0,
                                                            x["out"], True),
         "relabel_device (1 launch, prebuilt views)": lambda: kernels.relabel_device(
-            params, arrays, *views[:4], 1.0, 0.0, views[4], stream=stream, done=done),
+            params, arrays, *views[:4], 1.0, 0.0, views[4], stream=stream, done=done, logits=logits),
         "empty torch op (t.zero_())": lambda: t.zero_(),
     }
     print("\n--- host time of the pieces (us per call, 200 calls, no sync unless named)")

@@ -463,6 +463,40 @@ def test_classes_far_from_the_overall_mean_keep_float32_accuracy(kind, spread):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 if spread > 100 else atol)
 
 
+def dead_feature(kind, fire, seed=0):
+    """Three classes 1 sd apart along feature 0 and a feature that is 0 throughout training (a dead
+    unit: its variance is the regulariser's) but fires in the batch: the same huge term, up to
+    fire^2 / 2e-4 nats, in every class's score, which the posterior does not depend on."""
+    rng = np.random.default_rng(seed)
+    k, d, n = 3, 6, 200
+    mu = np.zeros((k, d))
+    mu[:, 0] = [-1.0, 0.0, 1.0]
+    y = np.repeat(np.arange(k), n)
+    z = (mu[y] + rng.standard_normal((k * n, d))).astype(np.float32)
+    z[:, -1] = 0.0
+    idx = rng.choice(len(z), 16)
+    zb = np.ascontiguousarray(z[idx])
+    zb[:, -1] = fire * rng.random(16).astype(np.float32)
+    return fit(kind, z, y, k), zb, y[idx], fg.sample_pairs(16, 1.0, lam_mode="sample", generator=seed)
+
+
+@pytest.mark.parametrize("kind", ["diag", "tied", "full", "full-product", "kde"])
+@pytest.mark.parametrize("fire", [3.0, 30.0])
+def test_a_huge_score_shared_by_every_class_keeps_float32_accuracy(kind, fire):
+    """The fuzz review's case: the scores were stored in float32 before their row's largest was
+    subtracted (and the diag sums kept in float32 chunks), which lost 2e-4 (fire 3) to 0.11 (fire
+    30) of the targets. The kernels now form logits in float64 and store them relative to the row's
+    largest."""
+    from fastgenlabel.kernels.relabel import gemm
+
+    model, zb, labels, pairs = dead_feature(kind.split("-")[0], fire)
+    want = relabel(model, zb, pairs, labels, 1.0, num_classes=3, backend="reference")
+    assert want.max(1).min() < 0.9  # not saturated
+    with gemm.policy("always" if kind == "full-product" else "auto"):
+        got = relabel(model, zb, pairs, labels, 1.0, num_classes=3, backend="numba-cpu")
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL[kind.split("-")[0]])
+
+
 def test_nothing_compiles_or_touches_a_gpu_at_import():
     import subprocess
     import sys

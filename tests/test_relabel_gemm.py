@@ -15,6 +15,7 @@ from test_relabel import batch, far_clusters, fit, make_data
 import fastgenlabel as fg
 from fastgenlabel.functional import mix
 from fastgenlabel.kernels.relabel import _check_call, gemm
+from fastgenlabel.kernels.relabel import math as rm
 from fastgenlabel.kernels.relabel.params import gemm_params_for, params_for
 
 TARGET_ATOL = 5e-5  # as the factor form's "full" row in tests/test_relabel.py
@@ -218,7 +219,6 @@ def test_error_bound_holds_with_a_margin():
     """``math.product_error``'s constant against the measured error of the CPU product, on
     compact, separated, far-clustered, star and real (digits) models: the measured error stays
     within half of it (``test_error_bound_holds_on_the_gpu`` measures the GPU's split-TF32 products)."""
-    from fastgenlabel.kernels.relabel import math as rm
 
     worst = (0.0, "")
     for name, model, zb, pairs in bound_cases():
@@ -232,7 +232,6 @@ def test_error_bound_holds_with_a_margin():
 def test_error_bound_holds_on_the_gpu():
     """The same on a GPU: the split-TF32 tensor-core products (whose accumulation need not round
     to nearest) against ``math.product_error``'s constant."""
-    from fastgenlabel.kernels.relabel import math as rm
 
     worst = (0.0, "")
     for name, model, zb, pairs in bound_cases():
@@ -246,7 +245,6 @@ def test_error_bound_holds_on_the_gpu():
 def test_product_error_is_the_documented_formula_and_each_term_counts():
     """``math.product_error`` against its formula written out, at points where each of its three
     terms dominates (so dropping any one of them changes the bound several-fold)."""
-    from fastgenlabel.kernels.relabel import math as rm
 
     gamma = float(rm.PRODUCT_GAMMA)
     for xn2, rho, pa, spread in [(1e4, 3.0, 1.0, 1.0), (1.0, 1.0, 1e4, 1.0), (1.0, 1.0, 1.0, 1e5)]:
@@ -304,7 +302,6 @@ def test_ill_conditioned_models_stay_on_the_factor_form():
 
 def refined_by_rule(model, zb, pairs, scores):
     """The entries ``refine_scores`` must rescore (a NumPy statement of the rule)."""
-    from fastgenlabel.kernels.relabel import math as rm
 
     g = gemm_params_for(model, torch.device("cpu"))
     bias = params_for(model).arrays["bias"]
@@ -320,7 +317,8 @@ def refined_by_rule(model, zb, pairs, scores):
 @pytest.mark.parametrize("case", ["far", "digits", "compact"])
 def test_refinement_rescores_exactly_the_classes_that_can_matter(case):
     """``cpu.refine_scores`` on the product's scores: the entries the rule picks become the factor
-    form's scores, every other entry is left as it was; compact models are left alone."""
+    form's, every other entry keeps the product's value (all logits relative to the row's largest);
+    compact models are left alone."""
     from fastgenlabel.kernels.relabel import cpu
     from fastgenlabel.kernels.relabel.cpu import full_scores, mix_rows
 
@@ -348,8 +346,11 @@ def test_refinement_rescores_exactly_the_classes_that_can_matter(case):
     mix_rows(zb, pairs.perm.numpy(), lam.numpy(), zm)
     exact = np.empty_like(scores)
     full_scores(zm, p, exact)
-    np.testing.assert_array_equal(got[~picked], scores[~picked])
     np.testing.assert_allclose(got[picked], exact[picked], rtol=1e-5, atol=1e-3)
+    refined = picked.any(axis=1)
+    logits = scores.astype(np.float64) + a["bias"]  # rows left alone: the product's, relative to their largest
+    np.testing.assert_array_equal(got[~refined], (logits - logits.max(1, keepdims=True)).astype(np.float32)[~refined])
+    assert (got[refined][~picked[refined]] < -rm.PRODUCT_MARGIN).all()  # the others can hold < e^-30 each
     if case == "compact":
         assert not picked.any()
     else:

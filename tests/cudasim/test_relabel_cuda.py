@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from numba import float32, int32
+from numba import float32, float64, int32
 
 assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or os.environ.get("FASTGENLABEL_GPU_TESTS") == "1", \
     "run through tests/test_cudasim.py (or with FASTGENLABEL_GPU_TESTS=1 on a GPU)"
@@ -187,15 +187,15 @@ def test_full_product_scores_then_finish(b, k, d, gamma, eps, empty):
 
 
 @cuda.jit
-def refine_only(z, perm, lam, product_center, bound, order, center, factor, tri, bias, out):
-    """``refine_row`` alone (``refine_finish`` without its ``finish_row``), to see which entries
-    it rewrites."""
+def refine_only(z, perm, lam, product_center, bound, order, center, factor, tri, bias, out, logits):
+    """``refine_row`` alone (``refine_finish`` without its ``finish_row``), to see which logits it
+    rescores."""
     buf = cuda.shared.array(0, float32)
-    red = cuda.shared.array(kernels.TPB, float32)
+    red = cuda.shared.array(kernels.TPB, float64)
     picked = cuda.shared.array(kernels.TPB, int32)
     count = cuda.shared.array(1, int32)
-    kernels.refine_row(cuda.blockIdx.x, z, perm, lam, product_center, bound, order, center, factor, tri, bias, out, buf,
-                       red, picked, count)
+    kernels.refine_row(cuda.blockIdx.x, z, perm, lam, product_center, bound, order, center, factor, tri, bias, out,
+                       logits, buf, red, picked, count)
 
 
 def rescored_by_rule(zb, perm, lam, g, bias, scores):
@@ -247,20 +247,20 @@ def test_refine_matches_the_cpu_kernel(k, d, b, spread, dense):
                       p.tri, a["bias"], want)
     args = [cuda.to_device(x) for x in (zb, perm, lam)]
     product = [arrays[name] for name in ("product_center", "bound", "order", "center", "factor")]
-    out = cuda.to_device(scores)
-    refine_only[b, kernels.TPB, 0, 8 * d](*args, *product, int(p.tri), arrays["bias"], out)
-    got = out.copy_to_host()
-    np.testing.assert_array_equal(got[~picked], scores[~picked])
-    np.testing.assert_array_equal(want[~picked], scores[~picked])
-    np.testing.assert_allclose(got[picked], want[picked], rtol=2e-5, atol=1e-3)
+    logits = cuda.device_array((b, k), np.float64)
+    refine_only[b, kernels.TPB, 0, 8 * d](*args, *product, int(p.tri), arrays["bias"], cuda.to_device(scores), logits)
+    got = logits.copy_to_host()  # float64 logits on CUDA; the CPU keeps them relative to their row's largest
+    approximate = scores.astype(np.float64) + a["bias"]
+    np.testing.assert_array_equal(got[~picked], approximate[~picked])
+    np.testing.assert_allclose(want, (got - got.max(1, keepdims=True)).astype(np.float32), rtol=2e-5, atol=1e-3)
     if spread:  # the rescored entries moved to the factor form's values, away from the product's
-        assert np.abs(got[picked] - scores[picked]).max() > 1e-3
+        assert np.abs(got[picked] - approximate[picked]).max() > 1e-3
 
-    cpu.finish(perm, lam, labels, a["bias"], np.float32(0.9), np.float32(0.95), np.float32(0.05 / k), want)
+    cpu.finish(perm, lam, labels, np.float32(0.9), np.float32(0.95), np.float32(0.05 / k), want)
     out = cuda.to_device(scores)
     kernels.refine_finish[b, kernels.TPB, 0, 8 * d](*args, *product, int(p.tri), cuda.to_device(labels),
                                                     arrays["bias"], np.float32(0.9), np.float32(0.95),
-                                                    np.float32(0.05 / k), out)
+                                                    np.float32(0.05 / k), logits, out)
     np.testing.assert_allclose(out.copy_to_host(), want, rtol=0, atol=ATOL["full"])
 
 
@@ -290,16 +290,44 @@ def test_quad_split_writes_both_tf32_halves_of_phi(b, d):
     assert (np.abs(lo) <= np.abs(phi) * 2.0 ** -10 + 1e-30).all()
 
 
+@pytest.mark.parametrize("kind", ["diag", "tied", "full", "full-product", "kde"])
+def test_a_huge_score_shared_by_every_class_keeps_float32_accuracy(kind):
+    """tests/test_relabel.py's dead feature firing at 30 (up to 4.5e6 nats in every class's score):
+    the float32 scores lost up to 0.11 of the targets; the float64 logits keep the tolerance."""
+    from test_relabel import dead_feature
+
+    from fastgenlabel.kernels.relabel import gemm
+
+    model, zb, labels, pairs = dead_feature(kind.split("-")[0], 30.0)
+    want = reference(model, zb, pairs, labels, 1.0, 0.0)
+    assert want.max(1).min() < 0.9  # not saturated
+    if kind == "full-product":
+        g, arrays = product_arrays(model)
+        scores = gemm.scores(g, torch.from_numpy(zb), pairs.perm, pairs.lam.to(torch.float32), torch.empty(16, 3))
+        out = cuda.to_device(scores.numpy())
+        args = [cuda.to_device(a) for a in (zb, pairs.perm.numpy(), pairs.lam.numpy(), labels)]
+        kernels.relabel_device(params_for(model), arrays, *args, 1.0, 0.0, out, scores_ready=True)
+        got = out.copy_to_host()
+    else:
+        got = run_device(model, zb, pairs, labels, 1.0, 0.0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL[kind.split("-")[0]])
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator's NumPy scalars report the overflow
 @pytest.mark.parametrize("kind", ["diag", "full"])
-def test_float32_overflow_falls_back_to_the_mixup_label(kind):
-    """Every logit -inf (|z| ~ 1e30 squares past float32): y_gen = y_mix, never NaN."""
+def test_huge_features_give_the_cpu_kernels_targets_never_nan(kind):
+    """|z| ~ 1e30: diag's float32 terms overflow, every logit is -inf and y_gen = y_mix; full's u
+    stays in float32's range and its float64 logits rank the classes. As the CPU kernels, never NaN."""
     model, z, y = make_model(kind, 3, 2)
     zb = np.array([[1e30, -1e30], [3e30, 1e30]], np.float32)
     pairs = fg.MixPairs(torch.tensor([1, 0]), torch.tensor([0.25, 1.0]))
     labels = np.array([0, 2])
     got = run_device(model, zb, pairs, labels, 0.5, 0.0)
-    np.testing.assert_allclose(got, [[0.25, 0, 0.75], [0, 0, 1]], atol=1e-6)
+    assert np.isfinite(got).all()
+    want = fg.relabel(model, zb, pairs, labels, 0.5, num_classes=3, backend="numba-cpu")
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    if kind == "diag":
+        np.testing.assert_allclose(got, [[0.25, 0, 0.75], [0, 0, 1]], atol=1e-6)
 
 
 def test_tied_classes_far_from_the_mean_keep_float32_accuracy():

@@ -192,8 +192,9 @@ def relabel(
 
     Returns:
         (B, K) float32 targets, rows summing to 1; a NumPy array if ``z`` is one, else a tensor
-        on z's device. Inputs are never modified. A row whose every float32 logit overflows
-        (features of ~1e19 and beyond) gets y_mix as its y_gen on the kernel backends, never NaN.
+        on z's device. Inputs are never modified. A row whose every logit overflows (a float32
+        term past 3e38, features ~1e19 standard deviations out) gets y_mix as its y_gen on the
+        kernel backends, never NaN.
 
     Raises:
         TypeError / ValueError naming the bad argument; ``BackendError`` listing every backend's
@@ -297,6 +298,7 @@ def _run_cuda(call: RelabelCall):
         lam = call.pairs.lam if call.pairs.lam.dtype == torch.float32 else call.pairs.lam.to(torch.float32)
         labels = call.labels_t if call.labels_t.dtype == torch.int64 else call.labels_t.to(torch.int64)
         arrays = device_params_for(call.model, dev, view=device_view)
+        logits = torch.empty((b, k), dtype=torch.float64, device=dev)  # held until the launches are queued
         if params.kind == "full" and _use_product(call):  # tensor cores (gemm.py), then refined
             g = gemm_params_for(call.model, dev)
             if call.gamma > 0:
@@ -304,7 +306,8 @@ def _run_cuda(call: RelabelCall):
             arrays = dict(arrays, product_center=device_view(g["center"]), bound=device_view(g["bound"]))
             kernels.relabel_device(
                 params, arrays, device_view(call.zt), device_view(call.pairs.perm), device_view(lam),
-                device_view(labels), call.gamma, call.smoothing, device_view(out), stream=stream, scores_ready=True)
+                device_view(labels), call.gamma, call.smoothing, device_view(out), stream=stream, scores_ready=True,
+                logits=device_view(logits))
             return out
         done = whitened = scratch = None
         if params.kind in ("diag", "tied"):
@@ -315,7 +318,7 @@ def _run_cuda(call: RelabelCall):
         kernels.relabel_device(
             params, arrays, device_view(call.zt), device_view(call.pairs.perm), device_view(lam),
             device_view(labels), call.gamma, call.smoothing, device_view(out), stream=stream, done=done,
-            scratch=scratch,
+            scratch=scratch, logits=device_view(logits),
         )
     return out
 

@@ -3,7 +3,10 @@
 Each path matches the reference ``genlabel_target(model, mix(z, pairs), ...)`` (see
 ``fastgenlabel.functional``). Two phases per call:
 
-1. raw scores (B, K), written into ``out``:
+1. logits (B, K), written into ``out`` relative to their row's largest: each kernel forms the raw
+   score + bias in float64 and stores ``float32(logit - row max)`` (:func:`store_relative`), so the
+   digits the softmax needs survive however large the scores are (a feature thousands of standard
+   deviations out adds the same huge term to every class):
 
    - diag: :func:`diag_scores`, one fused pass over the (d, K) parameters, parallel over tiles of
      samples (no B x K x d intermediate);
@@ -14,8 +17,8 @@ Each path matches the reference ``genlabel_target(model, mix(z, pairs), ...)`` (
      :func:`refine_scores`;
    - kde: :func:`kde_scores`, parallel over (class, sample): whitening and an online log-sum-exp;
 
-2. :func:`finish`, parallel over samples: logits = scores + bias, a max-subtracted softmax in
-   log space, the gamma blend with the mixup label and label smoothing, in place.
+2. :func:`finish`, parallel over samples: the softmax of those logits, the gamma blend with the
+   mixup label and label smoothing, in place.
 
 The matrix products use torch's CPU BLAS (a core dependency) rather than loops or NumPy's
 OpenBLAS: measured faster and steadier on shared cores (see :func:`full_scores`). Everything else
@@ -35,8 +38,7 @@ from . import math as rm
 
 # No "nnan"/"ninf": -inf logits (empty classes) must keep their meaning.
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
-DIAG_TILE = 4  # samples sharing one pass over the (d, K) parameter arrays
-DIAG_CHUNK = 16  # features summed in float32 before the float64 accumulator takes the sum
+DIAG_TILE = 2  # samples sharing one pass over the (d, K) parameter arrays
 
 _jit = njit(cache=True)
 mixed = _jit(rm.mixed)
@@ -44,7 +46,7 @@ diag_term = _jit(rm.diag_term)
 gauss_score = _jit(rm.gauss_score)
 lse_update = _jit(rm.lse_update)
 lse_value = _jit(rm.lse_value)
-row_logit = _jit(rm.row_logit)
+logit_value = _jit(rm.logit_value)
 mixup_mass = _jit(rm.mixup_mass)
 target_value = _jit(rm.target_value)
 product_error = _jit(rm.product_error)
@@ -93,9 +95,23 @@ def quad_features(z, perm, lam, center, phi):
             t += d - i
 
 
+@njit(cache=True)
+def store_relative(logits, out_row):
+    """out_row = logits - max(logits), rounded once to float32: the row's logits relative to its
+    largest. All ``-inf`` (no class can explain the sample) stays ``-inf``."""
+    mx = -np.inf
+    for c in range(logits.shape[0]):
+        if logits[c] > mx:
+            mx = logits[c]
+    for c in range(logits.shape[0]):
+        out_row[c] = logits[c] - mx if mx > -np.inf else -np.inf
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def diag_scores(z_mix, mu_t, istd_t, out):
-    """out[s, c] = -1/2 sum_i ((z_mix[s, i] - mu_ci) istd_ci)^2: one fused pass, no B x K x d."""
+def diag_scores(z_mix, mu_t, istd_t, bias, out):
+    """out[s] = the relative logits -1/2 sum_i ((z_mix[s, i] - mu_ci) istd_ci)^2 + bias_c: one fused
+    pass, no B x K x d. The float32 terms are summed in float64: a float32 partial sum would round
+    a term common to all classes (a feature far out) differently for each."""
     b, d = z_mix.shape
     k = mu_t.shape[1]
     n_tiles = (b + DIAG_TILE - 1) // DIAG_TILE
@@ -103,20 +119,16 @@ def diag_scores(z_mix, mu_t, istd_t, out):
         s0 = tile * DIAG_TILE
         ns = min(DIAG_TILE, b - s0)
         total = np.zeros((DIAG_TILE, k), np.float64)
-        part = np.empty((DIAG_TILE, k), np.float32)
-        for i0 in range(0, d, DIAG_CHUNK):
-            part[:, :] = 0
-            for i in range(i0, min(i0 + DIAG_CHUNK, d)):
-                for t in range(ns):
-                    x = z_mix[s0 + t, i]
-                    for c in range(k):
-                        part[t, c] += diag_term(x, mu_t[i, c], istd_t[i, c])
+        for i in range(d):
             for t in range(ns):
+                x = z_mix[s0 + t, i]
                 for c in range(k):
-                    total[t, c] += part[t, c]
+                    total[t, c] += np.float64(diag_term(x, mu_t[i, c], istd_t[i, c]))
+        logits = np.empty(k, np.float64)
         for t in range(ns):
             for c in range(k):
-                out[s0 + t, c] = gauss_score(total[t, c])
+                logits[c] = gauss_score(total[t, c]) + bias[c]
+            store_relative(logits, out[s0 + t])
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -135,9 +147,10 @@ def project(z_row, order, center, factor, c, tri, diff, u):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def sq_scores(u, c0, bias, out):
-    """Epilogue of the full-covariance GEMMs: out[s, c0 + cc] = -1/2 ||u[cc, s]||^2 (serial: one
-    chunk is little work next to its GEMM, and a parallel region per chunk costs thread wake-ups)."""
+def sq_scores(u, c0, bias, logits):
+    """Epilogue of the full-covariance GEMMs: logits[s, c0 + cc] = -1/2 ||u[cc, s]||^2 + bias (float64;
+    serial: one chunk is little work next to its GEMM, and a parallel region per chunk costs thread
+    wake-ups)."""
     kc, b, d = u.shape
     for s in range(b):
         for cc in range(kc):
@@ -145,14 +158,20 @@ def sq_scores(u, c0, bias, out):
             if bias[c0 + cc] != NEG_INF:
                 for j in range(d):
                     acc += np.float64(u[cc, s, j]) * u[cc, s, j]
-            out[s, c0 + cc] = gauss_score(acc)
+            logits[s, c0 + cc] = gauss_score(acc) + bias[c0 + cc]
+
+
+@njit(parallel=True, cache=True)
+def store_relative_rows(logits, out):
+    for s in prange(logits.shape[0]):
+        store_relative(logits[s], out[s])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def refine_scores(z, perm, lam, product_center, bound, order, center, factor, tri, bias, out):
-    """The product form's raw scores in ``out`` made exact where they may be off (``gemm.py``):
-    per sample, the error bound ``product_error``; above ``PRODUCT_TRUST``, every class at or
-    above ``product_cutoff`` is scored again in the factor form. Parallel over samples."""
+    """The product form's raw scores in ``out`` (``gemm.py``) -> relative logits, made exact where
+    they may be off: per sample, the error bound ``product_error``; above ``PRODUCT_TRUST``, every
+    class at or above ``product_cutoff`` is scored again in the factor form. Parallel over samples."""
     b, d = z.shape
     k = out.shape[1]
     for s in prange(b):
@@ -166,27 +185,28 @@ def refine_scores(z, perm, lam, product_center, bound, order, center, factor, tr
             v = np.float64(zm[i] - product_center[i])
             xn2 += v * v
         err = product_error(np.float32(xn2), bound[0], bound[1], bound[2])
-        if err <= PRODUCT_TRUST:
-            continue
-        best = NEG_INF
+        logits = np.empty(k, np.float64)
+        best = -np.inf
         for c in range(k):
-            v = row_logit(out, s, c, bias)
-            if v > best:
-                best = v
-        cut = product_cutoff(best, err)
-        diff = np.empty(d, np.float32)
-        u = np.empty(d, np.float32)
-        for c in range(k):
-            if bias[c] != NEG_INF and row_logit(out, s, c, bias) >= cut:
-                project(zm, order, center, factor, c, tri, diff, u)
-                acc = 0.0
-                for j in range(d):
-                    acc += np.float64(u[j]) * u[j]
-                out[s, c] = gauss_score(acc)
+            logits[c] = logit_value(np.float64(out[s, c]) + bias[c])
+            if logits[c] > best:
+                best = logits[c]
+        if err > PRODUCT_TRUST:
+            cut = product_cutoff(best, np.float64(err))
+            diff = np.empty(d, np.float32)
+            u = np.empty(d, np.float32)
+            for c in range(k):
+                if bias[c] != NEG_INF and logits[c] >= cut:
+                    project(zm, order, center, factor, c, tri, diff, u)
+                    acc = 0.0
+                    for j in range(d):
+                        acc += np.float64(u[j]) * u[j]
+                    logits[c] = gauss_score(acc) + bias[c]
+        store_relative(logits, out[s])
 
 
 def full_scores(z_mix, params, out, chunk_elements=1 << 20):
-    """Full covariance: out[s, c] = -1/2 ||L_c^T (z_mix[s] - mu_c)||^2.
+    """Full covariance: out[s] = the relative logits -1/2 ||L_c^T (z_mix[s] - mu_c)||^2 + bias_c.
 
     For a chunk of classes, diff = z_mix - mu_c (kc x B x d) and u = diff @ L_c are batched
     float32 matrix products (``torch.bmm``: MKL here; the difference form, so nothing cancels
@@ -205,25 +225,29 @@ def full_scores(z_mix, params, out, chunk_elements=1 << 20):
     kc = max(1, min(k, chunk_elements // max(1, b * d)))
     diff = torch.empty((kc, b, d), dtype=torch.float32)
     u = torch.empty((kc, b, d), dtype=torch.float32)
+    logits = np.empty((b, k), np.float64)
     for c0 in range(0, k, kc):
         n = min(kc, k - c0)
         torch.sub(zo.unsqueeze(0), center[c0:c0 + n].unsqueeze(1), out=diff[:n])
         torch.bmm(diff[:n], factor[c0:c0 + n], out=u[:n])
-        sq_scores(u[:n].numpy(), c0, a["bias"], out)
+        sq_scores(u[:n].numpy(), c0, a["bias"], logits)
+    store_relative_rows(logits, out)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def kde_scores(z_mix, order, center, factor, tri, points, offsets, bias, out):
-    """KDE: out[s, c] = logsumexp_j -1/2 ||A_c (z_mix[s] - centre_c) - x_j||^2 over class c's
-    whitened points, with an online log-sum-exp (no N x M intermediate). Parallel over samples."""
+    """KDE: out[s] = the relative logits logsumexp_j -1/2 ||A_c (z_mix[s] - centre_c) - x_j||^2 + bias_c
+    over class c's whitened points, with an online log-sum-exp (no N x M intermediate). Parallel
+    over samples."""
     b, d = z_mix.shape
     k = center.shape[0]
     for s in prange(b):
         diff = np.empty(d, np.float32)
         u = np.empty(d, np.float32)
+        logits = np.empty(k, np.float64)
         for c in range(k):
+            logits[c] = -np.inf
             if bias[c] == NEG_INF:
-                out[s, c] = 0
                 continue
             project(z_mix[s], order, center, factor, c, tri, diff, u)
             m = -np.inf
@@ -234,14 +258,16 @@ def kde_scores(z_mix, order, center, factor, tri, points, offsets, bias, out):
                     v = np.float64(u[j] - points[q, j])
                     dist += v * v
                 m, acc = lse_update(m, acc, gauss_score(dist))
-            out[s, c] = lse_value(m, acc)
+            logits[c] = lse_value(m, acc) + bias[c]
+        store_relative(logits, out[s])
 
 
 @njit(parallel=True, cache=True)
-def finish(perm, lam, labels, bias, gamma, keep, add, out):
-    """Scores -> targets in place, one sample per iteration (each element is read before it is
-    written). gamma == 0 never reads the scores. If every logit of a row is -inf (a float32
-    overflow for |z| ~ 1e19), y_gen falls back to the mixup label: never NaN."""
+def finish(perm, lam, labels, gamma, keep, add, out):
+    """Relative logits -> targets in place, one sample per iteration (each element is read before
+    it is written). gamma == 0 never reads the logits. If every logit of a row is -inf (a float32
+    term overflowed: a feature ~1e19 standard deviations out), y_gen falls back to the mixup
+    label: never NaN."""
     b, k = out.shape
     gamma_c = ONE - gamma
     for s in prange(b):
@@ -253,13 +279,13 @@ def finish(perm, lam, labels, bias, gamma, keep, add, out):
         mx = NEG_INF
         if gamma > 0:
             for c in range(k):
-                v = row_logit(out, s, c, bias)
+                v = logit_value(out[s, c])
                 if v > mx:
                     mx = v
         if mx > NEG_INF:
             total = 0.0
             for c in range(k):
-                e = np.exp(row_logit(out, s, c, bias) - mx)
+                e = np.exp(logit_value(out[s, c]) - mx)
                 out[s, c] = e
                 total += e
             inv = np.float32(1.0 / total)
@@ -303,7 +329,7 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
             scores(product, torch.from_numpy(z), torch.from_numpy(perm), torch.from_numpy(lam), torch.from_numpy(out))
             refine_scores(z, perm, lam, product["center"].numpy(), product["bound"].numpy(), a["order"], a["center"],
                           a["factor"], params.tri, bias, out)
-        finish(perm, lam, labels, bias, g, keep, add, out)
+        finish(perm, lam, labels, g, keep, add, out)
         return out
     if g > 0:
         if params.kind == "tied":  # whitened (y = (z - m) L), then unit-scale diag scores (params.py)
@@ -311,13 +337,12 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
         z_mix = np.empty_like(z)
         mix_rows(z, perm, lam, z_mix)
         if params.kind in ("diag", "tied"):
-            diag_scores(z_mix, a["mu_t"], a["istd_t"], out)
+            diag_scores(z_mix, a["mu_t"], a["istd_t"], bias, out)
         elif params.kind == "full":
             full_scores(z_mix, params, out)
         else:
-            kde_scores(z_mix, a["order"], a["center"], a["factor"], params.tri, a["points"], a["offsets"],
-                       a["bias"], out)
-    finish(perm, lam, labels, bias, g, keep, add, out)
+            kde_scores(z_mix, a["order"], a["center"], a["factor"], params.tri, a["points"], a["offsets"], bias, out)
+    finish(perm, lam, labels, g, keep, add, out)
     return out
 
 

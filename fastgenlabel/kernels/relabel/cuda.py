@@ -7,41 +7,49 @@ no kernel makes a B x K x d intermediate.
 - ``diag_fused`` (diagonal covariance; tied after ``whiten_rows``): one launch. Grid (sample
   tiles of ``TS``, class tiles of ``TPB``), threads over classes (coalesced reads of the
   feature-major (d, K) parameters, ``LOADS`` features' worth loaded into registers together),
-  the tile's features staged through shared memory ``TD`` at a time, float32 partial sums per
-  chunk added with Kahan compensation; the scores go to ``out``. The last block to finish a
-  sample tile (a per-tile counter, atomics and fences) holds every class of those samples and
-  turns them into targets itself (``finish_row``).
+  the tile's features staged through shared memory ``TD`` at a time, each float32 term added
+  to a float64 sum; the logits go to ``logits``. The last block to finish a sample tile (a
+  per-tile counter, atomics and fences) holds every class of those samples and turns them into
+  targets itself (``finish_row``).
 - ``whiten_rows`` (tied covariance): y = (z - m) L per sample, so that tied is diag with unit
   scales on y (whitening commutes with mixing; ``params.py`` says why not the affine form).
 - Full covariance where ``gemm.use_gemm`` declines the tensor-core product: ``tri_scores``, one
   block per (sample tile, class), threads over the output coordinates j of
   u = L_c^T (z_mix - mu_c) (coalesced reads of the factor's rows), skipping its zero triangle;
-  the squared norm is reduced across the block (pairwise). The grid's fastest index is the sample
-  tile, so the blocks of one class run together: L_c is read from memory about once per call and
-  served from L2 to its B / TS tiles. SIMT float32.
+  the squared norm is summed in float64 and reduced across the block (pairwise). The grid's
+  fastest index is the sample tile, so the blocks of one class run together: L_c is read from
+  memory about once per call and served from L2 to its B / TS tiles. SIMT, u in float32.
 - ``kde_scores``: one block per (sample, class): whiten into shared memory, threads over the
-  class's points with an online log-sum-exp, then a block-level log-sum-exp merge.
+  class's points with an online log-sum-exp (distances and the log-sum-exp in float64), then a
+  block-level log-sum-exp merge.
 - ``quad_split`` (full covariance at ``gemm.use_gemm``'s sizes): the tensor-core product's left
   operand, phi = [x_i x_j, x_i, 1] of the mixed, centred sample, written as its two TF32 halves
   in one pass; the products themselves are cuBLAS's (``gemm.py``).
 - ``refine_finish`` (after the product): one block per sample bounds the product's error from
   |z_mix - m| and, where it may matter, scores the classes near the best logit again exactly
   (the factor form, as ``tri_scores`` computes it), then turns the row into targets.
-- ``finish`` (the full factor form and KDE): one block per sample, threads over classes: logits =
-  scores + bias, block-level max and sum reductions for the softmax, then the gamma blend and
-  label smoothing, in place.
+- ``finish`` (the full factor form and KDE): one block per sample, threads over classes:
+  block-level max and sum reductions for the softmax of the logits, then the gamma blend and
+  label smoothing, into ``out``.
 
-Everything is float32 (the PTX for sm_90 has no f64 instruction, no local-memory traffic and
-no spills: 40-96 registers per thread). Block sizes are compile-time constants; under the
-simulator (``NUMBA_ENABLE_CUDASIM=1``) they are tiny so that every strided loop and partial tile
-runs. Nothing here launches or compiles at import (importing numba.cuda touches no device).
+Every kernel writes its logits (score + bias) as float64 into a (B, K) scratch array,
+``logits``, and the softmax subtracts the row's largest in float64: a feature far out adds
+the same huge term to every class's score (4.5e6 nats for a dead unit at 30 with reg 1e-4), and
+float32 scores lost the digits the targets depend on (up to 0.11 of them, the fuzz review).
+The per-feature arithmetic stays float32; float64 is one add per term and the per-row
+reductions: full rate / 2 on H100/H200, slower on GPUs with 1/64-rate float64. The PTX for sm_90
+has no local-memory traffic and no spills (40-80 registers per thread, ``ptxas -v``).
+
+Block sizes are compile-time constants; under the simulator (``NUMBA_ENABLE_CUDASIM=1``) they are
+tiny so that every strided loop and partial tile runs. Nothing here launches or compiles at
+import (importing numba.cuda touches no device).
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import config, float32, int32
+from numba import config, float32, float64, int32
 
 from .._interop import cuda_modules
 from . import math as rm
@@ -66,11 +74,10 @@ _dev = cuda.jit(device=True)
 mixed = _dev(rm.mixed)
 diag_term = _dev(rm.diag_term)
 gauss_score = _dev(rm.gauss_score)
-kahan_add = _dev(rm.kahan_add)
 lse_update = _dev(rm.lse_update)
 lse_merge = _dev(rm.lse_merge)
 lse_value = _dev(rm.lse_value)
-row_logit = _dev(rm.row_logit)
+logit_value = _dev(rm.logit_value)
 mixup_mass = _dev(rm.mixup_mass)
 target_value = _dev(rm.target_value)
 product_error = _dev(rm.product_error)
@@ -156,12 +163,14 @@ def load_l2(a, s, c):
 
 
 @cuda.jit(device=True)
-def diag_chunk(part, tile, mu_t, istd_t, i0, c, n, wr, mr):
-    """Add features i0 .. i0 + n of class ``c`` to the TS samples' partial sums ``part``.
+def diag_chunk(acc, tile, mu_t, istd_t, i0, c, n, wr, mr):
+    """Add features i0 .. i0 + n of class ``c`` to the TS samples' float64 sums ``acc``.
 
     ``LOADS`` features at a time, their parameters are loaded into registers (``wr``, ``mr``:
     local arrays indexed by unrolled constants) before any of them is used, so that a warp waits
     for memory once per group rather than once or twice per feature; the tail goes one by one.
+    Each float32 term goes into the float64 sum (a float32 partial sum would round a term that is
+    common to every class, a feature far out, differently for each).
     """
     g_end = n - n % LOADS
     for g in range(0, g_end, LOADS):
@@ -170,25 +179,26 @@ def diag_chunk(part, tile, mu_t, istd_t, i0, c, n, wr, mr):
             mr[u] = mu_t[i0 + g + u, c]
         for u in range(LOADS):
             for t in range(TS):
-                part[t] += diag_term(tile[t, g + u], mr[u], wr[u])
+                acc[t] += float64(diag_term(tile[t, g + u], mr[u], wr[u]))
     for ii in range(g_end, n):
         w = istd_t[i0 + ii, c]
         m = mu_t[i0 + ii, c]
         for t in range(TS):
-            part[t] += diag_term(tile[t, ii], m, w)
+            acc[t] += float64(diag_term(tile[t, ii], m, w))
 
 
 @cuda.jit(cache=True)
-def diag_fused(z, perm, lam, mu_t, istd_t, labels, bias, gamma, keep, add, out, done):
+def diag_fused(z, perm, lam, mu_t, istd_t, labels, bias, gamma, keep, add, logits, out, done):
     """Diagonal covariance (and tied, on whitened features with unit scales) in one launch:
-    score = -1/2 sum_i ((z_mix_i - mu_ci) istd_ic)^2. Grid (sample tiles, class tiles): a block
-    scores its TS samples over its TPB classes into ``out``; the last block to finish a sample
-    tile (counted in ``done``) turns that tile's rows into targets (``finish_row``).
+    logit = -1/2 sum_i ((z_mix_i - mu_ci) istd_ic)^2 + bias_c, in float64. Grid (sample tiles,
+    class tiles): a block writes the logits of its TS samples over its TPB classes into
+    ``logits`` (B, K) float64; the last block to finish a sample tile (counted in ``done``) turns
+    that tile's rows into targets in ``out`` (``finish_row``).
 
     Splitting the classes over blocks keeps the GPU busy: at B = 256, K = 1000 one block per
     sample tile would be 32 blocks of 4 warps on a 132-SM H200, each warp stalling on every
     parameter load. ``done`` (>= gridDim.x int32, zero) counts the blocks of each tile that have
-    written their scores (each thread fences its stores first); the block that makes the count
+    written their logits (each thread fences its stores first); the block that makes the count
     complete resets it to zero for the next launch, then reads the whole rows from L2. With one
     class tile (K <= TPB, or gamma = 0: nothing to score) there is nothing to count.
     """
@@ -198,33 +208,26 @@ def diag_fused(z, perm, lam, mu_t, istd_t, labels, bias, gamma, keep, add, out, 
     tid = cuda.threadIdx.x
     c = cuda.blockIdx.y * TPB + tid
     tile = cuda.shared.array((TS, TD), float32)
-    red = cuda.shared.array(TPB, float32)
+    red = cuda.shared.array(TPB, float64)
     last = cuda.shared.array(1, int32)
-    acc = cuda.local.array(TS, float32)
-    comp = cuda.local.array(TS, float32)
-    part = cuda.local.array(TS, float32)
+    acc = cuda.local.array(TS, float64)
     wr = cuda.local.array(LOADS, float32)
     mr = cuda.local.array(LOADS, float32)
     if gamma > ZERO:
         for t in range(TS):
-            acc[t] = ZERO
-            comp[t] = ZERO
+            acc[t] = 0.0
         for i0 in range(0, d, TD):
             stage_mixed(tile, z, perm, lam, s0, i0)
             cuda.syncthreads()
             if c < k:
-                for t in range(TS):
-                    part[t] = ZERO
-                diag_chunk(part, tile, mu_t, istd_t, i0, c, min(TD, d - i0), wr, mr)
-                for t in range(TS):
-                    acc[t], comp[t] = kahan_add(acc[t], comp[t], part[t])
+                diag_chunk(acc, tile, mu_t, istd_t, i0, c, min(TD, d - i0), wr, mr)
             cuda.syncthreads()
         if c < k:
             for t in range(TS):
                 if s0 + t < b:
-                    out[s0 + t, c] = gauss_score(acc[t])
+                    logits[s0 + t, c] = gauss_score(acc[t]) + bias[c]
         if cuda.gridDim.y > 1:
-            cuda.threadfence()  # this thread's scores reach L2 before the block is counted
+            cuda.threadfence()  # this thread's logits reach L2 before the block is counted
             cuda.syncthreads()
             if tid == 0:
                 last[0] = cuda.atomic.add(done, cuda.blockIdx.x, 1) == cuda.gridDim.y - 1
@@ -237,31 +240,32 @@ def diag_fused(z, perm, lam, mu_t, istd_t, labels, bias, gamma, keep, add, out, 
             for t in range(TS):
                 if s0 + t < b:
                     for cc in range(tid, k, TPB):  # the thread that finish_row gives column cc
-                        out[s0 + t, cc] = load_l2(out, s0 + t, cc)
-        cuda.syncthreads()  # the tile's scores are in out, visible to the whole block
+                        logits[s0 + t, cc] = load_l2(logits, s0 + t, cc)
+        cuda.syncthreads()  # the tile's logits are in place, visible to the whole block
     for t in range(TS):
         if s0 + t < b:  # uniform over the block: finish_row's reductions see every thread
-            finish_row(s0 + t, perm, lam, labels, bias, gamma, keep, add, out, red)
+            finish_row(s0 + t, perm, lam, labels, gamma, keep, add, logits, out, red)
 
 
 @cuda.jit(cache=True)
-def tri_scores(z, perm, lam, order, center, factor, tri, bias, out):
-    """Full covariance: out[s, c] = -1/2 ||L_c^T (z_mix[s] - mu_c)||^2, computed as ||u||^2 with
-    u_j = sum_{i >= j} diff_i factor[c, i, j] in kernel feature order. Grid (tiles, K)."""
+def tri_scores(z, perm, lam, order, center, factor, tri, bias, logits):
+    """Full covariance: logits[s, c] = -1/2 ||L_c^T (z_mix[s] - mu_c)||^2 + bias_c (float64),
+    ||u||^2 with u_j = sum_{i >= j} diff_i factor[c, i, j] in kernel feature order (u in float32,
+    its squares summed in float64). Grid (tiles, K)."""
     b, d = z.shape
     s0 = cuda.blockIdx.x * TS
     c = cuda.blockIdx.y
     tid = cuda.threadIdx.x
-    if bias[c] == NEG_INF:  # empty class: the bias masks it; uniform over the block
+    if bias[c] == NEG_INF:  # empty class; uniform over the block
         if tid < TS and s0 + tid < b:
-            out[s0 + tid, c] = ZERO
+            logits[s0 + tid, c] = NEG_INF
         return
     tile = cuda.shared.array((TS, TD), float32)
-    red = cuda.shared.array((TS, TPB), float32)
+    red = cuda.shared.array((TS, TPB), float64)
     acc = cuda.local.array(TS, float32)
-    part = cuda.local.array(TS, float32)
+    part = cuda.local.array(TS, float64)
     for t in range(TS):
-        part[t] = ZERO
+        part[t] = 0.0
     for j0 in range(0, d, TPB):
         j = j0 + tid
         for t in range(TS):
@@ -278,7 +282,7 @@ def tri_scores(z, perm, lam, order, center, factor, tri, bias, out):
                             acc[t] += tile[t, ii] * f
             cuda.syncthreads()
         for t in range(TS):
-            part[t] += acc[t] * acc[t]
+            part[t] += float64(acc[t]) * acc[t]
     for t in range(TS):
         red[t, tid] = part[t]
     cuda.syncthreads()
@@ -290,24 +294,24 @@ def tri_scores(z, perm, lam, order, center, factor, tri, bias, out):
         cuda.syncthreads()
         step //= 2
     if tid < TS and s0 + tid < b:
-        out[s0 + tid, c] = gauss_score(red[tid, 0])
+        logits[s0 + tid, c] = gauss_score(red[tid, 0]) + bias[c]
 
 
 @cuda.jit(cache=True)
-def kde_scores(z, perm, lam, order, center, factor, tri, points, offsets, bias, out):
-    """KDE: out[s, c] = logsumexp_j -1/2 ||A_c (z_mix[s] - centre_c) - x_j||^2. Grid (B, K);
-    dynamic shared memory: 2 d float32."""
+def kde_scores(z, perm, lam, order, center, factor, tri, points, offsets, bias, logits):
+    """KDE: logits[s, c] = logsumexp_j -1/2 ||A_c (z_mix[s] - centre_c) - x_j||^2 + bias_c, the
+    distances and the log-sum-exp in float64. Grid (B, K); dynamic shared memory: 2 d float32."""
     b, d = z.shape
     s = cuda.blockIdx.x
     c = cuda.blockIdx.y
     tid = cuda.threadIdx.x
     if bias[c] == NEG_INF:
         if tid == 0:
-            out[s, c] = ZERO
+            logits[s, c] = NEG_INF
         return
     buf = cuda.shared.array(0, float32)  # [0, d): z_mix - centre; [d, 2d): whitened
-    red_m = cuda.shared.array(TPB, float32)
-    red_s = cuda.shared.array(TPB, float32)
+    red_m = cuda.shared.array(TPB, float64)
+    red_s = cuda.shared.array(TPB, float64)
     l = lam[s]
     p = perm[s]
     for i in range(tid, d, TPB):
@@ -320,13 +324,13 @@ def kde_scores(z, perm, lam, order, center, factor, tri, points, offsets, bias, 
             a += buf[i] * factor[c, i, j]
         buf[d + j] = a
     cuda.syncthreads()
-    m = NEG_INF
-    acc = ZERO
+    m = -math.inf
+    acc = 0.0
     for q in range(offsets[c] + tid, offsets[c + 1], TPB):
-        dist = ZERO
+        dist = 0.0
         for j in range(d):
             v = buf[d + j] - points[q, j]
-            dist += v * v
+            dist += float64(v) * v
         m, acc = lse_update(m, acc, gauss_score(dist))
     red_m[tid] = m
     red_s[tid] = acc
@@ -340,7 +344,7 @@ def kde_scores(z, perm, lam, order, center, factor, tri, points, offsets, bias, 
         cuda.syncthreads()
         step //= 2
     if tid == 0:
-        out[s, c] = lse_value(red_m[0], red_s[0])
+        logits[s, c] = lse_value(red_m[0], red_s[0]) + bias[c]
 
 
 @cuda.jit(cache=True)
@@ -408,13 +412,15 @@ def quad_split_grid(batch: int, width: int) -> tuple[int, int]:
 
 
 @cuda.jit(device=True)
-def refine_row(s, z, perm, lam, product_center, bound, order, center, factor, tri, bias, out, buf, red, picked, count):
-    """The product form's raw scores of sample ``s`` made exact where they may be off
-    (``gemm.py``), as ``cpu.refine_scores``; every thread of the block calls it. The error bound
-    from |z_mix - m|; above ``PRODUCT_TRUST``, the classes at or above the cutoff are gathered in
-    ``picked``, TPB at a time, and each is scored again by the whole block (threads over the
-    coordinates j of u = L_c^T (z_mix - mu_c), coalesced reads of the factor's rows, its zero
-    triangle skipped). ``buf``: 2 d float32 (z_mix, then z_mix - mu_c in kernel feature order)."""
+def refine_row(s, z, perm, lam, product_center, bound, order, center, factor, tri, bias, out, logits, buf, red, picked,
+               count):
+    """The product form's raw scores of sample ``s`` (``out``) -> its float64 logits, made exact
+    where they may be off (``gemm.py``), as ``cpu.refine_scores``; every thread of the block calls
+    it. The error bound from |z_mix - m|; above ``PRODUCT_TRUST``, the classes at or above the
+    cutoff are gathered in ``picked``, TPB at a time, and each is scored again by the whole block
+    (threads over the coordinates j of u = L_c^T (z_mix - mu_c), coalesced reads of the factor's
+    rows, its zero triangle skipped). ``buf``: 2 d float32 (z_mix, then z_mix - mu_c in kernel
+    feature order). Thread ``tid`` owns the classes c = tid (mod TPB), as in ``finish_row``."""
     d = z.shape[1]
     k = out.shape[1]
     tid = cuda.threadIdx.x
@@ -426,21 +432,22 @@ def refine_row(s, z, perm, lam, product_center, bound, order, center, factor, tr
         buf[i] = v
         x = v - product_center[i]
         sq += x * x
-    err = product_error(block_sum(red, sq), bound[0], bound[1], bound[2])
-    if err <= PRODUCT_TRUST:  # uniform over the block (a block reduction)
-        return
-    best = NEG_INF
+    err = product_error(float32(block_sum(red, sq)), bound[0], bound[1], bound[2])
+    best = -math.inf
     for c in range(tid, k, TPB):
-        v = row_logit(out, s, c, bias)
+        v = logit_value(float64(out[s, c]) + bias[c])
+        logits[s, c] = v
         if v > best:
             best = v
-    cut = product_cutoff(block_max(red, best), err)
+    if err <= PRODUCT_TRUST:  # uniform over the block (a block reduction)
+        return
+    cut = product_cutoff(block_max(red, best), float64(err))
     for c0 in range(0, k, TPB):
         if tid == 0:
             count[0] = 0
         cuda.syncthreads()
         c = c0 + tid
-        if c < k and bias[c] != NEG_INF and row_logit(out, s, c, bias) >= cut:
+        if c < k and bias[c] != NEG_INF and logits[s, c] >= cut:
             picked[cuda.atomic.add(count, 0, 1)] = c
         cuda.syncthreads()
         for q in range(count[0]):  # uniform
@@ -448,38 +455,42 @@ def refine_row(s, z, perm, lam, product_center, bound, order, center, factor, tr
             for i in range(tid, d, TPB):
                 buf[d + i] = buf[order[i]] - center[cc, i]
             cuda.syncthreads()
-            part = ZERO
+            part = 0.0
             for j in range(tid, d, TPB):
                 u = ZERO
                 for i in range(j if tri else 0, d):
                     u += buf[d + i] * factor[cc, i, j]
-                part += u * u
+                part += float64(u) * u
             total = block_sum(red, part)
             if tid == 0:
-                out[s, cc] = gauss_score(total)
-        cuda.syncthreads()  # count and picked are rewritten next round; out is final for finish_row
+                logits[s, cc] = gauss_score(total) + bias[cc]
+        cuda.syncthreads()  # count and picked are rewritten next round; logits are final for finish_row
 
 
 @cuda.jit(cache=True)
-def refine_finish(z, perm, lam, product_center, bound, order, center, factor, tri, labels, bias, gamma, keep, add, out):
-    """After the full-covariance product (``gemm.py``): one block per sample, ``refine_row`` then
-    ``finish_row``, in one launch. Dynamic shared memory: 2 d float32."""
+def refine_finish(z, perm, lam, product_center, bound, order, center, factor, tri, labels, bias, gamma, keep, add,
+                  logits, out):
+    """After the full-covariance product (``gemm.py``), whose raw scores are in ``out``: one block
+    per sample, ``refine_row`` then ``finish_row``, in one launch. Dynamic shared memory: 2 d
+    float32."""
     buf = cuda.shared.array(0, float32)
-    red = cuda.shared.array(TPB, float32)
+    red = cuda.shared.array(TPB, float64)
     picked = cuda.shared.array(TPB, int32)
     count = cuda.shared.array(1, int32)
     s = cuda.blockIdx.x
     if gamma > ZERO:  # uniform
-        refine_row(s, z, perm, lam, product_center, bound, order, center, factor, tri, bias, out, buf, red, picked, count)
-    finish_row(s, perm, lam, labels, bias, gamma, keep, add, out, red)
+        refine_row(s, z, perm, lam, product_center, bound, order, center, factor, tri, bias, out, logits, buf, red,
+                   picked, count)
+    finish_row(s, perm, lam, labels, gamma, keep, add, logits, out, red)
 
 
 @cuda.jit(device=True)
-def finish_row(s, perm, lam, labels, bias, gamma, keep, add, out, red):
-    """Scores -> targets of sample ``s`` in place; every thread of the block calls it (block
-    reductions in ``red``). Each element is read by the thread that writes it, before it
-    writes. gamma == 0 never reads the scores; a row whose logits are all -inf (float32
-    overflow) takes the mixup label as y_gen: never NaN."""
+def finish_row(s, perm, lam, labels, gamma, keep, add, logits, out, red):
+    """Float64 logits of sample ``s`` -> its targets in ``out``; every thread of the block calls it
+    (block reductions in ``red``, float64) and handles the classes c = tid (mod TPB). The softmax
+    subtracts the row's largest logit in float64, then runs in float32. gamma == 0 never reads the
+    logits; a row whose logits are all -inf (float32 overflow of the features) takes the mixup
+    label as y_gen: never NaN."""
     tid = cuda.threadIdx.x
     k = out.shape[1]
     l = lam[s]
@@ -488,20 +499,20 @@ def finish_row(s, perm, lam, labels, bias, gamma, keep, add, out, red):
     ya = labels[s]
     yb = labels[p]
     gamma_c = ONE - gamma
-    mx = NEG_INF
+    mx = -math.inf
     if gamma > ZERO:
         for c in range(tid, k, TPB):
-            v = row_logit(out, s, c, bias)
+            v = logit_value(logits[s, c])
             if v > mx:
                 mx = v
         mx = block_max(red, mx)
-    if mx > NEG_INF:
+    if mx > -math.inf:
         total = ZERO
         for c in range(tid, k, TPB):
-            e = math.exp(row_logit(out, s, c, bias) - mx)
+            e = math.exp(float32(logit_value(logits[s, c]) - mx))
             out[s, c] = e
             total += e
-        inv = ONE / block_sum(red, total)
+        inv = ONE / float32(block_sum(red, total))
         for c in range(tid, k, TPB):
             out[s, c] = target_value(out[s, c] * inv, mixup_mass(c, ya, yb, l, lc), gamma, gamma_c, keep, add)
     else:
@@ -511,10 +522,10 @@ def finish_row(s, perm, lam, labels, bias, gamma, keep, add, out, red):
 
 
 @cuda.jit(cache=True)
-def finish(perm, lam, labels, bias, gamma, keep, add, out):
-    """Scores -> targets in place; one block per sample (the full-covariance and KDE paths)."""
-    red = cuda.shared.array(TPB, float32)
-    finish_row(cuda.blockIdx.x, perm, lam, labels, bias, gamma, keep, add, out, red)
+def finish(perm, lam, labels, gamma, keep, add, logits, out):
+    """Logits -> targets; one block per sample (the full-covariance factor form and KDE)."""
+    red = cuda.shared.array(TPB, float64)
+    finish_row(cuda.blockIdx.x, perm, lam, labels, gamma, keep, add, logits, out, red)
 
 
 def refuse_shape(params, batch: int) -> str | None:
@@ -543,7 +554,7 @@ def class_tiles(num_classes: int) -> int:
 
 
 def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, *, stream=0, scores_ready=False,
-                   done=None, scratch=None):
+                   done=None, scratch=None, logits=None):
     """Launch the relabel stage on device arrays (anything with ``__cuda_array_interface__``).
 
     Args:
@@ -561,6 +572,7 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
             serves every launch on one stream (launches on other streams need their own). None:
             a fresh one is uploaded for this call.
         scratch: tied: a (B, d) float32 device array for the whitened samples (None: allocated).
+        logits: a (B, K) float64 device array for the logits (None: allocated).
 
     Returns:
         out. The launches (one for diag and after the product, two for tied, the full factor
@@ -574,6 +586,8 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
     keep = np.float32(1.0 - smoothing)
     add = np.float32(smoothing / k)
     bias = arrays["bias"]
+    if logits is None:
+        logits = cuda.device_array((b, k), np.float64, stream=stream)
     tiles = sample_tiles(b)
     if params.kind in ("diag", "tied") and not scores_ready:
         if done is None:
@@ -587,21 +601,21 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
             whiten_rows[b, TPB, stream, 4 * d](z, arrays["center"], arrays["chol"], scratch)
             z = scratch
         grid = (tiles, class_tiles(k) if g > 0 else 1)
-        diag_fused[grid, TPB, stream](z, perm, lam, arrays["mu_t"], arrays["istd_t"], labels, bias, g, keep, add, out,
-                                      done)
+        diag_fused[grid, TPB, stream](z, perm, lam, arrays["mu_t"], arrays["istd_t"], labels, bias, g, keep, add, logits,
+                                      out, done)
         return out
     if scores_ready:
         refine_finish[b, TPB, stream, 8 * params.dim](z, perm, lam, arrays["product_center"], arrays["bound"], arrays["order"],
                                                       arrays["center"], arrays["factor"], int(params.tri), labels, bias,
-                                                      g, keep, add, out)
+                                                      g, keep, add, logits, out)
         return out
     if g > 0:
         if params.kind == "full":
             tri_scores[(tiles, k), TPB, stream](z, perm, lam, arrays["order"], arrays["center"],
-                                                arrays["factor"], int(params.tri), bias, out)
+                                                arrays["factor"], int(params.tri), bias, logits)
         else:
             kde_scores[(b, k), TPB, stream, 8 * params.dim](
                 z, perm, lam, arrays["order"], arrays["center"], arrays["factor"], int(params.tri),
-                arrays["points"], arrays["offsets"], bias, out)
-    finish[b, TPB, stream](perm, lam, labels, bias, g, keep, add, out)
+                arrays["points"], arrays["offsets"], bias, logits)
+    finish[b, TPB, stream](perm, lam, labels, g, keep, add, logits, out)
     return out

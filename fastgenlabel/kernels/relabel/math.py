@@ -3,12 +3,14 @@
 Every function here is plain Python. ``cpu.py`` compiles them with ``numba.njit`` and ``cuda.py``
 with ``numba.cuda.jit(device=True)``; the simulator runs them as they are. Constants are
 ``np.float32`` globals (Numba freezes them as float32 constants), and no function introduces a
-float64 literal, so float32 arguments keep every operation in float32 on the GPU; the CPU
-kernels pass float64 accumulators where that is cheap and get float64 arithmetic.
+float64 literal, so float32 arguments keep an operation in float32 on either target; the
+kernels pass float64 where the digits matter (sums of terms, logits) and get float64 there.
 
 Notation (docs/MATH.md sections 3 and 5): a raw score is the class-dependent part of
 ``log p_c(z_mix)`` without the per-class constant; the *logit* is raw score + bias, with
 ``bias_c = log_norm_c + log_prior_c`` (shifted by a constant) and ``-inf`` for empty classes.
+Logits are formed and kept in float64 (a feature far out adds the same huge term to every
+class's score; the softmax needs the digits below it).
 """
 from __future__ import annotations
 
@@ -66,20 +68,6 @@ def product_cutoff(best, err):
     return best - PRODUCT_MARGIN - (err + err)
 
 
-def kahan_add(total, comp, x):
-    """Compensated summation step: returns the new ``(total, compensation)``.
-
-    Only for targets that keep IEEE order (the CUDA kernels); the CPU kernels, compiled with
-    reassociation allowed, accumulate in float64 instead.
-    """
-    y = x - comp
-    t = total + y
-    c = (t - total) - y
-    if c != c:  # t overflowed to infinity (inf - inf): keep it, with no compensation
-        c = ZERO
-    return t, c
-
-
 def lse_update(m, s, x):
     """Online log-sum-exp: fold ``x`` into the running ``(max, sum of exp(. - max))``."""
     if x == NEG_INF:
@@ -105,12 +93,10 @@ def lse_value(m, s):
     return NEG_INF
 
 
-def row_logit(scores, s, c, bias):
-    """Logit of class ``c`` for mixed sample ``s``: its raw score plus the class's bias. NaN is
-    mapped to ``-inf`` and ``+inf`` (a float32 score that overflowed upwards, |z| ~ 1e38) to the
-    largest float32, so that the softmax shares the row among those classes instead of making
-    ``inf - inf`` NaN."""
-    v = scores[s, c] + bias[c]
+def logit_value(v):
+    """A logit as the softmax may read it: NaN is mapped to ``-inf`` and ``+inf`` (a float32 score
+    that overflowed upwards, |z| ~ 1e38) to the largest float32, so that the softmax shares the row
+    among those classes instead of making ``inf - inf`` NaN."""
     if v != v:
         return NEG_INF
     if v > MAX_F32:

@@ -3,12 +3,13 @@
 Parameters reach the kernels as arrays, never as compiled-in constants, so refitting a model
 never recompiles. Packing reads only the models' public attributes (``means``, ``variances``,
 ``precision_chol``, ``log_norm``, ``log_prior``, ``class_counts``, ``class_points``,
-``kernel_chol``), derives everything in float64 and rounds once to float32.
+``kernel_chol``), derives everything in float64 and rounds once to float32 (all but ``bias``).
 
 What each kind packs (K classes, d features, M kept KDE points), in terms of docs/MATH.md:
 
-- every kind: ``bias`` (K,) = log_norm_c + log_prior_c minus its largest finite value (a
-  constant, which the softmax ignores; it keeps float32 logits small), ``-inf`` for empty classes.
+- every kind: ``bias`` (K,) float64 = log_norm_c + log_prior_c minus its largest finite value (a
+  constant, which the softmax ignores), ``-inf`` for empty classes. The one float64 array: the
+  kernels form each logit, score + bias, in float64 and keep it relative to its row's largest.
 - ``diag``: ``mu_t`` (d, K) and ``istd_t`` (d, K) = 1 / sqrt(var), feature-major so that the
   CPU's inner loop and the GPU's threads run over classes on contiguous memory.
   Raw score: -1/2 sum_i ((z_i - mu_ci) istd_ci)^2.
@@ -95,15 +96,14 @@ def _f32(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _bias(model) -> np.ndarray:
-    """log_norm + log_prior, shifted so its largest finite entry is 0; -inf if empty."""
+    """log_norm + log_prior in float64, shifted so its largest finite entry is 0; -inf if empty."""
     counts = model.class_counts.detach().to("cpu", torch.float64)
     b = model.log_norm.detach().to("cpu", torch.float64) + model.log_prior.detach().to("cpu", torch.float64)
     b = torch.where(counts > 0, b, torch.full_like(b, -math.inf))
     finite = torch.isfinite(b)
     if not bool(finite.any()):
         raise ValueError("model: no class has a finite log-likelihood constant (every class is empty)")
-    b = torch.where(finite, b - b[finite].max(), torch.full_like(b, -math.inf))
-    return _f32(b)
+    return torch.where(finite, b - b[finite].max(), torch.full_like(b, -math.inf)).numpy()
 
 
 def _feature_order(factor: torch.Tensor) -> tuple[np.ndarray, bool]:
@@ -137,7 +137,6 @@ def pack(model) -> RelabelParams:
         var = model.variances.detach().to("cpu", torch.float64)
         arrays["mu_t"] = _f32(means.T)
         arrays["istd_t"] = _f32(torch.rsqrt(var).T)
-        arrays["bias"] = _bias(model)
     elif kind == "tied":
         means = model.means.detach().to("cpu", torch.float64)
         chol = model.precision_chol.detach().to("cpu", torch.float64)
@@ -150,7 +149,6 @@ def pack(model) -> RelabelParams:
         t = torch.where(live.unsqueeze(1), t, torch.zeros_like(t))
         arrays["mu_t"] = _f32(t.T)
         arrays["istd_t"] = np.ones((d, k), np.float32)
-        arrays["bias"] = _bias(model)
     elif kind == "full":
         means = model.means.detach().to("cpu", torch.float64)
         chol = model.precision_chol.detach().to("cpu", torch.float64)
@@ -159,7 +157,6 @@ def pack(model) -> RelabelParams:
         arrays["order"] = order
         arrays["center"] = _f32(means[:, idx])
         arrays["factor"] = _f32(chol[:, idx][:, :, idx])
-        arrays["bias"] = _bias(model)
     else:  # kde
         centers = np.zeros((k, d), np.float64)
         factors = np.zeros((k, d, d), np.float64)
@@ -184,7 +181,7 @@ def pack(model) -> RelabelParams:
         arrays["factor"] = _f32(factors[:, order][:, :, order])
         arrays["points"] = _f32(np.concatenate(pts)[:, order])  # whitened coordinates, kernel order
         arrays["offsets"] = np.asarray(offsets, dtype=np.int64)
-        arrays["bias"] = _bias(model)
+    arrays["bias"] = _bias(model)  # float64: the kernels form logits in float64 (cpu.py, cuda.py)
     return RelabelParams(kind, k, d, tri, arrays)
 
 
