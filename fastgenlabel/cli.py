@@ -40,13 +40,22 @@ def _cmd_bench_loader(args) -> int:
     return bench.main(args)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default (options without one, and flags, show none)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgenlabel", description="GenLabel mixup relabeling, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, available backends, and model files")
     info.add_argument("model", nargs="*", help="model files (.npz) to describe")
     info.set_defaults(func=_cmd_info)
-    rep = sub.add_parser("reproduce", help="the paper's synthetic and tabular results")
+    rep = sub.add_parser("reproduce", help="the paper's synthetic and tabular results", formatter_class=_Help)
     try:
         from .experiments.reproduce import add_arguments
     except ImportError:  # pragma: no cover - experiments need scikit-learn and matplotlib
@@ -54,19 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     if add_arguments is not None:
         add_arguments(rep)
     rep.set_defaults(func=_cmd_reproduce)
-    demo = sub.add_parser("demo", help="real digits as JPEGs -> DALI loader -> CNN with mixup vs mixup + GenLabel")
+    demo = sub.add_parser("demo", help="real digits as JPEGs -> DALI loader -> CNN with mixup vs mixup + GenLabel",
+                          formatter_class=_Help)
     from .demo import add_arguments as add_demo_arguments
 
     add_demo_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
-    fit = sub.add_parser("fit", help="fit a class model (and its PCA feature map) on a folder of images")
+    fit = sub.add_parser("fit", help="fit a class model (and its PCA feature map) on a folder of images",
+                         formatter_class=_Help)
     from .fit.command import add_arguments as add_fit_arguments
 
     add_fit_arguments(fit)
     fit.set_defaults(func=_cmd_fit)
     bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    bench_loader = bench_sub.add_parser("loader", help="images/s of the loader against a torch DataLoader + mixup")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="{loader}")
+    bench_loader = bench_sub.add_parser("loader", help="images/s of the loader against a torch DataLoader + mixup",
+                                        formatter_class=_Help)
     from .loader.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench_loader)

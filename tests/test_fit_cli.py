@@ -192,6 +192,15 @@ def test_fit_under_torchrun_counts_every_image_once(folder, tmp_path, pca_sample
     np.testing.assert_allclose(model.log_likelihood(z), expected.log_likelihood(z), rtol=1e-4)
 
 
+def test_options_of_the_other_model_are_refused(folder, tmp_path, capsys):
+    """--covariance does nothing for a KDE (nor --bandwidth for a Gaussian): said, not ignored."""
+    out = str(tmp_path / "m.npz")
+    assert main(["fit", str(folder), "--out", out, "--model", "kde", "--covariance", "diag"]) == 2
+    assert "--covariance: applies to --model gaussian only" in capsys.readouterr().err
+    assert main(["fit", str(folder), "--out", out, "--bandwidth", "0.5"]) == 2
+    assert "--bandwidth, --max-points-per-class: apply to --model kde only" in capsys.readouterr().err
+
+
 def test_fit_checks_its_outputs_before_reading_and_writes_them_atomically(folder, tmp_path, capsys):
     """A folder as --out, or --dim beyond the thumbnails, fail at once (no pass over the data);
     --features-out gets exactly its name, in a folder that is made; no temporary is left."""

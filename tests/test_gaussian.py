@@ -147,6 +147,18 @@ def test_a_single_sample_class_gets_reg_times_identity(covariance):
     np.testing.assert_allclose(model.log_likelihood(q)[:, 1], expected, rtol=1e-10)
 
 
+def test_full_covariance_of_at_most_d_samples_warns():
+    """n_c <= d: the covariance is singular but for reg; say so (one sample has its own fallback)."""
+    rng = np.random.default_rng(seed_of("few", "full"))
+    z, y = make_data(rng, 4, [12, 4, 1])
+    with pytest.warns(RuntimeWarning, match=r"class\(es\) \[1\] have at most d = 4 samples"):
+        GaussianClassModel("full").fit(z, y, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GaussianClassModel("diag").fit(z, y, 3)
+        GaussianClassModel("full").fit(*make_data(rng, 4, [12, 5, 1]), 3)
+
+
 def test_a_single_sample_class_uses_the_pooled_covariance_when_tied():
     rng = np.random.default_rng(seed_of("one", "tied"))
     z, y = make_data(rng, 4, [12, 1, 9])

@@ -310,3 +310,10 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.npz"]
     with pytest.raises(IsADirectoryError, match="folder"):
         write_atomically(tmp_path, lambda f: f.write(b"x"))
+    with pytest.raises(FileNotFoundError) as info:  # named by the path asked for, not the temporary
+        write_atomically(tmp_path / "nodir" / "m.npz", lambda f: f.write(b"x"))
+    assert info.value.filename == str(tmp_path / "nodir" / "m.npz")
+    (tmp_path / "script.py").write_text("print('hello')\n")
+    with pytest.raises(ModelFileError, match=r"not a fastgenlabel model \(not an .npz archive\)") as info:
+        load_model(tmp_path / "script.py")
+    assert "allow_pickle" not in str(info.value)

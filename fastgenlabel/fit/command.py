@@ -25,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "shards: one or more paths, globs ('train-*.tar'), brace ranges ('train-{000..146}.tar')")
     parser.add_argument("--out", required=True, help="model file to write (.npz)")
     parser.add_argument("--model", choices=("gaussian", "kde"), default="gaussian")
-    parser.add_argument("--covariance", choices=("full", "diag", "tied"), default="full", help="gaussian only")
+    parser.add_argument("--covariance", choices=("full", "diag", "tied"), default=None, help="gaussian only (full)")
     parser.add_argument("--reg", type=float, default=1e-4, help="gaussian only: added to the covariance diagonal")
     parser.add_argument("--prior", choices=("uniform", "empirical"), default="uniform")
-    parser.add_argument("--bandwidth", type=_bandwidth, default="scott", help="kde only: scott, silverman or a factor")
+    parser.add_argument("--bandwidth", type=_bandwidth, default=None, help="kde only: scott, silverman or a factor (scott)")
     parser.add_argument("--max-points-per-class", type=positive_int, default=None, help="kde only: keep a seeded sample")
     parser.add_argument("--features", choices=FEATURES, default="pca",
                         help="pca: PCA of thumbnails (fitted here, exact under mixing); stored: --embeddings")
@@ -96,10 +96,15 @@ def _main(args) -> int:
 
     rank, world = _rank_world()
     if args.model == "gaussian":
-        model = GaussianClassModel(args.covariance, reg=args.reg, prior=args.prior)
+        if args.bandwidth is not None or args.max_points_per_class is not None:
+            raise ValueError("--bandwidth, --max-points-per-class: apply to --model kde only")
+        model = GaussianClassModel(args.covariance or "full", reg=args.reg, prior=args.prior)
     else:
-        model = KDEClassModel(args.bandwidth, max_points_per_class=args.max_points_per_class, prior=args.prior,
-                              seed=args.seed)
+        if args.covariance is not None:
+            raise ValueError("--covariance: applies to --model gaussian only (a KDE's kernels take each class's "
+                             "full covariance)")
+        model = KDEClassModel(args.bandwidth or "scott", max_points_per_class=args.max_points_per_class,
+                              prior=args.prior, seed=args.seed)
     out = Path(args.out)
     fpath = None
     if args.features == "pca":

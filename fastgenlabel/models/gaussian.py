@@ -1,6 +1,7 @@
 """One Gaussian per class: full, diagonal or tied (shared) covariance."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,6 +156,12 @@ class GaussianClassModel(ClassModel):
         else:
             sigma = s.m2 / n.clamp(min=1).view(-1, 1, 1) + self.reg * eye
             sigma = torch.where((n > 0).view(-1, 1, 1), sigma, eye.expand_as(sigma))
+            few = torch.nonzero((n > 1) & (n <= d)).flatten().tolist()
+            if few and self.reg > 0:
+                warnings.warn(f"covariance='full': class(es) {few[:10]} have at most d = {d} samples, so their "
+                              f"covariance is singular but for reg = {self.reg:g} and their likelihoods are "
+                              "overconfident; use covariance='diag' or 'tied', fewer features, or more samples",
+                              RuntimeWarning, stacklevel=4)  # _finalize, fit_stats, fit, the caller
         chol, info = torch.linalg.cholesky_ex(sigma)
         singular = info != 0
         if self.reg == 0 and not bool(singular.any()):

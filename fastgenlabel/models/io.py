@@ -60,6 +60,10 @@ def write_atomically(path, write) -> None:
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except OSError as e:  # named by the path asked for, not the temporary
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise type(e)(e.errno, e.strerror, path) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -81,9 +85,9 @@ def load_state(path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         with archive as z:
             arrays = {name: z[name] for name in z.files}
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
-        raise ModelFileError(
-            f"model file {path!r} is truncated or not a fastgenlabel model ({type(e).__name__}: {e})"
-        ) from e
+        # NumPy reads other files as pickles, which it refuses, suggesting allow_pickle: not advice to pass on
+        detail = "not an .npz archive" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
+        raise ModelFileError(f"model file {path!r} is truncated or not a fastgenlabel model ({detail})") from e
     if _META not in arrays:
         if "kind" in arrays and str(arrays["kind"]) == "thumbnail-pca":
             raise ModelFileError(f"model file {path!r} is a ThumbnailPCA feature map, not a class model: pass it "
