@@ -312,14 +312,16 @@ def render(rows, seconds: float, backend: str, threads: int, device: str = "cpu"
         lines.append(f"| {k} | {d} | {k * d * d:.1e} | {_fmt_s(r['relabel'])} | "
                      f"{_fmt_s(diag['relabel']) if diag else '-'} | {_fmt_s(tied['relabel']) if tied else '-'} "
                      f"| {_fmt_bytes(r['stats_bytes'])} | {_fmt_bytes(r['peak'])} | {_fmt_s(r['finalize'])} |")
+    largest = by.get(("full", 1000, 256))
+    took = f"it took {_fmt_s(largest['relabel'])} per batch in this run" if largest else "it was not measured in this run"
     lines += [
         "",
         "- *Relabel*: full costs K d^2 / 2 multiply-adds per sample against K d for diag and tied (tied then "
         "O(K) per mixed sample), and its time follows K d^2. On this CPU (one thread), from K d^2 ~ 10^6 "
         "on, a batch of 256 takes from about ten to tens of milliseconds: as long as decoding and augmenting "
-        "the batch, so the relabel stops being free. At K = 1000, d = 256 (K d^2 = 6.6 x 10^7) it takes "
-        "roughly 0.4 to 1.4 s per batch (runs on this shared machine differ by that much). A GPU moves the line up "
-        "by the ratio of its throughput, not past it.",
+        f"the batch, so the relabel stops being free. At K = 1000, d = 256 (K d^2 = 6.6 x 10^7) {took} "
+        "(one thread; runs on this shared machine differ by up to 3x). A GPU moves the line up by the ratio "
+        "of its throughput, not past it.",
         "- *Memory*: K (d^2 + d + 1) x 8 bytes per copy of the statistics, the same again for the fitted "
         "factors, half of it for the kernels' float32 copy; finalizing (Cholesky and triangular inverse per "
         "class) holds ~4 copies at once: 2 GB at K = 1000, d = 256; at d = 1024 it would be 8.4 GB per copy "

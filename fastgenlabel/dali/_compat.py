@@ -18,10 +18,12 @@
 4. The CPU ``setup_fn`` wrapper reads the input shapes with ``num_outs`` instead of ``num_ins``
    (``_get_setup_fn_cpu``): a setup function sees only the first ``num_outs`` inputs. Our
    operators put the image first and never have more outputs than inputs, so that is enough.
-5. Every ``numba_function`` call compiles its run/setup functions again (about 3 s on a CPU core
-   for the mix stage). :func:`cached_numba_function` compiles each distinct stage once per process
-   and reuses the compiled addresses (the compiled functions are kept alive here), so rebuilding a
-   pipeline (``reset`` mid-epoch, a new loader in a test) costs well under a second.
+5. Every ``numba_function`` call compiles its run/setup functions again (10-12 s on two cores
+   for the mix stage: its ``cfunc`` wrapper and the carray lambdas DALI builds with ``eval`` take
+   half of it, and none of it can be cached on disk, since DALI makes the functions per call).
+   :func:`cached_numba_function` compiles each distinct stage once per process and reuses the
+   compiled addresses (the compiled functions are kept alive here), so rebuilding a pipeline
+   (``reset`` mid-epoch, a new loader in a test) costs well under a second.
 """
 from __future__ import annotations
 

@@ -32,6 +32,11 @@ class GenLabelLoader:
     is fine: the next pass starts :attr:`epoch` again from its beginning (the DALI pipeline is
     rebuilt; its kernels are compiled once per process, so that takes well under a second).
 
+    Start-up: the DALI backend's first pipeline in a process compiles its Numba stage (the CPU mix,
+    or the thumbnails that ``fit`` reads): 10-12 s on this project's two-core machine. DALI
+    compiles the stage's wrapper itself, with no disk cache, so every new process pays it; rates
+    measured from the first batch include it (``fastgenlabel demo`` leaves that batch out).
+
     Args:
         config: a :class:`LoaderConfig` (``**overrides`` replace its fields).
         dataset: for ``backend="torch"`` only: a ``torch.utils.data.Dataset`` whose items are
