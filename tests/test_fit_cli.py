@@ -199,6 +199,8 @@ def test_options_of_the_other_model_are_refused(folder, tmp_path, capsys):
     assert "--covariance: applies to --model gaussian only" in capsys.readouterr().err
     assert main(["fit", str(folder), "--out", out, "--bandwidth", "0.5"]) == 2
     assert "--bandwidth, --max-points-per-class: apply to --model kde only" in capsys.readouterr().err
+    assert main(["fit", str(folder), "--out", out, "--no-augment", "--no-flip"]) == 2
+    assert "--no-augment fits on centre crops instead" in capsys.readouterr().err
 
 
 def test_fit_checks_its_outputs_before_reading_and_writes_them_atomically(folder, tmp_path, capsys):

@@ -8,7 +8,7 @@ import scipy.stats
 import torch
 
 from fastgenlabel import GaussianClassModel, genlabel_target
-from fastgenlabel.models import GaussianStats, NotFittedError
+from fastgenlabel.models import FitWarning, GaussianStats, NotFittedError
 
 COVARIANCES = ["full", "diag", "tied"]
 
@@ -157,6 +157,8 @@ def test_full_covariance_of_at_most_d_samples_warns():
         warnings.simplefilter("error")
         GaussianClassModel("diag").fit(z, y, 3)
         GaussianClassModel("full").fit(*make_data(rng, 4, [12, 5, 1]), 3)
+    with pytest.warns(FitWarning):  # a loaded model carries the same caveat
+        GaussianClassModel.from_state_dict(GaussianClassModel("full").fit(z, y, 3).state_dict())
 
 
 def test_a_single_sample_class_uses_the_pooled_covariance_when_tied():

@@ -215,19 +215,20 @@ class Images(torch.utils.data.Dataset):
         return torch.full(self.shape, 10 * i).to(self.dtype), i % K
 
 
-def test_torch_backend_names_a_channels_first_or_float_dataset():
-    """A torchvision-style dataset ((C, H, W) floats after ToTensor) is refused with the reason, not
-    mixed as if its width were channels; already-normalised floats run with mean=std=None."""
+def test_torch_backend_names_a_channels_first_dataset():
+    """A torchvision-style dataset ((C, H, W) after ToTensor) is refused with the reason, not mixed
+    as if its width were channels; (H, W, C) floats run, in the units of mean and std."""
     def first(dataset, **kw):
         return next(iter(GenLabelLoader(config(None, backend="torch", batch_size=4, num_classes=K, **kw),
                                         dataset=dataset)))
 
     with pytest.raises(ValueError, match=r"look like \(B, C, H, W\); the torch backend takes \(B, H, W, C\)"):
         first(Images((3, 16, 16), torch.uint8))
-    with pytest.raises(TypeError, match="dataset: expected uint8 images .* or pass mean=None, std=None"):
-        first(Images((16, 16, 3), torch.float32))
-    batch = first(Images((16, 16, 3), torch.float32), mean=None, std=None)
-    assert batch.images.shape == (4, 3, 16, 16)
+    with pytest.raises(ValueError, match="look like"):
+        first(Images((3, 16, 16), torch.float32))
+    pixels = first(Images((16, 16, 3), torch.float32))  # 0-255 floats, normalised as uint8 would be
+    torch.testing.assert_close(pixels.images, first(Images((16, 16, 3), torch.uint8)).images)
+    assert first(Images((16, 16, 3), torch.float32), mean=None, std=None).images.shape == (4, 3, 16, 16)
 
 
 def test_set_model_switches_at_a_batch_boundary(data, fitted):

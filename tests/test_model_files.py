@@ -283,6 +283,9 @@ def test_a_feature_map_is_named_as_one(tmp_path, capsys):
         load_model(path)
     assert main(["info", str(path)]) == 0
     assert "feature map: 2x2x3 thumbnails -> 3 features" in capsys.readouterr().out
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:100])  # truncated: one line, not a traceback
+    assert main(["info", str(tmp_path / "cut.npz")]) == 2
+    assert "is truncated or not a fastgenlabel model" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "missing.npz")]) == 2  # before the environment report
     printed = capsys.readouterr()
     assert "cannot read" in printed.err and "fastgenlabel environment" not in printed.out

@@ -330,6 +330,7 @@ BAD = [
     ("model", lambda a: object(), TypeError),
     ("model", lambda a: fg.GaussianClassModel, TypeError),  # the class, not a fitted model
     ("gamma", lambda a: True, ValueError),
+    ("gamma", lambda a: np.True_, ValueError),
     ("gamma", lambda a: "0.5", ValueError),
     ("smoothing", lambda a: "1e-1", ValueError),
     ("pairs", lambda a: _changed(a["pairs"], "perm", 0, 7), ValueError),  # written after sample_pairs:
@@ -373,6 +374,14 @@ def test_out_that_overlaps_an_input_is_refused(alias, as_torch):
         out = torch.from_numpy(out)
     with pytest.raises(ValueError, match=f"^out: overlaps {alias}"):
         relabel(a.pop("model"), a.pop("z"), a.pop("pairs"), a.pop("labels"), out=out, **a)
+
+
+def test_pairs_written_after_sampling_are_refused_without_validate_too():
+    """On the CPU the pairs' check is cheap, so validate=False keeps it: never an out-of-bounds read."""
+    a = _args()
+    pairs = _changed(a["pairs"], "perm", 0, 10_000_000)
+    with pytest.raises(ValueError, match="^pairs: perm must lie in"):
+        relabel(a["model"], a["z"], pairs, a["labels"], num_classes=3, validate=False)
 
 
 def test_out_that_requires_grad_is_refused():

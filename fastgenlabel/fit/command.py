@@ -95,6 +95,9 @@ def _main(args) -> int:
     from .folder import _rank_world
 
     rank, world = _rank_world()
+    if args.no_augment and (args.crop_scale or args.crop_ratio or args.no_flip):
+        raise ValueError("--crop-scale, --crop-ratio, --no-flip: describe the training loader's random crops; "
+                         "--no-augment fits on centre crops instead")
     if args.model == "gaussian":
         if args.bandwidth is not None or args.max_points_per_class is not None:
             raise ValueError("--bandwidth, --max-points-per-class: apply to --model kde only")

@@ -91,7 +91,7 @@ def check_num_classes(num_classes, name: str = "num_classes") -> int:
 
 
 def check_unit_interval(value: float, name: str) -> float:
-    if isinstance(value, (bool, str, bytes)):  # float() would take True and "0.5"
+    if isinstance(value, (bool, np.bool_, str, bytes)):  # float() would take True and "0.5"
         raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
     try:
         v = float(value)

@@ -63,6 +63,23 @@ class MixPairs:
         return moved
 
 
+def check_unchanged(pairs: MixPairs, ok: bool | None = None, name: str = "pairs") -> None:
+    """Raise if the pairs' tensors were written since ``MixPairs`` checked them (a perm out of
+    range would be read out of bounds, a lam outside [0, 1] gives NaN targets).
+
+    Args:
+        pairs: the batch's pairs; checked here when ``ok`` is None (host tensors).
+        ok: the verdict computed elsewhere (on a GPU, folded into the caller's one sync).
+    """
+    b = len(pairs)
+    if ok is None:
+        perm, lam = pairs.perm.numpy(), pairs.lam.detach().to(torch.float64).numpy()
+        ok = not b or bool(perm.min() >= 0 and perm.max() < b and ((lam >= 0) & (lam <= 1)).all())
+    if not ok:
+        raise ValueError(f"{name}: perm must lie in [0, {b}) and lam in [0, 1]; the pairs' tensors were changed "
+                         "after sample_pairs made them")
+
+
 def _rng(generator) -> np.random.Generator:
     if generator is None:
         return np.random.default_rng()

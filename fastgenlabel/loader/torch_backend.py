@@ -1,7 +1,7 @@
 """The torch backend: any Dataset or DataLoader; mix and relabel after collation, with the same kernels.
 
-Each collated batch ``(images (B, H, W, C) uint8 (float if already normalised, with mean=std=None),
-labels (B,)[, indices (B,)])`` goes to the loader's device, gets its pairs from the same seeded
+Each collated batch ``(images (B, H, W, C) uint8 or float in the units of mean and std, labels
+(B,)[, indices (B,)])`` goes to the loader's device, gets its pairs from the same seeded
 :class:`~fastgenlabel.functional.pairs.PairFeed` as the DALI backend, and is mixed, normalised and
 laid out by one :func:`fastgenlabel.mix_images` call (numba-cpu on the CPU, numba-cuda on a GPU).
 With a Dataset the loader samples itself (epochs, shards and the last-batch policy as in the DALI
@@ -72,7 +72,7 @@ class TorchBackend:
             raise ValueError("dataset: batches must be (images, labels) or (images, labels, indices)")
         images, labels = item[0], torch.as_tensor(item[1]).to(torch.int64)
         indices = torch.as_tensor(item[2]).to(torch.int64) if len(item) == 3 else None
-        _check_images(images, normalise=self.config.mean is not None)
+        _check_images(images)
         images = images.to(self.device, non_blocking=True).contiguous()
         pairs = self.feed.draw(images.shape[0], self._epoch, self._batch)
         self._batch += 1
@@ -82,18 +82,14 @@ class TorchBackend:
         return mixed, thumbs, indices, labels, pairs
 
 
-def _check_images(images, *, normalise: bool) -> None:
-    """The torch backend's batches: (B, H, W, C), uint8 where the loader normalises (mean/std in 0-255
-    units), or already-normalised floats with ``mean=None, std=None``."""
+def _check_images(images) -> None:
+    """The torch backend's batches: (B, H, W, C) uint8 or float, in the units of mean and std."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"dataset: expected image batches as torch tensors (items: (H, W, C) uint8 tensors or "
                         f"arrays and int labels), got {type(images).__name__}")
     if images.ndim != 4:
         raise ValueError(f"dataset: expected (B, H, W, C) image batches, got shape {tuple(images.shape)}")
-    if normalise and images.dtype != torch.uint8:
-        raise TypeError(f"dataset: expected uint8 images (0-255, the units of mean and std), got {images.dtype}; "
-                        "drop ToTensor/Normalize from the dataset's transform (the loader normalises), or pass "
-                        "mean=None, std=None for images the dataset has normalised")
     if images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
         raise ValueError(f"dataset: image batches of shape {tuple(images.shape)} look like (B, C, H, W); the torch "
-                         "backend takes (B, H, W, C) (items (H, W, C), as PIL/NumPy images are)")
+                         "backend takes (B, H, W, C) (items (H, W, C), as PIL/NumPy images are; drop ToTensor and "
+                         "Normalize from the dataset's transform: the loader normalises)")

@@ -1,10 +1,10 @@
 """Class-conditional generative models: fit, merge statistics, log-likelihood, safe files."""
-from .base import ClassModel, NotFittedError, load_model
+from .base import ClassModel, FitWarning, NotFittedError, load_model
 from .gaussian import GaussianClassModel, GaussianStats
 from .io import ModelFileError
 from .kde import KDEClassModel, KDEStats
 
 __all__ = [
-    "ClassModel", "GaussianClassModel", "GaussianStats", "KDEClassModel", "KDEStats", "ModelFileError",
+    "ClassModel", "FitWarning", "GaussianClassModel", "GaussianStats", "KDEClassModel", "KDEStats", "ModelFileError",
     "NotFittedError", "load_model",
 ]

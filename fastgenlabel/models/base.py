@@ -18,6 +18,12 @@ LOG_2PI = math.log(2 * math.pi)
 CHUNK_ELEMENTS = 1 << 22
 
 
+class FitWarning(RuntimeWarning):
+    """A concern about the data a model is fitted on (empty classes, too few samples for the
+    covariance), warned when it is fitted and when it is loaded; ``warnings.simplefilter("ignore",
+    FitWarning)`` silences them."""
+
+
 class NotFittedError(RuntimeError):
     """A model was used before ``fit``."""
 
@@ -84,7 +90,7 @@ class ClassModel:
             warnings.warn(
                 f"{type(self).__name__}: class(es) {empty[:10]}{'...' if len(empty) > 10 else ''} have no "
                 "training samples; they get log-likelihood -inf and never receive GenLabel mass",
-                RuntimeWarning,
+                FitWarning,
                 stacklevel=3,
             )
         params = self._finalize(stats)  # may raise: the model keeps its previous state
@@ -185,7 +191,7 @@ class ClassModel:
         except TypeError as e:
             raise ValueError(f"state: unexpected options for {cls.__name__}: {e}") from e
         stats = model._stats_type().from_numpy(arrays, device=device, **model._stats_options())
-        return model.fit_stats(stats)
+        return model.fit_stats(stats)  # a loaded model repeats its FitWarnings: whoever loads it holds them too
 
     def save(self, path) -> None:
         """Write the model to ``path`` (a ``.npz`` file that loads without pickle)."""

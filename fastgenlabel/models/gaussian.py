@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import CHUNK_ELEMENTS, LOG_2PI, ClassModel, register
+from .base import CHUNK_ELEMENTS, LOG_2PI, ClassModel, FitWarning, register
 
 COVARIANCES = ("full", "diag", "tied")
 # With reg = 0, a covariance in which some feature keeps at most this fraction of its variance
@@ -161,7 +161,7 @@ class GaussianClassModel(ClassModel):
                 warnings.warn(f"covariance='full': class(es) {few[:10]} have at most d = {d} samples, so their "
                               f"covariance is singular but for reg = {self.reg:g} and their likelihoods are "
                               "overconfident; use covariance='diag' or 'tied', fewer features, or more samples",
-                              RuntimeWarning, stacklevel=4)  # _finalize, fit_stats, fit, the caller
+                              FitWarning, stacklevel=4)  # _finalize, fit_stats, fit, the caller
         chol, info = torch.linalg.cholesky_ex(sigma)
         singular = info != 0
         if self.reg == 0 and not bool(singular.any()):

@@ -63,6 +63,8 @@ def write_atomically(path, write) -> None:
     except OSError as e:  # named by the path asked for, not the temporary
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if e.errno is None:
+            raise
         raise type(e)(e.errno, e.strerror, path) from None
     except BaseException:
         with contextlib.suppress(OSError):

@@ -413,9 +413,9 @@ def test_product_form_cuda_scores(fake_cuda_glue):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("kind", ["tied", "diag"])
-def test_upward_float32_overflow_is_shared_never_nan(kind):
-    """Tied scores overflow upwards at |z| ~ 3e38 (+inf): those classes share the row; the Kahan
-    compensation of an infinite sum stays finite; never NaN."""
+def test_features_at_the_float32_limit_never_give_nan(kind):
+    """|z| ~ 3e38: the float32 terms overflow to +inf, every logit is -inf or the row shares its
+    mass among the classes that are left; never NaN, rows sum to 1."""
     model, z, y = make_model(kind, 3, 2)
     zb = np.array([[3e38, -3e38], [-3e38, 3e38]], np.float32)
     pairs = fg.MixPairs(torch.tensor([1, 0]), torch.tensor([0.5, 1.0]))

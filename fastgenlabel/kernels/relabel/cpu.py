@@ -15,7 +15,7 @@ Each path matches the reference ``genlabel_target(model, mix(z, pairs), ...)`` (
    - full: :func:`full_scores`, batched GEMMs over chunks of classes plus a fused epilogue; or,
      for large K d^2, ``gemm.py``'s single product, made exact where needed by
      :func:`refine_scores`;
-   - kde: :func:`kde_scores`, parallel over (class, sample): whitening and an online log-sum-exp;
+   - kde: :func:`kde_scores`, parallel over samples: whitening and an online log-sum-exp;
 
 2. :func:`finish`, parallel over samples: the softmax of those logits, the gamma blend with the
    mixup label and label smoothing, in place.
@@ -265,9 +265,9 @@ def kde_scores(z_mix, order, center, factor, tri, points, offsets, bias, out):
 @njit(parallel=True, cache=True)
 def finish(perm, lam, labels, gamma, keep, add, out):
     """Relative logits -> targets in place, one sample per iteration (each element is read before
-    it is written). gamma == 0 never reads the logits. If every logit of a row is -inf (a float32
-    term overflowed: a feature ~1e19 standard deviations out), y_gen falls back to the mixup
-    label: never NaN."""
+    it is written). gamma == 0 never reads the logits. If every logit of a row is -inf (diag and
+    tied: a float32 term overflowed, a feature ~1e19 standard deviations out), y_gen falls back to
+    the mixup label: never NaN."""
     b, k = out.shape
     gamma_c = ONE - gamma
     for s in prange(b):

@@ -588,6 +588,8 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
     bias = arrays["bias"]
     if logits is None:
         logits = cuda.device_array((b, k), np.float64, stream=stream)
+    elif tuple(logits.shape) != (b, k) or logits.dtype != np.float64:
+        raise ValueError(f"logits: expected a ({b}, {k}) float64 array, got {tuple(logits.shape)} {logits.dtype}")
     tiles = sample_tiles(b)
     if params.kind in ("diag", "tied") and not scores_ready:
         if done is None:

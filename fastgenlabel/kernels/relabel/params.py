@@ -1,4 +1,4 @@
-"""A fitted class model, packed into the flat float32 arrays the relabel kernels read.
+"""A fitted class model, packed into the flat arrays the relabel kernels read (float32; the bias float64).
 
 Parameters reach the kernels as arrays, never as compiled-in constants, so refitting a model
 never recompiles. Packing reads only the models' public attributes (``means``, ``variances``,
