@@ -103,18 +103,19 @@ def check_unit_interval(value: float, name: str) -> float:
 
 
 def overlaps(a, b) -> bool:
-    """Whether two arrays or tensors share memory (tensors: their byte ranges on one device)."""
+    """Whether two arrays or tensors share memory (tensors: their byte ranges on one device).
+    Cheap where they do not (the usual case): the kernels' hot paths ask it per call."""
     if isinstance(a, torch.Tensor):
-        if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-            return False
         a0, b0 = a.data_ptr(), b.data_ptr()
-        a1 = a0 + _span(a)
-        b1 = b0 + _span(b)
-        return a0 < b1 and b0 < a1
+        if not (a0 < b0 + _span(b) and b0 < a0 + _span(a)):
+            return False
+        return a.numel() > 0 and b.numel() > 0 and a.device == b.device
     return bool(np.may_share_memory(a, b))
 
 
 def _span(t: torch.Tensor) -> int:
     """Bytes from a tensor's first element to just past its last one."""
+    if t.is_contiguous():
+        return t.numel() * t.element_size()
     last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True) if n > 0)
     return (last + 1) * t.element_size()

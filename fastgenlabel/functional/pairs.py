@@ -73,11 +73,15 @@ def check_unchanged(pairs: MixPairs, ok: bool | None = None, name: str = "pairs"
     """
     b = len(pairs)
     if ok is None:
-        perm, lam = pairs.perm.numpy(), pairs.lam.detach().to(torch.float64).numpy()
-        ok = not b or bool(perm.min() >= 0 and perm.max() < b and ((lam >= 0) & (lam <= 1)).all())
+        ok = not b or _in_range(pairs.perm.numpy(), pairs.lam.detach(), b)
     if not ok:
         raise ValueError(f"{name}: perm must lie in [0, {b}) and lam in [0, 1]; the pairs' tensors were changed "
                          "after sample_pairs made them")
+
+
+def _in_range(perm: np.ndarray, lam: torch.Tensor, b: int) -> bool:
+    lam = (lam if lam.dtype in (torch.float32, torch.float64) else lam.float()).numpy()
+    return bool(perm.min() >= 0 and perm.max() < b and lam.min() >= 0 and lam.max() <= 1)  # NaN fails
 
 
 def _rng(generator) -> np.random.Generator:
