@@ -192,7 +192,7 @@ def prepare_pixel_job(images, pairs, mean=None, std=None, *, dtype=None, layout=
             "dtype: bfloat16 output needs torch input (NumPy has no bfloat16); pass "
             "torch.from_numpy(images) (no copy) or ask for float16/float32"
         )
-    mean_v, std_v = _mean_std(mean, std, c, f"; images {tuple(batch.shape)} read as input_layout={input_layout!r}")
+    mean_v, std_v = _mean_std(mean, std, c, (batch.shape, input_layout))
     check_pairs(pairs, b)
     device = batch.device if is_torch else torch.device("cpu")
     perm, lam = _pairs_on(pairs, device)
@@ -282,7 +282,9 @@ def _size(batch, input_layout: str) -> tuple[int, int, int, int]:
     return int(b), int(h), int(w), int(c)
 
 
-def _channel_values(v, name: str, channels: int, context: str = "") -> np.ndarray:
+def _channel_values(v, name: str, channels: int, images=None) -> np.ndarray:
+    """(channels,) float64 of a scalar or per-channel ``v``; ``images`` = (shape, input_layout) of
+    the batch, named in the error (formatted only then: this runs on every pixel-stage call)."""
     if isinstance(v, torch.Tensor):
         if v.device.type != "cpu":
             raise TypeError(
@@ -297,21 +299,22 @@ def _channel_values(v, name: str, channels: int, context: str = "") -> np.ndarra
     if a.ndim == 0:
         a = np.full(channels, float(a))
     if a.shape != (channels,):
-        raise ValueError(f"{name}: expected a scalar or {channels} values (one per channel of images{context}), "
+        where = "" if images is None else f"; images {tuple(images[0])} read as input_layout={images[1]!r}"
+        raise ValueError(f"{name}: expected a scalar or {channels} values (one per channel of images{where}), "
                          f"got shape {a.shape}")
     if not np.isfinite(a).all():
         raise ValueError(f"{name}: values must be finite, got {a.tolist()}")
     return a
 
 
-def _mean_std(mean, std, channels: int, context: str = ""):
+def _mean_std(mean, std, channels: int, images=None):
     if mean is None and std is None:
         return None, None
     if mean is None or std is None:
         missing = "mean" if mean is None else "std"
         raise ValueError(f"{missing}: mean and std go together; give both or neither (neither only mixes)")
-    m = _channel_values(mean, "mean", channels, context)
-    s = _channel_values(std, "std", channels, context)
+    m = _channel_values(mean, "mean", channels, images)
+    s = _channel_values(std, "std", channels, images)
     if (s <= 0).any():
         raise ValueError(f"std: values must be positive, got {s.tolist()}")
     return m, s
