@@ -30,6 +30,31 @@ def test_thumbnail_pca_is_exact_under_mixing():
     np.testing.assert_allclose(z_of_mixed, mixed_z, rtol=1e-4, atol=1e-3)
 
 
+def _projection_bound(fmap, x):
+    """Bound on |float32 (x - mean) @ C^T - exact| per element: one rounding of the difference and an
+    F-term float32 dot product, gamma_(F+1) * sum_f |x_f - m_f| |C_jf| with gamma_n = n u / (1 - n u)
+    (Higham, Accuracy and Stability, 3.1), u = 2^-24. Two implementations both within it differ by at
+    most twice it."""
+    f = x.shape[1]
+    u = 2.0 ** -24
+    gamma = (f + 1) * u / (1 - (f + 1) * u)
+    return gamma * np.abs(x.astype(np.float64) - fmap.mean) @ np.abs(fmap.components.astype(np.float64)).T
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_numpy_and_torch_projections_agree_within_float32_bound(scale):
+    """ThumbnailPCA.transform in NumPy (the user's arrays) and in torch (the loader, fit) give each
+    feature within the float32 bound of the exact projection (pixel-unit thumbnails, F = 192)."""
+    rng = np.random.default_rng(5)
+    x = (rng.uniform(size=(300, 192)) * scale).astype(np.float32)
+    x[:100] += np.float32(0.5 * scale)  # a class far from the mean
+    fmap = ThumbnailPCA(8, 6).fit(x)
+    exact = (x.astype(np.float64) - fmap.mean) @ fmap.components.astype(np.float64).T
+    bound = _projection_bound(fmap, x)
+    for z in (fmap.transform(x), fmap.transform(torch.from_numpy(x)).numpy()):
+        np.testing.assert_array_less(np.abs(z - exact), bound)
+
+
 def test_thumbnail_pca_fit_transform_save_load(tmp_path):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(50, 12)).astype(np.float32)
@@ -40,7 +65,7 @@ def test_thumbnail_pca_fit_transform_save_load(tmp_path):
     assert z.shape == (50, 4) and z.dtype == np.float32
     np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-4)
     zt = fmap.transform(torch.from_numpy(x))
-    np.testing.assert_allclose(zt.numpy(), z, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_less(np.abs(zt.numpy() - z), 2 * _projection_bound(fmap, x))
     fmap.save(tmp_path / "map.npz")
     back = ThumbnailPCA.load(tmp_path / "map.npz")
     np.testing.assert_array_equal(back.components, fmap.components)
