@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Name the commit measured: FASTGENLABEL_COMMIT=<git rev-parse --short HEAD, run here> in the device command
 # (the tree that travels may carry an older .git).
-# The whole GPU half of the project in one call on the lent GPU machine (device tool), from the
-# repo root, after DALI was carried in with ../shared/device/prepare-dali.sh (.devdeps/c carried):
+# The whole GPU half of the project in one call on a GPU machine, from the repo root (DALI
+# installed, or carried as wheels in .devdeps/c: docs/BENCHMARKS.md "Running the benchmarks"):
 #     OUT=$OUT bash bench/device_all.sh        (~8 minutes; device_rerun.sh alone ~6)
 # bench/device_rerun.sh (host overhead, kernel tests on the GPU, kernel benchmarks with the goal
 # verdicts, loader benchmark, DALI GPU tests), then examples/train.py over NCCL, the CUDA

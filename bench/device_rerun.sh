@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Name the commit measured: FASTGENLABEL_COMMIT=<git rev-parse --short HEAD, run here> in the device command
 # (the tree that travels may carry an older .git).
-# The GPU re-measure of a session: host overhead per call (on a quiet machine), the kernel tests
-# (while DALI unpacks and the JPEGs are written in the background), the kernel benchmarks (quiet
-# again), and, with DALI carried (.devdeps/c), the loader benchmark and the DALI GPU tests.
+# The GPU measurements (docs/BENCHMARKS.md "Running the benchmarks"): host overhead per call (on a
+# quiet machine), the kernel tests (while DALI unpacks and the JPEGs are written in the
+# background), the kernel benchmarks (quiet again), and, with DALI carried (.devdeps/c), the
+# loader benchmark and the DALI GPU tests.
 # Worst case ~9.75 minutes (the timeouts below: 60 + 150 + 30 + 180 + 120 + 45 s); typically ~6. Logs in $OUT (7 files; at most 8 come back).
 set -uo pipefail
 OUT=${OUT:-out/device}

@@ -3,7 +3,7 @@
 Run: ``python -m pytest bench/test_bench_loader.py --benchmark-columns=median,iqr,min,rounds``
 (or the CLI, which prints images/s and the ratio: ``fastgenlabel bench loader --data DIR --batch-size N``).
 
-Method: the JPEG folder is written once per session (scikit-learn's digits, real images: 32 x 32,
+Method: the JPEG folder is written once per pytest run (scikit-learn's digits, real images: 32 x 32,
 and the same digits upscaled to 256 x 192 with a little noise, so decoding costs what a small
 photo costs); every contestant reads the same folder at the same batch size and crop. One round
 fetches one batch (the prefetch queue keeps the pipeline busy between rounds); warm-up rounds

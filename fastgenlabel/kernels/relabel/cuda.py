@@ -35,7 +35,7 @@ no kernel makes a B x K x d intermediate.
 Every kernel writes its logits (score + bias) as float64 into a (B, K) scratch array,
 ``logits``, and the softmax subtracts the row's largest in float64: a feature far out adds
 the same huge term to every class's score (4.5e6 nats for a dead unit at 30 with reg 1e-4), and
-float32 scores lost the digits the targets depend on (up to 0.11 of them, the fuzz review).
+float32 scores lose the digits the targets depend on (up to 0.11 of them, measured).
 The per-feature arithmetic stays float32; float64 is one add per term and the per-row
 reductions: full rate / 2 on H100/H200, slower on GPUs with 1/64-rate float64. The PTX for sm_90
 has no local-memory traffic and no spills (40-80 registers per thread, ``ptxas -v``).

@@ -21,7 +21,7 @@ What each kind packs (K classes, d features, M kept KDE points), in terms of doc
   the diag kernels on y. Not the affine form w_c^T (z - m) - 1/2 ||t_c||^2 (cheaper, O(K) per
   mixed sample): its two terms grow like the classes' squared Mahalanobis distance from m and
   cancel in float32, which cost 3e-3 in the targets of classes 100 standard deviations from m
-  (target error, session 3's review); the difference form's error grows only linearly.
+  (target error); the difference form's error grows only linearly.
 - ``full``: ``center`` (K, d) = the class means and ``factor`` (K, d, d) = the model's precision
   Cholesky factor L_c (Sigma_c^-1 = L_c L_c^T), both with their features permuted by ``order``
   (d,) int64 so that the factor is lower triangular (``tri``; see :func:`_feature_order`).
