@@ -1,4 +1,4 @@
-"""Loader inputs refused early and edge cases of sampling and features (each found by review)."""
+"""Loader inputs refused early and edge cases of sampling and features."""
 import numpy as np
 import pytest
 import torch

@@ -459,7 +459,7 @@ def far_clusters(kind, k, d, spread, seed=0):
 @pytest.mark.parametrize("kind", ["tied", "diag", "full", "full-product"])
 @pytest.mark.parametrize("spread", [100.0, 1000.0])
 def test_classes_far_from_the_overall_mean_keep_float32_accuracy(kind, spread):
-    """Session 3's review: the tied kernels' former affine form (and the unrefined full-covariance
+    """The tied kernels' former affine form (and the unrefined full-covariance
     product form, see tests/test_relabel_gemm.py) lost 3e-3 to 0.2 of the targets here."""
     from fastgenlabel.kernels.relabel import gemm
 
@@ -492,7 +492,7 @@ def dead_feature(kind, fire, seed=0):
 @pytest.mark.parametrize("kind", ["diag", "tied", "full", "full-product", "kde"])
 @pytest.mark.parametrize("fire", [3.0, 30.0])
 def test_a_huge_score_shared_by_every_class_keeps_float32_accuracy(kind, fire):
-    """The fuzz review's case: the scores were stored in float32 before their row's largest was
+    """A feature far out for every class: the scores were stored in float32 before their row's largest was
     subtracted (and the diag sums kept in float32 chunks), which lost 2e-4 (fire 3) to 0.11 (fire
     30) of the targets. The kernels now form logits in float64 and store them relative to the row's
     largest."""

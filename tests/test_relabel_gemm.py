@@ -199,7 +199,7 @@ def bound_cases():
         idx = rng.integers(0, len(z), 128)
         yield f"digits d={d}", model, np.ascontiguousarray(z[idx]), fg.sample_pairs(128, 1.0, lam_mode="sample",
                                                                                       generator=d)
-    for d in (128, 256):  # review: means at +-s (1, ..., 1), identity covariance, samples at the means
+    for d in (128, 256):  # means at +-s (1, ..., 1), identity covariance, samples at the means
         model = star_model(d, 30.0)
         zb = np.ascontiguousarray(model.means.numpy()[np.arange(64) % 2].astype(np.float32))
         yield f"star d={d}", model, zb, fg.sample_pairs(64, 1.0, lam_mode="sample", generator=d)
@@ -269,7 +269,7 @@ def test_spectral_bound_of_abs_precision_is_an_upper_bound_and_tight():
 
 
 def test_ill_conditioned_models_stay_on_the_factor_form():
-    """Review: low-rank features with a tiny reg make the product's error bound thousands of nats
+    """Low-rank features with a tiny reg make the product's error bound thousands of nats
     at a typical sample, so refinement would rescore every class of every row (3x slower than the
     factor form alone on the CPU); "auto" keeps such models on the factor form (without keeping
     W), and separated, well-conditioned ones and the digits on the product."""
