@@ -165,3 +165,131 @@ def test_skip_warns_once_per_file_across_rebuilt_pipelines(tmp_path):
         list(loader)
     skips = [w for w in caught if "c0/0.jpg" in str(w.message)]
     assert len(skips) == 1, [str(w.message) for w in caught]
+
+
+def png(path, size=(16, 20)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size + (3,), 90, np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bytes_after_the_end_marker_are_allowed(tmp_path, backend):
+    """Motion photos, vendor trailers, padding: a JPEG or PNG with 1000 bytes after EOI / IEND decodes
+    (an EXIF thumbnail's EOI inside the header does not end the walk early)."""
+    folder(tmp_path)
+    exif = Image.Exif()
+    exif[0x010F] = "maker"
+    Image.fromarray(np.full((16, 20, 3), 70, np.uint8)).save(tmp_path / "c0" / "0.jpg", quality=90, exif=exif)
+    png(tmp_path / "c1" / "0.png")
+    for path in (tmp_path / "c0" / "0.jpg", tmp_path / "c1" / "0.png"):
+        path.write_bytes(path.read_bytes() + bytes(range(256)) * 3 + b"\xff\xd8" + b"\x00" * 230)
+    with Image.open(tmp_path / "c1" / "0.png") as im:
+        im.load()  # PIL reads them
+    with Image.open(tmp_path / "c0" / "0.jpg") as im:
+        im.load()
+    batches = list(GenLabelLoader(config(tmp_path, backend=backend, batch_size=9, alpha=0.0)))
+    assert [len(b) for b in batches] == [9]
+    seen = torch.cat([b.indices for b in batches])
+    assert sorted(seen.tolist()) == list(range(9))
+    with warnings_as_errors():  # nothing skipped under "skip" either
+        assert sum(len(b) for b in GenLabelLoader(config(tmp_path, backend=backend, batch_size=9,
+                                                         on_bad_image="skip"))) == 9
+
+
+def warnings_as_errors():
+    import warnings
+
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("error")
+
+    class Done:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            ctx.__exit__(*exc)
+
+    return Done()
+
+
+def bomb_png(path, width, height):
+    """A small valid PNG declaring width x height (one zlib stream of zero rows, compressed ~1000:1)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    raw = zlib.compressobj(9)
+    row = b"\x00" * (1 + width)  # filter byte + grey pixels
+    data = b"".join(raw.compress(row) for _ in range(height)) + raw.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decompression_bomb_is_refused_before_decoding_with_one_limit(tmp_path, backend):
+    import time
+
+    folder(tmp_path)
+    bomb = bomb_png(tmp_path / "c1" / "bomb.png", 20000, 20000)  # 4e8 pixels: 1.2 GB decoded
+    assert bomb.stat().st_size < 1_000_000
+    t0 = time.perf_counter()
+    with pytest.raises(CorruptImageError, match=r"bomb\.png' declares 20000 x 20000 .*max_image_pixels = 178956970"
+                                                r".*LoaderConfig\(max_image_pixels=\.\.\.\)"):
+        list(GenLabelLoader(config(tmp_path, backend=backend)))
+    assert time.perf_counter() - t0 < 30
+    with pytest.warns(UserWarning, match=r"skipping image .*bomb\.png' declares"):
+        kept = GenLabelLoader(config(tmp_path, backend=backend, on_bad_image="skip", batch_size=3))
+        assert sum(len(b) for b in kept) == 8
+    # the same limit, lowered: a 16 x 20 JPEG is 320 pixels
+    folder(tmp_path / "small")
+    with pytest.raises(CorruptImageError, match=r"c0/0\.jpg' declares 16 x 20 = 320 pixels"):
+        list(GenLabelLoader(config(tmp_path / "small", backend=backend, max_image_pixels=319)))
+    assert sum(len(b) for b in GenLabelLoader(config(tmp_path / "small", backend=backend,
+                                                     max_image_pixels=320))) == 8
+    with pytest.raises(ValueError, match="max_image_pixels: expected a positive integer"):
+        config(tmp_path, max_image_pixels=0)
+
+
+@pytest.mark.slow
+def test_no_pixel_limit_decodes_beyond_pils_own(tmp_path):
+    """None lifts the limit on both backends; the torch backend does not fall back on PIL's."""
+    (tmp_path / "c0").mkdir(parents=True)
+    bomb_png(tmp_path / "c0" / "0.png", 16000, 12000)  # 1.92e8 > 2 * PIL.Image.MAX_IMAGE_PIXELS
+    bomb_png(tmp_path / "c0" / "1.png", 8, 8)
+    from fastgenlabel.loader.files import scan
+    from fastgenlabel.loader.images import ImageFileDataset
+
+    files = scan(tmp_path)
+    with pytest.raises(CorruptImageError, match="declares 16000 x 12000"):
+        ImageFileDataset(files, 8, train=False)[0]
+    image = ImageFileDataset(files, 8, train=False, max_image_pixels=None)[0][0]
+    assert image.shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_files_in_class_folders_are_not_read(tmp_path, backend):
+    folder(tmp_path)
+    (tmp_path / "c0" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 200)  # macOS AppleDouble metadata
+    jpeg(tmp_path / "c1" / ".hidden.jpg")
+    from fastgenlabel.loader.files import scan
+
+    assert not [p for p in scan(tmp_path).paths if "/." in p]
+    assert sum(len(b) for b in GenLabelLoader(config(tmp_path, backend=backend))) == 8
+
+
+def test_file_list_that_is_no_text_or_has_a_huge_label(tmp_path):
+    folder(tmp_path / "imgs")
+    (tmp_path / "latin1.txt").write_bytes("imgs/c0/0.jpg 0\nimgs/c0/caf\xe9.jpg 1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt' line 2: not UTF-8 text"):
+        GenLabelLoader(config(tmp_path / "latin1.txt"))
+    with pytest.raises(ValueError, match=r"data: '.*c0/0\.jpg' is an image file; data takes a folder"):
+        GenLabelLoader(config(tmp_path / "imgs" / "c0" / "0.jpg"))
+    (tmp_path / "huge.txt").write_text("imgs/c0/0.jpg 0\nimgs/c0/1.jpg 99999999999999999999\n")
+    with pytest.raises(ValueError, match=r"huge\.txt' line 2: label 99999999999999999999 is too large"):
+        GenLabelLoader(config(tmp_path / "huge.txt"))

@@ -219,3 +219,30 @@ def test_truncated_or_undecodable_image_in_a_shard_names_the_member(tmp_path, ba
         batches = list(GenLabelLoader(config(str(tmp_path / "cut.tar"), backend=backend, batch_size=4,
                                              on_bad_image="skip")))
     assert [len(b) for b in batches] == [3]
+
+
+def test_a_label_member_is_read_whole(tmp_path):
+    """A .cls past 64 bytes (leading whitespace, padding) is read whole, not cut and misread."""
+    write_shard(tmp_path / "a.tar", [one_sample(0, cls=b" " * 70 + b"2\n"), one_sample(1, cls=b"\n" * 70 + b"1")])
+    assert scan(tmp_path / "a.tar").labels.tolist() == [2, 1]
+    write_shard(tmp_path / "b.tar", [one_sample(0, cls=b"1" + b" " * 70 + b"junk")])
+    with pytest.raises(ValueError, match=r"b\.tar', sample 's0000' .*label member 's0000\.cls' holds '1 +\.\.\.'"):
+        scan(tmp_path / "b.tar")
+    write_shard(tmp_path / "c.tar", [one_sample(0, cls=b"1" * 5000)])
+    with pytest.raises(ValueError, match=r"label member 's0000\.cls' is 5000 bytes; expected a decimal class index"):
+        scan(tmp_path / "c.tar")
+    write_shard(tmp_path / "d.tar", [one_sample(0, cls=b"99999999999999999999")])
+    with pytest.raises(ValueError, match=r"label member 's0000\.cls' holds 99999999999999999999, too large"):
+        scan(tmp_path / "d.tar")
+
+
+def test_adjacent_samples_with_one_key_are_refused(tmp_path):
+    """Two samples under one key would be merged (one image and one label lost): refused, naming both."""
+    first, second = one_sample(3), one_sample(4)
+    write_shard(tmp_path / "dup.tar", [one_sample(0), first, (first[0], second[1]), one_sample(5)])
+    with pytest.raises(ValueError, match=r"dup\.tar': key 's0003' names two samples \(members 's0003\.jpg' and "
+                                         r"'s0003\.jpg'\)"):
+        GenLabelLoader(config(str(tmp_path / "dup.tar"), batch_size=2))
+    # one sample's members under one key, other extensions: one sample (WebDataset's convention)
+    write_shard(tmp_path / "ok.tar", [one_sample(0), one_sample(1, png=b"x", json=b"{}")])
+    assert len(scan(tmp_path / "ok.tar")) == 2

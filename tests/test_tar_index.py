@@ -180,3 +180,35 @@ def test_a_read_only_folder_keeps_the_index_in_the_cache_dir(shard, tmp_path, mo
         assert len(count_indexing) == 3
     finally:
         shard.parent.chmod(0o755)
+
+
+def test_a_shard_edited_in_place_with_its_mtime_set_back_is_indexed_again(tmp_path, monkeypatch, count_indexing):
+    """A label in the middle of a 600 KB shard (beyond the hashed first and last 64 KiB) changed in
+    place, the size and mtime kept: the ctime tells."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shard = tmp_path / "big.tar"
+    write_shard(shard, 0, 200)
+    assert scan(shard).labels[100] == 1 and shard.stat().st_size > 4 * files_module.EDGE_BYTES
+    st = os.stat(shard)
+    with tarfile.open(shard) as tar:
+        member = tar.getmember("train/s0100.cls")  # holds b"1"
+    with open(shard, "r+b") as f:  # the same size, the same inode
+        f.seek(member.offset_data)
+        f.write(b"2")
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(shard).st_size == st.st_size and os.stat(shard).st_mtime_ns == st.st_mtime_ns
+    edited = scan(shard)
+    assert edited.labels[100] == 2
+    assert count_indexing == [str(shard)] * 2
+    assert_same(edited, fresh_scan(shard, monkeypatch))
+
+
+def test_the_stamp_hashes_the_shards_first_and_last_bytes(shard, monkeypatch, count_indexing):
+    """Where a file system keeps no reliable ctime, a change at either end is still seen."""
+    scan(shard)
+    stamp = files_module._index_stamp(str(shard), ["jpg"], ["cls"])
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # the end-of-archive padding
+    shard.write_bytes(bytes(data))
+    other = files_module._index_stamp(str(shard), ["jpg"], ["cls"])
+    assert other["shard_edges_sha256"] != stamp["shard_edges_sha256"]

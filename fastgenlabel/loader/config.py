@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..functional.pairs import LAM_MODES, PAIRINGS
+from .files import DEFAULT_MAX_IMAGE_PIXELS
 from .sampling import LAST_BATCH_POLICIES
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -38,6 +39,10 @@ class LoaderConfig:
             file's name and leave it out of its batch, which is one sample shorter). Files whose
             container is fine but whose data fail to decode always raise, naming the file
             (``shard.tar:member`` for a WebDataset sample).
+        max_image_pixels: an image whose header declares more pixels (width x height) is refused
+            before it is decoded (``ImageTooLargeError``, a ``CorruptImageError``: skipped under
+            "skip"), on both backends; None: no limit. The default is PIL's (2 x
+            ``PIL.Image.MAX_IMAGE_PIXELS``): a decompression bomb would take gigabytes and minutes.
 
     Augmentation and output:
         image_size: side of the square output crop.
@@ -88,6 +93,7 @@ class LoaderConfig:
     shard_id: int = 0
     num_shards: int = 1
     on_bad_image: str = "error"
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     image_size: int = 224
     train: bool = True
     crop_scale: tuple = (0.08, 1.0)
@@ -154,6 +160,8 @@ class LoaderConfig:
                 raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
         if self.num_classes is not None:
             _positive_int(self.num_classes, "num_classes")
+        if self.max_image_pixels is not None:
+            _positive_int(self.max_image_pixels, "max_image_pixels")
         if isinstance(self.thumbnail, bool) or not isinstance(self.thumbnail, int) or self.thumbnail < 0:
             raise ValueError(f"thumbnail: expected a side length >= 0, got {self.thumbnail!r}")
         from ..functional.images import _mean_std

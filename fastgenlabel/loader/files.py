@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .tar_index import INDEX_SUFFIX, cached_shard_index
+from .encoded import jpeg_structure, png_structure
+from .tar_index import INDEX_SUFFIX, MAX_LABEL_DIGITS, cached_shard_index
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 WDS_IMAGE_EXT = "jpg;jpeg;png"
 WDS_LABEL_EXT = "cls"
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # what PIL refuses by default: more than 2 * PIL.Image.MAX_IMAGE_PIXELS
 
 
 class CorruptImageError(ValueError):
@@ -28,6 +30,16 @@ class CorruptImageError(ValueError):
     def __init__(self, path, why: str):
         self.path = str(path)
         super().__init__(f"corrupt or truncated image {self.path!r}: {why}")
+
+
+class ImageTooLargeError(CorruptImageError):
+    """An image declares more pixels than ``LoaderConfig.max_image_pixels`` (a decompression bomb, or a huge scan)."""
+
+    def __init__(self, path, width: int, height: int, limit: int):
+        self.path, self.width, self.height, self.limit = str(path), width, height, limit
+        ValueError.__init__(self, f"image {self.path!r} declares {width} x {height} = {width * height} pixels, more "
+                            f"than max_image_pixels = {limit} (a decompression bomb?); raise the limit with "
+                            "LoaderConfig(max_image_pixels=...), or None for no limit, if the image is genuine")
 
 
 @dataclass(frozen=True)
@@ -175,6 +187,9 @@ def scan_webdataset(shards, *, image_ext: str = WDS_IMAGE_EXT, label_ext: str = 
 def scan_folder(root) -> ImageFiles:
     """Class sub-folders of ``root`` (sorted by name); images (.jpg/.jpeg/.png) inside each, sorted.
 
+    Hidden folders and files (names starting with ".", such as macOS's ``._name.jpg`` metadata
+    files) are not read.
+
     A class folder with a single image is allowed (the class models have a defined fallback for
     it: covariance ``reg * I``) but warned about, naming the folder.
     """
@@ -186,7 +201,8 @@ def scan_folder(root) -> ImageFiles:
         raise ValueError(f"data: folder {str(root)!r} has no class sub-folders{hint}")
     paths, labels = [], []
     for k, d in enumerate(class_dirs):
-        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(p for p in d.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
         if not files:
             raise ValueError(f"data: class folder {str(d)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                              "remove it or add images")
@@ -199,47 +215,74 @@ def scan_folder(root) -> ImageFiles:
 
 
 def scan_file_list(path) -> ImageFiles:
-    """Lines ``relative/or/absolute/path label`` (DALI's file_list format); paths relative to the list's folder."""
+    """Lines ``relative/or/absolute/path label`` (DALI's file_list format, UTF-8); paths relative to the list's folder."""
     path = Path(path)
     base = path.parent
+    raw = path.read_bytes()
+    if path.suffix.lower() in IMAGE_EXTENSIONS or raw[:2] == b"\xff\xd8" or raw[:8] == b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"data: {str(path)!r} is an image file; data takes a folder of class sub-folders, a text "
+                         "file of 'path label' lines, or WebDataset .tar shards")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"data: file list {str(path)!r} line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+                         "expected 'path label' lines") from None
     paths, labels = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
+        if len(parts) != 2 or not parts[1].isdigit() or not parts[1].isascii():
             raise ValueError(f"{str(path)!r} line {n}: expected 'path label' with a label >= 0, got {line!r}")
+        if len(parts[1]) > MAX_LABEL_DIGITS:
+            raise ValueError(f"{str(path)!r} line {n}: label {parts[1]} is too large for a class index "
+                             f"(at most {MAX_LABEL_DIGITS} digits)")
+        label = int(parts[1])
         p = Path(parts[0])
         p = p if p.is_absolute() else base / p
         if not p.is_file():
             raise FileNotFoundError(f"{str(path)!r} line {n}: image {str(p)!r} does not exist")
         paths.append(str(p))
-        labels.append(int(parts[1]))
+        labels.append(label)
     if not paths:
         raise ValueError(f"data: file list {str(path)!r} lists no images")
     k = max(labels) + 1
     return ImageFiles(tuple(paths), np.asarray(labels, np.int64), tuple(str(c) for c in range(k)))
 
 
-def check_encoded(data: bytes | np.ndarray, path) -> None:
-    """Cheap container checks before decoding: JPEG (SOI ... EOI) or PNG (signature ... IEND).
+def check_encoded(data: bytes | np.ndarray, path, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                  other_formats: bool = False) -> str | None:
+    """Cheap container checks before decoding (:mod:`fastgenlabel.loader.encoded`): a JPEG's markers
+    up to its EOI, a PNG's chunks up to its IEND, and the declared width x height against ``max_pixels``.
 
-    Catches empty, truncated and non-image files without decoding (a decoder may silently fill a
-    truncated JPEG with grey). Raises :class:`CorruptImageError` naming the file.
+    Catches empty, truncated and non-image files, and decompression bombs, without decoding; bytes
+    after the end marker are allowed. Returns "jpeg" or "png"; with ``other_formats``, None for
+    another format (left to the decoder) instead of an error. Raises :class:`CorruptImageError`
+    naming the file, or :class:`ImageTooLargeError`.
     """
-    b = bytes(data[:8]) if len(data) else b""
+    head = bytes(data[:8]) if len(data) else b""
     if len(data) < 16:
         raise CorruptImageError(path, f"only {len(data)} bytes")
-    tail = bytes(data[-32:])
-    if b[:2] == b"\xff\xd8":
-        if b"\xff\xd9" not in tail:
-            raise CorruptImageError(path, "JPEG without an end-of-image marker (truncated)")
-    elif b == b"\x89PNG\r\n\x1a\n":
-        if b"IEND" not in tail:
-            raise CorruptImageError(path, "PNG without an IEND chunk (truncated)")
+    if head[:2] == b"\xff\xd8":
+        kind, (problem, width, height) = "jpeg", jpeg_structure(data)
+    elif head == b"\x89PNG\r\n\x1a\n":
+        kind, (problem, width, height) = "png", png_structure(data)
+    elif other_formats:
+        return None
     else:
         raise CorruptImageError(path, "neither a JPEG nor a PNG file")
+    check_pixels(width, height, path, max_pixels)  # before a truncation: the header was read
+    if problem is not None:
+        raise CorruptImageError(path, problem)
+    return kind
+
+
+def check_pixels(width: int, height: int, path, max_pixels: int | None) -> None:
+    """Refuse an image of more than ``max_pixels`` pixels (None: no limit), naming the file and the limit."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(path, width, height, max_pixels)
 
 
 def find_undecodable(files: ImageFiles, indices) -> tuple[str, str] | None:

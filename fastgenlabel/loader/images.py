@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import numpy as np
 import torch
 
-from .files import CorruptImageError, ImageFiles
+from .files import DEFAULT_MAX_IMAGE_PIXELS, CorruptImageError, ImageFiles, check_encoded, check_pixels
 
 
 def random_resized_box(width: int, height: int, scale, ratio, rng: np.random.Generator):
@@ -49,14 +50,19 @@ class ImageFileDataset(torch.utils.data.Dataset):
         seed: base seed; :meth:`set_epoch` changes the crops per epoch.
         skip_bad: return None for an undecodable file (the collate function drops it) instead of
             raising :class:`CorruptImageError`.
+        max_image_pixels: images declaring more pixels are refused before decoding (None: no
+            limit); for JPEG and PNG it replaces PIL's own ``Image.MAX_IMAGE_PIXELS``.
+
+    JPEG and PNG files get the DALI backend's container checks first
+    (:func:`~fastgenlabel.loader.files.check_encoded`); other formats are left to PIL.
     """
 
     def __init__(self, files: ImageFiles, image_size: int, *, train: bool = True, crop_scale=(0.08, 1.0),
                  crop_ratio=(3 / 4, 4 / 3), flip: bool = True, seed: int = 0,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.files, self.image_size, self.train = files, image_size, train
         self.crop_scale, self.crop_ratio, self.seed, self.skip_bad = crop_scale, crop_ratio, seed, skip_bad
-        self.flip = flip
+        self.flip, self.max_image_pixels = flip, max_image_pixels
         self.epoch = 0
         self.num_classes = files.num_classes
 
@@ -71,15 +77,18 @@ class ImageFileDataset(torch.utils.data.Dataset):
 
         path = self.files.name(i)
         try:
-            src = self.files.paths[i] if self.files.offsets is None else io.BytesIO(self.files.read(i).tobytes())
-            with Image.open(src) as im:
+            data = self.files.read(i)
+            kind = check_encoded(data, path, max_pixels=self.max_image_pixels, other_formats=True)
+            with _open(io.BytesIO(data.tobytes()), kind) as im:
+                check_pixels(im.width, im.height, path, self.max_image_pixels)
                 im = _to_rgb(ImageOps.exif_transpose(im))  # upright, as DALI's decoders give it
         except Exception as e:  # noqa: BLE001 - any decoder failure names the file
             if self.skip_bad:
-                import warnings
-
-                warnings.warn(f"skipping corrupt or truncated image {path!r} ({e})", stacklevel=2)
+                why = str(e) if isinstance(e, CorruptImageError) else f"corrupt image {path!r} ({e})"
+                warnings.warn(f"skipping {why}", stacklevel=2)
                 return None
+            if isinstance(e, CorruptImageError):
+                raise
             raise CorruptImageError(path, f"{type(e).__name__}: {e}") from e
         s = self.image_size
         if self.train:
@@ -95,6 +104,24 @@ class ImageFileDataset(torch.utils.data.Dataset):
             left, top = int((im.width - s) / 2 + 0.5), int((im.height - s) / 2 + 0.5)  # half up, as DALI's fn.crop
             im = im.crop((left, top, left + s, top + s))
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()), int(self.files.labels[i]), int(i)
+
+
+def _open(fp, kind: str | None):
+    """PIL's image of a JPEG or PNG through its format plugin (``Image.open`` would apply PIL's
+    global pixel limit on top of ``max_image_pixels``, already checked); other formats: ``Image.open``."""
+    from PIL import Image
+
+    if kind == "jpeg":
+        from PIL import JpegImagePlugin
+
+        return JpegImagePlugin.jpeg_factory(fp)
+    if kind == "png":
+        from PIL import PngImagePlugin
+
+        return PngImagePlugin.PngImageFile(fp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_image_pixels decides
+        return Image.open(fp)
 
 
 def _to_rgb(im):

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..functional.pairs import PairFeed, split_pairs
-from .files import CorruptImageError, ImageFiles, check_encoded
+from .files import DEFAULT_MAX_IMAGE_PIXELS, CorruptImageError, ImageFiles, check_encoded
 from .sampling import batch_indices, shard_order
 
 
@@ -26,6 +26,7 @@ class EpochSource:
         feed: draws each batch's pairs.
         batch_size, last_batch, shuffle, seed, shard_id, num_shards: see LoaderConfig.
         on_bad_image: "error" or "skip".
+        max_image_pixels: images declaring more pixels are refused before decoding (None: no limit).
         warned: the set of files already warned about (the backend keeps one across rebuilt
             sources, so that a file is warned about once per loader).
         read_ahead: batches read by a background thread ahead of the one DALI asks for (0: each
@@ -37,11 +38,12 @@ class EpochSource:
 
     def __init__(self, files: ImageFiles, feed: PairFeed, *, batch_size: int, last_batch: str, shuffle: bool,
                  seed: int, shard_id: int, num_shards: int, on_bad_image: str = "error", history: int = 8,
-                 read_ahead: int = 2, warned: set | None = None):
+                 read_ahead: int = 2, warned: set | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.files, self.feed = files, feed
         self.batch_size, self.last_batch, self.shuffle = batch_size, last_batch, shuffle
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
-        self.on_bad_image = on_bad_image
+        self.on_bad_image, self.max_image_pixels = on_bad_image, max_image_pixels
         self.epoch = 0
         self.recent = deque(maxlen=history)  # (epoch, batch, sample indices) of the batches handed out last
         self._batches = None
@@ -86,27 +88,27 @@ class EpochSource:
             encoded, kept, skipped = self._pending.pop(b).result()
         else:
             encoded, kept, skipped = self._read_batch(self._batches[b])
-        for path in skipped:
+        for path, why in skipped:
             if path not in self._warned:
                 self._warned.add(path)
                 # called from DALI's machinery: no caller frame of the user's to point at
-                warnings.warn(f"skipping corrupt or truncated image {path!r} (on_bad_image='skip')", stacklevel=1)
+                warnings.warn(f"skipping {why} (on_bad_image='skip')", stacklevel=1)
         self.recent.append((self._pass_epoch, b, kept))
         perm, lam = split_pairs(self.feed.draw(len(kept), self._pass_epoch, b))
         return encoded, np.asarray(kept, np.int64).reshape(-1, 1), perm, lam
 
     def _read_batch(self, idx) -> tuple[list, list, list]:
-        """(encoded images, their sample indices, names of skipped corrupt samples) of one batch."""
+        """(encoded images, their sample indices, (name, error) of the skipped bad samples) of one batch."""
         encoded, kept, skipped = [], [], []
         for i in idx:
             path = self.files.name(i)
             data = self.files.read(i)
             try:
-                check_encoded(data, path)
-            except CorruptImageError:
+                check_encoded(data, path, max_pixels=self.max_image_pixels)
+            except CorruptImageError as e:
                 if self.on_bad_image == "error":
                     raise
-                skipped.append(path)
+                skipped.append((path, str(e)))
                 continue
             encoded.append(data)
             kept.append(i)

@@ -2,8 +2,9 @@
 
 A tar shard's index (its samples' image members, offsets, sizes and labels) is read from its
 headers once, then kept in a sidecar ``SHARD.tar.fglidx.npz`` (or, where the shard's folder is
-not writable, in ``$XDG_CACHE_HOME/fastgenlabel/tar-index/``) and reused while the shard's size
-and mtime are unchanged. A stale, foreign or unreadable sidecar is ignored and rewritten.
+not writable, in ``$XDG_CACHE_HOME/fastgenlabel/tar-index/``) and reused while the shard's size,
+mtime, ctime and first and last 64 KiB are unchanged (a shard edited in place and its mtime set
+back still gets a new ctime). A stale, foreign or unreadable sidecar is ignored and rewritten.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from pathlib import Path
 import numpy as np
 
 INDEX_SUFFIX = ".fglidx.npz"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+MAX_LABEL_DIGITS = 18  # a class index fits int64 (the DALI path's label kernel has the same rule)
+MAX_LABEL_BYTES = 4096  # a label member holds one decimal index (and perhaps whitespace)
+EDGE_BYTES = 1 << 16  # the shard's first and last bytes hashed into a sidecar's stamp
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ def index_shard(shard: str, image_exts: list, label_exts: list) -> ShardIndex:
     size = os.stat(shard).st_size
     try:
         with tarfile.open(shard, mode="r:") as tar:
-            for key, group in _tar_samples(tar, size):
+            for key, group in _tar_samples(tar, size, shard):
                 image = next((group[e] for e in image_exts if e in group), None)
                 label = next((group[e] for e in label_exts if e in group), None)
                 where = f"{shard!r}, sample {key!r} (members {sorted(group)})"
@@ -48,11 +52,7 @@ def index_shard(shard: str, image_exts: list, label_exts: list) -> ShardIndex:
                 if label is None:
                     raise ValueError(f"data: WebDataset shard {where} has no label member "
                                      f"({', '.join('.' + e for e in label_exts)})")
-                text = tar.extractfile(label).read(64).decode("ascii", "replace").strip()
-                if not re.fullmatch(r"[0-9]+", text):
-                    raise ValueError(f"data: WebDataset shard {where}: label member {label.name!r} holds "
-                                     f"{text!r}, not a class index >= 0")
-                labels.append(int(text))
+                labels.append(_read_label(tar, label, where))
                 members.append(image.name)
                 offsets.append(image.offset_data)
                 sizes.append(image.size)
@@ -63,6 +63,22 @@ def index_shard(shard: str, image_exts: list, label_exts: list) -> ShardIndex:
         raise ValueError(f"data: WebDataset shard {shard!r} holds no samples")
     return ShardIndex(tuple(members), np.asarray(offsets, np.int64), np.asarray(sizes, np.int64),
                       np.asarray(labels, np.int64))
+
+
+def _read_label(tar, member, where: str) -> int:
+    """The decimal class index a label member holds (read whole; at most MAX_LABEL_BYTES)."""
+    if member.size > MAX_LABEL_BYTES:
+        raise ValueError(f"data: WebDataset shard {where}: label member {member.name!r} is {member.size} bytes; "
+                         f"expected a decimal class index (at most {MAX_LABEL_BYTES} bytes)")
+    text = tar.extractfile(member).read().decode("ascii", "replace").strip()
+    if not re.fullmatch(r"[0-9]+", text):
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise ValueError(f"data: WebDataset shard {where}: label member {member.name!r} holds "
+                         f"{shown!r}, not a class index >= 0")
+    if len(text) > MAX_LABEL_DIGITS:
+        raise ValueError(f"data: WebDataset shard {where}: label member {member.name!r} holds {text}, too large "
+                         f"for a class index (at most {MAX_LABEL_DIGITS} digits)")
+    return int(text)
 
 
 def cached_shard_index(shard: str, image_exts: list, label_exts: list) -> ShardIndex:
@@ -102,9 +118,17 @@ def sidecar_paths(shard: str) -> tuple[Path, Path]:
 
 
 def _index_stamp(shard: str, image_exts: list, label_exts: list) -> dict:
-    """What a sidecar must match: format version, the shard's size and mtime, the member extensions read."""
-    st = os.stat(shard)
+    """What a sidecar must match: format version, the member extensions read, and the shard's size,
+    mtime, ctime (which changes with any write, and which no ``os.utime`` can set back) and a hash
+    of its first and last EDGE_BYTES (a content check where a file system keeps no reliable ctime)."""
+    with open(shard, "rb") as f:
+        st = os.fstat(f.fileno())
+        digest = hashlib.sha256(f.read(EDGE_BYTES))
+        if st.st_size > EDGE_BYTES:
+            f.seek(max(EDGE_BYTES, st.st_size - EDGE_BYTES))
+            digest.update(f.read(EDGE_BYTES))
     return {"version": INDEX_VERSION, "shard_size": st.st_size, "shard_mtime_ns": st.st_mtime_ns,
+            "shard_ctime_ns": st.st_ctime_ns, "shard_edges_sha256": digest.hexdigest(),
             "image_ext": ";".join(image_exts), "label_ext": ";".join(label_exts)}
 
 
@@ -150,8 +174,12 @@ def _read_index(path: Path, stamp: dict) -> ShardIndex | None:
     return ShardIndex(members, offsets, sizes, labels)
 
 
-def _tar_samples(tar, file_size: int):
-    """(key, {extension: TarInfo}) for each run of consecutive file members sharing a key."""
+def _tar_samples(tar, file_size: int, shard: str):
+    """(key, {extension: TarInfo}) for each run of consecutive file members sharing a key.
+
+    A key names one sample: a run that holds an extension twice is two samples under one key
+    (WebDataset would merge them, keeping one image and one label), and is refused.
+    """
     key, group = None, {}
     for m in tar:
         if not m.isfile():
@@ -166,7 +194,10 @@ def _tar_samples(tar, file_size: int):
                 yield key, group
             key, group = k, {}
         if dot:
-            group.setdefault(ext.lower(), m)
+            if ext.lower() in group:
+                raise ValueError(f"data: WebDataset shard {shard!r}: key {k!r} names two samples (members "
+                                 f"{group[ext.lower()].name!r} and {m.name!r}); a key must identify one sample")
+            group[ext.lower()] = m
     if tar.offset + tarfile.BLOCKSIZE > file_size:  # tarfile stops quietly when a cut falls between members
         raise tarfile.ReadError("no end-of-archive marker (truncated)")
     if group:

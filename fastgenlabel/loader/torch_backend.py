@@ -25,7 +25,7 @@ class TorchBackend:
         if dataset is None:
             dataset = ImageFileDataset(files, c.image_size, train=c.train, crop_scale=c.crop_scale,
                                        crop_ratio=c.crop_ratio, flip=c.flip, seed=c.seed,
-                                       skip_bad=c.on_bad_image == "skip")
+                                       skip_bad=c.on_bad_image == "skip", max_image_pixels=c.max_image_pixels)
         self.loader = dataset if isinstance(dataset, torch.utils.data.DataLoader) else None
         self.dataset = None if self.loader is not None else dataset
         self.feed = PairFeed(c.alpha, pairing=c.pairing, lam_mode=c.lam_mode, seed=c.seed, shard_id=c.shard_id,
