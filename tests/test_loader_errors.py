@@ -165,3 +165,13 @@ def test_skip_warns_once_per_file_across_rebuilt_pipelines(tmp_path):
         list(loader)
     skips = [w for w in caught if "c0/0.jpg" in str(w.message)]
     assert len(skips) == 1, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_is_refused_beyond_the_range_both_backends_take(tmp_path, backend):
+    folder(tmp_path)
+    for seed in (2 ** 63, 2 ** 64, -1):
+        with pytest.raises(ValueError, match=r"seed: expected an integer in \[0, 2\*\*63 - 1\]"):
+            config(tmp_path, backend=backend, seed=seed)
+    batch = next(iter(GenLabelLoader(config(tmp_path, backend=backend, seed=2 ** 63 - 1))))  # the largest runs
+    assert len(batch) == 4

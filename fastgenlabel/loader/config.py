@@ -1,11 +1,10 @@
 """LoaderConfig: everything a GenLabelLoader needs, validated once."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..functional.pairs import LAM_MODES, PAIRINGS
+from ..functional.pairs import LAM_MODES, PAIRINGS, check_alpha
 from .sampling import LAST_BATCH_POLICIES
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -14,6 +13,7 @@ FEATURES = ("auto", "thumbnail", "stored", "none")
 BACKENDS = ("dali", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 ON_BAD_IMAGE = ("error", "skip")
+MAX_SEED = 2 ** 63 - 1  # both backends: numpy takes any seed >= 0, DALI's pipeline a signed 64-bit one
 
 
 @dataclass
@@ -32,7 +32,8 @@ class LoaderConfig:
         batch_size: B, samples per batch (per shard).
         last_batch: "drop" (only full batches), "partial" (a shorter last batch, possibly of one
             sample) or "fill" (complete it with samples from the start of the epoch).
-        shuffle, seed: a fresh order per epoch, a pure function of (seed, epoch).
+        shuffle, seed: a fresh order per epoch, a pure function of (seed, epoch); seed in
+            [0, 2**63 - 1].
         shard_id, num_shards: this rank's share (every shard gets ceil(N / num_shards) samples).
         on_bad_image: "error" (raise CorruptImageError naming the file) or "skip" (warn with the
             file's name and leave it out of its batch, which is one sample shorter). Files whose
@@ -49,7 +50,8 @@ class LoaderConfig:
         device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda" (device 0 or ``device_id``).
 
     Mixup and GenLabel:
-        alpha: lambda ~ Beta(alpha, alpha); 0 disables mixing (images unmixed, one-hot targets).
+        alpha: lambda ~ Beta(alpha, alpha), a number >= 0; 0 disables mixing (images unmixed,
+            one-hot targets).
         pairing, lam_mode: as for :func:`fastgenlabel.sample_pairs`.
         model: a fitted class model, or the path of a saved one (``load_model``); None for plain
             mixup targets.
@@ -134,8 +136,9 @@ class LoaderConfig:
         if isinstance(self.shard_id, bool) or not isinstance(self.shard_id, int) \
                 or not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f"shard_id: expected an integer in [0, {self.num_shards}), got {self.shard_id!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed: expected an integer in [0, 2**63 - 1] (DALI's seeds are signed 64-bit), "
+                             f"got {self.seed!r}")
         _choice(self.last_batch, LAST_BATCH_POLICIES, "last_batch")
         _choice(self.on_bad_image, ON_BAD_IMAGE, "on_bad_image")
         _choice(self.dtype, ("float32", "float16"), "dtype")
@@ -146,8 +149,9 @@ class LoaderConfig:
         _choice(self.features, FEATURES, "features")
         _choice(self.backend, BACKENDS, "backend")
         _choice(self.mix_mode, ("auto", "batch", "sample"), "mix_mode")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"alpha: expected a finite number, got {self.alpha!r}")
+        if not isinstance(self.alpha, (int, float)):
+            raise ValueError(f"alpha: expected a finite number >= 0 (0: no mixing), got {self.alpha!r}")
+        check_alpha(self.alpha)
         for name in ("gamma", "smoothing"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
