@@ -256,3 +256,18 @@ def test_a_dataset_with_class_names_is_checked_against_the_model(fitted_on_three
     ds.classes = ["c0", "c1", "c2"]
     loader = GenLabelLoader(config(None, backend="torch", model=str(model), feature_map=str(fmap)), dataset=ds)
     assert loader.classes == ("c0", "c1", "c2")
+
+
+def test_a_dataset_passed_as_data_says_to_pass_it_as_dataset(tmp_path):
+    from fastgenlabel.loader import scan
+    from fastgenlabel.loader.images import ImageFileDataset
+
+    ds = ImageFileDataset(scan(str(folder(tmp_path))), 16)
+    for data in (ds, torch.utils.data.DataLoader(ds, batch_size=2), [ds]):
+        with pytest.raises(ValueError, match=r"data: got a (ImageFileDataset|DataLoader); .* Pass a Dataset or "
+                                             r"DataLoader as dataset= with the torch backend"):
+            GenLabelLoader(data=data, backend="torch")
+    with pytest.raises(ValueError, match="data: expected a folder of class sub-folders.*got a int"):
+        LoaderConfig(data=3)
+    loader = GenLabelLoader(config(None, backend="torch"), dataset=ds)  # what the message says works
+    assert len(next(iter(loader))) == 4

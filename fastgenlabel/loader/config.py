@@ -1,6 +1,7 @@
 """LoaderConfig: everything a GenLabelLoader needs, validated once."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,8 @@ class LoaderConfig:
             range (``"shards/train-{0000..0146}.tar"``) or a folder of ``.tar`` files (and no class
             sub-folders). Shards are indexed once (their headers only) and read in place, so
             ordering, epochs, shards per rank and the last-batch policy are the folder's, over
-            the samples in shard order. The torch backend may take a Dataset instead.
+            the samples in shard order. A torch Dataset or DataLoader is no ``data``: pass it as
+            ``GenLabelLoader(config, dataset=...)`` with ``backend="torch"``.
         image_ext, label_ext: a WebDataset sample's image member (``;``-separated alternatives,
             the first present wins) and its label member, a decimal class index.
         batch_size: B, samples per batch (per shard).
@@ -124,6 +126,7 @@ class LoaderConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        _check_data(self.data)
         _positive_int(self.batch_size, "batch_size")
         _positive_int(self.image_size, "image_size")
         _positive_int(self.num_shards, "num_shards")
@@ -171,6 +174,25 @@ class LoaderConfig:
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
             raise ValueError(f"crop_ratio: expected 0 < min <= max, got {self.crop_ratio!r}")
+
+
+def _check_data(data) -> None:
+    """``data`` names files: a path, or a list of tar shard paths. A Dataset or DataLoader goes to
+    ``GenLabelLoader(config, dataset=...)`` with the torch backend: say so, rather than fail in pathlib."""
+    if data is None or isinstance(data, (str, os.PathLike)):
+        return
+    if isinstance(data, (list, tuple)):
+        bad = [p for p in data if not isinstance(p, (str, os.PathLike))]
+        if not bad:
+            return
+        data = bad[0]
+    kind = type(data).__name__
+    if any(c.__name__ in ("Dataset", "IterableDataset", "DataLoader") for c in type(data).__mro__):
+        raise ValueError(f"data: got a {kind}; data names files (a folder, a file list, .tar shards). Pass a "
+                         f"Dataset or DataLoader as dataset= with the torch backend: "
+                         f"GenLabelLoader(LoaderConfig(backend='torch', ...), dataset=your_dataset)")
+    raise ValueError(f"data: expected a folder of class sub-folders, a file list or WebDataset .tar shards "
+                     f"(a path, or a list of shard paths), got a {kind}")
 
 
 def _positive_int(v, name: str) -> None:
