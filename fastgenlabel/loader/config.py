@@ -14,6 +14,7 @@ FEATURES = ("auto", "thumbnail", "stored", "none")
 BACKENDS = ("dali", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 ON_BAD_IMAGE = ("error", "skip")
+FLOAT_RANGES = (None, "0-255", "0-1")
 MAX_SEED = 2 ** 63 - 1  # both backends: numpy takes any seed >= 0, DALI's pipeline a signed 64-bit one
 
 
@@ -76,6 +77,11 @@ class LoaderConfig:
         thumbnail: thumbnail side when no feature map is given but thumbnails are wanted
             (``return_thumbnails``, used to fit a ThumbnailPCA from a pass of the loader).
         relabel_backend: backend of :func:`fastgenlabel.relabel` ("auto" picks the fastest).
+        float_range: torch backend: the units of float images (uint8 images are 0-255 units):
+            "0-1" (torchvision's ``ToTensor``, permuted to (H, W, C)): scaled to 0-255 here, so
+            ``mean``, ``std`` and feature maps stay in pixel units; "0-255": taken as they are; None
+            (default): as "0-255", and a first float batch whose values all lie in [0, 1] is refused
+            as ambiguous (0-1 images read as 0-255 units normalise to a near-constant input).
         extra: backend options: ``num_workers`` (torch backend: DataLoader workers, default 0),
             ``baseline`` (DALI backend: DALI's crop_mirror_normalize instead of the mix stage, no
             mixing: the throughput benchmark's reference).
@@ -123,6 +129,7 @@ class LoaderConfig:
     target_threads: int | None = 1
     image_ext: str = "jpg;jpeg;png"
     label_ext: str = "cls"
+    float_range: str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -152,6 +159,7 @@ class LoaderConfig:
         _choice(self.features, FEATURES, "features")
         _choice(self.backend, BACKENDS, "backend")
         _choice(self.mix_mode, ("auto", "batch", "sample"), "mix_mode")
+        _choice(self.float_range, FLOAT_RANGES, "float_range")
         if not isinstance(self.alpha, (int, float)):
             raise ValueError(f"alpha: expected a finite number >= 0 (0: no mixing), got {self.alpha!r}")
         check_alpha(self.alpha)
