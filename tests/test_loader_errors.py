@@ -26,8 +26,8 @@ def folder(root, per_class=(4, 4)):
 
 
 def config(data, **kw):
-    base = dict(data=None if data is None else str(data), batch_size=4, image_size=16, device="cpu", num_threads=1, shuffle=False,
-                last_batch="partial", mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0))
+    base = dict(data=None if data is None else str(data), batch_size=4, image_size=16, device="cpu", num_threads=1,
+                shuffle=False, last_batch="partial", mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0))
     base.update(kw)
     return LoaderConfig(**base)
 
@@ -210,7 +210,7 @@ def test_a_model_fitted_on_more_classes_than_the_data_is_refused(tmp_path, fitte
     loader = GenLabelLoader(config(data, backend=backend, model=str(model), feature_map=str(fmap)))
     assert loader.classes == ("c0", "c1", "c2") and loader.num_classes == 3
     fewer = _copy_without(data, tmp_path / "fewer", drop=("c1",))
-    with pytest.raises(ValueError, match=rf"model '.*m\.npz': fitted on 3 classes, but the data has 2; class names "
+    with pytest.raises(ValueError, match=r"model '.*m\.npz': fitted on 3 classes, but the data has 2; class names "
                                          r"first differ at label 1: 'c1' \(model\) vs 'c2' \(data\)"):
         GenLabelLoader(config(fewer, backend=backend, model=str(model), feature_map=str(fmap)))
     renamed = _copy_without(data, tmp_path / "renamed", rename={"c2": "cx"})

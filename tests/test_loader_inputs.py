@@ -78,7 +78,8 @@ class _ToTensorImages(torch.utils.data.Dataset):
         img, label, index = self.pixels[i]
         chw = img.permute(2, 0, 1).float().div(255)  # ToTensor
         if self.normalise:
-            chw = (chw - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+            mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+            chw = (chw - mean[:, None, None]) / std[:, None, None]
         return chw.permute(1, 2, 0), label, index
 
 

@@ -49,8 +49,8 @@ class GenLabelLoader:
     Raises:
         ValueError: a config that cannot work (the message names the field): a model fitted on
             other classes (another K than a class folder's or a Dataset's, fewer classes than a file
-            list's or shards' labels need, or other class names), features of another d, embeddings that do not match the dataset, a batch
-            larger than the shard, an empty dataset.
+            list's or shards' labels need, or other class names), features of another d, embeddings
+            that do not match the dataset, a batch larger than the shard, an empty dataset.
     """
 
     def __init__(self, config: LoaderConfig | None = None, dataset=None, **overrides):
