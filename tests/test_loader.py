@@ -263,7 +263,7 @@ def test_set_model_rejects_another_k_or_d(data, fitted):
     fmap, model = fitted
     loader = GenLabelLoader(config(data, feature_map=fmap, model=model))
     z = torch.randn(30, fmap.dim, dtype=torch.float64)
-    with pytest.raises(ValueError, match="model: fitted for 4 classes"):
+    with pytest.raises(ValueError, match="model: fitted on 4 classes, but the data has 3; refit"):
         loader.set_model(fgl.GaussianClassModel("diag").fit(z, torch.arange(30) % 4, 4))
     with pytest.raises(ValueError, match="model: fitted on 2-dimensional"):
         loader.set_model(fgl.GaussianClassModel("diag").fit(z[:, :2], torch.arange(30) % K, K))
