@@ -75,8 +75,12 @@ def describe_model(path) -> str:
         c = fmap.components.shape[1] // (t * t)
         return f"{path}: {fmap!r}\n  feature map: {t}x{t}x{c} thumbnails -> {fmap.dim} features (feature_map=)"
     counts = model.class_counts
+    names = model.classes
+    shown = "none stored (fitted without class names)" if names is None else \
+        ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
     return "\n".join([
         f"{path}: {model!r}",
         f"  classes: {model.num_classes} ({int((counts > 0).sum())} with samples), features: {model.dim}",
+        f"  class names: {shown}",
         f"  samples: {int(counts.sum())} (per class min {int(counts.min())}, max {int(counts.max())})",
     ])

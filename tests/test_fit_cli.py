@@ -231,3 +231,22 @@ def test_fit_checks_its_outputs_before_reading_and_writes_them_atomically(folder
                  "--image-size", "24", "--no-progress"]) == 0
     assert ThumbnailPCA.load(fmap).dim == 4 and fg.load_model(tmp_path / "m.npz").num_classes == K
     assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_help_and_argument_errors_import_no_torch():
+    """``fastgenlabel --help``, no command and an unknown one are answered before torch is imported
+    (it takes seconds); a subcommand's own options import its module."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fastgenlabel.cli import main\n"
+            "for argv in (['--help'], [], ['bogus'], ['bench']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = sorted(m for m in ('torch', 'numpy', 'numba', 'nvidia.dali') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "fastgenlabel", "--help"], capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and "usage: fastgenlabel" in run.stdout
+    imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "fastgenlabel.cli" in imported and "torch" not in imported

@@ -91,6 +91,17 @@ def test_images_are_the_mixed_images_and_features_exact_under_mixing(data, backe
                                    atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_batch_reads_as_images_targets_and_the_loader_knows_its_classes(data, backend):
+    loader = GenLabelLoader(config(data, backend=backend))
+    assert loader.classes == ("class0", "class1", "class2")
+    batch = next(iter(loader))
+    assert batch[0] is batch.images and batch[1] is batch.targets and batch[-1] is batch.targets
+    assert batch[:] == (batch.images, batch.targets) and len(batch) == 8
+    with pytest.raises(IndexError):
+        batch[2]
+
+
 def test_backends_agree_on_order_pairs_and_targets(data, fitted):
     fmap, model = fitted
     a = list(GenLabelLoader(config(data, backend="dali", feature_map=fmap, model=model, train=False)))
@@ -252,7 +263,7 @@ def test_set_model_rejects_another_k_or_d(data, fitted):
     fmap, model = fitted
     loader = GenLabelLoader(config(data, feature_map=fmap, model=model))
     z = torch.randn(30, fmap.dim, dtype=torch.float64)
-    with pytest.raises(ValueError, match="model: fitted for 4 classes"):
+    with pytest.raises(ValueError, match="model: fitted on 4 classes, but the data has 3; refit"):
         loader.set_model(fgl.GaussianClassModel("diag").fit(z, torch.arange(30) % 4, 4))
     with pytest.raises(ValueError, match="model: fitted on 2-dimensional"):
         loader.set_model(fgl.GaussianClassModel("diag").fit(z[:, :2], torch.arange(30) % K, K))

@@ -26,8 +26,8 @@ def folder(root, per_class=(4, 4)):
 
 
 def config(data, **kw):
-    base = dict(data=str(data), batch_size=4, image_size=16, device="cpu", num_threads=1, shuffle=False,
-                last_batch="partial", mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0))
+    base = dict(data=None if data is None else str(data), batch_size=4, image_size=16, device="cpu", num_threads=1,
+                shuffle=False, last_batch="partial", mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0))
     base.update(kw)
     return LoaderConfig(**base)
 
@@ -293,3 +293,109 @@ def test_file_list_that_is_no_text_or_has_a_huge_label(tmp_path):
     (tmp_path / "huge.txt").write_text("imgs/c0/0.jpg 0\nimgs/c0/1.jpg 99999999999999999999\n")
     with pytest.raises(ValueError, match=r"huge\.txt' line 2: label 99999999999999999999 is too large"):
         GenLabelLoader(config(tmp_path / "huge.txt"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_is_refused_beyond_the_range_both_backends_take(tmp_path, backend):
+    folder(tmp_path)
+    for seed in (2 ** 63, 2 ** 64, -1):
+        with pytest.raises(ValueError, match=r"seed: expected an integer in \[0, 2\*\*63 - 1\]"):
+            config(tmp_path, backend=backend, seed=seed)
+    batch = next(iter(GenLabelLoader(config(tmp_path, backend=backend, seed=2 ** 63 - 1))))  # the largest runs
+    assert len(batch) == 4
+
+
+@pytest.fixture(scope="module")
+def fitted_on_three_folders(tmp_path_factory):
+    """``fastgenlabel fit`` on folders c0, c1, c2: the model and feature map files, and the data."""
+    import contextlib
+    import io
+
+    from fastgenlabel.cli import main
+
+    root = tmp_path_factory.mktemp("three")
+    data = folder(root / "data", per_class=(4, 4, 4))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["fit", str(data), "--out", str(root / "m.npz"), "--dim", "2", "--thumbnail", "2",
+                     "--image-size", "16", "--batch-size", "4", "--backend", "torch", "--device", "cpu",
+                     "--covariance", "diag", "--no-progress"]) == 0
+    return data, root / "m.npz", root / "m.features.npz"
+
+
+def _copy_without(src, dst, drop=(), rename=None):
+    import shutil
+
+    for d in sorted(src.iterdir()):
+        if d.name not in drop:
+            shutil.copytree(d, dst / (rename or {}).get(d.name, d.name))
+    return dst
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_model_fitted_on_more_classes_than_the_data_is_refused(tmp_path, fitted_on_three_folders, backend):
+    data, model, fmap = fitted_on_three_folders
+    assert fgl.load_model(model).classes == ("c0", "c1", "c2")  # fit stores the folder's class names
+    loader = GenLabelLoader(config(data, backend=backend, model=str(model), feature_map=str(fmap)))
+    assert loader.classes == ("c0", "c1", "c2") and loader.num_classes == 3
+    fewer = _copy_without(data, tmp_path / "fewer", drop=("c1",))
+    with pytest.raises(ValueError, match=r"model '.*m\.npz': fitted on 3 classes, but the data has 2; class names "
+                                         r"first differ at label 1: 'c1' \(model\) vs 'c2' \(data\)"):
+        GenLabelLoader(config(fewer, backend=backend, model=str(model), feature_map=str(fmap)))
+    renamed = _copy_without(data, tmp_path / "renamed", rename={"c2": "cx"})
+    with pytest.raises(ValueError, match=r"fitted on 3 classes, but the data has 3; class names first differ at "
+                                         r"label 2: 'c2' \(model\) vs 'cx' \(data\)"):
+        GenLabelLoader(config(renamed, backend=backend, model=str(model), feature_map=str(fmap)))
+    plain = GenLabelLoader(config(fewer, backend=backend, feature_map=str(fmap)))
+    with pytest.raises(ValueError, match="fitted on 3 classes, but the data has 2"):
+        plain.set_model(str(model))
+
+
+def test_a_model_file_without_class_names_is_checked_by_its_count(tmp_path, fitted_on_three_folders):
+    data, model, fmap = fitted_on_three_folders
+    unnamed = fgl.load_model(model)
+    unnamed.classes = None  # as a model fitted on arrays, or saved before models carried names
+    unnamed.save(tmp_path / "unnamed.npz")
+    assert fgl.load_model(tmp_path / "unnamed.npz").classes is None
+    from fastgenlabel._info import describe_model
+
+    assert "class names: c0, c1, c2" in describe_model(model)
+    assert "class names: none stored" in describe_model(tmp_path / "unnamed.npz")
+    renamed = _copy_without(data, tmp_path / "renamed", rename={"c2": "cx"})
+    loader = GenLabelLoader(config(renamed, backend="torch", model=str(tmp_path / "unnamed.npz"), feature_map=str(fmap)))
+    assert loader.classes == ("c0", "c1", "cx")
+    fewer = _copy_without(data, tmp_path / "fewer", drop=("c0",))
+    with pytest.raises(ValueError, match=r"unnamed\.npz': fitted on 3 classes, but the data has 2; refit"):
+        GenLabelLoader(config(fewer, backend="torch", model=str(tmp_path / "unnamed.npz"), feature_map=str(fmap)))
+
+
+def test_a_dataset_with_class_names_is_checked_against_the_model(fitted_on_three_folders):
+    """A torch Dataset's ``classes`` (as torchvision's ImageFolder has) tie a model to it too."""
+    from fastgenlabel.loader import scan
+    from fastgenlabel.loader.images import ImageFileDataset
+
+    data, model, fmap = fitted_on_three_folders
+
+    class Named(ImageFileDataset):
+        classes = ["c0", "c1", "other"]
+
+    ds = Named(scan(str(data)), 16)
+    with pytest.raises(ValueError, match=r"label 2: 'c2' \(model\) vs 'other' \(data\)"):
+        GenLabelLoader(config(None, backend="torch", model=str(model), feature_map=str(fmap)), dataset=ds)
+    ds.classes = ["c0", "c1", "c2"]
+    loader = GenLabelLoader(config(None, backend="torch", model=str(model), feature_map=str(fmap)), dataset=ds)
+    assert loader.classes == ("c0", "c1", "c2")
+
+
+def test_a_dataset_passed_as_data_says_to_pass_it_as_dataset(tmp_path):
+    from fastgenlabel.loader import scan
+    from fastgenlabel.loader.images import ImageFileDataset
+
+    ds = ImageFileDataset(scan(str(folder(tmp_path))), 16)
+    for data in (ds, torch.utils.data.DataLoader(ds, batch_size=2), [ds]):
+        with pytest.raises(ValueError, match=r"data: got a (ImageFileDataset|DataLoader); .* Pass a Dataset or "
+                                             r"DataLoader as dataset= with the torch backend"):
+            GenLabelLoader(data=data, backend="torch")
+    with pytest.raises(ValueError, match="data: expected a folder of class sub-folders.*got a int"):
+        LoaderConfig(data=3)
+    loader = GenLabelLoader(config(None, backend="torch"), dataset=ds)  # what the message says works
+    assert len(next(iter(loader))) == 4

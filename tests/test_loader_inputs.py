@@ -58,3 +58,65 @@ def test_a_feature_map_for_other_thumbnails_is_refused_when_fitted_and_when_give
         from fastgenlabel.loader import GenLabelLoader
 
         GenLabelLoader(LoaderConfig(data=str(tmp_path), feature_map=gray, backend="torch", batch_size=2))
+
+
+class _ToTensorImages(torch.utils.data.Dataset):
+    """Image files as torchvision's ``ToTensor`` gives them, float (C, H, W) in [0, 1], permuted to
+    (H, W, C); ``normalise`` also applies ImageNet's Normalize (values below 0 and above 1)."""
+
+    def __init__(self, files, normalise=False):
+        from fastgenlabel.loader.images import ImageFileDataset
+
+        self.pixels = ImageFileDataset(files, 16, train=False)
+        self.normalise = normalise
+        self.num_classes = files.num_classes
+
+    def __len__(self):
+        return len(self.pixels)
+
+    def __getitem__(self, i):
+        img, label, index = self.pixels[i]
+        chw = img.permute(2, 0, 1).float().div(255)  # ToTensor
+        if self.normalise:
+            mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+            chw = (chw - mean[:, None, None]) / std[:, None, None]
+        return chw.permute(1, 2, 0), label, index
+
+
+def test_float_images_in_0_1_units_are_refused_by_default_and_read_with_float_range(tmp_path):
+    from PIL import Image
+
+    from fastgenlabel import GaussianClassModel
+    from fastgenlabel.features import ThumbnailPCA
+    from fastgenlabel.loader import GenLabelLoader, scan
+    from fastgenlabel.loader.images import ImageFileDataset
+
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        (tmp_path / f"c{k}").mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(60 * k, 120 + 60 * k, (20, 18, 3), dtype=np.uint8)).save(
+                tmp_path / f"c{k}" / f"{i}.png")
+    files = scan(str(tmp_path))
+    fmap = ThumbnailPCA(2, 3).fit(rng.uniform(0, 255, (20, 12)))
+    model = GaussianClassModel("diag").fit(torch.randn(8, 3) * 50, torch.arange(8) % 2, 2)
+    cfg = LoaderConfig(backend="torch", batch_size=4, shuffle=False, device="cpu", feature_map=fmap, model=model)
+
+    def first(dataset, **kw):
+        return next(iter(GenLabelLoader(cfg, dataset=dataset, **kw)))
+
+    with pytest.raises(ValueError, match=r"float_range: the dataset's float images lie in \[.*\], as 0-1 images.*"
+                                         r"pass float_range='0-1'"):
+        first(_ToTensorImages(files))
+    want = first(ImageFileDataset(files, 16, train=False))  # the same pixels as uint8
+    got = first(_ToTensorImages(files), float_range="0-1")
+    torch.testing.assert_close(got.images, want.images, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got.features, want.features, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got.targets, want.targets, rtol=1e-4, atol=1e-5)
+    raw = first(_ToTensorImages(files), float_range="0-1", mean=None, std=None)  # mixed pixels, 0-255 units
+    torch.testing.assert_close(raw.images, first(ImageFileDataset(files, 16, train=False), mean=None, std=None).images,
+                               rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match=r"float_range: '0-1', but the dataset's float images lie in .*drop Normalize"):
+        first(_ToTensorImages(files, normalise=True), float_range="0-1")
+    with pytest.raises(ValueError, match="float_range: expected one of"):
+        LoaderConfig(float_range="0-1.0")

@@ -320,3 +320,20 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(ModelFileError, match=r"not a fastgenlabel model \(not an .npz archive\)") as info:
         load_model(tmp_path / "script.py")
     assert "allow_pickle" not in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore::fastgenlabel.models.base.FitWarning")
+def test_class_names_are_saved_loaded_and_checked(saved_one, tmp_path):
+    model, path, z = saved_one
+    assert model.classes is None and load_model(path).classes is None  # fitted on arrays: no names
+    model.classes = ["zero", "one", "two", "three"]
+    model.save(tmp_path / "named.npz")
+    loaded = load_model(tmp_path / "named.npz")
+    assert loaded.classes == ("zero", "one", "two", "three")
+    np.testing.assert_array_equal(loaded.log_joint(z), model.log_joint(z))
+    with pytest.raises(ValueError, match="classes: 3 names for a model of 4 classes"):
+        model.classes = ["a", "b", "c"]
+    with pytest.raises(ValueError, match="classes: expected a sequence of class-name strings"):
+        model.classes = [0, 1, 2, 3]
+    model.fit(*make_data(sizes=(5, 5, 5)), 3)  # refitted for another K: the names belonged to the old classes
+    assert model.classes is None

@@ -68,13 +68,26 @@ def test_lambda_follows_beta_alpha_alpha(alpha):
     assert scipy.stats.kstest(lam, scipy.stats.beta(alpha, alpha).cdf).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("alpha", [0, 0.0, -1.0])
+@pytest.mark.parametrize("alpha", [0, 0.0])
 @pytest.mark.parametrize("pairing", PAIRINGS)
 @pytest.mark.parametrize("lam_mode", LAM_MODES)
-def test_no_mixing_for_alpha_at_most_zero(alpha, pairing, lam_mode):
+def test_no_mixing_for_alpha_zero(alpha, pairing, lam_mode):
     pairs = sample_pairs(9, alpha, pairing=pairing, lam_mode=lam_mode, generator=0)
     assert pairs.perm.tolist() == list(range(9))
     assert pairs.lam.tolist() == [1.0] * 9
+
+
+@pytest.mark.parametrize("alpha", [-1.0, -1e-9, -1])
+def test_a_negative_alpha_is_refused_not_read_as_no_mixing(alpha):
+    from fastgenlabel.functional.pairs import PairFeed
+    from fastgenlabel.loader import LoaderConfig
+
+    with pytest.raises(ValueError, match="alpha: expected a finite number >= 0"):
+        sample_pairs(8, alpha=alpha, generator=0)
+    with pytest.raises(ValueError, match="alpha: expected a finite number >= 0"):
+        PairFeed(alpha, batch_size=8)
+    with pytest.raises(ValueError, match="alpha: expected a finite number >= 0"):
+        LoaderConfig(alpha=alpha)
 
 
 @pytest.mark.parametrize("pairing", PAIRINGS)

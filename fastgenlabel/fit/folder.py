@@ -82,7 +82,8 @@ def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int
     (the shards' padding is dropped) and every rank gets the same all-reduced model.
 
     Returns:
-        a :class:`FolderFit`.
+        a :class:`FolderFit`; for a folder of class sub-folders its model carries their names
+        (``model.classes``), saved with it and checked by the loader.
     """
     from ..loader import GenLabelLoader, LoaderConfig, scan
 
@@ -102,7 +103,7 @@ def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int
         fit = StreamingFit(model, k)
         report = fit.consume(batches, features=source, progress=progress, desc="fit (stored)")
         log(f"class model: {report}" + (f" on rank {rank} of {world}" if world > 1 else ""))
-        return FolderFit(fit.result(), None, {"fit": report}, files.classes)
+        return FolderFit(_named(fit.result(), data, files), None, {"fit": report}, files.classes)
 
     backend = default_backend() if backend == "auto" else backend
     shard_size = -(-len(files) // world)
@@ -154,7 +155,16 @@ def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int
         report = fit.consume(loader, features=source, progress=progress, desc="fit",
                              shard=(rank, world) if world > 1 else None)
         log(f"class model: {report}" + (f" on rank {rank} of {world}" if world > 1 else ""))
-    return FolderFit(fit.result(), fmap, {"pca": pca_report, "fit": report}, files.classes)
+    return FolderFit(_named(fit.result(), data, files), fmap, {"pca": pca_report, "fit": report}, files.classes)
+
+
+def _named(model: ClassModel, data, files) -> ClassModel:
+    """The model with a folder's class names, which the loader checks against its data's (a file
+    list's or shards' classes are bare label indices: no names)."""
+    from ..loader.loader import class_names
+
+    model.classes = class_names(data, files)
+    return model
 
 
 def _rank_world() -> tuple[int, int]:

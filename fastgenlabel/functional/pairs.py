@@ -84,6 +84,17 @@ def _in_range(perm: np.ndarray, lam: torch.Tensor, b: int) -> bool:
     return bool(perm.min() >= 0 and perm.max() < b and lam.min() >= 0 and lam.max() <= 1)  # NaN fails
 
 
+def check_alpha(alpha) -> float:
+    """``alpha`` as a float; refuses a bool, a non-number, NaN, infinity and a negative value."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(alpha, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"alpha: expected a finite number >= 0 (0: no mixing), got {alpha!r}")
+    return value
+
+
 def _rng(generator) -> np.random.Generator:
     if generator is None:
         return np.random.default_rng()
@@ -110,8 +121,9 @@ def sample_pairs(
 
     Args:
         batch_size: B, the number of samples (0 gives empty pairs).
-        alpha: lambda ~ Beta(alpha, alpha); ``alpha <= 0`` means no mixing (lambda = 1 and the
-            identity pairing).
+        alpha: lambda ~ Beta(alpha, alpha), a finite number >= 0; ``alpha = 0`` means no mixing
+            (lambda = 1 and the identity pairing). A negative alpha is refused: it is no Beta
+            parameter, and treating it as 0 would turn mixup off without a word.
         pairing: ``"permutation"`` (uniform random, the GenLabel authors' choice), ``"flip"``
             (reversed batch, timm) or ``"roll"`` (shift by one, torchvision).
         lam_mode: ``"batch"`` (one lambda for the batch, the default) or ``"sample"``.
@@ -126,16 +138,10 @@ def sample_pairs(
         raise ValueError(f"pairing: expected one of {PAIRINGS}, got {pairing!r}")
     if lam_mode not in LAM_MODES:
         raise ValueError(f"lam_mode: expected one of {LAM_MODES}, got {lam_mode!r}")
-    try:
-        alpha_f = float(alpha)
-    except (TypeError, ValueError):
-        alpha_f = math.nan
-    if isinstance(alpha, bool) or not math.isfinite(alpha_f):
-        raise ValueError(f"alpha: expected a finite number, got {alpha!r}")
-    alpha = alpha_f
+    alpha = check_alpha(alpha)
     rng = _rng(generator)
     b = int(batch_size)
-    if alpha <= 0:
+    if alpha == 0:
         return MixPairs(torch.arange(b, dtype=torch.int64), torch.ones(b, dtype=torch.float32))
     if pairing == "permutation":
         perm = rng.permutation(b)
@@ -166,7 +172,7 @@ class PairFeed:
     ``fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True)`` takes.
 
     Args:
-        alpha: lambda ~ Beta(alpha, alpha); <= 0 disables mixing (identity pairs, lambda 1).
+        alpha: lambda ~ Beta(alpha, alpha), >= 0; 0 disables mixing (identity pairs, lambda 1).
         pairing, lam_mode: as for :func:`sample_pairs`.
         seed: base seed; shard_id: this rank's shard (ranks draw different pairs).
         batch_size: B (use :meth:`draw` directly for variable batch sizes).
@@ -181,7 +187,7 @@ class PairFeed:
             raise ValueError(f"pairing: expected one of {PAIRINGS}, got {pairing!r}")
         if lam_mode not in LAM_MODES:
             raise ValueError(f"lam_mode: expected one of {LAM_MODES}, got {lam_mode!r}")
-        self.alpha, self.pairing, self.lam_mode = float(alpha), pairing, lam_mode
+        self.alpha, self.pairing, self.lam_mode = check_alpha(alpha), pairing, lam_mode
         self.seed, self.shard_id, self.batch_size = int(seed), int(shard_id), int(batch_size)
 
     def draw(self, batch_size: int, epoch: int, batch_index: int) -> MixPairs:

@@ -10,7 +10,9 @@ from ..functional.pairs import MixPairs
 
 @dataclass
 class LoaderBatch:
-    """One batch. Unpacks as ``images, targets = batch``; the rest is there on request.
+    """One batch. Reads as the 2-tuple ``(images, targets)``: ``images, targets = batch``,
+    ``batch[0]``, ``batch[1]``, ``batch[-1]``, ``batch[:2]``, as a DataLoader's ``(x, y)`` batch
+    does; the rest is there on request as attributes. ``len(batch)`` is the number of samples B.
 
     Attributes:
         images: (B, C, H, W) (or (B, H, W, C) for ``layout="HWC"``) mixed, normalised images,
@@ -35,6 +37,9 @@ class LoaderBatch:
     def __iter__(self):
         yield self.images
         yield self.targets
+
+    def __getitem__(self, i):
+        return (self.images, self.targets)[i]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

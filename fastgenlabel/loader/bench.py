@@ -22,14 +22,25 @@ queues), then ``--batches`` timed batches, ``--repeats`` times, the contestants 
 (so a slow spell of a shared machine hits all of them); the median images/s is reported with
 the spread (min, max). On the CPU there is nothing to synchronise; on a GPU the timed region ends with
 ``torch.cuda.synchronize()``.
+
+What a user decides on is printed as ratios, taken repeat by repeat (the contestants of one
+repeat ran side by side) and reported as their median and range: each contestant against the
+torch baseline (what switching from a DataLoader + mixup gives) and against plain DALI (what
+mixup + GenLabel costs a DALI user). The crop side defaults to the data's own (the median
+shorter side of a sample of its images, at most 224), so small images are not upscaled to
+ImageNet's size. The GenLabel contestants' feature map and class model are fitted here, on a
+few batches, for timing only: their quality is no concern of the run, and their fit warnings
+(too few samples per class for the covariance) are not shown.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import platform
 import statistics
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -37,6 +48,8 @@ import torch
 from .._args import nonnegative_int, positive_int
 
 CONTESTANTS = ("dali", "dali-reader", "dali+mixup+genlabel", "dali+mixup+genlabel(per-sample)", "torch-baseline")
+MAX_IMAGE_SIZE = 224  # the default crop never exceeds ImageNet's
+SIZE_SAMPLE = 64  # images whose sizes choose the default crop
 
 
 def _contestants(text: str) -> list[str]:
@@ -50,7 +63,9 @@ def _contestants(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a folder of class sub-folders of JPEG files")
     parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help=f"crop side (default: the images' median shorter side, from up to {SIZE_SAMPLE} of "
+                             f"them, at most {MAX_IMAGE_SIZE})")
     parser.add_argument("--batches", type=positive_int, default=20, help="timed batches per repeat")
     parser.add_argument("--warmup", type=nonnegative_int, default=3)
     parser.add_argument("--repeats", type=positive_int, default=3)
@@ -58,6 +73,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--only", type=_contestants, default=None,
                         help=f"comma-separated contestants to run, of: {', '.join(CONTESTANTS)}")
+
+
+def data_image_size(data, limit: int = MAX_IMAGE_SIZE, sample: int = SIZE_SAMPLE) -> int:
+    """The crop side that fits ``data``: the median shorter side of up to ``sample`` of its images
+    (spread evenly over the dataset, sizes read from the image headers), at most ``limit``."""
+    from PIL import Image
+
+    from .files import scan
+
+    files = scan(data)
+    sides = []
+    for i in np.unique(np.linspace(0, len(files) - 1, min(sample, len(files))).astype(np.int64)):
+        try:
+            with Image.open(io.BytesIO(files.read(int(i)).tobytes())) as im:
+                sides.append(min(im.size))
+        except Exception:  # noqa: BLE001 - an unreadable image says nothing about the size; the loader names it
+            continue
+    return max(1, min(limit, int(statistics.median(sides)))) if sides else limit
 
 
 def _time_once(it, batches: int, sync) -> float:
@@ -81,6 +114,7 @@ def genlabel_parts(data, *, image_size: int, threads: int, device: str, batch_si
     """A ThumbnailPCA and full Gaussians fitted on a few unmixed batches (enough for timing)."""
     from ..features import ThumbnailPCA
     from ..models import GaussianClassModel
+    from ..models.base import FitWarning
     from .config import LoaderConfig
     from .loader import GenLabelLoader
 
@@ -96,7 +130,9 @@ def genlabel_parts(data, *, image_size: int, threads: int, device: str, batch_si
     thumbs = torch.cat(thumbs).numpy()
     fmap = ThumbnailPCA(8, min(32, thumbs.shape[0] - 1, thumbs.shape[1])).fit(thumbs)
     z = torch.from_numpy(fmap.transform(thumbs))
-    model = GaussianClassModel("full").fit(z, torch.cat(labels), loader.num_classes)
+    with warnings.catch_warnings():  # a stand-in fitted on a few batches for timing: its fit is no user's concern
+        warnings.simplefilter("ignore", FitWarning)
+        model = GaussianClassModel("full").fit(z, torch.cat(labels), loader.num_classes)
     return fmap, model
 
 
@@ -225,13 +261,15 @@ def run(data, *, batch_size: int, image_size: int, batches: int, warmup: int, re
     if want is None or "dali-reader" in want:
         iters["dali-reader"] = dali_reader_loader(data, batch_size=batch_size, image_size=image_size, threads=threads,
                                                   device=device)
+    parts = None
     if want is None or "dali+mixup+genlabel" in want:
         parts = genlabel_parts(data, image_size=image_size, threads=threads, device=device, batch_size=batch_size)
         iters["dali+mixup+genlabel"] = _cycle(dali_loader(data, genlabel=True, batch_size=batch_size,
                                                           image_size=image_size, threads=threads, device=device,
                                                           parts=parts))
     if want is not None and "dali+mixup+genlabel(per-sample)" in want:
-        parts = genlabel_parts(data, image_size=image_size, threads=threads, device=device, batch_size=batch_size)
+        parts = parts or genlabel_parts(data, image_size=image_size, threads=threads, device=device,
+                                        batch_size=batch_size)
         iters["dali+mixup+genlabel(per-sample)"] = _cycle(dali_loader(
             data, genlabel=True, batch_size=batch_size, image_size=image_size, threads=threads, device=device,
             parts=parts, mix_mode="sample"))
@@ -250,21 +288,46 @@ def run(data, *, batch_size: int, image_size: int, batches: int, warmup: int, re
             for n, r in rates.items()]
 
 
+def ratio(rows: list[dict], name: str, base: str) -> tuple[float, float, float] | None:
+    """(median, min, max) over the repeats of ``name``'s images/s over ``base``'s (None if either is absent)."""
+    by = {r["name"]: r["runs"] for r in rows}
+    if name not in by or base not in by:
+        return None
+    r = [a / b for a, b in zip(by[name], by[base])]
+    return statistics.median(r), min(r), max(r)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x[0]:.2f}x [{x[1]:.2f}-{x[2]:.2f}]"
+
+
 def main(args) -> int:
-    only = args.only
-    rows = run(args.data, batch_size=args.batch_size, image_size=args.image_size, batches=args.batches,
-               warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device, only=only)
-    print(f"fastgenlabel bench loader: {args.data}, batch {args.batch_size}, crop {args.image_size}, "
+    image_size = args.image_size or data_image_size(args.data)
+    rows = run(args.data, batch_size=args.batch_size, image_size=image_size, batches=args.batches,
+               warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device, only=args.only)
+    how = "" if args.image_size else " (the images' median shorter side, at most 224; --image-size sets it)"
+    print(f"fastgenlabel bench loader: {args.data}, batch {args.batch_size}, crop {image_size}{how}, "
           f"{args.threads} threads/workers, device {args.device}; {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}")
-    print(f"{'contestant':<44} {'images/s (median)':>18} {'min':>8} {'max':>8}")
+    print(f"images/s: median [min-max] of {args.repeats} repeats of {args.batches} batches; ratios: per repeat, "
+          "median [min-max]")
+    torch_base = next((r["name"] for r in rows if r["name"].startswith("torch-baseline")), None)
+    width = max(44, *(len(r["name"]) + 2 for r in rows))
+    print(f"{'contestant':<{width}} {'images/s':>9} {'min':>7} {'max':>7}   {'vs torch-baseline':<22} "
+          "vs plain DALI (dali-reader)")
     for r in rows:
-        print(f"{r['name']:<44} {r['median']:>18.0f} {r['min']:>8.0f} {r['max']:>8.0f}")
-    by = {r["name"]: r["median"] for r in rows}
-    if "dali" in by and "dali+mixup+genlabel" in by:
-        print(f"\nmixup + GenLabel keeps {100 * by['dali+mixup+genlabel'] / by['dali']:.1f}% of the DALI "
-              "pipeline's throughput")
-    if "dali-reader" in by and "dali+mixup+genlabel" in by:
-        print(f"the loader with mixup + GenLabel runs at {100 * by['dali+mixup+genlabel'] / by['dali-reader']:.1f}% "
-              "of plain DALI (fn.readers.file, no mixup)")
+        print(f"{r['name']:<{width}} {r['median']:>9.0f} {r['min']:>7.0f} {r['max']:>7.0f}   "
+              f"{_fmt(ratio(rows, r['name'], torch_base)):<22} {_fmt(ratio(rows, r['name'], 'dali-reader'))}")
+    loader = "dali+mixup+genlabel"
+    lines = []
+    if (x := ratio(rows, loader, torch_base)) is not None:
+        lines.append(f"from {torch_base} to the loader with mixup + GenLabel: {_fmt(x)} the images/s")
+    if (x := ratio(rows, loader, "dali-reader")) is not None:
+        lines.append(f"from plain DALI (fn.readers.file, no mixup) to the loader with mixup + GenLabel: {_fmt(x)} "
+                     "the images/s")
+    if (x := ratio(rows, loader, "dali")) is not None:
+        lines.append(f"mixup + GenLabel keeps {100 * x[0]:.1f}% [{100 * x[1]:.1f}-{100 * x[2]:.1f}%] of the "
+                     "loader's own DALI pipeline without them")
+    if lines:
+        print("\nshould you switch?\n  " + "\n  ".join(lines))
     return 0

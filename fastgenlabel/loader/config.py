@@ -1,11 +1,11 @@
 """LoaderConfig: everything a GenLabelLoader needs, validated once."""
 from __future__ import annotations
 
-import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..functional.pairs import LAM_MODES, PAIRINGS
+from ..functional.pairs import LAM_MODES, PAIRINGS, check_alpha
 from .files import DEFAULT_MAX_IMAGE_PIXELS
 from .sampling import LAST_BATCH_POLICIES
 
@@ -15,6 +15,8 @@ FEATURES = ("auto", "thumbnail", "stored", "none")
 BACKENDS = ("dali", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 ON_BAD_IMAGE = ("error", "skip")
+FLOAT_RANGES = (None, "0-255", "0-1")
+MAX_SEED = 2 ** 63 - 1  # both backends: numpy takes any seed >= 0, DALI's pipeline a signed 64-bit one
 
 
 @dataclass
@@ -27,13 +29,15 @@ class LoaderConfig:
             range (``"shards/train-{0000..0146}.tar"``) or a folder of ``.tar`` files (and no class
             sub-folders). Shards are indexed once (their headers only) and read in place, so
             ordering, epochs, shards per rank and the last-batch policy are the folder's, over
-            the samples in shard order. The torch backend may take a Dataset instead.
+            the samples in shard order. A torch Dataset or DataLoader is no ``data``: pass it as
+            ``GenLabelLoader(config, dataset=...)`` with ``backend="torch"``.
         image_ext, label_ext: a WebDataset sample's image member (``;``-separated alternatives,
             the first present wins) and its label member, a decimal class index.
         batch_size: B, samples per batch (per shard).
         last_batch: "drop" (only full batches), "partial" (a shorter last batch, possibly of one
             sample) or "fill" (complete it with samples from the start of the epoch).
-        shuffle, seed: a fresh order per epoch, a pure function of (seed, epoch).
+        shuffle, seed: a fresh order per epoch, a pure function of (seed, epoch); seed in
+            [0, 2**63 - 1].
         shard_id, num_shards: this rank's share (every shard gets ceil(N / num_shards) samples).
         on_bad_image: "error" (raise CorruptImageError naming the file) or "skip" (warn with the
             file's name and leave it out of its batch, which is one sample shorter). Files whose
@@ -54,7 +58,8 @@ class LoaderConfig:
         device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda" (device 0 or ``device_id``).
 
     Mixup and GenLabel:
-        alpha: lambda ~ Beta(alpha, alpha); 0 disables mixing (images unmixed, one-hot targets).
+        alpha: lambda ~ Beta(alpha, alpha), a number >= 0; 0 disables mixing (images unmixed,
+            one-hot targets).
         pairing, lam_mode: as for :func:`fastgenlabel.sample_pairs`.
         model: a fitted class model, or the path of a saved one (``load_model``); None for plain
             mixup targets.
@@ -77,6 +82,11 @@ class LoaderConfig:
         thumbnail: thumbnail side when no feature map is given but thumbnails are wanted
             (``return_thumbnails``, used to fit a ThumbnailPCA from a pass of the loader).
         relabel_backend: backend of :func:`fastgenlabel.relabel` ("auto" picks the fastest).
+        float_range: torch backend: the units of float images (uint8 images are 0-255 units):
+            "0-1" (torchvision's ``ToTensor``, permuted to (H, W, C)): scaled to 0-255 here, so
+            ``mean``, ``std`` and feature maps stay in pixel units; "0-255": taken as they are; None
+            (default): as "0-255", and a first float batch whose values all lie in [0, 1] is refused
+            as ambiguous (0-1 images read as 0-255 units normalise to a near-constant input).
         extra: backend options: ``num_workers`` (torch backend: DataLoader workers, default 0),
             ``baseline`` (DALI backend: DALI's crop_mirror_normalize instead of the mix stage, no
             mixing: the throughput benchmark's reference).
@@ -125,9 +135,11 @@ class LoaderConfig:
     target_threads: int | None = 1
     image_ext: str = "jpg;jpeg;png"
     label_ext: str = "cls"
+    float_range: str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        _check_data(self.data)
         _positive_int(self.batch_size, "batch_size")
         _positive_int(self.image_size, "image_size")
         _positive_int(self.num_shards, "num_shards")
@@ -140,8 +152,9 @@ class LoaderConfig:
         if isinstance(self.shard_id, bool) or not isinstance(self.shard_id, int) \
                 or not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f"shard_id: expected an integer in [0, {self.num_shards}), got {self.shard_id!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed: expected an integer in [0, 2**63 - 1] (DALI's seeds are signed 64-bit), "
+                             f"got {self.seed!r}")
         _choice(self.last_batch, LAST_BATCH_POLICIES, "last_batch")
         _choice(self.on_bad_image, ON_BAD_IMAGE, "on_bad_image")
         _choice(self.dtype, ("float32", "float16"), "dtype")
@@ -152,8 +165,10 @@ class LoaderConfig:
         _choice(self.features, FEATURES, "features")
         _choice(self.backend, BACKENDS, "backend")
         _choice(self.mix_mode, ("auto", "batch", "sample"), "mix_mode")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"alpha: expected a finite number, got {self.alpha!r}")
+        _choice(self.float_range, FLOAT_RANGES, "float_range")
+        if not isinstance(self.alpha, (int, float)):
+            raise ValueError(f"alpha: expected a finite number >= 0 (0: no mixing), got {self.alpha!r}")
+        check_alpha(self.alpha)
         for name in ("gamma", "smoothing"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
@@ -175,6 +190,25 @@ class LoaderConfig:
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
             raise ValueError(f"crop_ratio: expected 0 < min <= max, got {self.crop_ratio!r}")
+
+
+def _check_data(data) -> None:
+    """``data`` names files: a path, or a list of tar shard paths. A Dataset or DataLoader goes to
+    ``GenLabelLoader(config, dataset=...)`` with the torch backend: say so, rather than fail in pathlib."""
+    if data is None or isinstance(data, (str, os.PathLike)):
+        return
+    if isinstance(data, (list, tuple)):
+        bad = [p for p in data if not isinstance(p, (str, os.PathLike))]
+        if not bad:
+            return
+        data = bad[0]
+    kind = type(data).__name__
+    if any(c.__name__ in ("Dataset", "IterableDataset", "DataLoader") for c in type(data).__mro__):
+        raise ValueError(f"data: got a {kind}; data names files (a folder, a file list, .tar shards). Pass a "
+                         f"Dataset or DataLoader as dataset= with the torch backend: "
+                         f"GenLabelLoader(LoaderConfig(backend='torch', ...), dataset=your_dataset)")
+    raise ValueError(f"data: expected a folder of class sub-folders, a file list or WebDataset .tar shards "
+                     f"(a path, or a list of shard paths), got a {kind}")
 
 
 def _positive_int(v, name: str) -> None:

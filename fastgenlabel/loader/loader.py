@@ -24,6 +24,7 @@ class GenLabelLoader:
     the sample indices and the features the targets were computed from. The targets of every batch
     equal ``fastgenlabel.genlabel_target(model, mix(features, pairs), labels, labels[perm], lam,
     gamma, ...)`` (or ``mixup_target`` without a model), computed by ``fastgenlabel.relabel``.
+    :attr:`num_classes` is K and :attr:`classes` the K class names in label order.
 
     Epochs: each complete pass is one epoch and advances :attr:`epoch` by one once its last batch
     is handed out (so ``zip(range(len(loader)), loader)`` moves on too); ``set_epoch(e)``, before
@@ -41,12 +42,15 @@ class GenLabelLoader:
         config: a :class:`LoaderConfig` (``**overrides`` replace its fields).
         dataset: for ``backend="torch"`` only: a ``torch.utils.data.Dataset`` whose items are
             ``(image, label)`` or ``(image, label, index)``, with (H, W, C) uint8 images of one
-            size; or a ``DataLoader`` yielding such batches. None reads ``config.data``.
+            size; or a ``DataLoader`` yielding such batches. None reads ``config.data``. Its
+            ``num_classes`` and ``classes`` attributes, when present, give the data's K and class
+            names, which a model must match.
 
     Raises:
-        ValueError: a config that cannot work (the message names the field): a model fitted for
-            another K, features of another d, embeddings that do not match the dataset, a batch
-            larger than the shard, an empty dataset.
+        ValueError: a config that cannot work (the message names the field): a model fitted on
+            other classes (another K than a class folder's or a Dataset's, fewer classes than a file
+            list's or shards' labels need, or other class names), features of another d, embeddings
+            that do not match the dataset, a batch larger than the shard, an empty dataset.
     """
 
     def __init__(self, config: LoaderConfig | None = None, dataset=None, **overrides):
@@ -86,22 +90,63 @@ class GenLabelLoader:
         except TypeError:
             return None
 
+    def _data_classes(self, dataset) -> tuple[int | None, tuple | None, bool]:
+        """(K, class names or None, whether K is exact) of the data.
+
+        A folder's K and names are its class sub-folders'; a file list's or WebDataset shards' K
+        is their largest label + 1, a lower bound (a subset may lack the last classes); a
+        Dataset's are its ``num_classes`` and ``classes`` attributes (torchvision's
+        ``ImageFolder`` has ``classes``), when it has them.
+        """
+        if self.files is not None:
+            names = class_names(self.config.data, self.files)
+            return self.files.num_classes, names, names is not None
+        inner = dataset.dataset if isinstance(dataset, torch.utils.data.DataLoader) else dataset
+        names = getattr(inner, "classes", None)
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            names = None
+        k = getattr(inner, "num_classes", None)
+        if not isinstance(k, int) or isinstance(k, bool):
+            k = len(names) if names is not None else None
+        if names is not None and len(names) != k:
+            names = None
+        return k, (tuple(names) if names is not None else None), k is not None
+
     def _resolve_num_classes(self, dataset) -> int:
         c = self.config
-        if self.files is not None:
-            data_k = self.files.num_classes
-        else:
-            inner = dataset.dataset if isinstance(dataset, torch.utils.data.DataLoader) else dataset
-            data_k = getattr(inner, "num_classes", None)
+        data_k, self._data_names, self._data_k_exact = self._data_classes(dataset)
+        self._data_k = data_k
         k = c.num_classes or (self.model.num_classes if self.model is not None else None) or data_k
         if k is None:
             raise ValueError("num_classes: cannot tell K from the dataset; set config.num_classes")
         if self.model is not None and self.model.num_classes != k:
             raise ValueError(f"model: fitted for {self.model.num_classes} classes, but the loader has {k} "
                              f"(num_classes={c.num_classes}, dataset classes={data_k}); refit it on this dataset")
+        if self.model is not None:
+            self._check_model_matches_data(self.model, c.model)
         if data_k is not None and data_k > k:
             raise ValueError(f"num_classes: {k}, but the dataset has {data_k} classes")
         return int(k)
+
+    def _check_model_matches_data(self, model, source) -> None:
+        """Refuse a model fitted on other classes than the data's: another K (where the data's K
+        is exact; else fewer classes than its labels need), or other class names where both the
+        model and the data have names."""
+        data_k, data_names, exact = self._data_k, self._data_names, self._data_k_exact
+        mk, names = model.num_classes, model.classes
+        count_bad = data_k is not None and (mk != data_k if exact else mk < data_k)
+        names_bad = names is not None and data_names is not None and tuple(names) != data_names
+        if not (count_bad or names_bad):
+            return
+        which = f"model {str(source)!r}" if isinstance(source, (str, Path)) else "model"
+        has = f"{data_k}" if exact else f"labels up to {data_k - 1}, so at least {data_k}"
+        msg = f"{which}: fitted on {mk} classes, but the data has {has}"
+        if names_bad:
+            i = next((i for i, (a, b) in enumerate(zip(names, data_names)) if a != b), min(len(names), len(data_names)))
+            ours = repr(names[i]) if i < len(names) else "none"
+            theirs = repr(data_names[i]) if i < len(data_names) else "none"
+            msg += f"; class names first differ at label {i}: {ours} (model) vs {theirs} (data)"
+        raise ValueError(msg + "; refit the model on this data (fastgenlabel fit)")
 
     def _resolve_features(self, dataset):
         c = self.config
@@ -191,11 +236,13 @@ class GenLabelLoader:
         step.
 
         Args:
-            model: a fitted class model (or its file path) with the loader's K and feature d, or
-                None for plain mixup targets.
+            model: a fitted class model (or its file path) with the loader's K and feature d (and
+                the data's class names, where both have names), or None for plain mixup targets.
         """
+        source = model
         model = _resolve_model(model)
         if model is not None:
+            self._check_model_matches_data(model, source)
             if model.num_classes != self.num_classes:
                 raise ValueError(f"model: fitted for {model.num_classes} classes, but the loader has "
                                  f"{self.num_classes}")
@@ -205,6 +252,13 @@ class GenLabelLoader:
                 raise ValueError(f"model: fitted on {model.dim}-dimensional features, but the "
                                  f"{self.features.kind} features have d = {self.features.dim}")
         self.model = self.targets.model = model
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The K class names in label order: the data's (class folder names, a Dataset's
+        ``classes``), else the model's, else the labels' decimal strings."""
+        names = self._data_names or (self.model.classes if self.model is not None else None) or ()
+        return tuple(names) + tuple(str(i) for i in range(len(names), self.num_classes))
 
     def reset(self) -> None:
         """Drop any half-finished pass; the next pass starts at the beginning of :attr:`epoch`."""
@@ -263,6 +317,14 @@ def _resolve_device(config) -> torch.device:
             raise ValueError("device: 'cuda' asked for, but torch sees no GPU; use device='cpu' or 'auto'")
         return torch.device("cuda", config.device_id)
     return torch.device("cpu")
+
+
+def class_names(data, files) -> tuple | None:
+    """The class names of a folder of class sub-folders (their names), or None for a file list or
+    WebDataset shards, whose classes are bare label indices."""
+    if files.members is not None or not isinstance(data, (str, Path)) or not Path(data).is_dir():
+        return None
+    return files.classes
 
 
 def _resolve_model(model):

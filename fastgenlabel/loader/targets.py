@@ -49,7 +49,7 @@ class TargetMaker:
         features: a ThumbnailPCA, StoredEmbeddings or NoFeatures.
         num_classes, gamma, smoothing: GenLabel's K, gamma and label smoothing.
         backend: :func:`fastgenlabel.relabel`'s backend.
-        mixing: False (alpha <= 0: the images are not mixed): one-hot targets, as without a
+        mixing: False (alpha = 0: the images are not mixed): one-hot targets, as without a
             model; GenLabel relabels mixtures, not clean samples.
     """
 

@@ -1,7 +1,7 @@
 """The torch backend: any Dataset or DataLoader; mix and relabel after collation, with the same kernels.
 
-Each collated batch ``(images (B, H, W, C) uint8 or float in the units of mean and std, labels
-(B,)[, indices (B,)])`` goes to the loader's device, gets its pairs from the same seeded
+Each collated batch ``(images (B, H, W, C) uint8, or float in the units ``float_range`` names,
+labels (B,)[, indices (B,)])`` goes to the loader's device, gets its pairs from the same seeded
 :class:`~fastgenlabel.functional.pairs.PairFeed` as the DALI backend, and is mixed, normalised and
 laid out by one :func:`fastgenlabel.mix_images` call (numba-cpu on the CPU, numba-cuda on a GPU).
 With a Dataset the loader samples itself (epochs, shards and the last-batch policy as in the DALI
@@ -33,6 +33,7 @@ class TorchBackend:
         self._it = None
         self._epoch = 0
         self._batch = 0
+        self._float_checked = False
 
     @property
     def sampled_size(self) -> int | None:
@@ -73,17 +74,40 @@ class TorchBackend:
         images, labels = item[0], torch.as_tensor(item[1]).to(torch.int64)
         indices = torch.as_tensor(item[2]).to(torch.int64) if len(item) == 3 else None
         _check_images(images)
+        c = self.config
+        unit = c.float_range == "0-1" and images.dtype.is_floating_point
+        if images.dtype.is_floating_point and not self._float_checked:
+            _check_float_range(images, c.float_range)  # before the copy to a GPU: no device sync
+            self._float_checked = True
         images = images.to(self.device, non_blocking=True).contiguous()
         pairs = self.feed.draw(images.shape[0], self._epoch, self._batch)
         self._batch += 1
         thumbs = thumbnails_torch(images, self.thumbnail) if self.thumbnail else None
-        c = self.config
-        mixed = mix_images(images, pairs, c.mean, c.std, dtype=c.dtype, layout=c.layout)
+        mean, std = c.mean, c.std
+        if unit:  # (255 x - mean) / std: mean and std and the thumbnails stay in 0-255 units
+            channels = images.shape[-1]
+            mean = tuple(m / 255 for m in mean) if mean is not None else (0.0,) * channels
+            std = tuple(s / 255 for s in std) if std is not None else (1 / 255,) * channels
+            thumbs = thumbs * 255 if thumbs is not None else None
+        mixed = mix_images(images, pairs, mean, std, dtype=c.dtype, layout=c.layout)
         return mixed, thumbs, indices, labels, pairs
 
 
+def _check_float_range(images: torch.Tensor, float_range) -> None:
+    """Refuse a first float batch whose values contradict the units ``float_range`` names."""
+    lo, hi = (float(v) for v in torch.aminmax(images.detach().float()))
+    if float_range is None and 0 <= lo and hi <= 1:
+        raise ValueError(f"float_range: the dataset's float images lie in [{lo:.3g}, {hi:.3g}], as 0-1 images "
+                         "(torchvision's ToTensor) do, but float images are read as 0-255 pixel units; pass "
+                         "float_range='0-1' (or give uint8 images; float_range='0-255' if these are 0-255 values)")
+    if float_range == "0-1" and not (0 <= lo and hi <= 1):
+        raise ValueError(f"float_range: '0-1', but the dataset's float images lie in [{lo:.3g}, {hi:.3g}]; give "
+                         "unnormalised images in [0, 1] (drop Normalize from the transform: the loader "
+                         "normalises), or float_range='0-255' for images in 0-255 units")
+
+
 def _check_images(images) -> None:
-    """The torch backend's batches: (B, H, W, C) uint8 or float, in the units of mean and std."""
+    """The torch backend's batches: (B, H, W, C) uint8, or float in 0-255 or 0-1 units (``float_range``)."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"dataset: expected image batches as torch tensors (items: (H, W, C) uint8 tensors or "
                         f"arrays and int labels), got {type(images).__name__}")

@@ -34,6 +34,10 @@ class ClassModel:
     Subclasses keep *sufficient statistics* (``self.stats``) that merge across batches and
     processes, and derive their parameters from them in ``_finalize``. Everything is computed
     in float64 on the statistics' device.
+
+    A fitted model may carry the names of its K classes (:attr:`classes`: ``fastgenlabel fit``
+    stores a folder's class sub-folder names); they are saved with it, and the loader refuses a
+    model whose names differ from its data's.
     """
 
     kind: ClassVar[str]
@@ -43,6 +47,7 @@ class ClassModel:
             raise ValueError(f"prior: expected one of {PRIORS}, got {prior!r}")
         self.prior = prior
         self.stats = None
+        self._classes = None
 
     # ---- configuration -------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -94,8 +99,11 @@ class ClassModel:
                 stacklevel=3,
             )
         params = self._finalize(stats)  # may raise: the model keeps its previous state
+        names = self.classes
         self.stats = stats
         self.__dict__.update(params)
+        if names is not None and len(names) != self.num_classes:  # the names belonged to another K
+            self._classes = None
         return self
 
     def _stats_type(self):
@@ -127,6 +135,26 @@ class ClassModel:
     def device(self) -> torch.device:
         self._require_fitted()
         return self.stats.count.device
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """The K class names, in label order, or None (a model fitted on arrays without names).
+
+        Set it after fitting (``model.classes = names``); a refit with another K drops it.
+        """
+        return getattr(self, "_classes", None)
+
+    @classes.setter
+    def classes(self, names) -> None:
+        if names is None:
+            self._classes = None
+            return
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"classes: expected a sequence of class-name strings, got {names!r}")
+        names = tuple(names)
+        if len(names) != self.num_classes:
+            raise ValueError(f"classes: {len(names)} names for a model of {self.num_classes} classes")
+        self._classes = names
 
     @property
     def class_counts(self) -> torch.Tensor:
@@ -173,9 +201,12 @@ class ClassModel:
 
     # ---- state and files -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Kind, options and sufficient statistics (NumPy arrays); enough to rebuild the model."""
+        """Kind, options, class names (when known) and sufficient statistics (NumPy arrays); enough
+        to rebuild the model."""
         self._require_fitted()
         state = {"kind": self.kind, **self.config()}
+        if self.classes is not None:
+            state["classes"] = list(self.classes)
         state.update({f"stats.{k}": v for k, v in self.stats.to_numpy().items()})
         return state
 
@@ -186,12 +217,15 @@ class ClassModel:
         if kind != cls.kind:
             raise ValueError(f"state: holds a {kind!r} model, not a {cls.kind!r} model")
         arrays = {k[len("stats."):]: state.pop(k) for k in list(state) if k.startswith("stats.")}
+        names = state.pop("classes", None)  # absent from files written before models carried names
         try:
             model = cls(**state)
         except TypeError as e:
             raise ValueError(f"state: unexpected options for {cls.__name__}: {e}") from e
         stats = model._stats_type().from_numpy(arrays, device=device, **model._stats_options())
-        return model.fit_stats(stats)  # a loaded model repeats its FitWarnings: whoever loads it holds them too
+        model.fit_stats(stats)  # a loaded model repeats its FitWarnings: whoever loads it holds them too
+        model.classes = names
+        return model
 
     def save(self, path) -> None:
         """Write the model to ``path`` (a ``.npz`` file that loads without pickle)."""
