@@ -48,7 +48,7 @@ if [ -n "${dali_pid:-}" ]; then
   step "loader benchmark (GPU, 1,024 JPEGs 500x375, batch 256, crop 224)"
   timeout 120 python3 -m fastgenlabel bench loader --data /tmp/fgl-jpegs --device cuda --batch-size 256 \
     --image-size 224 --threads 12 --batches 8 --warmup 3 --repeats 3 2>&1 | grep -v "nvtiff\|nvjpeg2k\|nvTIFF" \
-    | tail -10 | tee -a "$S"
+    | tail -25 | tee -a "$S"
   step "DALI GPU tests"
   timeout 45 python3 -m pytest -q -p no:cacheprovider tests/test_dali_gpu.py 2>&1 | tail -2 | tee -a "$S"
 fi
