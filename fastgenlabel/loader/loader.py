@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..features import NoFeatures, StoredEmbeddings, ThumbnailPCA
+from ..features import NoFeatures, StoredEmbeddings, ThumbnailPCA, check_model_matches
 from ..functional._arrays import to_device
 from ..models import load_model
 from .batch import LoaderBatch
@@ -45,8 +45,9 @@ class GenLabelLoader:
 
     Raises:
         ValueError: a config that cannot work (the message names the field): a model fitted for
-            another K, features of another d, embeddings that do not match the dataset, a batch
-            larger than the shard, an empty dataset.
+            another K, features of another d, a model fitted with another feature map (the map's
+            checksum it records), embeddings that do not match the dataset, a batch larger than
+            the shard, an empty dataset.
     """
 
     def __init__(self, config: LoaderConfig | None = None, dataset=None, **overrides):
@@ -136,6 +137,7 @@ class GenLabelLoader:
             if features.dim != self.model.dim:
                 raise ValueError(f"model: fitted on {self.model.dim}-dimensional features, but the "
                                  f"{features.kind} features have d = {features.dim}")
+            check_model_matches(self.model, features, _named("model", c.model), _named("feature_map", c.feature_map))
         return features
 
     def _make_backend(self, dataset):
@@ -194,7 +196,7 @@ class GenLabelLoader:
             model: a fitted class model (or its file path) with the loader's K and feature d, or
                 None for plain mixup targets.
         """
-        model = _resolve_model(model)
+        path, model = model, _resolve_model(model)
         if model is not None:
             if model.num_classes != self.num_classes:
                 raise ValueError(f"model: fitted for {model.num_classes} classes, but the loader has "
@@ -204,6 +206,8 @@ class GenLabelLoader:
             if model.dim != self.features.dim:
                 raise ValueError(f"model: fitted on {model.dim}-dimensional features, but the "
                                  f"{self.features.kind} features have d = {self.features.dim}")
+            check_model_matches(model, self.features, _named("model", path),
+                                _named("feature_map", self.config.feature_map))
         self.model = self.targets.model = model
 
     def reset(self) -> None:
@@ -263,6 +267,11 @@ def _resolve_device(config) -> torch.device:
             raise ValueError("device: 'cuda' asked for, but torch sees no GPU; use device='cpu' or 'auto'")
         return torch.device("cuda", config.device_id)
     return torch.device("cpu")
+
+
+def _named(field: str, value) -> str:
+    """How an error names a config field: its file when one was given."""
+    return f"{field} {str(value)!r}" if isinstance(value, (str, Path)) else field
 
 
 def _resolve_model(model):
