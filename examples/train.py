@@ -10,6 +10,11 @@ DIR is a folder of class sub-folders of images. Every rank reads its own shard o
 (``LoaderConfig(shard_id=rank, num_shards=world)``) and prints the checksum of its class model,
 which is the same on every rank (``fastgenlabel.distributed.model_checksum``).
 
+``--timeout SECONDS`` bounds how long a rank waits for the others, to join and in every
+collective (``init_process_group(timeout=...)``): a rank that hangs without dying makes the
+others fail after that long instead of torch's default 30 minutes (under NCCL through torch's
+async error handling, on by default, which aborts the waiting ranks).
+
 Two variants (docs/MATH.md section 4):
 
 - default, (a) in docs/MATH.md: z is a PCA of 8 x 8 thumbnails, fitted as ``fastgenlabel fit`` does
@@ -28,6 +33,7 @@ Two variants (docs/MATH.md section 4):
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import os
 import time
@@ -38,7 +44,7 @@ import torch.nn as nn
 
 import fastgenlabel as fg
 from fastgenlabel.distributed import model_checksum
-from fastgenlabel.features import ThumbnailPCA
+from fastgenlabel.features import ThumbnailPCA, check_model_matches
 from fastgenlabel.fit import ModuleFeatures, StreamingFit
 from fastgenlabel.fit.folder import default_backend, fit_image_folder
 from fastgenlabel.functional import MixPairs, soft_target_cross_entropy
@@ -84,8 +90,9 @@ class SmallResNet(nn.Module):
 
 # ---- process group -----------------------------------------------------------------------------------
 
-def setup(device_arg: str):
-    """(rank, world, device); initialises torch.distributed when launched by torchrun."""
+def setup(device_arg: str, timeout: float | None = None):
+    """(rank, world, device); initialises torch.distributed when launched by torchrun, with a
+    collective ``timeout`` in seconds (None: torch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -98,7 +105,8 @@ def setup(device_arg: str):
         # Ranks share the CPU: one thread each (more spin-waits on busy cores, see docs/SCALING.md).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, **kwargs)
     return rank, world, device
 
 
@@ -221,13 +229,18 @@ def main(argv=None) -> int:
                    help="the loader's backend (auto: DALI when installed, else PIL + torch)")
     p.add_argument("--threads", type=int, default=1, help="DALI threads per rank")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others (to join, and in every collective) "
+                        "before it fails (default: torch's 30 minutes)")
     args = p.parse_args(argv)
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        p.error(f"--timeout: expected a finite number of seconds > 0, got {args.timeout}")
     if (args.model_file is None) != (args.feature_map is None):
         p.error("--model-file and --feature-map go together (the files `fastgenlabel fit` writes)")
     if args.backend == "auto":
         args.backend = default_backend()
 
-    rank, world, device = setup(args.device)
+    rank, world, device = setup(args.device, args.timeout)
     try:
         train(args, rank, world, device)
         if dist.is_initialized():
@@ -256,6 +269,8 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
     if not args.deep:
         if args.model_file:
             class_model, fmap = fg.load_model(args.model_file), ThumbnailPCA.load(args.feature_map)
+            check_model_matches(class_model, fmap, f"--model-file {args.model_file!r}",
+                                f"--feature-map {args.feature_map!r}")
         else:
             fmap, class_model = fit_thumbnail_model(args, rank, world, device, k)
         log(rank, f"class-model checksum {model_checksum(class_model)} ({class_model!r})")

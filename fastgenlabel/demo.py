@@ -123,6 +123,7 @@ def fit_features(train_dir, *, thumbnail: int, dim: int, seed: int):
     thumbs, labels = torch.cat(thumbs).numpy(), torch.cat(labels)
     fmap = ThumbnailPCA(thumbnail, dim).fit(thumbs)
     model = GaussianClassModel("full").fit(torch.from_numpy(fmap.transform(thumbs)), labels, loader.num_classes)
+    model.feature_map_digest = fmap.digest  # the saved pair is checked when loaded together
     return fmap, model
 
 

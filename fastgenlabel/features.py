@@ -130,28 +130,103 @@ class ThumbnailPCA:
         if not self.fitted:
             raise RuntimeError("ThumbnailPCA: not fitted; call fit(thumbs) or load(path)")
 
-    def save(self, path) -> None:
-        """Write the map to an .npz file (plain arrays, no pickle) at exactly ``path``, atomically."""
-        from .models.io import write_atomically
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"kind": np.array("thumbnail-pca"), "thumbnail": np.array(self.thumbnail, dtype=np.int64),
+                "mean": self.mean, "components": self.components}
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the map's content, the checksum its file stores: a class model fitted on this
+        map's features records it (``ClassModel.feature_map_digest``) and the loader checks the pair."""
+        from .models import io
 
         self._require_fitted()
-        write_atomically(path, lambda f: np.savez(f, kind=np.array("thumbnail-pca"),
-                                                  thumbnail=np.array(self.thumbnail), mean=self.mean,
-                                                  components=self.components))
+        return io.header_of({}, self._arrays(), io.FEATURE_MAP_FORMAT)["digest"]
+
+    def save(self, path) -> None:
+        """Write the map to an .npz file (plain arrays, no pickle, with a checksum) at exactly ``path``,
+        atomically."""
+        from .models import io
+
+        self._require_fitted()
+        io.save_state(path, {}, self._arrays(), format=io.FEATURE_MAP_FORMAT)
 
     @classmethod
     def load(cls, path) -> ThumbnailPCA:
-        """Read a map written by :meth:`save`."""
-        with np.load(path, allow_pickle=False) as f:
-            if "kind" not in f or str(f["kind"]) != "thumbnail-pca":
-                raise ValueError(f"{path}: not a fastgenlabel ThumbnailPCA file")
-            comps = f["components"]
-            obj = cls(int(f["thumbnail"]), int(comps.shape[0]))
-            obj.mean, obj.components = f["mean"].astype(np.float32), comps.astype(np.float32)
+        """Read a map written by :meth:`save`.
+
+        Raises:
+            fastgenlabel.ModelFileError: (a ValueError) the file is missing, truncated, fails its
+                checksum, or does not hold a well-formed map; the message names the file.
+
+        A map written before maps carried a checksum is read after the same checks of its arrays,
+        with a warning: its bytes cannot be verified (save it again to add the checksum).
+        """
+        import warnings
+
+        from .models import io
+
+        path = os.fspath(path)
+        header, arrays, _ = io.read_verified(path, io.FEATURE_MAP_FORMAT, "feature map")
+        if header is None:
+            if "kind" not in arrays or str(arrays["kind"]) != "thumbnail-pca":
+                raise io.ModelFileError(f"feature map {path!r}: not a fastgenlabel ThumbnailPCA file")
+            warnings.warn(f"feature map {path!r} has no checksum (written by an older fastgenlabel), so damage to "
+                          "it cannot be detected; save it again (ThumbnailPCA.load(path).save(path)) to add one",
+                          UserWarning, stacklevel=2)
+        return cls._from_arrays(arrays, path)
+
+    @classmethod
+    def _from_arrays(cls, arrays: dict, path: str) -> ThumbnailPCA:
+        from .models.io import ModelFileError
+
+        def bad(what):
+            return ModelFileError(f"feature map {path!r} is malformed: {what}")
+
+        missing = [k for k in ("kind", "thumbnail", "mean", "components") if k not in arrays]
+        if missing:
+            raise bad(f"it lacks {missing}")
+        if str(arrays["kind"]) != "thumbnail-pca":
+            raise bad(f"kind {str(arrays['kind'])!r}, expected 'thumbnail-pca'")
+        t, mean, comps = arrays["thumbnail"], arrays["mean"], arrays["components"]
+        if t.shape != () or t.dtype.kind not in "iu" or int(t) < 1:
+            raise bad(f"thumbnail {t!r}, expected one integer >= 1")
+        t = int(t)
+        if comps.ndim != 2 or comps.dtype.kind != "f" or min(comps.shape) < 1:
+            raise bad(f"components of shape {comps.shape} and dtype {comps.dtype}, expected a (d, F) float array")
+        if mean.shape != (comps.shape[1],) or mean.dtype.kind != "f":
+            raise bad(f"mean of shape {mean.shape} and dtype {mean.dtype}, expected ({comps.shape[1]},) floats "
+                      "(one per thumbnail value)")
+        if comps.shape[1] % (t * t):
+            raise bad(f"{comps.shape[1]} values per thumbnail is not {t}x{t}xC")
+        if not (np.isfinite(mean).all() and np.isfinite(comps).all()):
+            raise bad("mean or components contain NaN or infinity")
+        obj = cls(t, int(comps.shape[0]))
+        obj.mean = np.ascontiguousarray(mean, dtype=np.float32)
+        obj.components = np.ascontiguousarray(comps, dtype=np.float32)
         return obj
 
     def __repr__(self) -> str:
         return f"ThumbnailPCA(thumbnail={self.thumbnail}, dim={self.dim}, fitted={self.fitted})"
+
+
+def check_model_matches(model, feature_map, model_name: str = "model", map_name: str = "feature_map") -> None:
+    """Raise ValueError naming both unless ``model`` was fitted on ``feature_map``'s features.
+
+    A model records the checksum of the map it was fitted with (``model.feature_map_digest``, set
+    by ``fastgenlabel fit``); a model without one, or features that are not a ThumbnailPCA, pass.
+    ``model_name`` / ``map_name`` say where each came from (e.g. their files).
+    """
+    want = getattr(model, "feature_map_digest", None)
+    if want is None or not isinstance(feature_map, ThumbnailPCA):
+        return
+    have = feature_map.digest
+    if have != want:
+        raise ValueError(f"{model_name} was fitted on the features of another feature map than {map_name} "
+                         f"(checksum {want[:16]}..., the map's {have[:16]}...): they do not belong together, and "
+                         "its targets would be wrong. Pass the map written with the model (fastgenlabel fit "
+                         "writes MODEL.features.npz; an interrupted fit can leave a new map beside an old model), "
+                         "or fit again")
 
 
 class StoredEmbeddings:

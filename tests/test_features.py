@@ -1,4 +1,6 @@
 """Feature sources: the thumbnail map (graph kernel vs torch reference), PCA, stored embeddings."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,86 @@ def test_stored_embeddings_lookup_and_checks(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         StoredEmbeddings(tmp_path / "missing.npy")
     assert NoFeatures().kind == "none"
+
+
+def _saved_map(tmp_path, name="map.npz"):
+    fmap = ThumbnailPCA(2, 3).fit(np.random.default_rng(5).normal(size=(30, 12)).astype(np.float32))
+    fmap.save(tmp_path / name)
+    return fmap, tmp_path / name
+
+
+def test_a_damaged_feature_map_is_refused_naming_the_file(tmp_path):
+    """Feature maps carry a checksum, as model files do: a flipped byte, a truncated file or
+    another file is a ModelFileError naming the file, not a BadZipFile, an EOFError or a wrong batch."""
+    from fastgenlabel import ModelFileError
+
+    fmap, path = _saved_map(tmp_path)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(fmap.components.tobytes()[:8])  # inside the stored components
+    raw[at + 3] ^= 0x10
+    (tmp_path / "flipped.npz").write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match="flipped.npz' is truncated or not .* Bad CRC"):  # the zip's CRC
+        ThumbnailPCA.load(tmp_path / "flipped.npz")
+    with np.load(path) as f:  # a valid archive whose components changed after saving: the checksum
+        arrays = {name: f[name] for name in f.files}
+    arrays["components"][0, 0] += 1e-3
+    np.savez(tmp_path / "edited.npz", **arrays)
+    with pytest.raises(ModelFileError, match="edited.npz' fails its checksum"):
+        ThumbnailPCA.load(tmp_path / "edited.npz")
+    for cut in (60, len(raw) // 2, len(raw) - 30):
+        (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:cut])
+        with pytest.raises(ModelFileError, match=r"feature map '.*cut.npz' is truncated or not a fastgenlabel"):
+            ThumbnailPCA.load(tmp_path / "cut.npz")
+    (tmp_path / "text.npz").write_text("not an archive\n")
+    with pytest.raises(ModelFileError, match="text.npz"):
+        ThumbnailPCA.load(tmp_path / "text.npz")
+    with pytest.raises(ModelFileError, match="missing.npz': cannot read"):
+        ThumbnailPCA.load(tmp_path / "missing.npz")
+    from fastgenlabel import GaussianClassModel
+
+    GaussianClassModel("diag").fit(np.random.default_rng(0).normal(size=(10, 3)), np.arange(10) % 2, 2).save(
+        tmp_path / "model.npz")
+    with pytest.raises(ModelFileError, match="is a class model, not a feature map: pass it as model="):
+        ThumbnailPCA.load(tmp_path / "model.npz")
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.update(components=a["components"][:, :7], mean=a["mean"][:7]), "7 values per thumbnail is not 2x2xC"),
+    (lambda a: a.update(mean=a["mean"][:5]), r"mean of shape \(5,\)"),
+    (lambda a: a.update(components=a["components"][0]), "expected a \\(d, F\\) float array"),
+    (lambda a: a.update(thumbnail=np.array(0)), "thumbnail"),
+    (lambda a: a.update(components=np.full_like(a["components"], np.nan)), "NaN"),
+    (lambda a: a.pop("mean"), "lacks \\['mean'\\]"),
+])
+def test_a_malformed_feature_map_is_refused_at_load(tmp_path, change, match):
+    """Well-formed archives (valid checksum) whose arrays do not make a map: refused when read,
+    not an IndexError at the first batch."""
+    from fastgenlabel import ModelFileError
+    from fastgenlabel.models import io
+
+    fmap, path = _saved_map(tmp_path)
+    arrays = fmap._arrays()
+    change(arrays)
+    io.save_state(path, {}, arrays, format=io.FEATURE_MAP_FORMAT)
+    with pytest.raises(ModelFileError, match=f"feature map '.*map.npz' is malformed: .*{match}"):
+        ThumbnailPCA.load(path)
+
+
+def test_a_feature_map_without_a_checksum_loads_with_a_warning(tmp_path):
+    """Maps written before maps carried a checksum: read after the same checks, with a warning
+    that says how to add one."""
+    fmap, _ = _saved_map(tmp_path)
+    old = tmp_path / "old.npz"
+    np.savez(old, kind=np.array("thumbnail-pca"), thumbnail=np.array(2), mean=fmap.mean, components=fmap.components)
+    with pytest.warns(UserWarning, match="has no checksum .* save it again"):
+        back = ThumbnailPCA.load(old)
+    np.testing.assert_array_equal(back.components, fmap.components)
+    assert back.digest == fmap.digest  # the content's checksum: a model fitted on it still pairs with it
+    back.save(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ThumbnailPCA.load(old)
+    np.savez(old, kind=np.array("thumbnail-pca"), thumbnail=np.array(2), mean=fmap.mean,
+             components=fmap.components[:, :5])
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="malformed"):
+        ThumbnailPCA.load(old)

@@ -250,3 +250,76 @@ def test_help_and_argument_errors_import_no_torch():
     assert run.returncode == 0 and "usage: fastgenlabel" in run.stdout
     imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
     assert "fastgenlabel.cli" in imported and "torch" not in imported
+
+
+@pytest.mark.slow
+def test_a_fit_interrupted_between_its_two_writes_is_refused_at_load(folder, tmp_path):
+    """fit writes MODEL.features.npz, then MODEL.npz. Pair A, then only a new map (as a fit killed
+    between the two writes leaves it): the loader refuses the pair, naming both files."""
+    from fastgenlabel.loader import GenLabelLoader, LoaderConfig
+
+    out, fmap = tmp_path / "m.npz", tmp_path / "m.features.npz"
+    common = ["--dim", "4", "--image-size", "24", "--backend", "torch", "--no-progress", "--no-augment"]
+    assert main(["fit", str(folder), "--out", str(out), *common]) == 0
+    config = LoaderConfig(data=str(folder), batch_size=8, backend="torch", device="cpu", image_size=24,
+                          model=str(out), feature_map=str(fmap))
+    assert next(iter(GenLabelLoader(config))).targets.shape == (8, K)  # pair A belongs together
+    model_a = out.read_bytes()
+    # The next fit (other crops: another map) is "killed" after its first write: the old model stays.
+    assert main(["fit", str(folder), "--out", str(out), *common[:-1]]) == 0
+    out.write_bytes(model_a)
+    with pytest.raises(ValueError, match="another feature map") as info:
+        GenLabelLoader(config)
+    assert str(out) in str(info.value) and str(fmap) in str(info.value)
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_pca_samples_below_the_pca_minimum_fail_before_reading(folder, tmp_path, capsys):
+    import time
+
+    t = time.perf_counter()
+    for n in ("1", "3"):  # the PCA needs N >= 2 samples and N >= dim components
+        fails(["fit", str(folder), "--out", str(tmp_path / "m.npz"), "--dim", "4", "--pca-samples", n], capsys,
+              "--pca-samples: the PCA of 4 components needs at least max(2, dim) = 4 images")
+    fails(["fit", str(folder), "--out", str(tmp_path / "m.npz"), "--dim", "1", "--pca-samples", "1"], capsys,
+          "--pca-samples")
+    fails(["fit", str(folder), "--out", str(tmp_path / "m.npz"), "--dim", "100", "--thumbnail", "8"], capsys,
+          f"dim: 100 principal components, but the dataset has only {K * PER_CLASS} images")
+    assert time.perf_counter() - t < 5  # nothing was decoded
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_a_full_covariance_too_large_for_memory_is_refused_before_the_pass(folder, tmp_path, capsys):
+    """K = 3 classes of d = 200000 stored features: 3 * 200000^2 * 8 bytes = 960 GB of statistics."""
+    np.save(tmp_path / "wide.npy", np.zeros((K * PER_CLASS, 200_000), np.float32))
+    args = ["fit", str(folder), "--out", str(tmp_path / "x.npz"), "--features", "stored",
+            "--embeddings", str(tmp_path / "wide.npy")]
+    fails(args, capsys, "covariance='full': K = 3 classes and d = 200000 features need (K, d, d) float64 "
+          "statistics of 960 GB")
+    fails(args, capsys, "use covariance='diag' (K d values) or 'tied'")
+
+
+@pytest.mark.slow
+def test_timeout_bounds_the_wait_for_a_rank_that_never_joins(folder, tmp_path):
+    """Rank 0 of 2 under torchrun's environment, rank 1 never started: with --timeout 3 rank 0 fails
+    within seconds (torch's default would wait 30 minutes)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "fastgenlabel", "fit", str(folder), "--out", str(tmp_path / "m.npz"),
+           "--device", "cpu", "--backend", "torch", "--timeout", "3"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0 and time.perf_counter() - t < 60, proc.stderr[-2000:]
+    assert "1/2 clients joined" in proc.stderr or "timed out" in proc.stderr.lower(), proc.stderr[-2000:]
+    assert not (tmp_path / "m.npz").exists()
+    assert "--timeout SECONDS" in subprocess.run([sys.executable, "-m", "fastgenlabel", "fit", "--help"],
+                                                 capture_output=True, text=True).stdout

@@ -1,4 +1,5 @@
 """GaussianClassModel against scipy.stats.multivariate_normal; merging; defined edge cases."""
+import re
 import warnings
 import zlib
 
@@ -333,3 +334,21 @@ def test_overflowing_or_ill_scaled_features_are_named():
         GaussianClassModel("diag").fit(rng.normal(size=(40, 3)) * 1e160, np.arange(40) % 2, 2)
     with pytest.raises(ValueError, match="singular even with reg"):
         GaussianClassModel("full").fit(rng.normal(size=(6, 8)) * 1e7, np.arange(6) % 2, 2)
+
+
+def test_a_full_covariance_too_large_for_memory_is_refused_up_front():
+    """K = 1000 classes of d = 20000 features: (K, d, d) float64 statistics of 3.2 TB. Refused
+    before anything is allocated, naming K, d, the covariance kind, the bytes and the alternatives
+    (a raw allocator error before)."""
+    from fastgenlabel.fit import StreamingFit
+
+    z, y = np.zeros((2, 20_000), np.float32), np.array([0, 1])
+    message = "covariance='full': K = 1000 classes and d = 20000 features need (K, d, d) float64 statistics of 3.2 TB"
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        GaussianClassModel("full").fit(z, y, 1000)
+    assert "use covariance='diag' (K d values) or 'tied' (one d x d matrix), or fewer features d" in str(info.value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        StreamingFit(GaussianClassModel("full"), 1000).update(z, y).result()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GaussianClassModel("full").check_memory(1000, 20_000, "cpu")
+    GaussianClassModel("diag").check_memory(1000, 20_000, "cpu")  # 160 MB: fine

@@ -7,12 +7,12 @@ import scipy.special
 import scipy.stats
 import torch
 
-from fastgenlabel import KDEClassModel, genlabel_target
+from fastgenlabel import GaussianClassModel, KDEClassModel, genlabel_target
 from fastgenlabel.models import KDEStats
-from fastgenlabel.models.kde import JITTER
+from fastgenlabel.models.kde import JITTER, SINGULAR_TOL
 
-# Our kernel covariance is h^2 (S + 1e-8 I), scipy's h^2 S: agreement to about 1e-5 relative.
-RTOL, ATOL = 1e-5, 1e-6
+# Our kernel covariance is scipy's, h^2 S, for a non-singular S: float64 rounding apart.
+RTOL, ATOL = 1e-9, 1e-9
 
 
 def seed_of(*params) -> int:
@@ -37,10 +37,23 @@ def queries(rng, z, n=20):
     return np.concatenate([z[i[:5]], lam * z[i] + (1 - lam) * z[j], 2 * z[j[:5]]])
 
 
+def regularised(cov, fallback_scale=1.0):
+    """The documented kernel shape: S itself, or S + 1e-8 tr(S)/d I where S is singular."""
+    d = cov.shape[0]
+    try:
+        chol = np.linalg.cholesky(cov)
+        if (np.diag(chol) ** 2 / np.diag(cov) > SINGULAR_TOL).all():
+            return cov
+    except np.linalg.LinAlgError:
+        pass
+    return cov + JITTER * (np.trace(cov) / d or fallback_scale) * np.eye(d)
+
+
 def manual_kde_logpdf(x, q, factor):
-    """The documented kernel h^2 (S + 1e-8 I), from scipy's multivariate normal (works for n <= d)."""
+    """The documented kernel h^2 S (regularised where S is singular), from scipy's multivariate
+    normal (works for n <= d)."""
     n, d = x.shape
-    cov = factor ** 2 * (np.cov(x.T).reshape(d, d) + JITTER * np.eye(d))
+    cov = factor ** 2 * regularised(np.cov(x.T).reshape(d, d))
     diffs = (q[:, None, :] - x[None, :, :]).reshape(-1, d)
     parts = scipy.stats.multivariate_normal(np.zeros(d), cov).logpdf(diffs).reshape(len(q), n)
     return scipy.special.logsumexp(parts, axis=1) - np.log(n)
@@ -51,8 +64,8 @@ def manual_kde_logpdf(x, q, factor):
 @pytest.mark.parametrize("k", [2, 3, 7])
 def test_log_likelihood_matches_scipy_gaussian_kde(bandwidth, d, k):
     rng = np.random.default_rng(seed_of(bandwidth, d, k))
-    # Unequal sizes, well above d: near-singular class covariances would make the jitter's effect
-    # exceed 1e-5 (test_near_singular_classes checks those against the formula itself).
+    # Unequal sizes, above d: scipy refuses singular class covariances (test_near_singular_classes
+    # checks those against the formula itself).
     sizes = rng.integers(2 * d + 2, 3 * d + 30, size=k)
     z, y = make_data(rng, d, sizes)
     model = KDEClassModel(bandwidth).fit(z, y, k)
@@ -194,7 +207,7 @@ def test_a_single_point_class_borrows_the_pooled_covariance():
     model = KDEClassModel().fit(z, y, 3)
     q = queries(rng, z)
     pooled = sum(np.cov(z[y == c].T) * ((y == c).sum() - 1) for c in (0, 2)) / (15 - 1 + 8 - 1)
-    cov = 1.0 * (pooled + JITTER * np.eye(d))  # Scott's factor of one point is 1
+    cov = 1.0 * pooled  # Scott's factor of one point is 1; the pooled covariance is not singular
     expected = scipy.stats.multivariate_normal(z[y == 1][0], cov).logpdf(q)
     ll = model.log_likelihood(q)
     assert np.isfinite(ll).all()
@@ -206,7 +219,7 @@ def test_only_single_point_classes_use_the_identity():
     model = KDEClassModel(0.5).fit(z, np.array([0, 1]), 2)
     q = np.array([[0.5, 0.5], [10.0, 10.0]])
     for c in range(2):
-        expected = scipy.stats.multivariate_normal(z[c], 0.25 * (1 + JITTER) * np.eye(2)).logpdf(q)
+        expected = scipy.stats.multivariate_normal(z[c], 0.25 * np.eye(2)).logpdf(q)
         np.testing.assert_allclose(model.log_likelihood(q)[:, c], expected, rtol=1e-10)
 
 
@@ -332,3 +345,89 @@ def test_row_keys_equal_the_numpy_reference(device, seed):
 def test_bandwidth_true_is_refused():
     with pytest.raises(ValueError, match="bandwidth"):
         KDEClassModel(bandwidth=True)
+
+
+def test_an_ill_conditioned_class_far_out_matches_scipy():
+    """d = 2, condition number 5e4, a query far out along the thin direction (log-density about
+    -2e6): an absolute jitter (1e-8 I) moved it by hundreds of nats; scipy's kernel is h^2 S."""
+    rng = np.random.default_rng(11)
+    rot = np.linalg.qr(rng.normal(size=(2, 2)))[0]
+    x = rng.normal(size=(50, 2)) @ np.diag([1.0, 5e4 ** -0.5]) @ rot.T
+    assert 2e4 < np.linalg.cond(np.cov(x.T)) < 1e5
+    q = np.stack([x.mean(0) + 5.0 * rot[:, 1], x.mean(0) + 0.01 * rot[:, 1], x[0]])
+    model = KDEClassModel().fit(x, np.zeros(50, np.int64), 1)
+    expected = scipy.stats.gaussian_kde(x.T).logpdf(q.T)
+    assert expected[0] < -1e6
+    np.testing.assert_allclose(model.log_likelihood(q)[:, 0], expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 1.0, 1e4])
+def test_the_kernel_does_not_depend_on_the_features_units(scale):
+    """d = 4, 3 classes of 50 points, queries near the data: scipy's log-densities at every scale
+    (with an absolute 1e-8 I the error grew from 2e-6 nats at unit scale to 88 at 1e-4)."""
+    rng = np.random.default_rng(seed_of("units", scale))
+    z, y = make_data(rng, 4, [50, 50, 50])
+    z = z * scale
+    q = queries(rng, z)
+    model = KDEClassModel().fit(z, y, 3)
+    expected = np.stack([scipy.stats.gaussian_kde(z[y == c].T).logpdf(q.T) for c in range(3)], axis=1)
+    np.testing.assert_allclose(model.log_likelihood(q), expected, rtol=1e-9, atol=1e-7)
+
+
+def test_a_singular_class_is_regularised_relative_to_its_own_scale():
+    """Fewer points than d + 1 (S singular): h^2 (S + 1e-8 tr(S)/d I), the same shape at any
+    scale, so the log-densities shift by -d log s. Rounding in S (1e-16 of its largest variance)
+    is 1e-8 of the regulariser, so the far-out values (1e9 nats) agree to about 1e-8 relative."""
+    rng = np.random.default_rng(12)
+    z, y = make_data(rng, 5, [3, 4, 30])
+    q = queries(rng, z, 8)
+    base = KDEClassModel().fit(z, y, 3).log_likelihood(q)
+    for s in (1e-4, 1e4):
+        scaled = KDEClassModel().fit(z * s, y, 3).log_likelihood(q * s)
+        np.testing.assert_allclose(scaled + 5 * np.log(s), base, rtol=1e-7, atol=1e-6)
+    for c, n in enumerate([3, 4, 30]):
+        expected = manual_kde_logpdf(z[y == c], q, KDEClassModel().factor(n, 5))
+        np.testing.assert_allclose(base[:, c], expected, rtol=1e-7)
+
+
+RESCALED_KINDS = {
+    # GaussianClassModel's reg is an absolute variance (the paper's): rescaled with the features'
+    # variances (reg s^2), the model is the same model in other units.
+    "gaussian-full": lambda s: GaussianClassModel("full", reg=1e-3 * s * s),
+    "gaussian-diag": lambda s: GaussianClassModel("diag", reg=1e-3 * s * s),
+    "gaussian-tied": lambda s: GaussianClassModel("tied", reg=1e-3 * s * s),
+    "kde": lambda s: KDEClassModel(),
+    "kde-silverman": lambda s: KDEClassModel("silverman"),
+    # (A capped KDE keeps a seeded sample chosen by a hash of the features' bits: rescaled
+    # features keep other points, so its targets differ as another sample's would.)
+}
+
+
+@pytest.mark.filterwarnings("ignore:covariance='full'")  # the 3-point class: the point of the test
+@pytest.mark.parametrize("kind", sorted(RESCALED_KINDS))
+def test_rescaling_the_features_leaves_the_targets_unchanged(kind):
+    """z -> s z for s in 1e-4, 1, 1e4: the same GenLabel targets, from the float64 reference and
+    from the float32 kernels (relabel), for every model kind. One class has fewer points than
+    d + 1 (singular: the KDE's regulariser acts) and one is ill-conditioned."""
+    from fastgenlabel import relabel
+    from fastgenlabel.functional import MixPairs
+
+    rng = np.random.default_rng(seed_of("rescale", kind))
+    d = 4
+    z, y = make_data(rng, d, [30, 3, 40], spread=0.6)
+    thin = y == 2
+    z[thin] = z[thin].mean(0) + (z[thin] - z[thin].mean(0)) * np.array([1.0, 1.0, 1.0, 3e-3])
+    perm = rng.permutation(len(y))
+    lam = rng.uniform(size=len(y))
+    z_mix = lam[:, None] * z + (1 - lam[:, None]) * z[perm]
+    pairs = MixPairs(torch.from_numpy(perm), torch.from_numpy(lam.astype(np.float32)))
+    targets, kernel = {}, {}
+    for s in (1e-4, 1.0, 1e4):
+        model = RESCALED_KINDS[kind](s).fit(z * s, y, 3)
+        targets[s] = genlabel_target(model, z_mix * s, y, y[perm], lam, num_classes=3)
+        kernel[s] = relabel(model, torch.from_numpy((z * s).astype(np.float32)), pairs, torch.from_numpy(y),
+                            num_classes=3, backend="numba-cpu").numpy()
+    assert (targets[1.0].max(1) < 0.999).any()  # not all one-hot: the posteriors are tested, not saturated
+    for s in (1e-4, 1e4):
+        np.testing.assert_allclose(targets[s], targets[1.0], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(kernel[s], kernel[1.0], rtol=0, atol=1e-4)

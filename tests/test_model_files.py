@@ -337,3 +337,134 @@ def test_class_names_are_saved_loaded_and_checked(saved_one, tmp_path):
         model.classes = [0, 1, 2, 3]
     model.fit(*make_data(sizes=(5, 5, 5)), 3)  # refitted for another K: the names belonged to the old classes
     assert model.classes is None
+
+
+# ---- the model and its feature map, leftovers of killed writes, memory of a load --------------------
+
+def test_the_feature_map_digest_round_trips_and_a_refit_clears_it(tmp_path):
+    from fastgenlabel.cli import main
+    from fastgenlabel.features import ThumbnailPCA, check_model_matches
+
+    rng = np.random.default_rng(3)
+    fmap = ThumbnailPCA(2, 3).fit(rng.normal(size=(40, 12)).astype(np.float32))
+    z, y = fmap.transform(rng.normal(size=(40, 12)).astype(np.float32)), np.arange(40) % 2
+    model = GaussianClassModel("diag").fit(z, y, 2)
+    assert model.feature_map_digest is None
+    model.feature_map_digest = fmap.digest
+    model.save(tmp_path / "m.npz")
+    fmap.save(tmp_path / "m.features.npz")
+    loaded = load_model(tmp_path / "m.npz")
+    assert loaded.feature_map_digest == fmap.digest == ThumbnailPCA.load(tmp_path / "m.features.npz").digest
+    check_model_matches(loaded, ThumbnailPCA.load(tmp_path / "m.features.npz"))  # the pair: no error
+    other = ThumbnailPCA(2, 3).fit(rng.normal(size=(40, 12)).astype(np.float32))
+    other.save(tmp_path / "m.features.npz")  # a new map only: a fit killed between its two writes
+    with pytest.raises(ValueError, match="another feature map") as info:
+        check_model_matches(load_model(tmp_path / "m.npz"), ThumbnailPCA.load(tmp_path / "m.features.npz"),
+                            "model 'm.npz'", "feature_map 'm.features.npz'")
+    assert "'m.npz'" in str(info.value) and "'m.features.npz'" in str(info.value)
+    assert loaded.fit(z, y, 2).feature_map_digest is None  # refitted: it may describe other features now
+    assert main(["info", str(tmp_path / "m.npz")]) == 0  # the header field is not a model option
+
+
+_KILLED_WRITER = r"""
+import os, sys, time
+from fastgenlabel.models.io import write_atomically
+
+def write(f):
+    f.write(b"half a model")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+
+write_atomically(sys.argv[1], write)
+"""
+
+
+def test_the_temporary_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    """SIGKILL cannot be caught: the killed writer leaves NAME.tmp<pid>.<host>; the next write of
+    the same path removes it (its process is gone), and leaves a live writer's temporary alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.npz"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        live = sorted(p.name for p in tmp_path.iterdir())
+        assert len(live) == 1 and live[0].startswith(f"m.npz.tmp{proc.pid}")
+        model_io.write_atomically(path, lambda f: f.write(b"one"))  # the writer still runs: its file stays
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*live, "m.npz"])
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (tmp_path / live[0]).exists()  # what SIGKILL leaves
+    model_io.write_atomically(path, lambda f: f.write(b"two"))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"] and path.read_bytes() == b"two"
+
+
+_LOAD_PEAK = r"""
+import os, re, sys
+from fastgenlabel import load_model
+from fastgenlabel.models import io
+
+load_model(sys.argv[2])  # torch's first linear algebra, outside the measurement
+
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def peak_of(step):
+    # The high-water mark starts at the forking parent's and survives exec: reset it (Linux >= 4.0).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = status("VmRSS")
+    result = step()
+    return status("VmHWM") - start, result
+
+
+size = os.path.getsize(sys.argv[1])
+state_peak, state = peak_of(lambda: io.load_state(sys.argv[1]))
+del state
+model_peak, model = peak_of(lambda: load_model(sys.argv[1]))
+print(state_peak / size, model_peak / size)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="reads VmHWM (Linux)")
+def test_loading_a_100_mb_model_needs_little_more_than_the_model(tmp_path):
+    """A full-covariance model of K = 200, d = 256 (105 MB). Reading and verifying the file holds
+    one copy of its arrays (no file buffer, no tobytes() copies: 3x before); the fitted model holds
+    its statistics and its Cholesky factors (2x the file), and the fit adds only small chunks."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from fastgenlabel.models import GaussianStats
+
+    k, d = 200, 256
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(k, d, d, generator=g, dtype=torch.float64)
+    m2 = r + r.transpose(1, 2) + 1e3 * torch.eye(d, dtype=torch.float64)
+    del r
+    stats = GaussianStats("full", torch.full((k,), 1e3, dtype=torch.float64),
+                          torch.randn(k, d, generator=g, dtype=torch.float64), m2)
+    GaussianClassModel("full").fit_stats(stats).save(tmp_path / "big.npz")
+    del stats, m2
+    z, y = make_data()
+    GaussianClassModel("full").fit(z, y, 4).save(tmp_path / "small.npz")
+    assert (tmp_path / "big.npz").stat().st_size > 100e6
+    out = subprocess.run([sys.executable, "-c", _LOAD_PEAK, str(tmp_path / "big.npz"), str(tmp_path / "small.npz")],
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    state_peak, model_peak = map(float, out.stdout.split())
+    assert state_peak < 1.15, out.stdout  # 3x before
+    assert model_peak < 2.6, out.stdout  # 4x before

@@ -5,9 +5,9 @@ import argparse
 import time
 from pathlib import Path
 
-from .._args import check_writable, nonnegative_int, positive_int
+from .._args import check_writable, nonnegative_int, positive_float, positive_int
 from ..models import GaussianClassModel, KDEClassModel
-from .folder import FEATURES, features_path_for, fit_image_folder
+from .folder import FEATURES, check_pca_samples, features_path_for, fit_image_folder
 
 
 def _bandwidth(value: str):
@@ -55,13 +55,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=2, help="DALI decoding threads")
     parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
+                        help="under torchrun: how long a rank waits for the others (to join, and in every "
+                             "collective) before it fails, instead of torch's default of 30 minutes")
 
 
 def main(args) -> int:
-    """Run the fit; under torchrun (WORLD_SIZE > 1) every rank reads its shard and rank 0 writes the files."""
+    """Run the fit; under torchrun (WORLD_SIZE > 1) every rank reads its shard and rank 0 writes the files.
+
+    ``--timeout SECONDS`` bounds how long a rank waits for the others (``init_process_group``'s
+    ``timeout``): a rank that hangs without dying makes the others fail after that long instead
+    of torch's 30 minutes (NCCL: with torch's default async error handling, which aborts them).
+
+    Files: the feature map is written first, then the model, each atomically (a temporary file
+    renamed into place); the model records the map's checksum, so a model and a map that do not
+    belong together (a fit interrupted between the two writes) are refused when loaded together.
+    """
     import torch.distributed as dist
 
-    started = _init_distributed(args.device)
+    started = _init_distributed(args.device, getattr(args, "timeout", None))
     try:
         code = _main(args)
         if started:
@@ -76,7 +88,8 @@ def _pair(values) -> tuple | None:
     return None if values is None else tuple(values)
 
 
-def _init_distributed(device: str) -> bool:
+def _init_distributed(device: str, timeout: float | None = None) -> bool:
+    import datetime
     import os
 
     import torch
@@ -87,7 +100,8 @@ def _init_distributed(device: str) -> bool:
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    dist.init_process_group("nccl" if cuda else "gloo", **kwargs)
     return True
 
 
@@ -115,6 +129,7 @@ def _main(args) -> int:
         if args.dim > 3 * args.thumbnail ** 2:
             raise ValueError(f"--dim: {args.dim} components of {args.thumbnail}x{args.thumbnail}x3 thumbnails "
                              f"(at most {3 * args.thumbnail ** 2}); lower --dim or raise --thumbnail")
+        check_pca_samples(args.pca_samples, args.dim, "--pca-samples")
     if rank == 0:  # before the pass over the data, not after it
         for flag, path in (("--out", out), ("--features-out", fpath)):
             if path is not None:

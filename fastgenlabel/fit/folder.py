@@ -69,7 +69,8 @@ def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int
             defaults, ImageNet's random resized crop and a horizontal flip).
         embeddings: (N, d) ``.npy`` path for ``features="stored"``.
         batch_size: images per batch.
-        pca_samples: images the PCA is fitted on (a seeded uniform subsample).
+        pca_samples: images the PCA is fitted on (a seeded uniform subsample); at least
+            max(2, dim), checked before any image is read.
         backend: the loader's backend: "dali", "torch" or "auto".
         device: the loader's device ("auto", "cpu", "cuda": torch's current device); statistics live there.
         num_threads: DALI threads.
@@ -80,6 +81,11 @@ def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int
     Under ``torch.distributed`` (e.g. ``torchrun ... -m fastgenlabel fit``) every rank reads its shard,
     the PCA is fitted on rank 0 from every rank's thumbnails and broadcast, each image counts once
     (the shards' padding is dropped) and every rank gets the same all-reduced model.
+
+    Before reading any image, a model whose statistics cannot fit in memory (a full covariance
+    for K classes of d features needs 8 K d^2 bytes, twice over) is refused (ValueError naming
+    K, d and the covariance). With ``features="pca"`` the fitted model records the map's checksum
+    (``model.feature_map_digest``), so that the loader refuses it beside another map.
 
     Returns:
         a :class:`FolderFit`; for a folder of class sub-folders its model carries their names
@@ -96,7 +102,9 @@ def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int
     if features == "stored":
         if embeddings is None:
             raise ValueError("embeddings: features='stored' needs the path of an (N, d) .npy file")
-        source = StoredFeatures(StoredEmbeddings(embeddings, num_samples=len(files)))
+        stored = StoredEmbeddings(embeddings, num_samples=len(files))
+        model.check_memory(k, stored.dim, "cpu")  # before the pass over the data
+        source = StoredFeatures(stored)
         idx = np.arange(rank, len(files), world)  # this rank's share
         batches = [(None, torch.from_numpy(files.labels[idx[i:i + batch_size]]), idx[i:i + batch_size])
                    for i in range(0, len(idx), batch_size)]
@@ -105,6 +113,11 @@ def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int
         log(f"class model: {report}" + (f" on rank {rank} of {world}" if world > 1 else ""))
         return FolderFit(_named(fit.result(), data, files), None, {"fit": report}, files.classes)
 
+    check_pca_samples(pca_samples, dim)
+    if min(pca_samples, len(files)) < dim:
+        raise ValueError(f"dim: {dim} principal components, but the dataset has only {len(files)} images to fit "
+                         f"the PCA on (at most {len(files)} components)")
+    model.check_memory(k, dim, _statistics_device(device))
     backend = default_backend() if backend == "auto" else backend
     shard_size = -(-len(files) // world)
     batch_size = max(1, min(batch_size, shard_size))
@@ -155,7 +168,9 @@ def fit_image_folder(data, model: ClassModel, *, features: str = "pca", dim: int
         report = fit.consume(loader, features=source, progress=progress, desc="fit",
                              shard=(rank, world) if world > 1 else None)
         log(f"class model: {report}" + (f" on rank {rank} of {world}" if world > 1 else ""))
-    return FolderFit(_named(fit.result(), data, files), fmap, {"pca": pca_report, "fit": report}, files.classes)
+    fitted = _named(fit.result(), data, files)
+    fitted.feature_map_digest = fmap.digest  # the pair is checked when loaded together
+    return FolderFit(fitted, fmap, {"pca": pca_report, "fit": report}, files.classes)
 
 
 def _named(model: ClassModel, data, files) -> ClassModel:
@@ -165,6 +180,21 @@ def _named(model: ClassModel, data, files) -> ClassModel:
 
     model.classes = class_names(data, files)
     return model
+
+
+def check_pca_samples(pca_samples: int, dim: int, name: str = "pca_samples") -> None:
+    """The PCA of N thumbnails has at most min(N, F) components and needs N >= 2 (a centred
+    sample of one is zero): refuse a ``pca_samples`` below max(2, dim) before any image is read."""
+    if isinstance(pca_samples, bool) or not isinstance(pca_samples, int) or pca_samples < max(2, dim):
+        raise ValueError(f"{name}: the PCA of {dim} components needs at least max(2, dim) = {max(2, dim)} "
+                         f"images, got {pca_samples!r}")
+
+
+def _statistics_device(device: str) -> str:
+    """Where the loader's features, and so the statistics, live for ``device`` ("auto", "cpu", "cuda")."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return "cpu"
 
 
 def _rank_world() -> tuple[int, int]:

@@ -319,6 +319,7 @@ def empty_stats(model: ClassModel, num_classes: int, dim: int, device):
     """Statistics of no samples (a rank whose shard was empty takes part in the all-reduce with these)."""
     z = torch.zeros(num_classes, dtype=torch.float64, device=device)
     if isinstance(model, ClassModel) and model._stats_type() is GaussianStats:
+        model.check_memory(num_classes, dim, device)
         cov = model.covariance
         shape = {"full": (num_classes, dim, dim), "diag": (num_classes, dim), "tied": (dim, dim)}[cov]
         return GaussianStats(cov, z, torch.zeros(num_classes, dim, dtype=torch.float64, device=device),

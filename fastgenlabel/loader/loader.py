@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..features import NoFeatures, StoredEmbeddings, ThumbnailPCA
+from ..features import NoFeatures, StoredEmbeddings, ThumbnailPCA, check_model_matches
 from ..functional._arrays import to_device
 from ..models import load_model
 from .batch import LoaderBatch
@@ -49,8 +49,9 @@ class GenLabelLoader:
     Raises:
         ValueError: a config that cannot work (the message names the field): a model fitted on
             other classes (another K than a class folder's or a Dataset's, fewer classes than a file
-            list's or shards' labels need, or other class names), features of another d, embeddings
-            that do not match the dataset, a batch larger than the shard, an empty dataset.
+            list's or shards' labels need, or other class names), features of another d, a model
+            fitted with another feature map (the map's checksum it records), embeddings that do not
+            match the dataset, a batch larger than the shard, an empty dataset.
     """
 
     def __init__(self, config: LoaderConfig | None = None, dataset=None, **overrides):
@@ -181,6 +182,7 @@ class GenLabelLoader:
             if features.dim != self.model.dim:
                 raise ValueError(f"model: fitted on {self.model.dim}-dimensional features, but the "
                                  f"{features.kind} features have d = {features.dim}")
+            check_model_matches(self.model, features, _named("model", c.model), _named("feature_map", c.feature_map))
         return features
 
     def _make_backend(self, dataset):
@@ -251,6 +253,8 @@ class GenLabelLoader:
             if model.dim != self.features.dim:
                 raise ValueError(f"model: fitted on {model.dim}-dimensional features, but the "
                                  f"{self.features.kind} features have d = {self.features.dim}")
+            check_model_matches(model, self.features, _named("model", source),
+                                _named("feature_map", self.config.feature_map))
         self.model = self.targets.model = model
 
     @property
@@ -325,6 +329,11 @@ def class_names(data, files) -> tuple | None:
     if files.members is not None or not isinstance(data, (str, Path)) or not Path(data).is_dir():
         return None
     return files.classes
+
+
+def _named(field: str, value) -> str:
+    """How an error names a config field: its file when one was given."""
+    return f"{field} {str(value)!r}" if isinstance(value, (str, Path)) else field
 
 
 def _resolve_model(model):

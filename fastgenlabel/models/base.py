@@ -38,6 +38,11 @@ class ClassModel:
     A fitted model may carry the names of its K classes (:attr:`classes`: ``fastgenlabel fit``
     stores a folder's class sub-folder names); they are saved with it, and the loader refuses a
     model whose names differ from its data's.
+
+    ``feature_map_digest``: the checksum (:attr:`fastgenlabel.features.ThumbnailPCA.digest`) of the
+    feature map whose features the model was fitted on, or None when not known. ``fastgenlabel
+    fit`` sets it, :meth:`save` stores it, and the loader refuses a model beside another map.
+    A new fit clears it (the model may describe other features from then on).
     """
 
     kind: ClassVar[str]
@@ -48,6 +53,7 @@ class ClassModel:
         self.prior = prior
         self.stats = None
         self._classes = None
+        self.feature_map_digest: str | None = None
 
     # ---- configuration -------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -72,6 +78,10 @@ class ClassModel:
             self, fitted.
         """
         return self.fit_stats(self.compute_stats(z, y, num_classes))
+
+    def check_memory(self, num_classes: int, dim: int, device=None) -> None:
+        """Raise ValueError when a fit for ``num_classes`` classes of ``dim`` features cannot fit in
+        ``device``'s memory (checked before a pass over the data; a no-op where nothing is known)."""
 
     def compute_stats(self, z: Array, y: Array, num_classes: int):
         """Sufficient statistics of one batch; merge them with ``stats.merge(other)``."""
@@ -104,6 +114,7 @@ class ClassModel:
         self.__dict__.update(params)
         if names is not None and len(names) != self.num_classes:  # the names belonged to another K
             self._classes = None
+        self.feature_map_digest = None
         return self
 
     def _stats_type(self):
@@ -228,10 +239,13 @@ class ClassModel:
         return model
 
     def save(self, path) -> None:
-        """Write the model to ``path`` (a ``.npz`` file that loads without pickle)."""
+        """Write the model to ``path`` (a ``.npz`` file that loads without pickle), with its
+        ``feature_map_digest`` when set."""
         state = self.state_dict()
         arrays = {k: np.asarray(v) for k, v in state.items() if k.startswith("stats.")}
         meta = {k: v for k, v in state.items() if not k.startswith("stats.")}
+        if self.feature_map_digest is not None:
+            meta[FEATURE_MAP_DIGEST] = self.feature_map_digest
         io.save_state(path, meta, arrays)
 
     @classmethod
@@ -244,6 +258,7 @@ class ClassModel:
 
 
 _REGISTRY: dict[str, type[ClassModel]] = {}
+FEATURE_MAP_DIGEST = "feature_map_digest"  # the header field; absent in files of models without one
 
 
 def register(cls: type[ClassModel]) -> type[ClassModel]:
@@ -258,8 +273,13 @@ def load_model(path, device=None) -> ClassModel:
     if not isinstance(kind, str) or kind not in _REGISTRY:
         raise io.ModelFileError(f"model file {path!r}: unknown model kind {kind!r}")
     state = dict(meta)
+    fmap_digest = state.pop(FEATURE_MAP_DIGEST, None)
+    if fmap_digest is not None and not isinstance(fmap_digest, str):
+        raise io.ModelFileError(f"model file {path!r}: its feature_map_digest is not a string")
     state.update({k: v for k, v in arrays.items()})
     try:
-        return _REGISTRY[kind].from_state_dict(state, device=device)
+        model = _REGISTRY[kind].from_state_dict(state, device=device)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise io.ModelFileError(f"model file {path!r} holds an inconsistent model: {e}") from e
+    model.feature_map_digest = fmap_digest
+    return model

@@ -10,7 +10,12 @@ import torch
 from .base import CHUNK_ELEMENTS, LOG_2PI, ClassModel, register
 
 BANDWIDTHS = ("scott", "silverman")
-JITTER = 1e-8  # added to the data covariance before scaling, as docs/MATH.md specifies
+# Added to a singular class covariance S, times the class's mean variance tr(S) / d (docs/MATH.md):
+# relative, so that the model does not depend on the features' units.
+JITTER = 1e-8
+# S counts as singular when Cholesky fails or a feature keeps at most this fraction of its
+# variance given the others (GaussianClassModel's test with reg = 0).
+SINGULAR_TOL = 1e-10
 
 
 def _signed(c: int) -> int:
@@ -130,14 +135,34 @@ class KDEStats:
         return cls(count, points, labels, keys, cap)
 
 
+def _covariance_factor(cov: torch.Tensor, fallback_scale: float, c: int) -> torch.Tensor:
+    """The lower Cholesky factor of ``cov``, regularised only where ``cov`` is singular (see
+    :class:`KDEClassModel`)."""
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) == 0:
+        unexplained = torch.diagonal(chol).square() / torch.diagonal(cov)
+        if bool((unexplained > SINGULAR_TOL).all()):
+            return chol
+    d = cov.shape[0]
+    scale = float(torch.trace(cov)) / d or fallback_scale
+    chol, info = torch.linalg.cholesky_ex(cov + JITTER * scale * torch.eye(d, dtype=cov.dtype, device=cov.device))
+    if int(info) != 0:
+        raise ValueError(f"z: the kernel covariance of class {c} is not positive definite")
+    return chol
+
+
 @register
 class KDEClassModel(ClassModel):
     """A Gaussian-kernel density estimate per class.
 
-    The kernel covariance of class c is ``h^2 * (S_c + 1e-8 I)`` with S_c the unbiased covariance
+    The kernel covariance of class c is ``h^2 * S_c``, scipy's, with S_c the unbiased covariance
     of the class's kept points and h Scott's factor ``n^(-1/(d+4))`` (default), Silverman's
     ``(n (d + 2) / 4)^(-1/(d+4))``, or a float given by the user (the factor itself, as scipy's
-    ``bw_method``); n is the number of kept points.
+    ``bw_method``); n is the number of kept points. Only a singular S_c (fewer points than
+    d + 1, collinear or constant features; numerically: Cholesky fails or a feature keeps at most
+    ``SINGULAR_TOL`` of its variance given the others) gets ``1e-8 * tr(S_c) / d * I`` added: a
+    regulariser relative to the class's own scale, so rescaling the features (z -> s z) rescales
+    the model and leaves the GenLabel targets unchanged.
 
     log p_c(z) = logsumexp_j N(z; x_j, H_c) - log n_c.
 
@@ -149,8 +174,9 @@ class KDEClassModel(ClassModel):
         seed: seed of the hash that draws the kept sample when capping.
 
     Defined fallbacks: a class with a single point borrows the pooled within-class covariance of
-    the classes with two or more points (the identity if there are none); a class with no points
-    gets log-likelihood -inf and a warning.
+    the classes with two or more points (the identity if there are none); a class whose points all
+    coincide (tr(S_c) = 0) takes its regulariser's scale from that pooled covariance (1 if it is
+    zero too); a class with no points gets log-likelihood -inf and a warning.
     """
 
     kind = "kde"
@@ -205,31 +231,38 @@ class KDEClassModel(ClassModel):
         k, d = s.count.shape[0], s.dim
         dev = s.points.device
         eye = torch.eye(d, dtype=torch.float64, device=dev)
-        groups = [s.points[s.labels == c] for c in range(k)]
+        # Class c's points are points[order[starts[c]:starts[c + 1]]]: one class copied at a time.
+        order = torch.argsort(s.labels, stable=True)
+        starts = [0, *torch.cumsum(torch.bincount(s.labels, minlength=k), 0).tolist()]
+
+        def points_of(c):
+            return s.points[order[starts[c]:starts[c + 1]]]
+
         covs, pooled, dof = {}, torch.zeros(d, d, dtype=torch.float64, device=dev), 0
-        for c, x in enumerate(groups):
+        for c in range(k):
+            x = points_of(c)
             if x.shape[0] >= 2:
                 xc = x - x.mean(0)
-                covs[c] = xc.T @ xc / (x.shape[0] - 1)
-                pooled += xc.T @ xc
+                scatter = xc.T @ xc
+                covs[c] = scatter / (x.shape[0] - 1)
+                pooled += scatter
                 dof += x.shape[0] - 1
         pooled = pooled / dof if dof else eye
+        fallback_scale = float(torch.trace(pooled)) / d or 1.0
         class_points, kernel_chol, log_norm = [], [], torch.full((k,), -math.inf, dtype=torch.float64)
-        for c, x in enumerate(groups):
+        for c in range(k):
+            x = points_of(c)
             n = x.shape[0]
             if n == 0:
                 class_points.append(x)
                 kernel_chol.append(eye)
                 continue
-            h = self.factor(n, d)
-            cov = h * h * (covs.get(c, pooled) + JITTER * eye)
-            chol, info = torch.linalg.cholesky_ex(cov)
-            if int(info) != 0:
-                raise ValueError(f"z: the kernel covariance of class {c} is not positive definite")
+            chol = self.factor(n, d) * _covariance_factor(covs.get(c, pooled), fallback_scale, c)
             # Whitened points: the kernel becomes an isotropic unit Gaussian in whitened space.
             class_points.append(torch.linalg.solve_triangular(chol, x.T, upper=False).T)
             kernel_chol.append(chol)
             log_norm[c] = -torch.log(torch.diagonal(chol)).sum() - 0.5 * d * LOG_2PI - math.log(n)
+            del x
         return {"class_points": class_points, "kernel_chol": kernel_chol, "log_norm": log_norm.to(dev)}
 
     def _log_likelihood(self, z: torch.Tensor) -> torch.Tensor:
