@@ -109,6 +109,7 @@ def _mismatch_worker(rank, world, scenario, result_dir):
         f.write(message)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario,words", [
     ("covariance", "kind and options"), ("reg", "kind and options"), ("d", "d (features)"),
     ("kde-seed", "kind and options"), ("streaming-k", "K (classes)"), ("broadcast-unfitted", "fitted model"),

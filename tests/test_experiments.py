@@ -149,6 +149,7 @@ def _check_cell(cell, n_seeds):
     assert cell["std"] == pytest.approx(np.std(cell["runs"], ddof=1) if n_seeds > 1 else 0.0, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_writes_json_with_the_documented_schema_and_a_png(tmp_path, capsys):
     out = tmp_path / "res" / "r.json"
     threads = torch.get_num_threads()

@@ -117,6 +117,7 @@ def test_fit_on_several_shard_arguments_equals_the_folder(folder, tmp_path):
         main(["fit", str(shards[0]), str(folder), "--out", str(tmp_path / "x.npz"), *common])
 
 
+@pytest.mark.slow
 def test_fit_kde_with_dali_reader(folder, tmp_path, capsys):
     pytest.importorskip("nvidia.dali")
     out = tmp_path / "kde.npz"
