@@ -399,3 +399,94 @@ def test_a_dataset_passed_as_data_says_to_pass_it_as_dataset(tmp_path):
         LoaderConfig(data=3)
     loader = GenLabelLoader(config(None, backend="torch"), dataset=ds)  # what the message says works
     assert len(next(iter(loader))) == 4
+
+
+def photo_jpeg(path=None, size=(48, 64), gray=False, **save):
+    """A photo-like JPEG (gradients and noise, so that its scans hold many codes): its bytes, also
+    written to ``path`` if given."""
+    import io
+
+    rng = np.random.default_rng(size)
+    y, x = np.mgrid[0:size[0], 0:size[1]]
+    pixels = np.stack([x * 4.0, y * 5.0, 128 + 90 * np.sin(x / 5.0) * np.cos(y / 7.0)], -1)
+    pixels = (pixels + rng.normal(0, 12, pixels.shape)).clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if gray else pixels).save(buffer, format="JPEG", **{"quality": 90, **save})
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+JPEG_KINDS = {
+    "baseline-420": {}, "baseline-444": {"subsampling": 0}, "optimized": {"optimize": True},
+    "progressive-420": {"progressive": True}, "progressive-444": {"progressive": True, "subsampling": 0},
+    "restart-blocks": {"restart_marker_blocks": 2}, "restart-rows-444": {"restart_marker_rows": 1, "subsampling": 0},
+    "progressive-restart": {"progressive": True, "restart_marker_rows": 1}, "gray-progressive": {"gray": True,
+                                                                                                "progressive": True},
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["baseline-420", "progressive-420"])
+def test_truncated_jpeg_closed_with_an_end_marker_is_corrupt(tmp_path, backend, kind):
+    """Cut, then EOI appended: the decoders serve it with its missing blocks grey (libjpeg only prints
+    "premature end of data segment"); the loader refuses it, or skips it with a warning."""
+    import io
+
+    folder(tmp_path)
+    data = photo_jpeg(**JPEG_KINDS[kind])
+    last_scan = data.rfind(b"\xff\xda")
+    cut = data[: (last_scan + len(data)) // 2] + b"\xff\xd9"  # halfway through the last scan
+    (tmp_path / "c1" / "2.jpg").write_bytes(cut)
+    if kind.startswith("baseline"):
+        with Image.open(io.BytesIO(cut)) as im:
+            im.load()  # what makes it dangerous: PIL decodes it without an error (DALI too)
+    with pytest.raises(CorruptImageError, match=r"c1/2\.jpg.*image data end before its last block"):
+        list(GenLabelLoader(config(tmp_path, backend=backend)))
+    with pytest.warns(UserWarning, match=r"c1/2\.jpg"):
+        batches = list(GenLabelLoader(config(tmp_path, backend=backend, on_bad_image="skip")))
+    assert sum(len(b) for b in batches) == 7
+
+
+@pytest.mark.parametrize("kind", sorted(JPEG_KINDS))
+def test_every_cut_of_a_jpeg_is_refused_except_between_whole_scans(kind):
+    """Every truncation (then EOI) of each kind of JPEG, byte by byte, against the oracle: a cut is
+    harmless exactly when it falls on a marker after a whole scan (a progressive file without its
+    later refinements; a baseline file has one scan, so only the intact file). The boundaries come
+    from a plain walk of the intact file's segments."""
+    from fastgenlabel.loader.encoded import jpeg_structure
+
+    save = dict(JPEG_KINDS[kind])
+    data = photo_jpeg(gray=save.pop("gray", False), **save)
+    assert jpeg_structure(data) == (None, 64, 48)
+    pos, first_scan, boundaries = 2, None, {len(data) - 2}
+    while data[pos + 1] != 0xD9:
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
+        if first_scan is not None:
+            boundaries.add(pos)
+        pos += 2 + length
+        if marker == 0xDA:  # entropy-coded data: to the first 0xFF not followed by 0x00 or RSTn
+            first_scan = first_scan or pos
+            while not (data[pos] == 0xFF and data[pos + 1] != 0 and not 0xD0 <= data[pos + 1] <= 0xD7):
+                pos += 1
+    boundaries.add(pos)
+    boundaries |= {b + 1 for b in boundaries if b + 1 < len(data) - 1}  # the marker's 0xFF kept: a fill byte
+    accepted = {c for c in range(2, len(data) - 1) if jpeg_structure(data[:c] + b"\xff\xd9")[0] is None}
+    assert accepted == boundaries
+    assert len(boundaries) == 1 or kind.startswith(("progressive", "gray"))
+
+
+def test_valid_jpegs_with_thumbnails_and_trailers_are_accepted():
+    """An EXIF thumbnail (a whole JPEG, with its own EOI, inside APP1) and bytes after the EOI."""
+    import struct
+
+    from fastgenlabel.loader.encoded import jpeg_structure
+
+    thumb = photo_jpeg(size=(8, 8))
+    for kind, save in JPEG_KINDS.items():
+        save = dict(save)
+        data = photo_jpeg(gray=save.pop("gray", False), **save)
+        app1 = b"Exif\x00\x00" + thumb
+        data = data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:] + b"\x00" * 40 + thumb
+        assert jpeg_structure(data) == (None, 64, 48), kind

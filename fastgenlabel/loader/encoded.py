@@ -2,34 +2,56 @@
 
 A JPEG is walked from SOI through its marker segments (by their lengths) and over each scan's
 entropy-coded data to its first EOI; a PNG chunk by chunk from its signature to IEND. A file that
-ends first is truncated. Bytes after the end marker (phone motion photos, vendor trailers,
-padding) are ignored, as the decoders ignore them. Both give the declared width and height (JPEG
-SOF, PNG IHDR), so that a decompression bomb is refused before a decoder allocates its pixels.
+ends first is truncated. A JPEG cut and closed with an EOI (which the decoders serve with the missing
+blocks grey) is caught by Huffman-walking its last scan (:mod:`fastgenlabel.loader.jpeg_entropy`):
+a cut file ends inside the scan it was cut in, so that scan alone must hold all its blocks; with a
+restart interval only its last interval is walked, after counting the restart markers. Bytes after
+the end marker (phone motion photos, vendor trailers, padding) are ignored, as the decoders ignore
+them. Both give the declared width and height (JPEG SOF, PNG IHDR), so that a decompression bomb is
+refused before a decoder allocates its pixels.
 """
 from __future__ import annotations
 
 import numpy as np
 
-_RST = range(0xD0, 0xD8)
 _SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_HUFFMAN_SOF = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman: their scans are walked
+_CUT = ("the JPEG's image data end before its last block (a truncated file closed with an end-of-image "
+        "marker: decoders fill the rest with grey)")
+_TABLE_CACHE: dict = {}  # Huffman table specs -> decoding tables: files of one encoder share theirs
 
 
 def _buffer(data) -> bytes:
     return data if isinstance(data, bytes) else np.ascontiguousarray(data, np.uint8).tobytes()
 
 
+def _array(data) -> np.ndarray:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return np.frombuffer(data, np.uint8)
+    return np.ascontiguousarray(data, np.uint8).reshape(-1)
+
+
 def jpeg_structure(data) -> tuple[str | None, int, int]:
-    """(problem or None, width, height) of an encoded JPEG (that starts with SOI)."""
-    b = _buffer(data)
-    n = len(b)
-    pos, width, height, scans = 2, 0, 0, 0
+    """(problem or None, width, height) of an encoded JPEG (that starts with SOI).
+
+    Besides the markers, the last scan before EOI is Huffman-walked (:func:`_last_scan_problem`):
+    a file is cut inside the scan it ends in, so that scan alone tells whether it was cut.
+    """
+    from . import jpeg_entropy as je
+
+    a = _array(data)
+    b = memoryview(a)
+    n = len(a)
+    pos, width, height = 2, 0, 0
+    frame = None  # (SOF marker, [(component id, h, v)])
+    tables: dict = {}  # (class, id) -> the DHT spec in force
+    restart = 0
+    scans: list = []
     while True:
         if pos + 1 >= n:
             return "the file ends before the JPEG's end-of-image marker (truncated)", width, height
         if b[pos] != 0xFF:  # stray bytes before a marker: decoders skip them with a warning
-            pos = b.find(b"\xff", pos)
-            if pos < 0:
-                pos = n
+            pos = je.next_marker(a, pos)[0]
             continue
         m = b[pos + 1]
         if m == 0xFF:  # fill byte
@@ -37,30 +59,158 @@ def jpeg_structure(data) -> tuple[str | None, int, int]:
             continue
         pos += 2
         if m == 0xD9:
-            if scans == 0:
+            if not scans:
                 return "a JPEG end-of-image marker before any image data", width, height
-            return None, width, height
-        if m in (0x00, 0x01, 0xD8) or m in _RST:
+            return _last_scan_problem(a, frame, scans, width, height), width, height
+        if m in (0x00, 0x01, 0xD8) or 0xD0 <= m <= 0xD7:
             continue
         if pos + 2 > n:
             return "the file ends inside a JPEG marker segment (truncated)", width, height
-        end = pos + int.from_bytes(b[pos:pos + 2], "big")
+        end = pos + (b[pos] << 8 | b[pos + 1])
         if end > n:
             return "the file ends inside a JPEG marker segment (truncated)", width, height
-        if m in _SOF and end - pos >= 7:
-            height, width = int.from_bytes(b[pos + 3:pos + 5], "big"), int.from_bytes(b[pos + 5:pos + 7], "big")
+        seg = bytes(b[pos + 2:end])
+        if m in _SOF and len(seg) >= 6:
+            height, width = seg[1] << 8 | seg[2], seg[3] << 8 | seg[4]
+            comps = [(seg[i], seg[i + 1] >> 4, seg[i + 1] & 15) for i in range(6, len(seg) - 2, 3)]
+            if frame is None:
+                frame = (m, comps[:seg[5]])
+        elif m == 0xC4:
+            p = 0
+            while p + 17 <= len(seg):
+                count = sum(seg[p + 1:p + 17])
+                tables[seg[p] >> 4, seg[p] & 15] = seg[p + 1:p + 17 + count]
+                p += 17 + count
+        elif m == 0xDD and len(seg) >= 2:
+            restart = seg[0] << 8 | seg[1]
         pos = end
         if m == 0xDA:  # a scan: its entropy-coded data run to the next marker that is not 0xFF00 or RSTn
-            scans += 1
-            while True:
-                pos = b.find(b"\xff", pos)
-                if pos < 0 or pos + 1 >= n:
-                    return "the file ends inside the JPEG's entropy-coded data (truncated)", width, height
-                nxt = b[pos + 1]
-                if nxt == 0 or nxt in _RST or nxt == 0xFF:
-                    pos += 1 if nxt == 0xFF else 2
-                    continue
-                break
+            stop, rsts, after = je.next_marker(a, pos)
+            if stop + 1 >= n:
+                return "the file ends inside the JPEG's entropy-coded data (truncated)", width, height
+            scans.append((seg, dict(tables), restart, pos, stop, rsts, after))
+            pos = stop
+
+
+def _last_scan_problem(a, frame, scans, width, height) -> str | None:
+    """Whether the last scan holds every MCU of the frame (a progressive refinement also needs the
+    earlier scans of its component, walked for which coefficients are nonzero); with a restart
+    interval, whether all its restart markers are there and the last interval is whole. Frames that
+    are not Huffman-coded (arithmetic, lossless) are left to the decoder."""
+    from . import jpeg_entropy as je
+
+    if frame is None:
+        return "a JPEG scan before any frame header (corrupt)"
+    kind, comps = frame
+    if kind not in _HUFFMAN_SOF or height == 0 or width == 0:
+        return None  # height 0: set by a DNL marker after the scan
+    if not comps or any(not (1 <= h <= 4 and 1 <= v <= 4) for _, h, v in comps):
+        return "a malformed JPEG frame header (corrupt)"
+    hmax, vmax = max(c[1] for c in comps), max(c[2] for c in comps)
+    ids = {c[0]: i for i, c in enumerate(comps)}
+    parsed = [_scan_header(seg, ids, kind == 0xC2) for seg, *_ in scans]
+    last = parsed[-1]
+    if last is None:
+        return "a malformed JPEG scan header (corrupt)"
+    todo = [len(scans) - 1]
+    cs, ss, se, ah, _ = last
+    if kind == 0xC2 and ss > 0 and ah > 0:  # a refinement reads the nonzero coefficients of earlier scans
+        todo = [i for i, p in enumerate(parsed[:-1]) if p is not None and p[0] == cs and p[1] > 0] + todo
+    nz = None
+    for i in todo:
+        seg, tables, restart, start, stop, rsts, after = scans[i]
+        cs, ss, se, ah, tsel = parsed[i]
+        if len(cs) == 1:  # non-interleaved: the component's own blocks, one per MCU
+            _, h, v = comps[cs[0]]
+            units = _ceil(_ceil(width * h, hmax), 8) * _ceil(_ceil(height * v, vmax), 8)
+            nblk = np.ones(1, np.int64)
+        else:
+            units = _ceil(width, 8 * hmax) * _ceil(height, 8 * vmax)
+            nblk = np.array([comps[c][1] * comps[c][2] for c in cs], np.int64)
+        mode = 0 if kind != 0xC2 else (1 if ah == 0 else 2) if ss == 0 else (3 if ah == 0 else 4)
+        decoding = _decoding_tables(tables, tsel, dc=mode <= 1, ac=mode in (0, 3, 4))
+        if decoding is None:  # a table not defined (libjpeg-turbo then uses the standard ones): unchecked
+            return None
+        if decoding is False:
+            return "a malformed Huffman table in the JPEG (corrupt)"
+        look, maxcode, valoff, vals, dct, act = decoding
+        if mode >= 3 and nz is None:
+            nz = np.zeros((units, 64), np.bool_)
+        u0 = 0
+        if restart and i == len(scans) - 1:  # only the last interval can be cut: count the markers
+            intervals = -(-units // restart)
+            if rsts < intervals - 1:
+                return _CUT
+            if rsts == intervals - 1 and rsts > 0:
+                u0, start = (intervals - 1) * restart, after
+        status = je.walk(a, start, stop, u0, units, restart, nblk, dct, act, mode, ss, se,
+                         nz if nz is not None else np.zeros((1, 64), np.bool_), look, maxcode, valoff, vals)
+        if status == je.SHORT:
+            return _CUT
+        if status == je.BAD_CODE:
+            return "an invalid Huffman code in the JPEG's image data (corrupt)"
+        if status == je.BAD_RESTART:
+            return "a restart marker missing in the JPEG's image data (corrupt)"
+    return None
+
+
+def _ceil(x: int, y: int) -> int:
+    return -(-x // y)
+
+
+def _scan_header(seg, ids, progressive):
+    """(component indices, Ss, Se, Ah, [(DC table, AC table)]) of an SOS segment, or None if malformed."""
+    if not seg or len(seg) < 4 + 2 * seg[0] or not 1 <= seg[0] <= 4:
+        return None
+    ns = seg[0]
+    cs, tsel = [], []
+    for j in range(ns):
+        c = ids.get(seg[1 + 2 * j])
+        if c is None:
+            return None
+        cs.append(c)
+        tsel.append((seg[2 + 2 * j] >> 4, seg[2 + 2 * j] & 15))
+    ss, se, ah = seg[1 + 2 * ns], seg[2 + 2 * ns], seg[3 + 2 * ns] >> 4
+    if progressive and (se < ss or se > 63 or (ss == 0 and se != 0) or (ss > 0 and ns != 1)):
+        return None
+    return cs, ss, se, ah, tsel
+
+
+def _decoding_tables(tables, tsel, *, dc, ac):
+    """The decoding tables (:func:`~fastgenlabel.loader.jpeg_entropy.build_tables`) of a scan's
+    tables, and each component's DC and AC table index in them; None if one is missing, False if one
+    is malformed."""
+    from . import jpeg_entropy as je
+
+    keys = sorted({(0, d) for d, _ in tsel} if dc else set()) + sorted({(1, t) for _, t in tsel} if ac else set())
+    specs = []
+    for key in keys:
+        spec = tables.get(key)
+        if spec is None:
+            return None
+        if len(spec) < 16 or len(spec) != 16 + sum(spec[:16]):
+            return False
+        specs.append(spec)
+    ckey = tuple(specs)
+    built = _TABLE_CACHE.get(ckey)
+    if built is None:
+        t = len(specs)
+        spec = np.zeros((max(t, 1), 272), np.uint8)
+        for i, s in enumerate(specs):
+            spec[i, :len(s)] = np.frombuffer(s, np.uint8)
+        look = np.zeros((max(t, 1), 1 << je.LOOKAHEAD), np.int32)
+        maxcode = np.full((max(t, 1), 17), -1, np.int64)
+        valoff = np.zeros((max(t, 1), 17), np.int64)
+        vals = np.zeros((max(t, 1), 256), np.int64)
+        if not je.build_tables(spec[:t], look, maxcode, valoff, vals):
+            return False
+        if len(_TABLE_CACHE) > 256:
+            _TABLE_CACHE.clear()
+        built = _TABLE_CACHE[ckey] = (look, maxcode, valoff, vals)
+    index = {key: i for i, key in enumerate(keys)}
+    dct = np.array([index.get((0, d), 0) for d, _ in tsel], np.int64)
+    act = np.array([index.get((1, t), 0) for _, t in tsel], np.int64)
+    return (*built, dct, act)
 
 
 def png_structure(data) -> tuple[str | None, int, int]:

@@ -257,8 +257,9 @@ def check_encoded(data: bytes | np.ndarray, path, *, max_pixels: int | None = DE
     """Cheap container checks before decoding (:mod:`fastgenlabel.loader.encoded`): a JPEG's markers
     up to its EOI, a PNG's chunks up to its IEND, and the declared width x height against ``max_pixels``.
 
-    Catches empty, truncated and non-image files, and decompression bombs, without decoding; bytes
-    after the end marker are allowed. Returns "jpeg" or "png"; with ``other_formats``, None for
+    Catches empty, truncated and non-image files (a JPEG cut and closed with an end marker too: its
+    last scan's codes are walked), and decompression bombs, without decoding the pixels; bytes after
+    the end marker are allowed. Returns "jpeg" or "png"; with ``other_formats``, None for
     another format (left to the decoder) instead of an error. Raises :class:`CorruptImageError`
     naming the file, or :class:`ImageTooLargeError`.
     """
