@@ -127,3 +127,26 @@ def test_close_stops_the_reader(folder):
     while any(t.is_alive() for t in mine) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(t.is_alive() for t in mine)
+
+
+def test_jpeg_codes_are_walked_once_per_sample_and_the_markers_every_time(folder, monkeypatch):
+    """The Huffman walk of a JPEG's last scan costs up to most of a decode: both readers (the DALI
+    source and the torch backend's dataset) do it once per sample; the marker walk runs on every read."""
+    from fastgenlabel.loader import encoded
+    from fastgenlabel.loader.images import ImageFileDataset
+
+    walks, structures = [], []
+    real_walk, real_structure = encoded._last_scan_problem, encoded.jpeg_structure
+    monkeypatch.setattr(encoded, "_last_scan_problem", lambda *a: walks.append(1) or real_walk(*a))
+    monkeypatch.setattr(encoded, "jpeg_structure", lambda *a: structures.append(1) or real_structure(*a))
+    monkeypatch.setattr("fastgenlabel.loader.files.jpeg_structure", encoded.jpeg_structure)
+    files = scan(folder)
+    passes(source(files, 0), [0, 1, 2])
+    assert (len(walks), len(structures)) == (len(files), 3 * len(files))
+    walks.clear(), structures.clear()
+    dataset = ImageFileDataset(files, 8)
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        for i in range(len(dataset)):
+            dataset[i]
+    assert (len(walks), len(structures)) == (len(files), 3 * len(files))

@@ -31,11 +31,12 @@ def _array(data) -> np.ndarray:
     return np.ascontiguousarray(data, np.uint8).reshape(-1)
 
 
-def jpeg_structure(data) -> tuple[str | None, int, int]:
+def jpeg_structure(data, walk_codes: bool = True) -> tuple[str | None, int, int]:
     """(problem or None, width, height) of an encoded JPEG (that starts with SOI).
 
     Besides the markers, the last scan before EOI is Huffman-walked (:func:`_last_scan_problem`):
-    a file is cut inside the scan it ends in, so that scan alone tells whether it was cut.
+    a file is cut inside the scan it ends in, so that scan alone tells whether it was cut. The walk
+    costs up to most of a decode; ``walk_codes=False`` leaves it out (a file already walked).
     """
     from . import jpeg_entropy as je
 
@@ -61,7 +62,7 @@ def jpeg_structure(data) -> tuple[str | None, int, int]:
         if m == 0xD9:
             if not scans:
                 return "a JPEG end-of-image marker before any image data", width, height
-            return _last_scan_problem(a, frame, scans, width, height), width, height
+            return (_last_scan_problem(a, frame, scans, width, height) if walk_codes else None), width, height
         if m in (0x00, 0x01, 0xD8) or 0xD0 <= m <= 0xD7:
             continue
         if pos + 2 > n:

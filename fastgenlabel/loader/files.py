@@ -253,13 +253,15 @@ def scan_file_list(path) -> ImageFiles:
 
 
 def check_encoded(data: bytes | np.ndarray, path, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                  other_formats: bool = False) -> str | None:
+                  other_formats: bool = False, walk_codes: bool = True) -> str | None:
     """Cheap container checks before decoding (:mod:`fastgenlabel.loader.encoded`): a JPEG's markers
     up to its EOI, a PNG's chunks up to its IEND, and the declared width x height against ``max_pixels``.
 
     Catches empty, truncated and non-image files (a JPEG cut and closed with an end marker too: its
     last scan's codes are walked), and decompression bombs, without decoding the pixels; bytes after
-    the end marker are allowed. Returns "jpeg" or "png"; with ``other_formats``, None for
+    the end marker are allowed. The loaders walk a sample's JPEG codes once per process
+    (``walk_codes=False`` afterwards: the walk costs up to most of a decode; the markers, cheap, are
+    checked every time). Returns "jpeg" or "png"; with ``other_formats``, None for
     another format (left to the decoder) instead of an error. Raises :class:`CorruptImageError`
     naming the file, or :class:`ImageTooLargeError`.
     """
@@ -267,7 +269,7 @@ def check_encoded(data: bytes | np.ndarray, path, *, max_pixels: int | None = DE
     if len(data) < 16:
         raise CorruptImageError(path, f"only {len(data)} bytes")
     if head[:2] == b"\xff\xd8":
-        kind, (problem, width, height) = "jpeg", jpeg_structure(data)
+        kind, (problem, width, height) = "jpeg", jpeg_structure(data, walk_codes)
     elif head == b"\x89PNG\r\n\x1a\n":
         kind, (problem, width, height) = "png", png_structure(data)
     elif other_formats:

@@ -65,6 +65,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         self.flip, self.max_image_pixels = flip, max_image_pixels
         self.epoch = 0
         self.num_classes = files.num_classes
+        self._walked = np.zeros(len(files), bool)  # JPEG codes walked once per process (check_encoded)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -78,7 +79,9 @@ class ImageFileDataset(torch.utils.data.Dataset):
         path = self.files.name(i)
         try:
             data = self.files.read(i)
-            kind = check_encoded(data, path, max_pixels=self.max_image_pixels, other_formats=True)
+            kind = check_encoded(data, path, max_pixels=self.max_image_pixels, other_formats=True,
+                                 walk_codes=not self._walked[i])
+            self._walked[i] = True
             with _open(io.BytesIO(data.tobytes()), kind) as im:
                 check_pixels(im.width, im.height, path, self.max_image_pixels)
                 im = _to_rgb(ImageOps.exif_transpose(im))  # upright, as DALI's decoders give it

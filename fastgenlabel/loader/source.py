@@ -38,7 +38,7 @@ class EpochSource:
 
     def __init__(self, files: ImageFiles, feed: PairFeed, *, batch_size: int, last_batch: str, shuffle: bool,
                  seed: int, shard_id: int, num_shards: int, on_bad_image: str = "error", history: int = 8,
-                 read_ahead: int = 2, warned: set | None = None,
+                 read_ahead: int = 2, warned: set | None = None, walked: np.ndarray | None = None,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.files, self.feed = files, feed
         self.batch_size, self.last_batch, self.shuffle = batch_size, last_batch, shuffle
@@ -50,6 +50,8 @@ class EpochSource:
         self._pass_epoch = 0
         self._next = 0
         self._warned = set() if warned is None else warned  # files warned about (shared across rebuilds)
+        # samples whose JPEG codes were walked (check_encoded), shared across rebuilds: once per process
+        self._walked = np.zeros(len(files), bool) if walked is None else walked
         self.read_ahead = read_ahead
         self._pending: dict = {}  # batch number of this pass -> Future of _read_batch
         self._reader: ThreadPoolExecutor | None = None
@@ -104,7 +106,8 @@ class EpochSource:
             path = self.files.name(i)
             data = self.files.read(i)
             try:
-                check_encoded(data, path, max_pixels=self.max_image_pixels)
+                check_encoded(data, path, max_pixels=self.max_image_pixels, walk_codes=not self._walked[i])
+                self._walked[i] = True
             except CorruptImageError as e:
                 if self.on_bad_image == "error":
                     raise
