@@ -103,14 +103,17 @@ def float16_output(node):
 
 def cached_numba_function(key, *inputs, run_fn, out_types, in_types, outs_ndim, ins_ndim, setup_fn=None,
                           device="cpu", batch_processing=False, blocks=None, threads_per_block=None):
-    """``numba_function`` with defect 5 worked around: compile each stage once per process.
+    """``numba_function`` with defect 5 worked around.
 
     Args:
         key: a hashable that identifies ``run_fn``/``setup_fn`` and everything they close over;
             two calls with the same key must describe the same computation.
         *inputs: the operator's DataNodes.
-        run_fn, out_types, in_types, outs_ndim, ins_ndim, setup_fn, device, batch_processing,
-            blocks, threads_per_block: as for ``nvidia.dali.plugin.numba.fn.experimental.numba_function``.
+        run_fn, setup_fn: Python functions for DALI to compile (once per process and key), or
+            compiled C callbacks (``numba`` ``CFunc``, e.g. from :func:`cached_cfunc`) whose
+            addresses DALI calls as they are: what fastgenlabel's CPU stages pass.
+        out_types, in_types, outs_ndim, ins_ndim, device, batch_processing, blocks,
+            threads_per_block: as for ``nvidia.dali.plugin.numba.fn.experimental.numba_function``.
 
     Returns:
         The operator's output DataNode(s).
@@ -126,9 +129,54 @@ def cached_numba_function(key, *inputs, run_fn, out_types, in_types, outs_ndim, 
     return op(*inputs)
 
 
+def cached_cfunc(pyfunc, sig, depends=()):
+    """Defect 5: ``numba.cfunc(sig, cache=True)(pyfunc)``, keyed on ``depends`` too, never failing for the cache.
+
+    Numba keys a cached C callback on its code, the values it closes over and its own source
+    file; ``depends`` (modules) adds the sources of the functions it calls
+    (``kernels.compat.key_disk_cache_on``). The cache lives where Numba puts it: ``NUMBA_CACHE_DIR``,
+    else ``__pycache__`` beside the source when writable, else a per-user folder. Where no folder
+    can be written, or saving fails (a full disk), the function is compiled in memory as before.
+
+    Returns:
+        The compiled ``numba.core.ccallback.CFunc`` (``.address``; ``._cache_hits`` is 1 when it
+        was loaded from the cache).
+    """
+    from numba.core.caching import FunctionCache
+    from numba.core.ccallback import CFunc
+    from numba.core.sigutils import normalize_signature
+
+    from ..kernels.compat import key_disk_cache_on
+
+    class TolerantCache(FunctionCache):
+        def save_overload(self, sig, data):
+            try:
+                super().save_overload(sig, data)
+            except OSError:  # the compiled function works; only the next process compiles it again
+                pass
+
+    func = CFunc(pyfunc, normalize_signature(sig), locals={}, options={"nopython": True})
+    try:
+        func._cache = TolerantCache(pyfunc)
+    except RuntimeError:  # no writable cache folder: Numba says "cannot cache function"
+        pass
+    else:
+        key_disk_cache_on({"f": func}, *depends)
+    func.compile()
+    return func
+
+
+def is_cfunc(fn) -> bool:
+    """Whether ``fn`` is a compiled Numba C callback (its address is handed to DALI as it is)."""
+    from numba.core.ccallback import CFunc
+
+    return isinstance(fn, CFunc)
+
+
 @functools.cache
 def _caching_class(base):
-    """A NumbaFunction subclass whose compile steps look in the process-wide cache first."""
+    """A NumbaFunction subclass: compiled C callbacks are taken as they are, Python functions are
+    compiled once per process and key."""
 
     class CachedNumbaFunction(base):
         def __init__(self, *, key, **kwargs):
@@ -136,17 +184,21 @@ def _caching_class(base):
             super().__init__(**kwargs)
 
         def _get_run_fn_cpu(self, *args):
-            return _memo(("run-cpu", self._fgl_key, args[1:]), lambda: super(CachedNumbaFunction, self)
+            if is_cfunc(args[0]):
+                return args[0].address
+            return memo(("run-cpu", self._fgl_key, args[1:]), lambda: super(CachedNumbaFunction, self)
                          ._get_run_fn_cpu(*args))
 
         def _get_run_fn_gpu(self, *args):
-            return _memo(("run-gpu", self._fgl_key, args[1:]), lambda: super(CachedNumbaFunction, self)
+            return memo(("run-gpu", self._fgl_key, args[1:]), lambda: super(CachedNumbaFunction, self)
                          ._get_run_fn_gpu(*args))
 
         def _get_setup_fn_cpu(self, setup_fn):
             if setup_fn is None:
                 return None
-            return _memo(("setup", self._fgl_key), lambda: super(CachedNumbaFunction, self)
+            if is_cfunc(setup_fn):
+                return setup_fn.address
+            return memo(("setup", self._fgl_key), lambda: super(CachedNumbaFunction, self)
                          ._get_setup_fn_cpu(setup_fn))
 
     CachedNumbaFunction.__name__ = base.__name__  # DALI names the operator after the class
@@ -160,9 +212,12 @@ def _freeze(x):
     return x
 
 
-def _memo(key, compile_fn):
+def memo(key, compile_fn):
+    """``compile_fn()``, once per process and ``key``; the result is kept alive here (compiled
+    functions must outlive every pipeline that calls their addresses)."""
     key = _freeze(key)
     with _lock:
         if key not in _compiled:
             _compiled[key] = compile_fn()
         return _compiled[key]
+
