@@ -17,13 +17,18 @@
    images, and gives each launch a whole image (grid-stride loop) so that no launch is starved.
 4. The CPU ``setup_fn`` wrapper reads the input shapes with ``num_outs`` instead of ``num_ins``
    (``_get_setup_fn_cpu``): a setup function sees only the first ``num_outs`` inputs. Our
-   operators put the image first and never have more outputs than inputs, so that is enough.
-5. Every ``numba_function`` call compiles its run/setup functions again (10-12 s on two cores
-   for the mix stage: its ``cfunc`` wrapper and the carray lambdas DALI builds with ``eval`` take
-   half of it, and none of it can be cached on disk, since DALI makes the functions per call).
-   :func:`cached_numba_function` compiles each distinct stage once per process and reuses the
-   compiled addresses (the compiled functions are kept alive here), so rebuilding a pipeline
-   (``reset`` mid-epoch, a new loader in a test) costs well under a second.
+   operators put the image first and never have more outputs than inputs, so that is enough
+   (and the CPU stages' own setup callbacks, defect 5, read the input shapes themselves).
+5. Every ``numba_function`` call compiles its run/setup functions again, in every process, and
+   nothing of it can be cached on disk: DALI wraps them in a ``cfunc`` that closes over
+   ``carray`` lambdas it builds with ``eval``. For the CPU mix stage that compile took most of
+   a fresh process's start-up, and the wrapper alone (with an empty run function) most of that.
+   fastgenlabel's CPU stages therefore hand DALI their own C callbacks
+   (``_kernels.mix_cfuncs`` and friends: they read DALI's pointer tables themselves), compiled
+   by :func:`cached_cfunc` into Numba's disk cache, one entry per stage configuration, keyed on
+   the pixel code they call too; a later process loads them (``docs/BENCHMARKS.md``, "DALI
+   start-up"). :func:`cached_numba_function` passes such callbacks through by address, and
+   compiles Python run functions (the in-graph GPU stage) once per process and key.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import threading
 
 DALI_MIN = (1, 30)
 _lock = threading.Lock()
-_compiled: dict = {}  # (kind, key) -> address, plus the cfunc objects that own the code
+_compiled: dict = {}  # key -> a compiled address or a stage's C callbacks (which own their code)
 
 
 @functools.cache
@@ -142,28 +147,44 @@ def cached_cfunc(pyfunc, sig, depends=()):
         The compiled ``numba.core.ccallback.CFunc`` (``.address``; ``._cache_hits`` is 1 when it
         was loaded from the cache).
     """
-    from numba.core.caching import FunctionCache
     from numba.core.ccallback import CFunc
     from numba.core.sigutils import normalize_signature
 
     from ..kernels.compat import key_disk_cache_on
 
-    class TolerantCache(FunctionCache):
-        def save_overload(self, sig, data):
-            try:
-                super().save_overload(sig, data)
-            except OSError:  # the compiled function works; only the next process compiles it again
-                pass
-
     func = CFunc(pyfunc, normalize_signature(sig), locals={}, options={"nopython": True})
     try:
-        func._cache = TolerantCache(pyfunc)
+        func.enable_caching()
     except RuntimeError:  # no writable cache folder: Numba says "cannot cache function"
         pass
     else:
         key_disk_cache_on({"f": func}, *depends)
+        tolerate_unwritable_cache(func)
     func.compile()
     return func
+
+
+def tolerate_unwritable_cache(*funcs):
+    """Let the Numba functions ``funcs`` (``cache=True``) work where their cache cannot be written.
+
+    Numba raises the OSError of a failed save (a cache folder that cannot be made, a full disk)
+    out of the compile, although the function was compiled; here the save is skipped instead, so
+    only the next process compiles again.
+    """
+    for func in funcs:
+        cache = getattr(func, "_cache", None)
+        save = getattr(cache, "save_overload", None)
+        if save is None or getattr(save, "_fgl_tolerant", False):
+            continue
+
+        def save_overload(sig, data, _save=save):
+            try:
+                _save(sig, data)
+            except OSError:
+                pass
+
+        save_overload._fgl_tolerant = True
+        cache.save_overload = save_overload
 
 
 def is_cfunc(fn) -> bool:

@@ -384,3 +384,4 @@ def ascii_label_cfuncs():
 # functions (and, in cached_cfunc, its C functions) on the pixel row code they call as well.
 DEPENDS = (_pixel_cpu, _pixel_math)
 key_disk_cache_on(globals(), *DEPENDS)
+_compat.tolerate_unwritable_cache(mix_sample, ascii_label)
