@@ -156,3 +156,70 @@ def test_gpu_mix_kernel_under_the_cuda_simulator():
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     res = subprocess.run([sys.executable, "-c", SIM_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+CACHE_SCRIPT = r"""
+import hashlib, json, sys
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+from fastgenlabel.dali import _compat, _kernels, mix_stage, partner_labels
+
+if sys.argv[1] == "edited":  # what an edit of the pixel row code looks like to the cache: another digest
+    _kernels.DEPENDS = _kernels.DEPENDS + (_kernels,)
+if sys.argv[1] == "full-disk":  # every write into the cache fails as on a full disk
+    import errno
+    from numba.core import caching
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    caching.IndexDataCacheFile.save = full
+rng = np.random.default_rng(0)
+images = list(rng.integers(0, 256, (4, 5, 6, 3), dtype=np.uint8))
+perm = [np.array([p], np.int64) for p in (1, 0, 3, 2)]
+lam = [np.array([v], np.float32) for v in (0.3, 0.7, 0.5, 1.0)]
+labels = [np.array([i], np.int32) for i in range(4)]
+
+@pipeline_def(batch_size=4, num_threads=1, device_id=None)
+def pipe():
+    x = fn.external_source(source=lambda: images, batch=True, dtype=types.UINT8, layout="HWC")
+    p = fn.external_source(source=lambda: perm, batch=True, dtype=types.INT64)
+    lm = fn.external_source(source=lambda: lam, batch=True, dtype=types.FLOAT)
+    lab = fn.external_source(source=lambda: labels, batch=True, dtype=types.INT32)
+    return (*mix_stage(x, p, lm, mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0), thumbnail=2), partner_labels(lab, p))
+
+p = pipe()
+p.build()
+digest = hashlib.sha256(b"".join(np.array(o.as_tensor()).tobytes() for o in p.run())).hexdigest()
+funcs = [f for fs in _compat._compiled.values() for f in fs]
+print(json.dumps({"funcs": len(funcs), "loaded": sum(f._cache_hits for f in funcs), "digest": digest}))
+"""
+
+
+def run_cache_script(cache_dir, variant="plain"):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    res = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, variant], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_stages_are_loaded_from_the_disk_cache_in_a_new_process(tmp_path):
+    """Defect 5: a second process loads the stages' compiled C functions instead of compiling them;
+    an edit of the pixel code they call (another digest) compiles them again; a cache that cannot
+    be written (a full disk) costs the next process a compile, never the pipeline."""
+    full_disk = run_cache_script(tmp_path, "full-disk")
+    assert full_disk["funcs"] == 4 and full_disk["loaded"] == 0 and not any(tmp_path.rglob("*.nbi"))
+    cold = run_cache_script(tmp_path)
+    assert cold == full_disk  # mix and partner stages, run + setup each: compiled, the same outputs
+    assert any(tmp_path.rglob("*mix_cfuncs*run*.nbi")) and any(tmp_path.rglob("*partner_cfuncs*run*.nbi"))
+    warm = run_cache_script(tmp_path)
+    assert warm == {**cold, "loaded": 4}  # all four loaded, the same outputs
+    edited = run_cache_script(tmp_path, "edited")
+    assert edited == {**cold, "loaded": 0}

@@ -17,13 +17,18 @@
    images, and gives each launch a whole image (grid-stride loop) so that no launch is starved.
 4. The CPU ``setup_fn`` wrapper reads the input shapes with ``num_outs`` instead of ``num_ins``
    (``_get_setup_fn_cpu``): a setup function sees only the first ``num_outs`` inputs. Our
-   operators put the image first and never have more outputs than inputs, so that is enough.
-5. Every ``numba_function`` call compiles its run/setup functions again (10-12 s on two cores
-   for the mix stage: its ``cfunc`` wrapper and the carray lambdas DALI builds with ``eval`` take
-   half of it, and none of it can be cached on disk, since DALI makes the functions per call).
-   :func:`cached_numba_function` compiles each distinct stage once per process and reuses the
-   compiled addresses (the compiled functions are kept alive here), so rebuilding a pipeline
-   (``reset`` mid-epoch, a new loader in a test) costs well under a second.
+   operators put the image first and never have more outputs than inputs, so that is enough
+   (and the CPU stages' own setup callbacks, defect 5, read the input shapes themselves).
+5. Every ``numba_function`` call compiles its run/setup functions again, in every process, and
+   nothing of it can be cached on disk: DALI wraps them in a ``cfunc`` that closes over
+   ``carray`` lambdas it builds with ``eval``. For the CPU mix stage that compile took most of
+   a fresh process's start-up, and the wrapper alone (with an empty run function) most of that.
+   fastgenlabel's CPU stages therefore hand DALI their own C callbacks
+   (``_kernels.mix_cfuncs`` and friends: they read DALI's pointer tables themselves), compiled
+   by :func:`cached_cfunc` into Numba's disk cache, one entry per stage configuration, keyed on
+   the pixel code they call too; a later process loads them (``docs/BENCHMARKS.md``, "DALI
+   start-up"). :func:`cached_numba_function` passes such callbacks through by address, and
+   compiles Python run functions (the in-graph GPU stage) once per process and key.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import threading
 
 DALI_MIN = (1, 30)
 _lock = threading.Lock()
-_compiled: dict = {}  # (kind, key) -> address, plus the cfunc objects that own the code
+_compiled: dict = {}  # key -> a compiled address or a stage's C callbacks (which own their code)
 
 
 @functools.cache
@@ -103,14 +108,17 @@ def float16_output(node):
 
 def cached_numba_function(key, *inputs, run_fn, out_types, in_types, outs_ndim, ins_ndim, setup_fn=None,
                           device="cpu", batch_processing=False, blocks=None, threads_per_block=None):
-    """``numba_function`` with defect 5 worked around: compile each stage once per process.
+    """``numba_function`` with defect 5 worked around.
 
     Args:
         key: a hashable that identifies ``run_fn``/``setup_fn`` and everything they close over;
             two calls with the same key must describe the same computation.
         *inputs: the operator's DataNodes.
-        run_fn, out_types, in_types, outs_ndim, ins_ndim, setup_fn, device, batch_processing,
-            blocks, threads_per_block: as for ``nvidia.dali.plugin.numba.fn.experimental.numba_function``.
+        run_fn, setup_fn: Python functions for DALI to compile (once per process and key), or
+            compiled C callbacks (``numba`` ``CFunc``, e.g. from :func:`cached_cfunc`) whose
+            addresses DALI calls as they are: what fastgenlabel's CPU stages pass.
+        out_types, in_types, outs_ndim, ins_ndim, device, batch_processing, blocks,
+            threads_per_block: as for ``nvidia.dali.plugin.numba.fn.experimental.numba_function``.
 
     Returns:
         The operator's output DataNode(s).
@@ -126,9 +134,70 @@ def cached_numba_function(key, *inputs, run_fn, out_types, in_types, outs_ndim, 
     return op(*inputs)
 
 
+def cached_cfunc(pyfunc, sig, depends=()):
+    """Defect 5: ``numba.cfunc(sig, cache=True)(pyfunc)``, keyed on ``depends`` too, never failing for the cache.
+
+    Numba keys a cached C callback on its code, the values it closes over and its own source
+    file; ``depends`` (modules) adds the sources of the functions it calls
+    (``kernels.compat.key_disk_cache_on``). The cache lives where Numba puts it: ``NUMBA_CACHE_DIR``,
+    else ``__pycache__`` beside the source when writable, else a per-user folder. Where no folder
+    can be written, or saving fails (a full disk), the function is compiled in memory as before.
+
+    Returns:
+        The compiled ``numba.core.ccallback.CFunc`` (``.address``; ``._cache_hits`` is 1 when it
+        was loaded from the cache).
+    """
+    from numba.core.ccallback import CFunc
+    from numba.core.sigutils import normalize_signature
+
+    from ..kernels.compat import key_disk_cache_on
+
+    func = CFunc(pyfunc, normalize_signature(sig), locals={}, options={"nopython": True})
+    try:
+        func.enable_caching()
+    except RuntimeError:  # no writable cache folder: Numba says "cannot cache function"
+        pass
+    else:
+        key_disk_cache_on({"f": func}, *depends)
+        tolerate_unwritable_cache(func)
+    func.compile()
+    return func
+
+
+def tolerate_unwritable_cache(*funcs):
+    """Let the Numba functions ``funcs`` (``cache=True``) work where their cache cannot be written.
+
+    Numba raises the OSError of a failed save (a cache folder that cannot be made, a full disk)
+    out of the compile, although the function was compiled; here the save is skipped instead, so
+    only the next process compiles again.
+    """
+    for func in funcs:
+        cache = getattr(func, "_cache", None)
+        save = getattr(cache, "save_overload", None)
+        if save is None or getattr(save, "_fgl_tolerant", False):
+            continue
+
+        def save_overload(sig, data, _save=save):
+            try:
+                _save(sig, data)
+            except OSError:
+                pass
+
+        save_overload._fgl_tolerant = True
+        cache.save_overload = save_overload
+
+
+def is_cfunc(fn) -> bool:
+    """Whether ``fn`` is a compiled Numba C callback (its address is handed to DALI as it is)."""
+    from numba.core.ccallback import CFunc
+
+    return isinstance(fn, CFunc)
+
+
 @functools.cache
 def _caching_class(base):
-    """A NumbaFunction subclass whose compile steps look in the process-wide cache first."""
+    """A NumbaFunction subclass: compiled C callbacks are taken as they are, Python functions are
+    compiled once per process and key."""
 
     class CachedNumbaFunction(base):
         def __init__(self, *, key, **kwargs):
@@ -136,17 +205,21 @@ def _caching_class(base):
             super().__init__(**kwargs)
 
         def _get_run_fn_cpu(self, *args):
-            return _memo(("run-cpu", self._fgl_key, args[1:]), lambda: super(CachedNumbaFunction, self)
+            if is_cfunc(args[0]):
+                return args[0].address
+            return memo(("run-cpu", self._fgl_key, args[1:]), lambda: super(CachedNumbaFunction, self)
                          ._get_run_fn_cpu(*args))
 
         def _get_run_fn_gpu(self, *args):
-            return _memo(("run-gpu", self._fgl_key, args[1:]), lambda: super(CachedNumbaFunction, self)
+            return memo(("run-gpu", self._fgl_key, args[1:]), lambda: super(CachedNumbaFunction, self)
                          ._get_run_fn_gpu(*args))
 
         def _get_setup_fn_cpu(self, setup_fn):
             if setup_fn is None:
                 return None
-            return _memo(("setup", self._fgl_key), lambda: super(CachedNumbaFunction, self)
+            if is_cfunc(setup_fn):
+                return setup_fn.address
+            return memo(("setup", self._fgl_key), lambda: super(CachedNumbaFunction, self)
                          ._get_setup_fn_cpu(setup_fn))
 
     CachedNumbaFunction.__name__ = base.__name__  # DALI names the operator after the class
@@ -160,9 +233,12 @@ def _freeze(x):
     return x
 
 
-def _memo(key, compile_fn):
+def memo(key, compile_fn):
+    """``compile_fn()``, once per process and ``key``; the result is kept alive here (compiled
+    functions must outlive every pipeline that calls their addresses)."""
     key = _freeze(key)
     with _lock:
         if key not in _compiled:
             _compiled[key] = compile_fn()
         return _compiled[key]
+

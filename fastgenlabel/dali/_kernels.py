@@ -1,22 +1,24 @@
-"""Run and setup functions of the DALI Numba stages (compiled by DALI's ``numba_function``).
+"""The C functions DALI's CPU Numba operator calls for fastgenlabel's stages, cached on disk.
 
 The pixel arithmetic is the pixel kernels' (:mod:`fastgenlabel.kernels.pixel.math`), so the
-in-graph mix matches :func:`fastgenlabel.mix_images` element by element. Factories return plain
-Python functions; DALI compiles them (once per process, see ``_compat.cached_numba_function``).
-
-CPU batch-processing contract (DALI passes lists of per-sample arrays):
-
-    out_images[s]  (C, H, W) or (H, W, C) float32 or uint16 (float16 bits)
-    out_thumbs[s]  (t * t * C,) float32, the thumbnail of the *unmixed* sample s (optional)
-    images[s]      (H, W, C) uint8, one size for the batch
-    perm[s]        (1,) int64 partner of sample s;  lam[s]  (1,) float32 its own weight
+in-graph mix matches :func:`fastgenlabel.mix_images` element by element. The work is done by
+module-level ``numba.njit(cache=True)`` functions (:func:`mix_sample`, :func:`ascii_label`); the
+factories (:func:`mix_cfuncs`, :func:`partner_cfuncs`, :func:`ascii_label_cfuncs`) return the
+run and setup functions as compiled C callbacks that read DALI's pointer tables themselves, each
+stored in Numba's disk cache (``_compat.cached_cfunc``), so that a process that builds a pipeline
+loads them instead of compiling them (``_compat`` defect 5).
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
+from ..kernels.compat import key_disk_cache_on
 from ..kernels.pixel import cpu as _pixel_cpu
+from ..kernels.pixel import math as _pixel_math
+from . import _compat
 
 # the pixel kernel's row functions (kernels/pixel/cpu.py, arithmetic from kernels/pixel/math.py)
 _pixel_row = _pixel_cpu._mix_row
@@ -116,101 +118,71 @@ def _thumb_finish(cols, H, W, C, t, out):
                 out[(i * t + j) * C + c] = np.float32(s) * inv
 
 
-def make_mix_cpu(scale, shift, out_chw: bool, out_f16: bool, thumb: int, per_sample: bool = False,
-                 flip: bool = False):
-    """The run function and setup function of the CPU mix stage.
+@numba.njit(cache=True)
+def mix_sample(o, a, b, ka, fa, fb, th, sc, sh, out_chw, thumb):
+    """Mix one sample into ``o``: ``(ka a + (1 - ka) b) * sc + sh``, each flipped by its flag first.
+
+    One pass over the sample, a row at a time, with the pixel kernel's own row function
+    (kernels/pixel/cpu.py: flat indexing, the 3-channel case unrolled, vectorised by LLVM): a
+    flipped row (sample or partner) is first copied backwards, pixel by pixel, into a small
+    scratch row, so that the mix always reads forwards; float16 output (``o`` uint16) is mixed
+    into a float32 scratch row and then encoded. With ``thumb`` > 0 the thumbnail of the (flipped)
+    sample is summed into ``th`` from the same rows while they are in the L1 cache, in exact
+    integer arithmetic.
 
     Args:
-        scale, shift: (C,) per-channel ``1 / std`` and ``-mean / std`` (floats).
-        out_chw: write (C, H, W) samples, else (H, W, C).
-        out_f16: write float16 bit patterns as uint16, else float32.
-        thumb: thumbnail side t, or 0 for no thumbnail output.
-        per_sample: False: for ``numba_function(images, perm, lam[, flips], batch_processing=True)``
-            (one call per batch, on one thread, the partner read in place). True: for
-            ``numba_function(images, partners, lam[, flips, partner_flips])`` (one call per sample,
-            spread over DALI's threads; the partners come from ``fn.permute_batch``).
-        flip: the stage also takes per-sample (1,) int32 horizontal-flip flags and flips while it
-            mixes (each sample and its partner by their own flag), saving a pass over the batch.
-
-    Returns:
-        (run_fn, setup_fn).
+        o: (C, H, W) if ``out_chw`` else (H, W, C), float32 or uint16 (float16 bits).
+        a, b: (H, W, C) uint8, the sample and its partner; ``ka`` the sample's weight.
+        fa, fb: flip the sample / the partner horizontally.
+        th: (thumb * thumb * C,) float32, or anything when ``thumb`` is 0.
+        sc, sh: (C,) float32 ``1 / std`` and ``-mean / std``.
     """
-    sc = np.asarray(scale, np.float32)
-    sh = np.asarray(shift, np.float32)
+    kb = np.float32(1.0) - ka
+    H, W, C = a.shape
+    n = W * C
+    af = a.reshape(H * n)
+    bf = b.reshape(H * n)
+    of = o.reshape(H * n)
+    plane = H * W
+    ra = np.empty(n, np.uint8)
+    rb = np.empty(n, np.uint8)
+    d_buf = np.empty(n, np.float32)
+    scale_t = _pixel_tiled(sc, C, W)
+    shift_t = _pixel_tiled(sh, C, W)
+    cols = np.zeros((thumb, n if thumb else 0), np.int32)
+    for y in range(H):
+        if fa:
+            _flip_row(af, y * n, W, C, ra)
+            xa, ai = ra, 0
+        else:
+            xa, ai = af, y * n
+        if fb:
+            _flip_row(bf, y * n, W, C, rb)
+            xb, bi = rb, 0
+        else:
+            xb, bi = bf, y * n
+        _emit_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, y * W if out_chw else y * n, W, C, plane,
+                  out_chw, d_buf)
+        if thumb:
+            _thumb_row(xa, ai, y, H, n, thumb, cols)
+    if thumb:
+        _thumb_finish(cols, H, W, C, thumb, th)
 
-    # One pass over each sample, a row at a time, with the pixel kernel's own row function
-    # (kernels/pixel/cpu.py: flat indexing, the 3-channel case unrolled, vectorised by LLVM):
-    # a flipped row (sample or partner) is first copied backwards, pixel by pixel, into a small
-    # scratch row, so that the mix always reads forwards; float16 output is mixed into a float32
-    # scratch row and then encoded. The thumbnail of the (flipped) sample is summed from the same
-    # rows while they are in the L1 cache, in exact integer arithmetic.
-    if out_f16:
-        def mix_row(xa, ai, xb, bi, ka, kb, scale_t, shift_t, of, oi, W, C, plane, d_buf):
+
+def _emit_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf):
+    """Mix one row into the output row at ``of[oi]``; typed on ``of``'s element type (see the overload)."""
+
+
+@overload(_emit_row)
+def _emit_row_for(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf):
+    if of.dtype == numba.types.uint16:  # float16 bits: mix into the float32 scratch row, then encode
+        def emit(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf):
             _pixel_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, d_buf, 0, W, C, 0, W, False, out_chw)
             _pixel_store_row(d_buf, of, oi, W, C, plane, out_chw, _OUT_F16)
     else:
-        def mix_row(xa, ai, xb, bi, ka, kb, scale_t, shift_t, of, oi, W, C, plane, d_buf):
+        def emit(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf):
             _pixel_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, 0, plane, False, out_chw)
-
-    mix_row = numba.njit(inline="always")(mix_row)
-
-    def mix_sample(o, a, b, ka, fa, fb, th):
-        kb = np.float32(1.0) - ka
-        H, W, C = a.shape
-        n = W * C
-        af = a.reshape(H * n)
-        bf = b.reshape(H * n)
-        of = o.reshape(H * n)
-        plane = H * W
-        ra = np.empty(n, np.uint8)
-        rb = np.empty(n, np.uint8)
-        d_buf = np.empty(n if out_f16 else 0, np.float32)
-        scale_t = _pixel_tiled(sc, C, W)
-        shift_t = _pixel_tiled(sh, C, W)
-        cols = np.zeros((thumb, n if thumb else 0), np.int32)
-        for y in range(H):
-            if fa:
-                _flip_row(af, y * n, W, C, ra)
-                xa, ai = ra, 0
-            else:
-                xa, ai = af, y * n
-            if fb:
-                _flip_row(bf, y * n, W, C, rb)
-                xb, bi = rb, 0
-            else:
-                xb, bi = bf, y * n
-            mix_row(xa, ai, xb, bi, ka, kb, scale_t, shift_t, of, y * W if out_chw else y * n, W, C, plane, d_buf)
-            if thumb:
-                _thumb_row(xa, ai, y, H, n, thumb, cols)
-        if thumb:
-            _thumb_finish(cols, H, W, C, thumb, th)
-
-    mix_sample = numba.njit(mix_sample)
-
-    if per_sample and flip:
-        def run_fn(out_image, out_thumb, image, partner, lam, fa, fb):
-            mix_sample(out_image, image, partner, lam[0], fa[0] != 0, fb[0] != 0, out_thumb)
-    elif per_sample:
-        def run_fn(out_image, out_thumb, image, partner, lam):
-            mix_sample(out_image, image, partner, lam[0], False, False, out_thumb)
-    elif flip:
-        def run_fn(out_images, out_thumbs, images, perm, lam, flips):
-            for s in range(len(images)):
-                p = perm[s][0]
-                mix_sample(out_images[s], images[s], images[p], lam[s][0], flips[s][0] != 0, flips[p][0] != 0,
-                           out_thumbs[s])
-    else:
-        def run_fn(out_images, out_thumbs, images, perm, lam):
-            for s in range(len(images)):
-                mix_sample(out_images[s], images[s], images[perm[s][0]], lam[s][0], False, False, out_thumbs[s])
-
-    def setup_fn(outs, ins):
-        for s in range(len(outs[0])):
-            h, w, c = ins[0][s][0], ins[0][s][1], ins[0][s][2]
-            _set_image_shape(outs[0][s], h, w, c, out_chw)
-            outs[1][s][0] = thumb * thumb * c  # an empty output when there is no thumbnail
-
-    return run_fn, setup_fn
+    return emit
 
 
 @numba.njit
@@ -221,51 +193,195 @@ def _set_image_shape(shape, h, w, c, chw):
         shape[0], shape[1], shape[2] = h, w, c
 
 
-def partner_run_fn(out, labels, perm):
-    """Batch-processing run function: ``out[s] = labels[perm[s]]`` (any per-sample 1-D labels)."""
-    for s in range(len(labels)):
-        src = labels[perm[s][0]]
-        dst = out[s]
-        for i in range(dst.shape[0]):
-            dst[i] = src[i]
-
-
 def ascii_label_run_fn(out, text):
     """Batch-processing run function: decimal ASCII bytes (a WebDataset ``.cls`` member) -> (1,) int64.
+
+    Per sample :func:`ascii_label`; lists of per-sample arrays, as DALI's operator passes them.
+    """
+    for s in range(len(text)):
+        out[s][0] = ascii_label(text[s])
+
+
+@numba.njit(cache=True)
+def ascii_label(t):
+    """The label in the uint8 bytes ``t``, or -1.
 
     Leading/trailing whitespace is skipped; anything else that is not a digit (whitespace between
     digits included), and more than 18 digits (past int64), gives -1, which the loader reports as
     an error naming the sample. The same rule as the tar index's labels (``tar_index.py``).
     """
-    for s in range(len(text)):
-        t = text[s]
-        value = 0
-        digits = 0
-        bad = False
-        ended = False  # whitespace after the digits: only more whitespace may follow
-        for i in range(t.shape[0]):
-            ch = np.int64(t[i])  # int64 arithmetic in Numba and in plain Python alike
-            if ch >= 48 and ch <= 57:
-                if ended:
-                    bad = True
-                value = value * 10 + (ch - 48)
-                digits += 1
-            elif ch == 32 or ch == 10 or ch == 13 or ch == 9:
-                if digits > 0:
-                    ended = True
-            else:
+    value = 0
+    digits = 0
+    bad = False
+    ended = False  # whitespace after the digits: only more whitespace may follow
+    for i in range(t.shape[0]):
+        ch = np.int64(t[i])  # int64 arithmetic in Numba and in plain Python alike
+        if ch >= 48 and ch <= 57:
+            if ended:
                 bad = True
-        out[s][0] = value if 0 < digits <= 18 and not bad else -1
+            value = value * 10 + (ch - 48)
+            digits += 1
+        elif ch == 32 or ch == 10 or ch == 13 or ch == 9:
+            if digits > 0:
+                ended = True
+        else:
+            bad = True
+    return value if 0 < digits <= 18 and not bad else -1
 
 
-def scalar_setup_fn(outs, ins):
-    """Setup function: output 0 of every sample has shape (1,)."""
-    for s in range(len(outs[0])):
-        outs[0][s][0] = 1
+# DALI's C interface. The operator calls a C function with the addresses of tables: for the k-th
+# of n outputs (inputs) and sample s of a batch of ns (ns = 1 without batch processing), the data
+# address is ``int64[n, ns]`` at ``data[k, s]`` and the address of its int64 shape is
+# ``int64[n, ns]`` at ``shapes[k, s]``. The functions below read them directly (DALI's own
+# wrapper builds lists of views for a Python-style run function; that wrapper alone took 10 to
+# 18 s to compile, and it cannot be cached). The C functions are closures over plain constants
+# (the stage's configuration) that call module-level functions, so Numba's disk cache can keep
+# one compiled function per configuration (``_compat.cached_cfunc``).
+
+RUN_SIG = "void(uint64, uint64, uint64, int32, uint64, uint64, uint64, int32)"  # one sample per call
+RUN_BATCH_SIG = "void(uint64, uint64, uint64, int32, uint64, uint64, uint64, int32, int32)"
+SETUP_SIG = "void(uint64, uint64, int32, uint64, uint64, int32, int32)"
 
 
-def same_shape_setup_fn(outs, ins):
-    """Setup function: output 0 of every sample has the shape of input 0."""
-    for s in range(len(outs[0])):
-        for i in range(len(outs[0][s])):
-            outs[0][s][i] = ins[0][s][i]
+@intrinsic
+def _void_ptr(typingctx, address):
+    """An integer address as a ``void*`` (what ``carray`` takes)."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return numba.types.voidptr(address), codegen
+
+
+@numba.njit
+def _entry(table, n, k, s, ns):
+    return numba.carray(_void_ptr(table), (n, ns), np.int64)[k, s]
+
+
+@numba.njit
+def _shape(shapes, n, k, s, ns, ndim):
+    """The (ndim,) int64 shape of sample s of tensor k (writable: a setup function fills it)."""
+    return numba.carray(_void_ptr(_entry(shapes, n, k, s, ns)), ndim, np.int64)
+
+
+@numba.njit
+def _view1(data, shapes, n, k, s, ns, dtype):
+    sh = _shape(shapes, n, k, s, ns, 1)
+    return numba.carray(_void_ptr(_entry(data, n, k, s, ns)), sh[0], dtype)
+
+
+@numba.njit
+def _view3(data, shapes, n, k, s, ns, dtype):
+    sh = _shape(shapes, n, k, s, ns, 3)
+    return numba.carray(_void_ptr(_entry(data, n, k, s, ns)), (sh[0], sh[1], sh[2]), dtype)
+
+
+def mix_cfuncs(scale, shift, out_chw: bool, out_f16: bool, thumb: int, per_sample: bool, flip: bool):
+    """The C run and setup functions of the CPU mix stage (``stages.mix_stage``), compiled or loaded.
+
+    Args:
+        scale, shift: (C,) per-channel ``1 / std`` and ``-mean / std`` (floats).
+        out_chw: write (C, H, W) samples, else (H, W, C).
+        out_f16: write float16 bit patterns as uint16, else float32.
+        thumb: thumbnail side t, or 0 for no thumbnail (the output then has shape (0,)).
+        per_sample: False: for ``numba_function(images, perm, lam[, flips], batch_processing=True)``
+            (one call per batch, on one thread, the partner read in place). True: for
+            ``numba_function(images, partners, lam[, flips, partner_flips])`` (one call per sample,
+            spread over DALI's threads; the partners come from ``fn.permute_batch``).
+        flip: the stage also takes per-sample (1,) int32 horizontal-flip flags and flips while it
+            mixes (each sample and its partner by their own flag), saving a pass over the batch.
+
+    Returns:
+        (run, setup): ``numba`` ``CFunc`` objects (``.address`` is what DALI calls).
+
+    Contract (per sample): out 0 (C, H, W) or (H, W, C) float32 or uint16; out 1
+    (t * t * C,) float32, the thumbnail of the *unmixed* sample; in 0 (H, W, C) uint8, one size
+    for the batch; in 1 (1,) int64 partner index (batch) or the partner image (per sample); in 2
+    (1,) float32 the sample's own weight; in 3 (and 4) (1,) int32 flip flags.
+    """
+    sc = np.asarray(scale, np.float32)
+    sh = np.asarray(shift, np.float32)
+    out_dtype = np.uint16 if out_f16 else np.float32
+    chw, t, flips = bool(out_chw), int(thumb), bool(flip)
+
+    if per_sample:
+        def run(o_ptr, o_shapes, o_ndims, n_out, i_ptr, i_shapes, i_ndims, n_in):
+            fa = fb = False
+            if flips:
+                fa = _view1(i_ptr, i_shapes, n_in, 3, 0, 1, np.int32)[0] != 0
+                fb = _view1(i_ptr, i_shapes, n_in, 4, 0, 1, np.int32)[0] != 0
+            mix_sample(_view3(o_ptr, o_shapes, n_out, 0, 0, 1, out_dtype),
+                       _view3(i_ptr, i_shapes, n_in, 0, 0, 1, np.uint8),
+                       _view3(i_ptr, i_shapes, n_in, 1, 0, 1, np.uint8),
+                       _view1(i_ptr, i_shapes, n_in, 2, 0, 1, np.float32)[0], fa, fb,
+                       _view1(o_ptr, o_shapes, n_out, 1, 0, 1, np.float32), sc, sh, chw, t)
+
+        run_sig = RUN_SIG
+    else:
+        def run(o_ptr, o_shapes, o_ndims, n_out, i_ptr, i_shapes, i_ndims, n_in, ns):
+            for s in range(ns):
+                p = _view1(i_ptr, i_shapes, n_in, 1, s, ns, np.int64)[0]
+                fa = fb = False
+                if flips:
+                    fa = _view1(i_ptr, i_shapes, n_in, 3, s, ns, np.int32)[0] != 0
+                    fb = _view1(i_ptr, i_shapes, n_in, 3, p, ns, np.int32)[0] != 0
+                mix_sample(_view3(o_ptr, o_shapes, n_out, 0, s, ns, out_dtype),
+                           _view3(i_ptr, i_shapes, n_in, 0, s, ns, np.uint8),
+                           _view3(i_ptr, i_shapes, n_in, 0, p, ns, np.uint8),
+                           _view1(i_ptr, i_shapes, n_in, 2, s, ns, np.float32)[0], fa, fb,
+                           _view1(o_ptr, o_shapes, n_out, 1, s, ns, np.float32), sc, sh, chw, t)
+
+        run_sig = RUN_BATCH_SIG
+
+    def setup(o_shapes, o_ndims, n_out, i_shapes, i_ndims, n_in, ns):
+        for s in range(ns):
+            shape = _shape(i_shapes, n_in, 0, s, ns, 3)
+            _set_image_shape(_shape(o_shapes, n_out, 0, s, ns, 3), shape[0], shape[1], shape[2], chw)
+            if n_out > 1:
+                _shape(o_shapes, n_out, 1, s, ns, 1)[0] = t * t * shape[2]
+
+    return _compat.cached_cfunc(run, run_sig, DEPENDS), _compat.cached_cfunc(setup, SETUP_SIG, DEPENDS)
+
+
+def partner_cfuncs(dtype):
+    """C run and setup functions of ``stages.partner_labels``: ``out[s] = labels[perm[s]]``.
+
+    ``dtype``: the labels' NumPy type; per sample: out 0 and in 0 (L,) labels, in 1 (1,)
+    int64 partner index (batch processing).
+    """
+    label_dtype = np.dtype(dtype).type
+
+    def run(o_ptr, o_shapes, o_ndims, n_out, i_ptr, i_shapes, i_ndims, n_in, ns):
+        for s in range(ns):
+            p = _view1(i_ptr, i_shapes, n_in, 1, s, ns, np.int64)[0]
+            src = _view1(i_ptr, i_shapes, n_in, 0, p, ns, label_dtype)
+            dst = _view1(o_ptr, o_shapes, n_out, 0, s, ns, label_dtype)
+            for i in range(dst.shape[0]):
+                dst[i] = src[i]
+
+    def setup(o_shapes, o_ndims, n_out, i_shapes, i_ndims, n_in, ns):
+        for s in range(ns):  # the shape of the partner's label: every label here has shape (1,)
+            dst = _shape(o_shapes, n_out, 0, s, ns, 1)
+            dst[0] = _shape(i_shapes, n_in, 0, s, ns, 1)[0]
+
+    return _compat.cached_cfunc(run, RUN_BATCH_SIG, DEPENDS), _compat.cached_cfunc(setup, SETUP_SIG, DEPENDS)
+
+
+def ascii_label_cfuncs():
+    """C run and setup functions of ``stages.ascii_labels``: in 0 (L,) uint8 text -> out 0 (1,) int64."""
+    def run(o_ptr, o_shapes, o_ndims, n_out, i_ptr, i_shapes, i_ndims, n_in, ns):
+        for s in range(ns):
+            _view1(o_ptr, o_shapes, n_out, 0, s, ns, np.int64)[0] = ascii_label(
+                _view1(i_ptr, i_shapes, n_in, 0, s, ns, np.uint8))
+
+    def setup(o_shapes, o_ndims, n_out, i_shapes, i_ndims, n_in, ns):
+        for s in range(ns):
+            _shape(o_shapes, n_out, 0, s, ns, 1)[0] = 1
+
+    return _compat.cached_cfunc(run, RUN_BATCH_SIG, DEPENDS), _compat.cached_cfunc(setup, SETUP_SIG, DEPENDS)
+
+
+# Numba's disk cache checks a function against its own file only: key this module's cached
+# functions (and, in cached_cfunc, its C functions) on the pixel row code they call as well.
+DEPENDS = (_pixel_cpu, _pixel_math)
+key_disk_cache_on(globals(), *DEPENDS)
+_compat.tolerate_unwritable_cache(mix_sample, ascii_label)

@@ -78,8 +78,9 @@ def mix_stage(images, perm, lam, *, mean=None, std=None, channels: int = 3, layo
     scale, shift = _scale_shift(mean, std, channels)
     f16 = dtype == "float16"
     has_flip = flip is not None
-    run_fn, setup_fn = _kernels.make_mix_cpu(scale, shift, layout == "CHW", f16, thumbnail, per_sample, has_flip)
     key = ("mix-cpu", tuple(scale.tolist()), tuple(shift.tolist()), layout, dtype, thumbnail, per_sample, has_flip)
+    run_fn, setup_fn = _compat.memo(key, lambda: _kernels.mix_cfuncs(scale, shift, layout == "CHW", f16, thumbnail,
+                                                                      per_sample, has_flip))
     # the thumbnail output always exists (empty without thumbnails): one run function per mode
     out_types = [types.UINT16 if f16 else types.FLOAT, types.FLOAT]
     flags = [] if not has_flip else [fn.reshape(fn.cast(flip, dtype=types.INT32), shape=[1])]
@@ -115,16 +116,22 @@ def partner_labels(labels, perm, *, dtype=None):
     """Each sample's partner label, ``labels[perm]``, in the graph (CPU).
 
     Args:
-        labels: DataNode of per-sample (1,) integer labels (INT32 by default, as readers emit).
+        labels: DataNode of per-sample (1,) labels (INT32 by default, as readers emit).
         perm: DataNode of per-sample (1,) int64 partners.
-        dtype: the DALI type of ``labels`` (default ``types.INT32``).
+        dtype: the DALI type of ``labels`` (default ``types.INT32``): an integer type, FLOAT or FLOAT64.
     """
     from nvidia.dali import types
 
     dtype = types.INT32 if dtype is None else dtype
+    np_dtype = {types.INT8: np.int8, types.INT16: np.int16, types.INT32: np.int32, types.INT64: np.int64,
+                types.UINT8: np.uint8, types.UINT16: np.uint16, types.UINT32: np.uint32, types.UINT64: np.uint64,
+                types.FLOAT: np.float32, types.FLOAT64: np.float64}.get(dtype)
+    if np_dtype is None:
+        raise ValueError(f"dtype: expected a DALI integer or FLOAT/FLOAT64 type, got {dtype!r}")
+    key = ("partner", int(dtype))
+    run_fn, setup_fn = _compat.memo(key, lambda: _kernels.partner_cfuncs(np_dtype))
     return _compat.cached_numba_function(
-        ("partner", int(dtype)), labels, perm, run_fn=_kernels.partner_run_fn,
-        setup_fn=_kernels.same_shape_setup_fn, out_types=[dtype],
+        key, labels, perm, run_fn=run_fn, setup_fn=setup_fn, out_types=[dtype],
         in_types=[dtype, types.INT64], outs_ndim=[1], ins_ndim=[1, 1], batch_processing=True)
 
 
@@ -135,9 +142,11 @@ def ascii_labels(text):
     """
     from nvidia.dali import types
 
+    key = ("ascii-label",)
+    run_fn, setup_fn = _compat.memo(key, _kernels.ascii_label_cfuncs)
     return _compat.cached_numba_function(
-        ("ascii-label",), text, run_fn=_kernels.ascii_label_run_fn, setup_fn=_kernels.scalar_setup_fn,
-        out_types=[types.INT64], in_types=[types.UINT8], outs_ndim=[1], ins_ndim=[1], batch_processing=True)
+        key, text, run_fn=run_fn, setup_fn=setup_fn, out_types=[types.INT64], in_types=[types.UINT8],
+        outs_ndim=[1], ins_ndim=[1], batch_processing=True)
 
 
 def mix_stage_gpu(images, perm, lam, *, mean=None, std=None, channels: int = 3, layout: str = "CHW",
