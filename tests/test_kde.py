@@ -37,8 +37,18 @@ def queries(rng, z, n=20):
     return np.concatenate([z[i[:5]], lam * z[i] + (1 - lam) * z[j], 2 * z[j[:5]]])
 
 
-def regularised(cov, fallback_scale=1.0):
-    """The documented kernel shape: S itself, or S + 1e-8 tr(S)/d I where S is singular."""
+def pooled_scale(z, y):
+    """tr(S_pool) / d of the pooled within-class covariance of the classes with two or more points (1 if zero)."""
+    scatter, dof = 0.0, 0
+    for c in np.unique(y):
+        x = z[y == c]
+        if len(x) >= 2:
+            scatter, dof = scatter + np.trace(np.cov(x.T).reshape(z.shape[1], -1)) * (len(x) - 1), dof + len(x) - 1
+    return scatter / dof / z.shape[1] if dof and scatter else 1.0
+
+
+def regularised(cov, scale):
+    """The documented kernel shape: S itself, or S + 1e-8 scale I where S is singular (scale: the pooled one)."""
     d = cov.shape[0]
     try:
         chol = np.linalg.cholesky(cov)
@@ -46,14 +56,14 @@ def regularised(cov, fallback_scale=1.0):
             return cov
     except np.linalg.LinAlgError:
         pass
-    return cov + JITTER * (np.trace(cov) / d or fallback_scale) * np.eye(d)
+    return cov + JITTER * scale * np.eye(d)
 
 
-def manual_kde_logpdf(x, q, factor):
+def manual_kde_logpdf(x, q, factor, scale):
     """The documented kernel h^2 S (regularised where S is singular), from scipy's multivariate
     normal (works for n <= d)."""
     n, d = x.shape
-    cov = factor ** 2 * regularised(np.cov(x.T).reshape(d, d))
+    cov = factor ** 2 * regularised(np.cov(x.T).reshape(d, d), scale)
     diffs = (q[:, None, :] - x[None, :, :]).reshape(-1, d)
     parts = scipy.stats.multivariate_normal(np.zeros(d), cov).logpdf(diffs).reshape(len(q), n)
     return scipy.special.logsumexp(parts, axis=1) - np.log(n)
@@ -85,7 +95,7 @@ def test_near_singular_classes(bandwidth, d, sizes):
     q = queries(rng, z, 8)
     for c, n in enumerate(sizes):
         factor = model.factor(n, d)
-        expected = manual_kde_logpdf(z[y == c], q, factor)
+        expected = manual_kde_logpdf(z[y == c], q, factor, pooled_scale(z, y))
         np.testing.assert_allclose(model.log_likelihood(q)[:, c], expected, rtol=1e-6)  # cond ~1e9
 
 
@@ -270,7 +280,8 @@ def test_far_points_in_high_dimension_stay_finite_and_exact():
     q = np.concatenate([queries(rng, z, 6), 30 * rng.normal(size=(3, d))])
     ll = model.log_likelihood(q)
     assert np.isfinite(ll).all() and (ll.max(1) < -700).any()
-    expected = np.stack([manual_kde_logpdf(z[y == c], q, model.factor((y == c).sum(), d)) for c in range(3)], 1)
+    expected = np.stack([manual_kde_logpdf(z[y == c], q, model.factor((y == c).sum(), d), pooled_scale(z, y))
+                         for c in range(3)], 1)
     np.testing.assert_allclose(ll, expected, rtol=1e-7)
     target = genlabel_target(model, q, np.zeros(len(q), np.int64), np.full(len(q), 2), 0.7, num_classes=3)
     np.testing.assert_allclose(target, scipy.special.softmax(expected, axis=1), rtol=1e-5, atol=1e-9)
@@ -374,8 +385,8 @@ def test_the_kernel_does_not_depend_on_the_features_units(scale):
     np.testing.assert_allclose(model.log_likelihood(q), expected, rtol=1e-9, atol=1e-7)
 
 
-def test_a_singular_class_is_regularised_relative_to_its_own_scale():
-    """Fewer points than d + 1 (S singular): h^2 (S + 1e-8 tr(S)/d I), the same shape at any
+def test_a_singular_class_is_regularised_relative_to_the_datas_scale():
+    """Fewer points than d + 1 (S singular): h^2 (S + 1e-8 tr(S_pool)/d I), the same shape at any
     scale, so the log-densities shift by -d log s. Rounding in S (1e-16 of its largest variance)
     is 1e-8 of the regulariser, so the far-out values (1e9 nats) agree to about 1e-8 relative."""
     rng = np.random.default_rng(12)
@@ -386,7 +397,7 @@ def test_a_singular_class_is_regularised_relative_to_its_own_scale():
         scaled = KDEClassModel().fit(z * s, y, 3).log_likelihood(q * s)
         np.testing.assert_allclose(scaled + 5 * np.log(s), base, rtol=1e-7, atol=1e-6)
     for c, n in enumerate([3, 4, 30]):
-        expected = manual_kde_logpdf(z[y == c], q, KDEClassModel().factor(n, 5))
+        expected = manual_kde_logpdf(z[y == c], q, KDEClassModel().factor(n, 5), pooled_scale(z, y))
         np.testing.assert_allclose(base[:, c], expected, rtol=1e-7)
 
 

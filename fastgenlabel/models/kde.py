@@ -10,8 +10,10 @@ import torch
 from .base import CHUNK_ELEMENTS, LOG_2PI, ClassModel, register
 
 BANDWIDTHS = ("scott", "silverman")
-# Added to a singular class covariance S, times the class's mean variance tr(S) / d (docs/MATH.md):
-# relative, so that the model does not depend on the features' units.
+# Added to a singular class covariance S, times the mean pooled within-class variance tr(S_pool) / d
+# (docs/MATH.md): relative, so that the model does not depend on the features' units, and the same
+# for every class, so that a feature constant in every class (a dead unit) adds the same term to
+# every class's score when it fires, which the posterior does not depend on.
 JITTER = 1e-8
 # S counts as singular when Cholesky fails or a feature keeps at most this fraction of its
 # variance given the others (GaussianClassModel's test with reg = 0).
@@ -135,7 +137,7 @@ class KDEStats:
         return cls(count, points, labels, keys, cap)
 
 
-def _covariance_factor(cov: torch.Tensor, fallback_scale: float, c: int) -> torch.Tensor:
+def _covariance_factor(cov: torch.Tensor, scale: float, c: int) -> torch.Tensor:
     """The lower Cholesky factor of ``cov``, regularised only where ``cov`` is singular (see
     :class:`KDEClassModel`)."""
     chol, info = torch.linalg.cholesky_ex(cov)
@@ -144,7 +146,6 @@ def _covariance_factor(cov: torch.Tensor, fallback_scale: float, c: int) -> torc
         if bool((unexplained > SINGULAR_TOL).all()):
             return chol
     d = cov.shape[0]
-    scale = float(torch.trace(cov)) / d or fallback_scale
     chol, info = torch.linalg.cholesky_ex(cov + JITTER * scale * torch.eye(d, dtype=cov.dtype, device=cov.device))
     if int(info) != 0:
         raise ValueError(f"z: the kernel covariance of class {c} is not positive definite")
@@ -160,9 +161,11 @@ class KDEClassModel(ClassModel):
     ``(n (d + 2) / 4)^(-1/(d+4))``, or a float given by the user (the factor itself, as scipy's
     ``bw_method``); n is the number of kept points. Only a singular S_c (fewer points than
     d + 1, collinear or constant features; numerically: Cholesky fails or a feature keeps at most
-    ``SINGULAR_TOL`` of its variance given the others) gets ``1e-8 * tr(S_c) / d * I`` added: a
-    regulariser relative to the class's own scale, so rescaling the features (z -> s z) rescales
-    the model and leaves the GenLabel targets unchanged.
+    ``SINGULAR_TOL`` of its variance given the others) gets ``1e-8 * tr(S_pool) / d * I`` added,
+    S_pool the pooled within-class covariance: a regulariser relative to the data's scale, so
+    rescaling the features (z -> s z) rescales the model and leaves the GenLabel targets unchanged,
+    and one for every class, so a feature constant in every class adds the same term to every
+    class's score when it fires.
 
     log p_c(z) = logsumexp_j N(z; x_j, H_c) - log n_c.
 
@@ -174,9 +177,9 @@ class KDEClassModel(ClassModel):
         seed: seed of the hash that draws the kept sample when capping.
 
     Defined fallbacks: a class with a single point borrows the pooled within-class covariance of
-    the classes with two or more points (the identity if there are none); a class whose points all
-    coincide (tr(S_c) = 0) takes its regulariser's scale from that pooled covariance (1 if it is
-    zero too); a class with no points gets log-likelihood -inf and a warning.
+    the classes with two or more points (the identity if there are none); the regulariser's scale is
+    1 when the pooled covariance is zero too; a class with no points gets log-likelihood -inf and a
+    warning.
     """
 
     kind = "kde"
@@ -248,7 +251,7 @@ class KDEClassModel(ClassModel):
                 pooled += scatter
                 dof += x.shape[0] - 1
         pooled = pooled / dof if dof else eye
-        fallback_scale = float(torch.trace(pooled)) / d or 1.0
+        scale = float(torch.trace(pooled)) / d or 1.0  # the singular classes' regulariser, one for all
         class_points, kernel_chol, log_norm = [], [], torch.full((k,), -math.inf, dtype=torch.float64)
         for c in range(k):
             x = points_of(c)
@@ -257,7 +260,7 @@ class KDEClassModel(ClassModel):
                 class_points.append(x)
                 kernel_chol.append(eye)
                 continue
-            chol = self.factor(n, d) * _covariance_factor(covs.get(c, pooled), fallback_scale, c)
+            chol = self.factor(n, d) * _covariance_factor(covs.get(c, pooled), scale, c)
             # Whitened points: the kernel becomes an isotropic unit Gaussian in whitened space.
             class_points.append(torch.linalg.solve_triangular(chol, x.T, upper=False).T)
             kernel_chol.append(chol)
