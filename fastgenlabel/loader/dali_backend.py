@@ -33,7 +33,7 @@ class DaliBackend:
                              batch_size=c.batch_size)
         self._source_args = dict(batch_size=c.batch_size, last_batch=c.last_batch, shuffle=c.shuffle, seed=c.seed,
                                  shard_id=c.shard_id, num_shards=c.num_shards, on_bad_image=c.on_bad_image,
-                                 warned=set(), walked=np.zeros(len(files), bool),
+                                 warned=set(), checked=np.zeros(len(files), bool),
                                  max_image_pixels=c.max_image_pixels)
         self.source = EpochSource(files, self.feed, **self._source_args)
         self.pipe = None

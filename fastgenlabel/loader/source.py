@@ -29,8 +29,9 @@ class EpochSource:
         max_image_pixels: images declaring more pixels are refused before decoding (None: no limit).
         warned: the set of files already warned about (the backend keeps one across rebuilt
             sources, so that a file is warned about once per loader).
-        read_ahead: batches read by a background thread ahead of the one DALI asks for (0: each
-            is read when asked). DALI calls ``next`` on the thread that runs the pipeline, which
+        read_ahead: batches read by background threads (one per batch in flight) ahead of the one
+            DALI asks for (0: each is read when asked). Each sample's encoded-file checks
+            (:func:`~fastgenlabel.loader.files.check_encoded`) run on its first read in the process. DALI calls ``next`` on the thread that runs the pipeline, which
             also turns the outputs into the user's batch: reading 256 files there took about a
             quarter of that thread's budget per batch at GPU speeds. The files' reads release the
             GIL. What comes out, and where errors surface, is the same either way.
@@ -38,7 +39,7 @@ class EpochSource:
 
     def __init__(self, files: ImageFiles, feed: PairFeed, *, batch_size: int, last_batch: str, shuffle: bool,
                  seed: int, shard_id: int, num_shards: int, on_bad_image: str = "error", history: int = 8,
-                 read_ahead: int = 2, warned: set | None = None, walked: np.ndarray | None = None,
+                 read_ahead: int = 2, warned: set | None = None, checked: np.ndarray | None = None,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.files, self.feed = files, feed
         self.batch_size, self.last_batch, self.shuffle = batch_size, last_batch, shuffle
@@ -50,8 +51,8 @@ class EpochSource:
         self._pass_epoch = 0
         self._next = 0
         self._warned = set() if warned is None else warned  # files warned about (shared across rebuilds)
-        # samples whose JPEG codes were walked (check_encoded), shared across rebuilds: once per process
-        self._walked = np.zeros(len(files), bool) if walked is None else walked
+        # samples that passed check_encoded, shared across rebuilds: each is checked once per process
+        self._checked = np.zeros(len(files), bool) if checked is None else checked
         self.read_ahead = read_ahead
         self._pending: dict = {}  # batch number of this pass -> Future of _read_batch
         self._reader: ThreadPoolExecutor | None = None
@@ -106,8 +107,9 @@ class EpochSource:
             path = self.files.name(i)
             data = self.files.read(i)
             try:
-                check_encoded(data, path, max_pixels=self.max_image_pixels, walk_codes=not self._walked[i])
-                self._walked[i] = True
+                if not self._checked[i]:  # once per sample and process: the JPEG code walk costs up to a decode
+                    check_encoded(data, path, max_pixels=self.max_image_pixels)
+                    self._checked[i] = True
             except CorruptImageError as e:
                 if self.on_bad_image == "error":
                     raise
@@ -121,7 +123,9 @@ class EpochSource:
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastgenlabel-read")
+            # one thread per batch in flight: the checks of a first epoch (the JPEG code walk, GIL
+            # released) run side by side
+            self._reader = ThreadPoolExecutor(max_workers=self.read_ahead + 1, thread_name_prefix="fastgenlabel-read")
         return self._reader
 
     def _drop_pending(self) -> None:
