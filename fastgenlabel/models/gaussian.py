@@ -1,6 +1,7 @@
 """One Gaussian per class: full, diagonal or tied (shared) covariance."""
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -30,8 +31,13 @@ def _fmt_bytes(n: float) -> str:
 
 def device_memory(device=None) -> int | None:
     """Bytes of memory ``device`` has in all (a GPU's, or the host's RAM within any cgroup limit);
-    None where it cannot be told."""
-    device = torch.device(device if device is not None else "cpu")
+    None where it cannot be told. Read once per device and process (a streaming fit asks per batch)."""
+    return _device_memory(str(torch.device(device if device is not None else "cpu")))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_memory(name: str) -> int | None:
+    device = torch.device(name)
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
     if device.type != "cpu":
