@@ -31,10 +31,12 @@ class EpochSource:
             sources, so that a file is warned about once per loader).
         read_ahead: batches read by background threads (one per batch in flight) ahead of the one
             DALI asks for (0: each is read when asked). Each sample's encoded-file checks
-            (:func:`~fastgenlabel.loader.files.check_encoded`) run on its first read in the process. DALI calls ``next`` on the thread that runs the pipeline, which
-            also turns the outputs into the user's batch: reading 256 files there took about a
-            quarter of that thread's budget per batch at GPU speeds. The files' reads release the
-            GIL. What comes out, and where errors surface, is the same either way.
+            (:func:`~fastgenlabel.loader.files.check_encoded`) run on its first read in the
+            process. DALI calls ``next`` on the thread that runs the pipeline, which also turns
+            the outputs into the user's batch: reading 256 files there took about a quarter of
+            that thread's budget per batch at GPU speeds. The files' reads release the GIL. What
+            comes out, and where errors surface, is the same either way.
+        checked: which samples passed their checks (the backend keeps one across rebuilt sources).
     """
 
     def __init__(self, files: ImageFiles, feed: PairFeed, *, batch_size: int, last_batch: str, shuffle: bool,
