@@ -35,7 +35,7 @@ def device_memory(device=None) -> int | None:
     return _device_memory(str(torch.device(device if device is not None else "cpu")))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_memory(name: str) -> int | None:
     device = torch.device(name)
     if device.type == "cuda":
