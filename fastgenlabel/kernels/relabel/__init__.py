@@ -33,12 +33,13 @@ from ...functional import genlabel_target, mix
 from ...functional._arrays import Array, as_tensor, check_num_classes, check_unit_interval, like, overlaps
 from ...functional.pairs import MixPairs, check_unchanged
 from ..registry import Impl, dispatch, explain
-from . import gemm
+from . import gemm, linear
 from .params import (
     RelabelParams,
     device_params_for,
     gemm_params_for,
     gemm_typical_error_for,
+    linear_params_for,
     params_for,
     unsupported_reason,
 )
@@ -255,12 +256,14 @@ def _run_cpu(call: RelabelCall):
         out = _host(call.out)
         result = call.out
     params = call.params
-    product = None
+    product = lin = None
     if params.kind == "full" and _use_product(call):  # one float32 product (gemm.py)
         product = gemm_params_for(call.model, torch.device("cpu"))
+    elif params.kind in ("diag", "tied") and linear.use_linear("cpu"):  # one float32 product (linear.py)
+        lin = linear_params_for(call.model)
     cpu.relabel_host(
         params, _host(call.zt), call.pairs.perm.numpy(), call.pairs.lam.to(torch.float32).numpy(),
-        call.labels_t.to(torch.int64).numpy(), call.gamma, call.smoothing, out, product=product,
+        call.labels_t.to(torch.int64).numpy(), call.gamma, call.smoothing, out, product=product, linear=lin,
     )
     return result
 

@@ -51,6 +51,7 @@ mixup_mass = _jit(rm.mixup_mass)
 target_value = _jit(rm.target_value)
 product_error = _jit(rm.product_error)
 product_cutoff = _jit(rm.product_cutoff)
+linear_error = _jit(rm.linear_error)
 
 ONE = rm.ONE
 NEG_INF = rm.NEG_INF
@@ -205,6 +206,146 @@ def refine_scores(z, perm, lam, product_center, bound, order, center, factor, tr
         store_relative(logits, out[s])
 
 
+@njit(parallel=True, cache=True)
+def linear_features(z, perm, lam, center, quad, phi):
+    """phi[s] = [x^2, x] (``quad``, diag) or x (tied), x = z_mix[s] - center: the left operand of the
+    diag/tied product (``linear.py``)."""
+    b, d = z.shape
+    off = d if quad else 0
+    for s in prange(b):
+        l = lam[s]
+        lc = ONE - l
+        p = perm[s]
+        for i in range(d):
+            x = mixed(z[s, i], z[p, i], l, lc) - center[i]
+            phi[s, off + i] = x
+            if quad:
+                phi[s, i] = x * x
+
+
+@njit(cache=True)
+def linear_exact(phi_row, c, quad, a, s, sbar, t, y):
+    """Class c's score in the product form with its class constant, exactly (float64) from the
+    float32 parameters: diag -1/2 sum_i s_ci (x_i - a_ci)^2 + 1/2 sbar_i x_i^2; tied
+    -1/2 ||y - t_c||^2 + 1/2 ||y||^2 with y = L^T x given (float32: its rounding is common to every
+    class)."""
+    acc = 0.0
+    if quad:
+        d = a.shape[1]
+        for i in range(d):
+            x = np.float64(phi_row[d + i])
+            v = x - np.float64(a[c, i])
+            acc += np.float64(sbar[i]) * x * x - np.float64(s[c, i]) * v * v
+    else:
+        for j in range(t.shape[1]):
+            yj = np.float64(y[j])
+            v = yj - np.float64(t[c, j])
+            acc += yj * yj - v * v
+    return 0.5 * acc
+
+
+LOG2E = np.float32(1.4426950408889634)
+LN2_HI = np.float32(0.693359375)  # ln 2 = LN2_HI + LN2_LO, LN2_HI with 9 significant bits (k * LN2_HI is exact)
+LN2_LO = np.float32(-2.12194440e-4)
+EXP_MIN = np.float32(-87.0)  # e^-87 ~ 1.6e-38: below it the result is taken as 0
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def exp_rel(x, scale):
+    """x = exp(x) in place for x <= 0 (relative logits), float32 within 3e-7 relative; 0 below
+    EXP_MIN. ``scale``: int32 scratch of x's length. Written so that LLVM vectorises it (NumPy's exp
+    is a scalar call per element here): e^x = 2^k e^r, |r| <= ln 2 / 2, e^r by its Taylor polynomial
+    to degree 7, 2^k built in the exponent bits."""
+    n = x.shape[0]
+    for i in range(n):
+        v = max(x[i], EXP_MIN)
+        k = np.floor(v * LOG2E + np.float32(0.5))
+        r = (v - k * LN2_HI) - k * LN2_LO
+        p = np.float32(1.0 / 5040)
+        p = p * r + np.float32(1.0 / 720)
+        p = p * r + np.float32(1.0 / 120)
+        p = p * r + np.float32(1.0 / 24)
+        p = p * r + np.float32(1.0 / 6)
+        p = p * r + np.float32(0.5)
+        p = p * r + ONE
+        p = p * r + ONE
+        scale[i] = (np.int32(k) + np.int32(127)) << 23 if x[i] >= EXP_MIN else np.int32(0)
+        x[i] = p
+    f = scale.view(np.float32)
+    for i in range(n):
+        x[i] = x[i] * f[i]
+
+
+LOWEST = -1e300  # stands for -inf (an empty class) inside linear_finish's fast path
+
+
+@njit(cache=True, fastmath=FASTMATH | {"nnan", "ninf"})
+def finite_max(x):
+    """max(x) of a finite float64 array, vectorised (the flags let LLVM reorder the comparisons)."""
+    best = x[0]
+    for i in range(1, x.shape[0]):
+        best = max(best, x[i])
+    return best
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def linear_bounds(phi, mcol, wnorm, err):
+    """err[s] = ``linear_error`` of M_s = min(sum_j |phi_sj| mcol_j, ||phi_s|| wnorm): the bound on
+    every logit's error in row s of the product (``linear.py``). NaN if phi is."""
+    b, width = phi.shape
+    for r in prange(b):
+        by_column = 0.0
+        norm2 = 0.0
+        for j in range(width):
+            v = np.float64(phi[r, j])
+            by_column += abs(v) * mcol[j]
+            norm2 += v * v
+        err[r] = linear_error(min(by_column, np.sqrt(norm2) * wnorm[0]), width)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def linear_finish(phi, err, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add, out):
+    """The product's scores in ``out`` -> targets, in place, one sample per iteration: float64 logits
+    (score + ``const``, the class constant and bias); where the row's bound ``err`` exceeds
+    PRODUCT_TRUST (or a score is not finite: float32 overflow) every class within
+    ``product_cutoff`` of the best is rescored exactly (:func:`linear_exact` + ``bias``; tied reads
+    the row's whitened y = L^T x); then the softmax, the gamma blend and smoothing. The common case
+    runs as vectorised loops; the rescoring is the scalar exception."""
+    b, k = out.shape
+    gamma_c = ONE - gamma
+    for r in prange(b):
+        row = out[r]
+        logits = np.empty(k, np.float64)
+        check = 0.0  # NaN if a score is not finite
+        for c in range(k):
+            v = np.float64(row[c])
+            check += v * 0.0
+            logits[c] = max(v + const[c], LOWEST)
+        finite = check == 0.0
+        best = finite_max(logits) if finite else np.inf
+        if not finite or not err[r] <= PRODUCT_TRUST:
+            cut = product_cutoff(best, err[r]) if finite and err[r] < np.inf else -np.inf
+            yr = y[r] if not quad else y[0]
+            for c in range(k):
+                if const[c] == NEG_INF:
+                    logits[c] = LOWEST
+                elif logits[c] >= cut or not finite:
+                    logits[c] = max(linear_exact(phi[r], c, quad, a, s, sbar, t, yr) + bias[c], LOWEST)
+            best = finite_max(logits)
+        for c in range(k):
+            row[c] = logits[c] - best
+        exp_rel(row, np.empty(k, np.int32))
+        total = 0.0
+        for c in range(k):
+            total += np.float64(row[c])
+        scale = np.float32(1.0 / total) * gamma * keep
+        for c in range(k):
+            row[c] = row[c] * scale + add
+        l = lam[r]
+        row[labels[r]] += gamma_c * l * keep  # the mixup label's two entries
+        row[labels[perm[r]]] += gamma_c * (ONE - l) * keep
+
+
 def full_scores(z_mix, params, out, chunk_elements=1 << 20):
     """Full covariance: out[s] = the relative logits -1/2 ||L_c^T (z_mix[s] - mu_c)||^2 + bias_c.
 
@@ -297,7 +438,7 @@ def finish(perm, lam, labels, gamma, keep, add, out):
                 out[s, c] = target_value(ym, ym, gamma, gamma_c, keep, add)
 
 
-def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product=None):
+def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product=None, linear=None):
     """Run the relabel stage on host arrays.
 
     Args:
@@ -309,6 +450,9 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
         product: for full covariance, the model's product form on the CPU
             (``params.gemm_params_for``): the scores are then one float32 matrix product
             (``gemm.py``), refined by :func:`refine_scores`, instead of ``full_scores``.
+        linear: for diag and tied, the model's product form (``params.linear_params_for``): the
+            scores are then one float32 matrix product (``linear.py``), finished and made exact
+            where needed by :func:`linear_finish`, instead of :func:`diag_scores`.
 
     Returns:
         out.
@@ -329,6 +473,24 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
             scores(product, torch.from_numpy(z), torch.from_numpy(perm), torch.from_numpy(lam), torch.from_numpy(out))
             refine_scores(z, perm, lam, product["center"].numpy(), product["bound"].numpy(), a["order"], a["center"],
                           a["factor"], params.tri, bias, out)
+        finish(perm, lam, labels, g, keep, add, out)
+        return out
+    if linear is not None and params.kind in ("diag", "tied"):
+        if g > 0:
+            quad = params.kind == "diag"
+            phi = np.empty((b, linear["wt"].shape[0]), np.float32)
+            linear_features(z, perm, lam, linear["center"], quad, phi)
+            torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["wt"]), out=torch.from_numpy(out))
+            err = np.empty(b, np.float64)
+            linear_bounds(phi, linear["mcol"], linear["wnorm"], err)
+            none = linear["center"][None, :0]
+            y = none
+            if not quad and not (err <= PRODUCT_TRUST).all():  # rows to rescore: y = L^T x, whitened
+                y = torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["chol"])).numpy()
+            get = linear.get
+            linear_finish(phi, err, linear["const"], bias, quad, get("a", none), get("s", none), get("sbar", none[0]),
+                          get("t", none), y, perm, lam, labels, g, keep, add, out)
+            return out
         finish(perm, lam, labels, g, keep, add, out)
         return out
     if g > 0:

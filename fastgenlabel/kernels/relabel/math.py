@@ -33,6 +33,10 @@ MAX_F32 = np.float32(np.finfo(np.float32).max)
 # the classes that can matter, those within PRODUCT_MARGIN nats of the best (each of the others
 # holds at most e^-30 = 1e-13 of the row's mass), are scored again exactly in the factor form.
 PRODUCT_GAMMA = np.float32(2e-6)
+# The diag/tied product form's (``linear.py``): at most LINEAR_GAMMA (sqrt(T) + 4) M_s
+# (:func:`linear_error`). Measured on the CPU (T = 2 to 4096, classes well mixed to far apart): at
+# most 0.46 u (sqrt(T) + 4) M_s (tests/test_relabel_linear.py), u = 2^-24; LINEAR_GAMMA = 2u.
+LINEAR_GAMMA = np.float32(2.0 ** -23)
 PRODUCT_TRUST = np.float32(5e-4)
 PRODUCT_MARGIN = np.float32(30.0)
 
@@ -60,6 +64,15 @@ def product_error(xn2, rho, pa, spread):
     spread = max_c a_c^T P_c a_c (a_c = mu_c - m). Those three terms bound the sums of the absolute
     values of the quadratic, linear and constant terms of the expansion (docs/MATH.md section 5)."""
     return PRODUCT_GAMMA * (HALF * rho * xn2 + pa * math.sqrt(xn2) + HALF * spread)
+
+
+def linear_error(m_s, width):
+    """Bound on the error of every logit of one mixed sample in the diag/tied product form:
+    LINEAR_GAMMA (sqrt(T) + 4) M_s, T = ``width`` terms, M_s a bound on the sum of their absolute
+    values. The 4 covers the roundings of each term (W, phi, the product); the sqrt(T) the
+    accumulated rounding of the sum, which grows like sqrt(T) in the probabilistic model of
+    rounding errors (Higham and Mary, 2019) and was measured to (docs/MATH.md section 5)."""
+    return LINEAR_GAMMA * (math.sqrt(width) + 4) * m_s
 
 
 def product_cutoff(best, err):

@@ -194,6 +194,7 @@ class _Cache:
     views: dict = field(default_factory=dict)  # device -> {name: kernel view of that tensor}
     gemm: dict = field(default_factory=dict)  # "host" -> arrays, device -> tensors (gemm.py's form)
     typical_error: float | None = None  # gemm.pack's error bound at a typical sample
+    linear: dict | None = None  # linear.pack's host arrays (diag, tied)
 
 
 def _cache(model) -> _Cache:
@@ -272,3 +273,15 @@ def _gemm_host(cache: _Cache, model) -> dict[str, np.ndarray]:
         host, cache.typical_error = gemm.pack(model)
         cache.gemm["host"] = host
     return host
+
+
+def linear_params_for(model) -> dict[str, np.ndarray]:
+    """The diag/tied product form (``linear.pack``): host arrays, packed once per fit."""
+    from . import linear
+
+    cache = _cache(model)
+    if cache.linear is None:
+        if cache.host.kind not in ("diag", "tied"):
+            raise ValueError(f"model: the linear product form is for diag or tied, got {cache.host.kind!r}")
+        cache.linear = linear.pack(model, cache.host.arrays["bias"])
+    return cache.linear

@@ -1,0 +1,178 @@
+"""The diag/tied product form (``kernels/relabel/linear.py``): its error bound, its rescoring, and
+its agreement with the fused kernel and the reference.
+
+The product form computes each class's score as one float32 product ``phi @ W^T`` plus a float64
+constant. Its claims, checked here: the product's error per logit stays below ``math.linear_error``
+with the margin math.py states; rows whose bound exceeds the trust level are rescored exactly, so
+that cases the float32 product alone gets wrong come out at float32 accuracy; and the targets
+match the reference as the fused float64-sum kernel's do (tests/test_relabel.py's tolerances).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_relabel import ATOL, batch, far_clusters, fit, make_data, model_for, reference, run_checked
+
+import fastgenlabel as fg
+from fastgenlabel.kernels.relabel import cpu, linear
+from fastgenlabel.kernels.relabel import math as rm
+from fastgenlabel.kernels.relabel.params import linear_params_for, params_for
+
+U = 2.0 ** -24  # float32 unit roundoff
+LINEAR_MARGIN = 4.0  # the factor math.py claims between the measured error and LINEAR_GAMMA
+
+
+def features(arrays, kind, zb, pairs) -> np.ndarray:
+    """phi of the mixed batch, by the kernel."""
+    quad = kind == "diag"
+    phi = np.empty((zb.shape[0], arrays["wt"].shape[0]), np.float32)
+    cpu.linear_features(zb, pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy(), arrays["center"], quad, phi)
+    return phi
+
+
+def exact_scores(arrays, kind, phi) -> np.ndarray:
+    """Every class's score with its constant, in float64 from the float32 parameters and phi: what
+    ``cpu.linear_exact`` computes for one class, for all of them (NumPy)."""
+    p = {n: v.astype(np.float64) for n, v in arrays.items() if n not in ("const",)}
+    if kind == "diag":
+        d = p["a"].shape[1]
+        x = phi[:, d:].astype(np.float64)
+        quad = (x[:, None, :] - p["a"][None]) ** 2 * p["s"][None]
+        return 0.5 * ((p["sbar"] * x * x).sum(1)[:, None] - quad.sum(2))
+    y = phi.astype(np.float64) @ p["chol"]
+    return 0.5 * ((y * y).sum(1)[:, None] - ((y[:, None, :] - p["t"][None]) ** 2).sum(2))
+
+
+def error_ratio(model, kind, zb, pairs) -> float:
+    """max over (sample, class) of |product score - exact score| / (u (sqrt(T) + 4) M_s): the
+    measured counterpart of LINEAR_GAMMA / u (math.linear_error)."""
+    arrays = linear_params_for(model)
+    phi = features(arrays, kind, zb, pairs)
+    approx = torch.mm(torch.from_numpy(phi), torch.from_numpy(arrays["wt"])).numpy().astype(np.float64)
+    bias = params_for(model).arrays["bias"]
+    live = np.isfinite(arrays["const"])
+    approx = approx + (arrays["const"] - bias)  # the class constant, without the bias
+    exact = exact_scores(arrays, kind, phi)
+    scale = U * (np.sqrt(phi.shape[1]) + 4) * bound_sum(arrays, phi)
+    return float((np.abs(approx - exact)[:, live] / scale[:, None]).max())
+
+
+def bound_sum(arrays, phi) -> np.ndarray:
+    """M_s as ``cpu.linear_finish`` computes it."""
+    p64 = phi.astype(np.float64)
+    by_column = np.abs(p64) @ arrays["mcol"].astype(np.float64)
+    return np.minimum(by_column, np.sqrt((p64 * p64).sum(1)) * arrays["wnorm"][0])
+
+
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+@pytest.mark.parametrize("k,d,sep", [(10, 1, 1.5), (50, 7, 1.5), (1000, 64, 0.3), (100, 256, 3.0), (30, 96, 30.0)])
+def test_product_error_stays_under_the_bound_with_its_margin(kind, k, d, sep):
+    """The measured error over M_s, on models from well mixed to far apart, with d from 1 to 256
+    (T up to 512; the d = 2048 case below reaches T = 4096)."""
+    rng = np.random.default_rng(k * d)
+    z, y = make_data(rng, k, d, 8 if k > 100 else 30, sep=sep)
+    model = fit(kind, z, y, k)
+    zb, pairs, _ = batch(rng, z, y, 64, "sample")
+    ratio = error_ratio(model, kind, zb, pairs)
+    assert ratio <= rm.LINEAR_GAMMA / U / LINEAR_MARGIN, ratio
+    assert ratio > 0  # the product does round: the check measures something
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_wide_features_keep_float32_accuracy(kind):
+    """d = 2048 in-distribution data (the width the diag and tied models are meant for): the bound
+    holds at T = 4096 and the targets match the reference as tests/test_relabel.py requires."""
+    rng = np.random.default_rng(2048)
+    k, d = 8, 2048
+    z, y = make_data(rng, k, d, 40)
+    model = fit(kind, z, y, k)
+    zb, pairs, labels = batch(rng, z, y, 16, "sample")
+    assert error_ratio(model, kind, zb, pairs) <= rm.LINEAR_GAMMA / U / LINEAR_MARGIN
+    run_checked(model, zb, pairs, labels, 0.7, k, 0.05, kind)
+
+
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_rows_past_the_bound_are_rescored_exactly(kind):
+    """Classes 1,000 sd from the centre: the float32 product alone is off by far more than the
+    tolerance (the test shows it), the rescored targets are not."""
+    model, zb, labels, pairs = far_clusters(kind, 32, 48, 1000.0)
+    arrays = linear_params_for(model)
+    phi = features(arrays, kind, zb, pairs)
+    assert (rm.linear_error(bound_sum(arrays, phi), phi.shape[1]) > rm.PRODUCT_TRUST).all()  # every row is flagged
+    approx = torch.mm(torch.from_numpy(phi), torch.from_numpy(arrays["wt"])).numpy().astype(np.float64)
+    unrefined = torch.softmax(torch.from_numpy(approx + arrays["const"]), 1).numpy()
+    posterior = torch.softmax(torch.from_numpy(exact_scores(arrays, kind, phi) + params_for(model).arrays["bias"]), 1)
+    assert np.abs(unrefined - posterior.numpy()).max() > 1e-3
+    want = reference(model, zb, pairs, labels, 1.0, 32, 0.0)
+    got = fg.relabel(model, zb, pairs, labels, 1.0, num_classes=32, backend="numba-cpu")
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4)  # tests/test_relabel.py's far-cluster tolerance
+
+
+@pytest.mark.parametrize("form", ["auto", "never"])
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_product_and_fused_forms_match_the_reference_on_fresh_inputs(kind, form):
+    """Both CPU forms of diag and tied (the product, the default; the fused float64-sum kernel)."""
+    seed = int(np.random.default_rng().integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    k, d = int(rng.integers(2, 40)), int(rng.integers(1, 40))
+    model, z, y = model_for(kind, k, d, prior=str(rng.choice(["uniform", "empirical"])), seed=seed,
+                            empty=(int(rng.integers(k)),) if k > 2 else ())
+    live = np.flatnonzero(np.bincount(y, minlength=k) > 0)
+    assert live.size < k or k <= 2
+    with linear.policy(form):
+        for gamma in (0.0, 0.4, 1.0):
+            zb, pairs, labels = batch(rng, z, y, int(rng.integers(1, 40)), str(rng.choice(["batch", "sample"])))
+            try:
+                out = run_checked(model, zb, pairs, labels, gamma, k, float(rng.choice([0.0, 0.1])), kind)
+            except AssertionError as e:
+                raise AssertionError(f"seed {seed}, K={k}, d={d}, gamma={gamma}: {e}") from None
+            empty = np.setdiff1d(np.arange(k), live)
+            if gamma == 1.0 and empty.size:  # an empty class gets nothing but the smoothing
+                assert (out[:, empty] <= 0.1 / k + 1e-7).all()
+
+
+def test_exp_rel_is_within_its_derived_bound():
+    """exp_rel (the finish's vectorised exp) against float64 exp over the whole range it sees.
+    Bound: the degree-7 Taylor remainder at |r| <= ln 2 / 2 (6e-9) plus Horner's rounding, 14 float32
+    operations on terms summing to at most e^|r| / e^r <= 2: 14 u x 2 = 1.7e-6, relative."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([-rng.random(100_000) * 90, -rng.random(1000) * 1e-6, [0.0, -87.0, -86.99, -88.0, -np.inf]])
+    x = x.astype(np.float32)
+    got = x.copy()
+    cpu.exp_rel(got, np.empty(x.shape[0], np.int32))
+    want = np.exp(x.astype(np.float64))
+    keep = x >= cpu.EXP_MIN
+    rel = np.abs(got[keep] - want[keep]) / want[keep]
+    assert rel.max() <= 14 * U * 2, rel.max()
+    assert (got[~keep] == 0).all()
+
+
+def test_policy_and_validation():
+    model, z, y = model_for("diag", 4, 3)
+    with pytest.raises(ValueError, match="policy"):
+        with linear.policy("sometimes"):
+            pass
+    assert linear.use_linear("cpu") and not linear.use_linear("cuda")
+    with linear.policy("never"):
+        assert not linear.use_linear("cpu")
+    with linear.policy("always"):
+        assert linear.use_linear("cuda")
+    full, _, _ = model_for("full", 4, 3)
+    with pytest.raises(ValueError, match="diag or tied"):
+        linear_params_for(full)
+    assert linear_params_for(model) is linear_params_for(model)  # packed once per fit
+    model.fit(z, y, 4)
+    assert linear_params_for(model)["wt"].shape == (6, 4)
+
+
+def test_dead_unit_adds_nothing_to_the_product():
+    """A unit that is 0 throughout training has the regulariser's precision in every class: its
+    column of W is exactly 0 for diag (sbar is that precision), so a firing unit cannot cost digits."""
+    rng = np.random.default_rng(0)
+    z, y = make_data(rng, 3, 5, 50)
+    z[:, -1] = 0.0
+    model = fit("diag", z, y, 3)
+    wt = linear_params_for(model)["wt"]
+    assert (wt[4] == 0).all() and (wt[9] == 0).all()  # x_4^2 and x_4
