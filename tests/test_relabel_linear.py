@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_relabel import ATOL, batch, far_clusters, fit, make_data, model_for, reference, run_checked
+from test_relabel import batch, far_clusters, fit, make_data, model_for, reference, run_checked
 
 import fastgenlabel as fg
 from fastgenlabel.kernels.relabel import cpu, linear
