@@ -20,8 +20,9 @@ Workloads are benchmark groups ``relabel <kind> B=.. K=.. d=.. [cpu|cuda]``; imp
 - what users write today, in float32 torch: ``torch MultivariateNormal`` (full: one
   ``MultivariateNormal(means, scale_tril)`` over the K classes, ``log_prob`` + softmax),
   ``torch precision-Cholesky`` (full: chunked batched matmul u = (z - mu_c) L_c),
-  ``torch eager broadcast`` (diag) and ``torch eager linear`` (tied: the same affine scores as the
-  kernel, as one matmul).
+  ``torch eager broadcast`` and ``torch matmul float32`` / ``float64`` (diag: the scores as two
+  matrix products) and ``torch eager linear`` (tied: the affine scores, as one matmul);
+- ``numba-cpu: fused kernel``: diag and tied on the float64-sum kernel the product form replaced.
 """
 from __future__ import annotations
 
@@ -167,6 +168,22 @@ def torch_diag(m, device):
     return target
 
 
+def torch_diag_matmul(m, device, dtype=torch.float32):
+    """The diagonal Gaussian's scores as two matrix products, the form a torch user writes for
+    speed: -1/2 (z*z) @ (1/v)^T + z @ (mu/v)^T + b_c, b_c = -1/2 sum_i mu_ci^2 / v_ci + log_norm_c
+    + log pi_c; in ``dtype`` (float64: the precision the kernels keep)."""
+    mu, iv = m.means.double(), 1 / m.variances.double()
+    quad, lin = (-0.5 * iv).T.to(device, dtype).contiguous(), (mu * iv).T.to(device, dtype).contiguous()
+    bias = (m.log_norm + m.log_prior - 0.5 * (mu * mu * iv).sum(1)).to(device, dtype)
+
+    def target(z, pairs, labels):
+        z_mix = fg.mix(z.to(dtype), pairs)
+        scores = torch.addmm(bias, z_mix * z_mix, quad).addmm_(z_mix, lin)
+        return blend(scores, pairs, labels, m.num_classes).float()
+
+    return target
+
+
 def torch_tied(m, device):
     """What users write for a shared covariance: the linear discriminant s_c = w_c^T z + b_c,
     w_c = P mu_c, b_c = -1/2 mu_c^T P mu_c + log pi_c (one float32 matmul)."""
@@ -281,6 +298,25 @@ def test_torch_full(benchmark, impl, k, d, b):
 def test_torch_diag(benchmark, k, d, b):
     m = model("diag", k, d)
     _torch(benchmark, torch_diag(m, "cpu"), "diag", m, b, "cpu", "torch eager broadcast")
+
+
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize("k,d", SIZES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_diag_matmul(benchmark, dtype, k, d, b):
+    m = model("diag", k, d)
+    _torch(benchmark, torch_diag_matmul(m, "cpu", getattr(torch, dtype)), "diag", m, b, "cpu", f"torch matmul {dtype}")
+
+
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_numba_cpu_fused_kernel(benchmark, kind, d):
+    """diag and tied on the fused float64-sum kernel (``linear.POLICY`` "never"): the form the product
+    replaced, for the before/after comparison in one run."""
+    from fastgenlabel.kernels.relabel import linear
+
+    with linear.policy("never"):
+        _fastgenlabel(benchmark, model(kind, 1000, d), kind, 256, "cpu", "numba-cpu", "numba-cpu: fused kernel")
 
 
 @pytest.mark.parametrize("b", BATCHES)

@@ -55,3 +55,13 @@ def test_relabel_goals_judge_the_public_default_and_the_loaders_call_separately(
     assert len(lines) == 2
     assert lines[0].rstrip().endswith("| 60.0 us | 14.0 us | NOT met |")
     assert "as the loader calls it" in lines[1] and lines[1].rstrip().endswith("| 28.0 us | 13.0 us | met |")
+
+
+@pytest.mark.parametrize("kind,torch_impl", [("diag", "torch matmul float32"), ("tied", "torch eager linear")])
+@pytest.mark.parametrize("ours,verdict", [(2e-3, "met"), (2.5e-3, "NOT met")])
+def test_cpu_relabel_goal_compares_with_torchs_float32_matmul_form(kind, torch_impl, ours, verdict):
+    group = f"relabel {kind} B=256 K=1000 d=64 [cpu]"
+    data = {"benchmarks": [bench(group, "numba-cpu", ours), bench(group, torch_impl, 3.3e-3),
+                           bench(group, "torch eager broadcast", 50e-3)]}
+    lines = [l for l in render.render(data).splitlines() if l.startswith(f"| CPU relabel B=256 K=1000 {kind}")]
+    assert len(lines) == 1 and lines[0].rstrip().endswith(f"| {3.3e-3 / ours:.2f}x |  | {verdict} |")
