@@ -26,9 +26,14 @@ LINEAR_MARGIN = 4.0  # the factor math.py claims between the measured error and 
 def features(arrays, kind, zb, pairs) -> np.ndarray:
     """phi of the mixed batch, by the kernel."""
     quad = kind == "diag"
-    phi = np.empty((zb.shape[0], arrays["wt"].shape[0]), np.float32)
+    phi = np.empty((zb.shape[0], arrays["w"].shape[1]), np.float32)
     cpu.linear_features(zb, pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy(), arrays["center"], quad, phi)
     return phi
+
+
+def product(arrays, phi) -> np.ndarray:
+    """The float32 product's scores (B, K), as the kernel computes them, in float64."""
+    return torch.mm(torch.from_numpy(arrays["w"]), torch.from_numpy(phi).T).T.numpy().astype(np.float64)
 
 
 def exact_scores(arrays, kind, phi) -> np.ndarray:
@@ -49,7 +54,7 @@ def error_ratio(model, kind, zb, pairs) -> float:
     measured counterpart of LINEAR_GAMMA / u (math.linear_error)."""
     arrays = linear_params_for(model)
     phi = features(arrays, kind, zb, pairs)
-    approx = torch.mm(torch.from_numpy(phi), torch.from_numpy(arrays["wt"])).numpy().astype(np.float64)
+    approx = product(arrays, phi)
     bias = params_for(model).arrays["bias"]
     live = np.isfinite(arrays["const"])
     approx = approx + (arrays["const"] - bias)  # the class constant, without the bias
@@ -101,7 +106,7 @@ def test_rows_past_the_bound_are_rescored_exactly(kind):
     arrays = linear_params_for(model)
     phi = features(arrays, kind, zb, pairs)
     assert (rm.linear_error(bound_sum(arrays, phi), phi.shape[1]) > rm.PRODUCT_TRUST).all()  # every row is flagged
-    approx = torch.mm(torch.from_numpy(phi), torch.from_numpy(arrays["wt"])).numpy().astype(np.float64)
+    approx = product(arrays, phi)
     unrefined = torch.softmax(torch.from_numpy(approx + arrays["const"]), 1).numpy()
     posterior = torch.softmax(torch.from_numpy(exact_scores(arrays, kind, phi) + params_for(model).arrays["bias"]), 1)
     assert np.abs(unrefined - posterior.numpy()).max() > 1e-3
@@ -164,7 +169,7 @@ def test_policy_and_validation():
         linear_params_for(full)
     assert linear_params_for(model) is linear_params_for(model)  # packed once per fit
     model.fit(z, y, 4)
-    assert linear_params_for(model)["wt"].shape == (6, 4)
+    assert linear_params_for(model)["w"].shape == (4, 6)
 
 
 def test_dead_unit_adds_nothing_to_the_product():
@@ -174,5 +179,5 @@ def test_dead_unit_adds_nothing_to_the_product():
     z, y = make_data(rng, 3, 5, 50)
     z[:, -1] = 0.0
     model = fit("diag", z, y, 3)
-    wt = linear_params_for(model)["wt"]
+    wt = linear_params_for(model)["w"].T
     assert (wt[4] == 0).all() and (wt[9] == 0).all()  # x_4^2 and x_4

@@ -303,47 +303,58 @@ def linear_bounds(phi, mcol, wnorm, err):
         err[r] = linear_error(min(by_column, np.sqrt(norm2) * wnorm[0]), width)
 
 
+LINEAR_TILE = 8  # samples per iteration of linear_finish: their scores are 8 adjacent floats of a class row
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def linear_finish(phi, err, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add, out):
-    """The product's scores in ``out`` -> targets, in place, one sample per iteration: float64 logits
-    (score + ``const``, the class constant and bias); where the row's bound ``err`` exceeds
-    PRODUCT_TRUST (or a score is not finite: float32 overflow) every class within
-    ``product_cutoff`` of the best is rescored exactly (:func:`linear_exact` + ``bias``; tied reads
-    the row's whitened y = L^T x); then the softmax, the gamma blend and smoothing. The common case
-    runs as vectorised loops; the rescoring is the scalar exception."""
+def linear_finish(phi, err, scores, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add, out):
+    """The product's scores (K, B) -> targets (B, K): float64 logits (score + ``const``, the class
+    constant and bias); where the row's bound ``err`` exceeds PRODUCT_TRUST (or a score is not
+    finite: float32 overflow) every class within ``product_cutoff`` of the best is rescored exactly
+    (:func:`linear_exact` + ``bias``; tied reads the row's whitened y = L^T x); then the softmax,
+    the gamma blend and smoothing. Parallel over tiles of LINEAR_TILE samples; the common case runs
+    as vectorised loops, the rescoring is the scalar exception."""
     b, k = out.shape
     gamma_c = ONE - gamma
-    for r in prange(b):
-        row = out[r]
-        logits = np.empty(k, np.float64)
-        check = 0.0  # NaN if a score is not finite
+    n_tiles = (b + LINEAR_TILE - 1) // LINEAR_TILE
+    for tile in prange(n_tiles):
+        r0 = tile * LINEAR_TILE
+        nt = min(LINEAR_TILE, b - r0)
+        logits = np.empty((LINEAR_TILE, k), np.float64)
+        check = np.zeros(LINEAR_TILE, np.float64)  # NaN where a score is not finite
         for c in range(k):
-            v = np.float64(row[c])
-            check += v * 0.0
-            logits[c] = max(v + const[c], LOWEST)
-        finite = check == 0.0
-        best = finite_max(logits) if finite else np.inf
-        if not finite or not err[r] <= PRODUCT_TRUST:
-            cut = product_cutoff(best, err[r]) if finite and err[r] < np.inf else -np.inf
-            yr = y[r] if not quad else y[0]
+            cc = const[c]
+            for q in range(nt):
+                v = np.float64(scores[c, r0 + q])
+                check[q] += v * 0.0
+                logits[q, c] = max(v + cc, LOWEST)
+        for q in range(nt):
+            r = r0 + q
+            lg = logits[q]
+            finite = check[q] == 0.0
+            best = finite_max(lg) if finite else np.inf
+            if not finite or not err[r] <= PRODUCT_TRUST:
+                cut = product_cutoff(best, err[r]) if finite and err[r] < np.inf else -np.inf
+                yr = y[r] if not quad else y[0]
+                for c in range(k):
+                    if const[c] == NEG_INF:
+                        lg[c] = LOWEST
+                    elif lg[c] >= cut or not finite:
+                        lg[c] = max(linear_exact(phi[r], c, quad, a, s, sbar, t, yr) + bias[c], LOWEST)
+                best = finite_max(lg)
+            row = out[r]
             for c in range(k):
-                if const[c] == NEG_INF:
-                    logits[c] = LOWEST
-                elif logits[c] >= cut or not finite:
-                    logits[c] = max(linear_exact(phi[r], c, quad, a, s, sbar, t, yr) + bias[c], LOWEST)
-            best = finite_max(logits)
-        for c in range(k):
-            row[c] = logits[c] - best
-        exp_rel(row, np.empty(k, np.int32))
-        total = 0.0
-        for c in range(k):
-            total += np.float64(row[c])
-        scale = np.float32(1.0 / total) * gamma * keep
-        for c in range(k):
-            row[c] = row[c] * scale + add
-        l = lam[r]
-        row[labels[r]] += gamma_c * l * keep  # the mixup label's two entries
-        row[labels[perm[r]]] += gamma_c * (ONE - l) * keep
+                row[c] = lg[c] - best
+            exp_rel(row, np.empty(k, np.int32))
+            total = 0.0
+            for c in range(k):
+                total += np.float64(row[c])
+            scale = np.float32(1.0 / total) * gamma * keep
+            for c in range(k):
+                row[c] = row[c] * scale + add
+            l = lam[r]
+            row[labels[r]] += gamma_c * l * keep  # the mixup label's two entries
+            row[labels[perm[r]]] += gamma_c * (ONE - l) * keep
 
 
 def full_scores(z_mix, params, out, chunk_elements=1 << 20):
@@ -478,9 +489,9 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
     if linear is not None and params.kind in ("diag", "tied"):
         if g > 0:
             quad = params.kind == "diag"
-            phi = np.empty((b, linear["wt"].shape[0]), np.float32)
+            phi = np.empty((b, linear["w"].shape[1]), np.float32)
             linear_features(z, perm, lam, linear["center"], quad, phi)
-            torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["wt"]), out=torch.from_numpy(out))
+            scores = torch.mm(torch.from_numpy(linear["w"]), torch.from_numpy(phi).T)  # (K, B): MKL's faster layout
             err = np.empty(b, np.float64)
             linear_bounds(phi, linear["mcol"], linear["wnorm"], err)
             none = linear["center"][None, :0]
@@ -488,7 +499,7 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
             if not quad and not (err <= PRODUCT_TRUST).all():  # rows to rescore: y = L^T x, whitened
                 y = torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["chol"])).numpy()
             get = linear.get
-            linear_finish(phi, err, linear["const"], bias, quad, get("a", none), get("s", none), get("sbar", none[0]),
+            linear_finish(phi, err, scores.numpy(), linear["const"], bias, quad, get("a", none), get("s", none), get("sbar", none[0]),
                           get("t", none), y, perm, lam, labels, g, keep, add, out)
             return out
         finish(perm, lam, labels, g, keep, add, out)
