@@ -8,10 +8,11 @@ Each path matches the reference ``genlabel_target(model, mix(z, pairs), ...)`` (
    digits the softmax needs survive however large the scores are (a feature thousands of standard
    deviations out adds the same huge term to every class):
 
-   - diag: :func:`diag_scores`, one fused pass over the (d, K) parameters, parallel over tiles of
-     samples (no B x K x d intermediate);
-   - tied: the samples whitened (one float32 product, ``torch.mm``), then :func:`diag_scores`
-     with unit scales (``params.py`` says why not the cheaper affine form);
+   - diag and tied: one float32 matrix product (``linear.py``: :func:`linear_features`, torch's
+     BLAS, :func:`linear_bounds`), finished by :func:`linear_finish`, which rescores exactly the
+     rows and classes the bound flags and forms the targets in the same pass; or, with
+     ``linear.POLICY`` "never", :func:`diag_scores`, one fused pass over the (d, K) parameters
+     (tied: the samples whitened first, ``torch.mm``, then unit scales);
    - full: :func:`full_scores`, batched GEMMs over chunks of classes plus a fused epilogue; or,
      for large K d^2, ``gemm.py``'s single product, made exact where needed by
      :func:`refine_scores`;
@@ -21,7 +22,8 @@ Each path matches the reference ``genlabel_target(model, mix(z, pairs), ...)`` (
    mixup label and label smoothing, in place.
 
 The matrix products use torch's CPU BLAS (a core dependency) rather than loops or NumPy's
-OpenBLAS: measured faster and steadier on shared cores (see :func:`full_scores`). Everything else
+OpenBLAS, though OpenBLAS's single product can be faster: its worker threads keep spinning after a
+call and stall the next parallel region, Numba's or torch's, by milliseconds. Everything else
 is njit. Hot loops run in float32 (the params are float32) with reassociation allowed so that LLVM
 can vectorise them; sums whose rounding would show in the result are accumulated in float64.
 Compiled kernels are cached on disk (``cache=True``): the first call in a fresh environment
