@@ -501,8 +501,8 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
             if not quad and not (err <= PRODUCT_TRUST).all():  # rows to rescore: y = L^T x, whitened
                 y = torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["chol"])).numpy()
             get = linear.get
-            linear_finish(phi, err, scores.numpy(), linear["const"], bias, quad, get("a", none), get("s", none), get("sbar", none[0]),
-                          get("t", none), y, perm, lam, labels, g, keep, add, out)
+            linear_finish(phi, err, scores.numpy(), linear["const"], bias, quad, get("a", none), get("s", none),
+                          get("sbar", none[0]), get("t", none), y, perm, lam, labels, g, keep, add, out)
             return out
         finish(perm, lam, labels, g, keep, add, out)
         return out
