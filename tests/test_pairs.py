@@ -128,7 +128,7 @@ def test_generator_of_the_wrong_type_raises_type_error():
     with pytest.raises(TypeError, match="generator"):
         sample_pairs(4, generator="seed")
     with pytest.raises(TypeError, match="generator"):
-        sample_pairs(4, generator=torch.Generator())
+        sample_pairs(4, generator=np.random.RandomState(0))  # the legacy NumPy API
 
 
 @pytest.mark.parametrize(
@@ -205,3 +205,14 @@ def test_pairs_to_the_gpu_and_back_are_equal():
     assert moved.perm.is_cuda and moved.lam.is_cuda
     back = moved.to("cpu")
     assert torch.equal(back.perm, pairs.perm) and torch.equal(back.lam, pairs.lam)
+
+
+def test_a_torch_generator_is_taken_and_advances():
+    """torch users pass torch generators: the same seed gives the same pairs, and the generator's
+    state moves on so that the next batch differs, as with a NumPy generator."""
+    g = torch.Generator().manual_seed(5)
+    first, second = sample_pairs(40, 0.4, lam_mode="sample", generator=g), sample_pairs(40, 0.4, generator=g)
+    again = sample_pairs(40, 0.4, lam_mode="sample", generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(again.perm, first.perm, rtol=0, atol=0)
+    torch.testing.assert_close(again.lam, first.lam, rtol=0, atol=0)
+    assert not torch.equal(first.perm, second.perm)

@@ -100,12 +100,16 @@ def _rng(generator) -> np.random.Generator:
         return np.random.default_rng()
     if isinstance(generator, np.random.Generator):
         return generator
+    if isinstance(generator, torch.Generator):  # one draw of it seeds the NumPy generator
+        seed = torch.randint(0, 2 ** 63 - 1, (1,), generator=generator, device=generator.device)
+        return np.random.default_rng(int(seed.item()))
     if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
         if generator < 0:
             raise ValueError(f"generator: an int seed must be >= 0, got {generator!r}")
         return np.random.default_rng(int(generator))
     raise TypeError(
-        f"generator: expected a numpy.random.Generator, an int seed or None, got {type(generator).__name__}"
+        "generator: expected a numpy.random.Generator, a torch.Generator, an int seed or None, "
+        f"got {type(generator).__name__}"
     )
 
 
@@ -127,7 +131,9 @@ def sample_pairs(
         pairing: ``"permutation"`` (uniform random, the GenLabel authors' choice), ``"flip"``
             (reversed batch, timm) or ``"roll"`` (shift by one, torchvision).
         lam_mode: ``"batch"`` (one lambda for the batch, the default) or ``"sample"``.
-        generator: a ``numpy.random.Generator`` or an int seed; None draws fresh entropy.
+        generator: a ``numpy.random.Generator``, a ``torch.Generator`` (one draw of it, which
+            advances its state, seeds the NumPy generator that draws the pairs) or an int seed;
+            None draws fresh entropy.
 
     Returns:
         MixPairs with ``perm`` (B,) int64 and ``lam`` (B,) float32, on the CPU.
