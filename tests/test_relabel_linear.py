@@ -181,3 +181,17 @@ def test_dead_unit_adds_nothing_to_the_product():
     model = fit("diag", z, y, 3)
     wt = linear_params_for(model)["w"].T
     assert (wt[4] == 0).all() and (wt[9] == 0).all()  # x_4^2 and x_4
+
+
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_labels_out_of_range_without_validation_write_nothing_outside_the_row(kind):
+    """validate=False promises undefined values, never a write out of bounds: the product form's
+    finish adds the mixup label's entries only for labels in [0, K)."""
+    model, z, y = model_for(kind, 5, 3)
+    zb, pairs, _ = batch(np.random.default_rng(1), z, y, 6, "sample")
+    out = np.zeros((8, 5), np.float32)  # rows 6, 7: guards; label 7 of the last row would land in row 6
+    view = out[:6]
+    fg.relabel(model, zb, pairs, np.array([0, 1, 2, 3, 4, 7]), 0.5, num_classes=5, backend="numba-cpu",
+               out=view, validate=False)
+    assert (out[6:] == 0).all()
+

@@ -313,7 +313,8 @@ def linear_finish(phi, err, scores, const, bias, quad, a, s, sbar, t, y, perm, l
     """The product's scores (K, B) -> targets (B, K): float64 logits (score + ``const``, the class
     constant and bias); where the row's bound ``err`` exceeds PRODUCT_TRUST (or a score is not
     finite: float32 overflow) every class within ``product_cutoff`` of the best is rescored exactly
-    (:func:`linear_exact` + ``bias``; tied reads the row's whitened y = L^T x); then the softmax,
+    (:func:`linear_exact` + ``bias``; tied reads the row's whitened y = L^T x from ``y``, (B, d)
+    when any row is flagged); then the softmax,
     the gamma blend and smoothing. Parallel over tiles of LINEAR_TILE samples; the common case runs
     as vectorised loops, the rescoring is the scalar exception."""
     b, k = out.shape
@@ -335,9 +336,11 @@ def linear_finish(phi, err, scores, const, bias, quad, a, s, sbar, t, y, perm, l
             lg = logits[q]
             finite = check[q] == 0.0
             best = finite_max(lg) if finite else np.inf
-            if not finite or not err[r] <= PRODUCT_TRUST:
+            # a score overflows only where |phi| |W| does, so its bound flags the row too: y is there
+            ready = quad or (y.shape[0] == b and y.shape[1] == t.shape[1])
+            if ready and (not finite or not err[r] <= PRODUCT_TRUST):
                 cut = product_cutoff(best, err[r]) if finite and err[r] < np.inf else -np.inf
-                yr = y[r] if not quad else y[0]
+                yr = y[0] if quad else y[r]  # diag: unused
                 for c in range(k):
                     if const[c] == NEG_INF:
                         lg[c] = LOWEST
@@ -355,8 +358,10 @@ def linear_finish(phi, err, scores, const, bias, quad, a, s, sbar, t, y, perm, l
             for c in range(k):
                 row[c] = row[c] * scale + add
             l = lam[r]
-            row[labels[r]] += gamma_c * l * keep  # the mixup label's two entries
-            row[labels[perm[r]]] += gamma_c * (ONE - l) * keep
+            ya, yb = labels[r], labels[perm[r]]
+            if 0 <= ya < k and 0 <= yb < k:  # the mixup label's two entries (labels unchecked with validate=False)
+                row[ya] += gamma_c * l * keep
+                row[yb] += gamma_c * (ONE - l) * keep
 
 
 def full_scores(z_mix, params, out, chunk_elements=1 << 20):
@@ -497,7 +502,7 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
             err = np.empty(b, np.float64)
             linear_bounds(phi, linear["mcol"], linear["wnorm"], err)
             none = linear["center"][None, :0]
-            y = none
+            y = none  # (1, 0): no precomputed y (diag never reads it)
             if not quad and not (err <= PRODUCT_TRUST).all():  # rows to rescore: y = L^T x, whitened
                 y = torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["chol"])).numpy()
             get = linear.get
