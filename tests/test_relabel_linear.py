@@ -195,3 +195,25 @@ def test_labels_out_of_range_without_validation_write_nothing_outside_the_row(ki
                out=view, validate=False)
     assert (out[6:] == 0).all()
 
+
+
+@pytest.mark.parametrize("d", [300, 1024])
+def test_repeated_features_round_coherently_within_the_documented_limit(d):
+    """The model behind ``math.linear_error`` assumes rounding errors that do not all go the same way.
+    Features that repeat one column break it: every term of a class's sum is the same float32
+    value, the BLAS's sequential accumulation rounds alike at every step and the error grows like
+    T (docs/MATH.md section 5 states this limit). It stays within u T / 8 M_s (the vector lanes
+    each sum a share of the terms), and the targets within the 1e-4 the trust level allows."""
+    rng = np.random.default_rng(d)
+    y = np.arange(40) % 2
+    col = (rng.standard_normal(y.size) * np.where(y == 0, 1.0, 1.3) + 0.2 * y).astype(np.float32)
+    model = fit("diag", np.ascontiguousarray(np.repeat(col[:, None], d, 1)), y, 2)
+    xs = rng.uniform(-3, 3, 64).astype(np.float32)
+    zb = np.ascontiguousarray(np.repeat(xs[:, None], d, 1))
+    pairs = fg.sample_pairs(64, 1.0, lam_mode="sample", generator=d)
+    t = 2 * d
+    assert error_ratio(model, "diag", zb, pairs) <= t / 8 / (np.sqrt(t) + 4)
+    labels = np.arange(64) % 2
+    want = reference(model, zb, pairs, labels, 1.0, 2, 0.0)
+    got = fg.relabel(model, zb, pairs, labels, 1.0, num_classes=2, backend="numba-cpu")
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)

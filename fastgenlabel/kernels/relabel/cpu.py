@@ -227,22 +227,23 @@ def linear_features(z, perm, lam, center, quad, phi):
 
 @njit(cache=True)
 def linear_exact(phi_row, c, quad, a, s, sbar, t, y):
-    """Class c's score in the product form with its class constant, exactly (float64) from the
-    float32 parameters: diag -1/2 sum_i s_ci (x_i - a_ci)^2 + 1/2 sbar_i x_i^2; tied
-    -1/2 ||y - t_c||^2 + 1/2 ||y||^2 with y = L^T x given (float32: its rounding is common to every
-    class)."""
+    """Class c's score in the product form with its class constant, in float64 from the float32
+    parameters and the float32 x (and, tied, y = L^T x as ``torch.mm`` rounded it): diag
+    -1/2 sum_i s_ci (x_i - a_ci)^2 + 1/2 sbar_i x_i^2; tied -1/2 ||y - t_c||^2 + 1/2 ||y||^2.
+    Written so that no term cancels against another however far out x is."""
     acc = 0.0
-    if quad:
+    if quad:  # sbar x^2 - s (x - a)^2 = (sbar - s) x^2 + s a (2x - a): no cancellation of x^2 terms
         d = a.shape[1]
         for i in range(d):
             x = np.float64(phi_row[d + i])
-            v = x - np.float64(a[c, i])
-            acc += np.float64(sbar[i]) * x * x - np.float64(s[c, i]) * v * v
-    else:
+            ai = np.float64(a[c, i])
+            si = np.float64(s[c, i])
+            acc += (np.float64(sbar[i]) - si) * x * x + si * ai * (x + x - ai)
+    else:  # y^2 - (y - t)^2 = t (2y - t)
         for j in range(t.shape[1]):
             yj = np.float64(y[j])
-            v = yj - np.float64(t[c, j])
-            acc += yj * yj - v * v
+            tj = np.float64(t[c, j])
+            acc += tj * (yj + yj - tj)
     return 0.5 * acc
 
 

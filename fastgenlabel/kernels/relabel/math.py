@@ -35,7 +35,8 @@ MAX_F32 = np.float32(np.finfo(np.float32).max)
 PRODUCT_GAMMA = np.float32(2e-6)
 # The diag/tied product form's (``linear.py``): at most LINEAR_GAMMA (sqrt(T) + 4) M_s
 # (:func:`linear_error`). Measured on the CPU (T = 2 to 4096, classes well mixed to far apart): at
-# most 0.46 u (sqrt(T) + 4) M_s (tests/test_relabel_linear.py), u = 2^-24; LINEAR_GAMMA = 2u.
+# most 0.46 u (sqrt(T) + 4) M_s (tests/test_relabel_linear.py), u = 2^-24; LINEAR_GAMMA = 2u. Features
+# that repeat one value round alike at every step and exceed it (error ~ u T / 16 M_s; MATH.md).
 LINEAR_GAMMA = np.float32(2.0 ** -23)
 PRODUCT_TRUST = np.float32(5e-4)
 PRODUCT_MARGIN = np.float32(30.0)
