@@ -436,3 +436,123 @@ def test_refusals():
     assert kernels.refuse_shape(relabel_params.RelabelParams("full", 1000, 64, True, {}), 100_000) is None
     assert kernels.quad_split_grid(100_000, 2144)[0] == 100_000  # the batch on x: up to 2^31 - 1 blocks
     assert kernels.refuse_shape(params_for(model), 4) is None
+
+
+# ---- the diag/tied product form on CUDA (linear.py): linear_split, split_scores, linear_finish -----
+
+def run_linear_glue(glue, model, zb, pairs, labels, gamma, eps):
+    """``_run_cuda`` with ``linear.policy("always")`` on poisoned output; checks that the product
+    form ran (its device arrays are cached on the model) and that the output is fully written."""
+    from fastgenlabel.kernels.relabel import _check_call, linear
+
+    b, k = zb.shape[0], model.num_classes
+    out = torch.full((b, k), float("nan"))
+    call = _check_call(model, torch.from_numpy(zb), pairs, torch.from_numpy(labels), gamma, k, eps, out, True)
+    with linear.policy("always"):
+        assert glue._run_cuda(call) is out
+    assert relabel_params._cache(model).linear_devices, "the product form did not run"
+    assert torch.isfinite(out).all(), "output not fully written"
+    return out.numpy()
+
+
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+@pytest.mark.parametrize("b,k,d,gamma,eps,empty", [(1, 2, 2, 1.0, 0.0, ()), (5, 19, 9, 0.5, 0.1, (3,)),
+                                                   (3, 3, 3, 0.0, 0.2, ()), (7, 11, 4, 1.0, 0.0, (0, 6))])
+def test_linear_product_form_matches_reference(fake_cuda_glue, kind, b, k, d, gamma, eps, empty):
+    """The CUDA product form of diag and tied through the torch glue: B = 1 and odd batches, K
+    not a multiple of TPB (8 here), empty classes, gamma 0 / 0.5 / 1, smoothing."""
+    model, z, y = make_model(kind, k, d, prior="empirical", empty=empty, seed=b + k + d)
+    zb, pairs, labels = batch(np.random.default_rng(b * 100 + k), z, y, b, "sample")
+    got = run_linear_glue(fake_cuda_glue, model, zb, pairs, labels, gamma, eps)
+    np.testing.assert_allclose(got, reference(model, zb, pairs, labels, gamma, eps), rtol=0, atol=ATOL[kind])
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    if gamma == 1.0 and eps == 0.0:
+        assert (got[:, list(empty)] == 0).all()
+
+
+def linear_inputs(model, kind, zb, pairs):
+    """The CPU form's phi, scores and per-row bounds (``cpu.relabel_host``), and phi's TF32
+    halves as ``linear_split`` lays them out (``linear.width`` wide)."""
+    from fastgenlabel.kernels.relabel import cpu, gemm, linear
+    from fastgenlabel.kernels.relabel.params import linear_params_for
+
+    lp = linear_params_for(model)
+    b = zb.shape[0]
+    phi = np.empty((b, lp["wt"].shape[0]), np.float32)
+    cpu.linear_features(zb, pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy(), lp["center"], kind == "diag", phi)
+    scores = (torch.from_numpy(phi) @ torch.from_numpy(lp["wt"])).numpy()
+    err = np.empty(b)
+    cpu.linear_bounds(phi, lp["mcol"], lp["wnorm"], err)
+    padded = np.zeros((b, linear.width(phi.shape[1])), np.float32)
+    padded[:, :phi.shape[1]] = phi
+    hi, lo = gemm.split_tf32(torch.from_numpy(padded))
+    return lp, phi, scores, err, torch.cat([hi, lo]).numpy()
+
+
+@cuda.jit
+def linear_row_only(halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, scores, logits):
+    """``linear_row`` alone (``linear_finish`` without its ``finish_row``), to see which logits it
+    rescores."""
+    ybuf = cuda.shared.array(0, float32)
+    red = cuda.shared.array(kernels.TPB, float64)
+    picked = cuda.shared.array(kernels.TPB, int32)
+    count = cuda.shared.array(1, int32)
+    kernels.linear_row(cuda.blockIdx.x, halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, scores, logits,
+                       ybuf, red, picked, count)
+
+
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+@pytest.mark.parametrize("spread", [0.0, 1000.0])
+def test_linear_row_rescores_what_the_cpu_rescores(kind, spread):
+    """``linear_row`` against the CPU's rule on the same scores: rows past the trust level have the
+    classes within the cutoff rescored exactly (to float64 rounding of the CPU's exact scores, diag;
+    tied's y is summed in float64 here, a float32 product there), the other logits are score + const
+    exactly. Classes 1,000 sd out flag every row and the rescoring moves the logits (the product
+    alone is off); spread 0 (well mixed classes) rescores nothing. Then ``linear_finish``, the
+    whole kernel, against the CPU's ``linear_finish`` (K = 12: two candidate rounds of TPB = 8)."""
+    from test_relabel import far_clusters
+
+    from fastgenlabel.kernels.relabel import cpu
+    from fastgenlabel.kernels.relabel import math as rm
+
+    if spread:
+        model, zb, labels, _ = far_clusters(kind, 12, 6, spread)
+    else:
+        model, z, y = make_model(kind, 12, 6, seed=4)
+        zb, _, labels = batch(np.random.default_rng(4), z, y, 5, "sample")
+    zb, labels = np.ascontiguousarray(zb[:5]), labels[:5].astype(np.int64)
+    pairs = fg.sample_pairs(5, 1.0, lam_mode="sample", generator=3)
+    lp, phi, scores, err, halves = linear_inputs(model, kind, zb, pairs)
+    assert (err > rm.PRODUCT_TRUST).all() if spread else (err <= rm.PRODUCT_TRUST).all()
+    bias = params_for(model).arrays["bias"]
+    quad = kind == "diag"
+    a = lp["a"] if quad else lp["t"]
+    extra = (lp["s"], lp["sbar"], a) if quad else (a, lp["mcol"], lp["chol"])
+    dev = [cuda.to_device(halves), int(quad), *(cuda.to_device(x) for x in (lp["mcol"], lp["wnorm"], lp["const"], bias,
+                                                                          a, *extra))]
+    logits = cuda.device_array(scores.shape, np.float64)
+    linear_row_only[5, kernels.TPB, 0, 4 * 6](*dev, cuda.to_device(scores), logits)
+    got = logits.copy_to_host()
+    approx = np.where(np.isfinite(lp["const"]), scores.astype(np.float64) + lp["const"], -np.inf)
+    cut = approx.max(1) - float(rm.PRODUCT_MARGIN) - 2 * err
+    picked = (err > rm.PRODUCT_TRUST)[:, None] & (approx >= cut[:, None]) & np.isfinite(lp["const"])[None]
+    assert picked.any() == bool(spread)
+    np.testing.assert_array_equal(got[~picked], approx[~picked])
+    y = phi.astype(np.float64) @ lp["chol"].astype(np.float64) if not quad else np.zeros((5, 0))
+    exact = np.array([[cpu.linear_exact(phi[r], c, quad, *(
+        (lp["a"], lp["s"], lp["sbar"], lp["a"]) if quad else (a, a, lp["mcol"], a)), y[r].astype(np.float32))
+        for c in range(12)] for r in range(5)]) + bias
+    np.testing.assert_allclose(got[picked], exact[picked], rtol=1e-12 if quad else 1e-6, atol=1e-9)
+    if spread:
+        assert np.abs(got[picked] - approx[picked]).max() > 1e-3
+
+    want = scores.copy()
+    g, keep, add = np.float32(0.9), np.float32(0.95), np.float32(0.05 / 12)
+    perm, lam = pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy()
+    none = lp["center"][None, :0]
+    cpu.linear_finish(phi, err, lp["const"], bias, quad, lp.get("a", none), lp.get("s", none), lp.get("sbar", none[0]),
+                      lp.get("t", none), y.astype(np.float32) if not quad else none, perm, lam, labels, g, keep, add, want)
+    out = cuda.to_device(scores)
+    kernels.linear_finish[5, kernels.TPB, 0, 4 * 6](dev[0], cuda.to_device(perm), cuda.to_device(lam), *dev[1:],
+                                                     cuda.to_device(labels), g, keep, add, logits, out)
+    np.testing.assert_allclose(out.copy_to_host(), want, rtol=0, atol=ATOL[kind])

@@ -52,6 +52,9 @@ target_value = _jit(rm.target_value)
 product_error = _jit(rm.product_error)
 product_cutoff = _jit(rm.product_cutoff)
 linear_error = _jit(rm.linear_error)
+linear_sum_bound = _jit(rm.linear_sum_bound)
+diag_exact_term = _jit(rm.diag_exact_term)
+tied_exact_term = _jit(rm.tied_exact_term)
 
 ONE = rm.ONE
 NEG_INF = rm.NEG_INF
@@ -233,14 +236,11 @@ def linear_exact(phi_row, c, quad, a, s, sbar, t, y):
     if quad:
         d = a.shape[1]
         for i in range(d):
-            x = np.float64(phi_row[d + i])
-            v = x - np.float64(a[c, i])
-            acc += np.float64(sbar[i]) * x * x - np.float64(s[c, i]) * v * v
+            acc += diag_exact_term(np.float64(phi_row[d + i]), np.float64(a[c, i]), np.float64(s[c, i]),
+                                   np.float64(sbar[i]))
     else:
         for j in range(t.shape[1]):
-            yj = np.float64(y[j])
-            v = yj - np.float64(t[c, j])
-            acc += yj * yj - v * v
+            acc += tied_exact_term(np.float64(y[j]), np.float64(t[c, j]))
     return 0.5 * acc
 
 
@@ -300,7 +300,7 @@ def linear_bounds(phi, mcol, wnorm, err):
             v = np.float64(phi[r, j])
             by_column += abs(v) * mcol[j]
             norm2 += v * v
-        err[r] = linear_error(min(by_column, np.sqrt(norm2) * wnorm[0]), width)
+        err[r] = linear_error(linear_sum_bound(by_column, norm2, wnorm[0]), width)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)

@@ -35,7 +35,10 @@ MAX_F32 = np.float32(np.finfo(np.float32).max)
 PRODUCT_GAMMA = np.float32(2e-6)
 # The diag/tied product form's (``linear.py``): at most LINEAR_GAMMA (sqrt(T) + 4) M_s
 # (:func:`linear_error`). Measured on the CPU (T = 2 to 4096, classes well mixed to far apart): at
-# most 0.46 u (sqrt(T) + 4) M_s (tests/test_relabel_linear.py), u = 2^-24; LINEAR_GAMMA = 2u.
+# most 0.46 u (sqrt(T) + 4) M_s (tests/test_relabel_linear.py), u = 2^-24; LINEAR_GAMMA = 2u. That is
+# plain float32 products; on a GPU the split-TF32 tensor-core products (three products of the
+# halves, the dropped lo x lo term, accumulation that need not round to nearest) must be measured
+# against it, as for PRODUCT_GAMMA: the GPU test in tests/test_relabel_linear.py does.
 LINEAR_GAMMA = np.float32(2.0 ** -23)
 PRODUCT_TRUST = np.float32(5e-4)
 PRODUCT_MARGIN = np.float32(30.0)
@@ -73,6 +76,26 @@ def linear_error(m_s, width):
     accumulated rounding of the sum, which grows like sqrt(T) in the probabilistic model of
     rounding errors (Higham and Mary, 2019) and was measured to (docs/MATH.md section 5)."""
     return LINEAR_GAMMA * (math.sqrt(width) + 4) * m_s
+
+
+def linear_sum_bound(by_column, norm2, wnorm):
+    """M_s of one row of phi for :func:`linear_error`: min(``by_column`` = sum_j |phi_j| max_c
+    |W_cj|, sqrt(``norm2`` = ||phi||^2) x ``wnorm`` = max_c ||W_c||). NaN if phi is."""
+    return min(by_column, math.sqrt(norm2) * wnorm)
+
+
+def diag_exact_term(x, a, s, sbar):
+    """Twice feature i's term of a diag class's exact score in the product form (``linear.py``):
+    sbar_i x_i^2 - s_ci (x_i - a_ci)^2 (the shared -sbar_i x_i^2 / 2 of the raw score added back)."""
+    v = x - a
+    return sbar * x * x - s * v * v
+
+
+def tied_exact_term(y, t):
+    """Twice coordinate j's term of a tied class's exact score in the product form: y_j^2 -
+    (y_j - t_cj)^2, y = L^T x (the shared -||y||^2 / 2 added back)."""
+    v = y - t
+    return y * y - v * v
 
 
 def product_cutoff(best, err):
