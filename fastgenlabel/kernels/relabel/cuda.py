@@ -538,8 +538,8 @@ def linear_row(s, halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, sco
     is not finite (then every live class), the classes at or above ``product_cutoff`` are gathered in
     ``picked``, TPB at a time, and each is scored again exactly by the whole block: diag from x =
     phi[d:] and the class's a, s (``sv``), sbar; tied from y = L^T x (``chol``), computed once into
-    ``ybuf`` (d float32), and the class's t (passed as ``a``). Thread ``tid`` owns the classes
-    c = tid (mod TPB), as in ``finish_row``."""
+    ``ybuf`` (d float32), and the class's t (passed as ``a``); such a row's logits are then stored
+    relative to its largest. Thread ``tid`` owns the classes c = tid (mod TPB), as in ``finish_row``."""
     k = scores.shape[1]
     width = mcol.shape[0]
     d = a.shape[1]
@@ -599,7 +599,17 @@ def linear_row(s, halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, sco
             total = block_sum(red, part)
             if tid == 0:
                 logits[s, cc] = HALF * total + bias[cc]
-        cuda.syncthreads()  # count and picked are rewritten next round; logits are final for finish_row
+        cuda.syncthreads()  # count and picked are rewritten next round
+    # Relative to the row's largest (as the CPU stores them): an exact score can pass float32's range
+    # (|z| ~ 1e30), where finish_row would clamp it.
+    best = -math.inf
+    for c in range(tid, k, TPB):
+        if logits[s, c] > best:
+            best = logits[s, c]
+    best = block_max(red, best)
+    if best - best == 0.0:  # finite; uniform
+        for c in range(tid, k, TPB):
+            logits[s, c] -= best
 
 
 @cuda.jit(cache=True)
