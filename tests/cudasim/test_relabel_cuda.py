@@ -22,8 +22,8 @@ import fastgenlabel as fg  # noqa: E402
 from fastgenlabel.kernels import BackendError  # noqa: E402
 from fastgenlabel.kernels._interop import cuda_modules  # noqa: E402
 from fastgenlabel.kernels.relabel import cuda as kernels  # noqa: E402
+from fastgenlabel.kernels.relabel import linear, params_for, relabel  # noqa: E402
 from fastgenlabel.kernels.relabel import params as relabel_params  # noqa: E402
-from fastgenlabel.kernels.relabel import params_for, relabel  # noqa: E402
 
 cuda = cuda_modules()
 ATOL = {"diag": 1e-5, "tied": 1e-5, "full": 5e-5, "kde": 1e-5}
@@ -324,7 +324,8 @@ def test_huge_features_give_the_cpu_kernels_targets_never_nan(kind):
     labels = np.array([0, 2])
     got = run_device(model, zb, pairs, labels, 0.5, 0.0)
     assert np.isfinite(got).all()
-    want = fg.relabel(model, zb, pairs, labels, 0.5, num_classes=3, backend="numba-cpu")
+    with linear.policy("never"):  # the CPU's fused kernels (its product form rescores diag in float64)
+        want = fg.relabel(model, zb, pairs, labels, 0.5, num_classes=3, backend="numba-cpu")
     np.testing.assert_allclose(got, want, atol=1e-6)
     if kind == "diag":
         np.testing.assert_allclose(got, [[0.25, 0, 0.75], [0, 0, 1]], atol=1e-6)
@@ -443,7 +444,7 @@ def test_refusals():
 def run_linear_glue(glue, model, zb, pairs, labels, gamma, eps):
     """``_run_cuda`` with ``linear.policy("always")`` on poisoned output; checks that the product
     form ran (its device arrays are cached on the model) and that the output is fully written."""
-    from fastgenlabel.kernels.relabel import _check_call, linear
+    from fastgenlabel.kernels.relabel import _check_call
 
     b, k = zb.shape[0], model.num_classes
     out = torch.full((b, k), float("nan"))
@@ -471,9 +472,11 @@ def test_linear_product_form_matches_reference(fake_cuda_glue, kind, b, k, d, ga
 
 
 def linear_inputs(model, kind, zb, pairs):
-    """The CPU form's phi, scores and per-row bounds (``cpu.relabel_host``), and phi's TF32
+    """The CPU form's phi and scores (``cpu.relabel_host``), the CUDA form's per-row bounds
+    (``math.split_linear_error``, from ``cpu.linear_bounds``' ``linear_error``), and phi's TF32
     halves as ``linear_split`` lays them out (``linear.width`` wide)."""
     from fastgenlabel.kernels.relabel import cpu, gemm, linear
+    from fastgenlabel.kernels.relabel import math as rm
     from fastgenlabel.kernels.relabel.params import linear_params_for
 
     lp = linear_params_for(model)
@@ -483,6 +486,7 @@ def linear_inputs(model, kind, zb, pairs):
     scores = (torch.from_numpy(phi) @ torch.from_numpy(lp["wt"])).numpy()
     err = np.empty(b)
     cpu.linear_bounds(phi, lp["mcol"], lp["wnorm"], err)
+    err = rm.split_linear_error(err / rm.linear_error(1.0, phi.shape[1]), phi.shape[1])
     padded = np.zeros((b, linear.width(phi.shape[1])), np.float32)
     padded[:, :phi.shape[1]] = phi
     hi, lo = gemm.split_tf32(torch.from_numpy(padded))

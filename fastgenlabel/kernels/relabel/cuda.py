@@ -82,7 +82,7 @@ mixup_mass = _dev(rm.mixup_mass)
 target_value = _dev(rm.target_value)
 product_error = _dev(rm.product_error)
 product_cutoff = _dev(rm.product_cutoff)
-linear_error = _dev(rm.linear_error)
+split_linear_error = _dev(rm.split_linear_error)
 linear_sum_bound = _dev(rm.linear_sum_bound)
 diag_exact_term = _dev(rm.diag_exact_term)
 tied_exact_term = _dev(rm.tied_exact_term)
@@ -534,7 +534,8 @@ def linear_row(s, halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, sco
                count):
     """The diag/tied product's scores of sample ``s`` (``scores``) -> its float64 logits, made exact
     where they may be off, as ``cpu.linear_bounds`` + ``cpu.linear_finish``; every thread of the block
-    calls it. The row's bound from phi (``halves``, hi + lo); above ``PRODUCT_TRUST``, or when a score
+    calls it. The row's bound (``split_linear_error``: the split products') from phi (``halves``, hi +
+    lo); above ``PRODUCT_TRUST``, or when a score
     is not finite (then every live class), the classes at or above ``product_cutoff`` are gathered in
     ``picked``, TPB at a time, and each is scored again exactly by the whole block: diag from x =
     phi[d:] and the class's a, s (``sv``), sbar; tied from y = L^T x (``chol``), computed once into
@@ -551,7 +552,7 @@ def linear_row(s, halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, sco
         by_column += abs(v) * mcol[j]
         norm2 += v * v
     by_column = block_sum(red, by_column)
-    err = linear_error(linear_sum_bound(by_column, block_sum(red, norm2), wnorm[0]), width)
+    err = split_linear_error(linear_sum_bound(by_column, block_sum(red, norm2), wnorm[0]), width)
     best = -math.inf
     bad = 0.0  # 1 where a score is not finite (float32 overflow)
     for c in range(tid, k, TPB):
