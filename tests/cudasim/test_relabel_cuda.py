@@ -606,3 +606,31 @@ def test_linear_product_form_huge_features_never_nan(fake_cuda_glue, kind, scale
     if scale == 1e30:
         want = fg.relabel(model, zb, pairs, labels, 0.5, num_classes=3, backend="numba-cpu")
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: under the simulator the tests above run the glue")
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_linear_product_form_on_the_gpu(kind):
+    """The CUDA product form through ``relabel`` on a GPU (torch tensors, streams, cuBLAS's
+    split-TF32 products): the shapes of the simulator's glue tests plus K = 300, d = 64, the dead
+    unit at 3 and 30 and classes 1,000 sd out (tests/test_relabel.py's tolerances)."""
+    from test_relabel import dead_feature, far_clusters
+
+    cases = []
+    for b, k, d, gamma, eps, empty in [(1, 2, 2, 1.0, 0.0, ()), (5, 19, 9, 0.5, 0.1, (3,)), (3, 3, 3, 0.0, 0.2, ()),
+                                       (7, 300, 64, 1.0, 0.0, (0, 6))]:
+        model, z, y = make_model(kind, k, d, prior="empirical", empty=empty, seed=b + k + d)
+        zb, pairs, labels = batch(np.random.default_rng(b * 100 + k), z, y, b, "sample")
+        cases.append((model, zb, pairs, labels, gamma, eps, ATOL[kind]))
+    for fire in (3.0, 30.0):
+        model, zb, labels, pairs = dead_feature(kind, fire)
+        cases.append((model, zb, pairs, labels, 1.0, 0.0, ATOL[kind]))
+    model, zb, labels, pairs = far_clusters(kind, 32, 48, 1000.0)
+    cases.append((model, zb, pairs, labels, 1.0, 0.0, 2e-4))
+    for model, zb, pairs, labels, gamma, eps, atol in cases:
+        want = reference(model, zb, pairs, labels.astype(np.int64), gamma, eps)
+        with linear.policy("always"):
+            got = relabel(model, torch.from_numpy(zb).cuda(), pairs.to("cuda"), torch.from_numpy(labels).cuda(), gamma,
+                          num_classes=model.num_classes, smoothing=eps, backend="numba-cuda")
+        assert relabel_params._cache(model).linear_devices, "the product form did not run"
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=0, atol=atol)
