@@ -28,6 +28,11 @@ no kernel makes a B x K x d intermediate.
 - ``refine_finish`` (after the product): one block per sample bounds the product's error from
   |z_mix - m| and, where it may matter, scores the classes near the best logit again exactly
   (the factor form, as ``tri_scores`` computes it), then turns the row into targets.
+- ``linear_split`` and ``linear_finish`` (diag and tied with ``linear.policy("always")``): the
+  same pattern for their product form (``linear.py``): phi = [x^2, x] or x as TF32 halves, one
+  thread per element; after cuBLAS's products, one block per sample bounds the error
+  (``math.split_linear_error``), rescores exactly (float64) the classes near the best where it
+  may matter, then makes the targets.
 - ``finish`` (the full factor form and KDE): one block per sample, threads over classes:
   block-level max and sum reductions for the softmax of the logits, then the gamma blend and
   label smoothing, into ``out``.
@@ -38,7 +43,8 @@ the same huge term to every class's score (4.5e6 nats for a dead unit at 30 with
 float32 scores lose the digits the targets depend on (up to 0.11 of them, measured).
 The per-feature arithmetic stays float32; float64 is one add per term and the per-row
 reductions: full rate / 2 on H100/H200, slower on GPUs with 1/64-rate float64. The PTX for sm_90
-has no local-memory traffic and no spills (40-80 registers per thread, ``ptxas -v``).
+has no local-memory traffic and no spills (22-128 registers per thread, ``ptxas -v``,
+``bench/ptx_report.py``).
 
 Block sizes are compile-time constants; under the simulator (``NUMBA_ENABLE_CUDASIM=1``) they are
 tiny so that every strided loop and partial tile runs. Nothing here launches or compiles at

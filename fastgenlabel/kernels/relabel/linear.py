@@ -18,10 +18,11 @@ second by Cauchy-Schwarz, tighter for in-distribution rows). Rows whose bound ex
 ``PRODUCT_TRUST`` get the classes within reach of the best rescored exactly in float64
 (``cpu.linear_finish``).
 
-On CUDA (POLICY "always"; "auto" keeps the fused kernel there, one launch, until a GPU has timed
-both): ``cuda.linear_split`` writes phi's TF32 halves [hi; lo] (2B, width) in one pass, cuBLAS's
-tensor cores multiply them by W's halves (``gemm.split_scores``), and ``cuda.linear_finish``, a
-block per sample, bounds and rescores as the CPU does, then makes the targets.
+On CUDA (POLICY "always"; "auto" keeps the fused kernel there, one launch against five, until a
+GPU has timed both): ``cuda.linear_split`` writes phi's TF32 halves [hi; lo] (2B, width) in one
+pass, cuBLAS's tensor cores multiply them by W's halves (``gemm.split_scores``), and
+``cuda.linear_finish``, a block per sample, bounds them (``math.split_linear_error``: the split
+drops lo x lo), rescores as the CPU does and makes the targets.
 """
 from __future__ import annotations
 
