@@ -238,3 +238,22 @@ def test_dead_unit_adds_nothing_to_the_product():
     model = fit("diag", z, y, 3)
     wt = linear_params_for(model)["wt"]
     assert (wt[4] == 0).all() and (wt[9] == 0).all()  # x_4^2 and x_4
+
+
+def test_cuda_form_packs_w_as_exact_tf32_halves_once_per_fit():
+    """``linear_params_for(model, device)``: W^T's transpose as TF32-exact halves summing to it
+    exactly, zero padded to ``linear.width``; packed once per fit, packed again after a refit."""
+    from fastgenlabel.kernels.relabel import gemm
+
+    model, z, y = model_for("diag", 5, 7)
+    host = linear_params_for(model)
+    dev = linear_params_for(model, "cpu")
+    assert dev is linear_params_for(model, "cpu")
+    t = host["wt"].shape[0]
+    assert dev["w_hi"].shape == (5, linear.width(t)) == (5, gemm.ALIGN) and "wt" not in dev
+    assert ((dev["w_hi"].numpy().view(np.int32) & 0x1FFF) == 0).all()
+    np.testing.assert_array_equal((dev["w_hi"] + dev["w_lo"]).numpy()[:, :t], host["wt"].T)
+    assert not dev["w_hi"][:, t:].any() and not dev["w_lo"][:, t:].any()
+    np.testing.assert_array_equal(dev["const"].numpy(), host["const"])
+    model.fit(z, y, 5)
+    assert linear_params_for(model, "cpu") is not dev

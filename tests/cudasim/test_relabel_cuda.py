@@ -634,3 +634,18 @@ def test_linear_product_form_on_the_gpu(kind):
                           num_classes=model.num_classes, smoothing=eps, backend="numba-cuda")
         assert relabel_params._cache(model).linear_devices, "the product form did not run"
         np.testing.assert_allclose(got.cpu().numpy(), want, rtol=0, atol=atol)
+
+
+def test_linear_scores_ready_needs_the_product_arrays():
+    """diag/tied with ``scores_ready`` read the product form's arrays: without them, a clear error
+    (gamma 0 reads no scores and needs none)."""
+    model, z, y = make_model("diag", 3, 2)
+    zb, pairs, labels = batch(np.random.default_rng(0), z, y, 2, "batch")
+    params = params_for(model)
+    arrays = {name: cuda.to_device(a) for name, a in params.arrays.items()}
+    args = [cuda.to_device(a) for a in (zb, pairs.perm.numpy(), pairs.lam.numpy(), labels)]
+    out = cuda.to_device(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="linear: diag/tied scores_ready needs"):
+        kernels.relabel_device(params, arrays, *args, 1.0, 0.0, out, scores_ready=True)
+    kernels.relabel_device(params, arrays, *args, 0.0, 0.1, out, scores_ready=True)
+    np.testing.assert_allclose(out.copy_to_host(), reference(model, zb, pairs, labels, 0.0, 0.1), atol=1e-6)
