@@ -44,62 +44,18 @@ def exact_scores(arrays, kind, phi) -> np.ndarray:
     return 0.5 * ((y * y).sum(1)[:, None] - ((y[:, None, :] - p["t"][None]) ** 2).sum(2))
 
 
-def split_product(model, kind, zb, pairs, device) -> tuple[np.ndarray, np.ndarray]:
-    """(phi, scores) of the CUDA form's split-TF32 products (``gemm.split_scores`` of phi's and W's
-    TF32 halves): on "cuda" phi's halves by ``cuda.linear_split`` and tensor cores, as ``_run_cuda``
-    with POLICY "always"; on "cpu" the same three products in plain float32 (phi split by torch)."""
-    from fastgenlabel.kernels.relabel import gemm
-
-    lp = linear_params_for(model, device)
-    b, width = zb.shape[0], linear_params_for(model)["wt"].shape[0]
-    if device == "cpu":
-        phi = torch.zeros((b, lp["w_hi"].shape[1]))
-        phi[:, :width] = torch.from_numpy(features(linear_params_for(model), kind, zb, pairs))
-        halves = torch.cat(gemm.split_tf32(phi))
-    else:
-        zt, lam = torch.from_numpy(zb).to(device), pairs.lam.to(device, torch.float32)
-        halves = linear.split_features(lp, zt, pairs.perm.to(device), lam, kind == "diag")
-    out = gemm.split_scores(lp, halves, torch.empty((b, model.num_classes), device=device))
-    return (halves[:b] + halves[b:])[:, :width].cpu().numpy(), out.cpu().numpy()
-
-
-def error_ratio(model, kind, zb, pairs, device=None) -> float:
+def error_ratio(model, kind, zb, pairs) -> float:
     """max over (sample, class) of |product score - exact score| / (u (sqrt(T) + 4) M_s): the
-    measured counterpart of LINEAR_GAMMA / u (math.linear_error). With ``device``, the CUDA form's
-    split-TF32 products there (:func:`split_product`) instead of the CPU form's float32 one, and the
-    error over their bound, ``math.split_linear_error``."""
+    measured counterpart of LINEAR_GAMMA / u (math.linear_error)."""
     arrays = linear_params_for(model)
-    if device is None:
-        phi = features(arrays, kind, zb, pairs)
-        approx = torch.mm(torch.from_numpy(phi), torch.from_numpy(arrays["wt"])).numpy().astype(np.float64)
-    else:
-        phi, approx = split_product(model, kind, zb, pairs, device)
-        approx = approx.astype(np.float64)
+    phi = features(arrays, kind, zb, pairs)
+    approx = torch.mm(torch.from_numpy(phi), torch.from_numpy(arrays["wt"])).numpy().astype(np.float64)
     bias = params_for(model).arrays["bias"]
     live = np.isfinite(arrays["const"])
     approx = approx + (arrays["const"] - bias)  # the class constant, without the bias
     exact = exact_scores(arrays, kind, phi)
-    m_s = bound_sum(arrays, phi)
-    scale = U * (np.sqrt(phi.shape[1]) + 4) * m_s if device is None else rm.split_linear_error(m_s, phi.shape[1])
+    scale = U * (np.sqrt(phi.shape[1]) + 4) * bound_sum(arrays, phi)
     return float((np.abs(approx - exact)[:, live] / scale[:, None]).max())
-
-
-SPLIT_CASES = [(10, 1, 1.5), (50, 7, 1.5), (1000, 64, 0.3), (100, 256, 3.0), (30, 96, 30.0)]
-
-
-@pytest.mark.parametrize("kind", ["diag", "tied"])
-def test_split_products_stay_under_their_bound(kind):
-    """The CUDA form's three products of TF32 halves, in plain float32 on the CPU: the dropped
-    lo x lo and the extra roundings take them past ``linear_error`` (10 u M_s at T = 1, tied), so
-    CUDA bounds them by ``split_linear_error``; the measured error stays under half of it (math.py's
-    figure: 0.39)."""
-    worst = 0.0
-    for k, d, sep in SPLIT_CASES:
-        rng = np.random.default_rng(k * d)
-        z, y = make_data(rng, k, d, 8 if k > 100 else 30, sep=sep)
-        zb, pairs, _ = batch(rng, z, y, 64, "sample")
-        worst = max(worst, error_ratio(fit(kind, z, y, k), kind, zb, pairs, device="cpu"))
-    assert 0 < worst <= 0.5, worst
 
 
 def bound_sum(arrays, phi) -> np.ndarray:
@@ -107,6 +63,84 @@ def bound_sum(arrays, phi) -> np.ndarray:
     p64 = phi.astype(np.float64)
     by_column = np.abs(p64) @ arrays["mcol"].astype(np.float64)
     return np.minimum(by_column, np.sqrt((p64 * p64).sum(1)) * arrays["wnorm"][0])
+
+
+# ---- the CUDA form's split-TF32 products (linear.py: linear_split, gemm.split_scores) -------------
+
+def split_error_fraction(model, kind, zb, pairs, device) -> float:
+    """max over (sample, class) of |split product score - exact score| / ``math.split_linear_error``:
+    the CUDA form's products of phi's and W's TF32 halves (``gemm.split_scores``) against their
+    bound. On "cuda" phi's halves by ``cuda.linear_split`` and tensor cores, as ``_run_cuda`` with
+    POLICY "always"; on "cpu" the same three products in plain float32 (phi split by torch)."""
+    from fastgenlabel.kernels.relabel import gemm
+
+    host, lp = linear_params_for(model), linear_params_for(model, device)
+    b, width = zb.shape[0], host["mcol"].shape[0]
+    if device == "cpu":
+        phi = torch.zeros((b, lp["w_hi"].shape[1]))
+        phi[:, :width] = torch.from_numpy(features(host, kind, zb, pairs))
+        halves = torch.cat(gemm.split_tf32(phi))
+    else:
+        zt, lam = torch.from_numpy(zb).to(device), pairs.lam.to(device, torch.float32)
+        halves = linear.split_features(lp, zt, pairs.perm.to(device), lam, kind == "diag")
+    out = gemm.split_scores(lp, halves, torch.empty((b, model.num_classes), device=device))
+    phi = (halves[:b] + halves[b:])[:, :width].cpu().numpy()
+    approx = out.cpu().numpy().astype(np.float64) + (host["const"] - params_for(model).arrays["bias"])
+    live = np.isfinite(host["const"])
+    bound = rm.split_linear_error(bound_sum(host, phi), width)
+    return float((np.abs(approx - exact_scores(host, kind, phi))[:, live] / bound[:, None]).max())
+
+
+SPLIT_CASES = [(10, 1, 1.5), (50, 7, 1.5), (1000, 64, 0.3), (100, 256, 3.0), (30, 96, 30.0)]
+
+
+def split_worst(kind, cases, device):
+    worst = (0.0, None)
+    for k, d, sep in cases:
+        rng = np.random.default_rng(k * d)
+        z, y = make_data(rng, k, d, 8 if k > 100 else 30, sep=sep)
+        zb, pairs, _ = batch(rng, z, y, 64, "sample")
+        worst = max(worst, (split_error_fraction(fit(kind, z, y, k), kind, zb, pairs, device), (k, d, sep)))
+    return worst
+
+
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_split_products_stay_under_their_bound(kind):
+    """The CUDA form's three products of TF32 halves, in plain float32 on the CPU: the dropped
+    lo x lo and the extra roundings take them past ``linear_error`` (10.2 u M_s at T = 1, tied),
+    so CUDA bounds them by ``split_linear_error``; the measured error stays under half of it
+    (math.py's figure: 0.39)."""
+    worst = split_worst(kind, SPLIT_CASES, "cpu")
+    assert 0 < worst[0] <= 0.5, worst
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the split-TF32 products are measured on a GPU")
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_product_error_stays_under_the_bound_on_the_gpu(kind):
+    """The same on a GPU (tensor-core accumulation need not round to nearest; the bound's constants
+    were measured on the CPU), on the models above and d = 2048 (T = 4096)."""
+    worst = split_worst(kind, [*SPLIT_CASES, (8, 2048, 1.5)], "cuda")
+    print(f"GPU linear product error / split_linear_error, {kind}: {worst[0]:.3f} at (K, d, sep) = {worst[1]}")
+    assert 0 < worst[0] <= 0.5, worst
+
+
+def test_cuda_form_packs_w_as_exact_tf32_halves_once_per_fit():
+    """``linear_params_for(model, device)``: W as TF32-exact halves summing to it exactly, zero
+    padded to ``linear.width``; packed once per fit, packed again after a refit."""
+    from fastgenlabel.kernels.relabel import gemm
+
+    model, z, y = model_for("diag", 5, 7)
+    host = linear_params_for(model)
+    dev = linear_params_for(model, "cpu")
+    assert dev is linear_params_for(model, "cpu")
+    t = host["mcol"].shape[0]
+    assert dev["w_hi"].shape == (5, linear.width(t)) == (5, gemm.ALIGN)
+    assert ((dev["w_hi"].numpy().view(np.int32) & 0x1FFF) == 0).all()
+    np.testing.assert_array_equal((dev["w_hi"] + dev["w_lo"]).numpy()[:, :t], linear.weights(host))
+    assert not dev["w_hi"][:, t:].any() and not dev["w_lo"][:, t:].any()
+    np.testing.assert_array_equal(dev["const"].numpy(), host["const"])
+    model.fit(z, y, 5)
+    assert linear_params_for(model, "cpu") is not dev
 
 
 @pytest.mark.parametrize("kind", ["diag", "tied"])
@@ -121,24 +155,6 @@ def test_product_error_stays_under_the_bound_with_its_margin(kind, k, d, sep):
     ratio = error_ratio(model, kind, zb, pairs)
     assert ratio <= rm.LINEAR_GAMMA / U / LINEAR_MARGIN, ratio
     assert ratio > 0  # the product does round: the check measures something
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the split-TF32 products are measured on a GPU")
-@pytest.mark.parametrize("kind", ["diag", "tied"])
-def test_product_error_stays_under_the_bound_on_the_gpu(kind):
-    """The CUDA form's products on a GPU (TF32 halves, three products in two, tensor-core
-    accumulation that need not round to nearest), on the models above and d = 2048 (T = 4096):
-    the measured error over ``math.split_linear_error``, whose constants were measured on the CPU,
-    stays under half of it there."""
-    worst = (0.0, None)
-    for k, d, sep in [*SPLIT_CASES, (8, 2048, 1.5)]:
-        rng = np.random.default_rng(k * d)
-        z, y = make_data(rng, k, d, 8 if k > 100 else 30, sep=sep)
-        model = fit(kind, z, y, k)
-        zb, pairs, _ = batch(rng, z, y, 64, "sample")
-        worst = max(worst, (error_ratio(model, kind, zb, pairs, device="cuda"), (k, d, sep)))
-    print(f"GPU linear product error / split_linear_error, {kind}: {worst[0]:.3f} at (K, d, sep) = {worst[1]}")
-    assert 0 < worst[0] <= 0.5, worst
 
 
 @pytest.mark.slow
@@ -238,22 +254,3 @@ def test_dead_unit_adds_nothing_to_the_product():
     model = fit("diag", z, y, 3)
     wt = linear_params_for(model)["wt"]
     assert (wt[4] == 0).all() and (wt[9] == 0).all()  # x_4^2 and x_4
-
-
-def test_cuda_form_packs_w_as_exact_tf32_halves_once_per_fit():
-    """``linear_params_for(model, device)``: W^T's transpose as TF32-exact halves summing to it
-    exactly, zero padded to ``linear.width``; packed once per fit, packed again after a refit."""
-    from fastgenlabel.kernels.relabel import gemm
-
-    model, z, y = model_for("diag", 5, 7)
-    host = linear_params_for(model)
-    dev = linear_params_for(model, "cpu")
-    assert dev is linear_params_for(model, "cpu")
-    t = host["wt"].shape[0]
-    assert dev["w_hi"].shape == (5, linear.width(t)) == (5, gemm.ALIGN) and "wt" not in dev
-    assert ((dev["w_hi"].numpy().view(np.int32) & 0x1FFF) == 0).all()
-    np.testing.assert_array_equal((dev["w_hi"] + dev["w_lo"]).numpy()[:, :t], host["wt"].T)
-    assert not dev["w_hi"][:, t:].any() and not dev["w_lo"][:, t:].any()
-    np.testing.assert_array_equal(dev["const"].numpy(), host["const"])
-    model.fit(z, y, 5)
-    assert linear_params_for(model, "cpu") is not dev

@@ -475,15 +475,15 @@ def linear_inputs(model, kind, zb, pairs):
     """The CPU form's phi and scores (``cpu.relabel_host``), the CUDA form's per-row bounds
     (``math.split_linear_error``, from ``cpu.linear_bounds``' ``linear_error``), and phi's TF32
     halves as ``linear_split`` lays them out (``linear.width`` wide)."""
-    from fastgenlabel.kernels.relabel import cpu, gemm, linear
+    from fastgenlabel.kernels.relabel import cpu, gemm
     from fastgenlabel.kernels.relabel import math as rm
     from fastgenlabel.kernels.relabel.params import linear_params_for
 
     lp = linear_params_for(model)
     b = zb.shape[0]
-    phi = np.empty((b, lp["wt"].shape[0]), np.float32)
+    phi = np.empty((b, lp["mcol"].shape[0]), np.float32)
     cpu.linear_features(zb, pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy(), lp["center"], kind == "diag", phi)
-    scores = (torch.from_numpy(phi) @ torch.from_numpy(lp["wt"])).numpy()
+    scores = (torch.from_numpy(phi) @ torch.from_numpy(linear.weights(lp)).T).numpy()
     err = np.empty(b)
     cpu.linear_bounds(phi, lp["mcol"], lp["wnorm"], err)
     err = rm.split_linear_error(err / rm.linear_error(1.0, phi.shape[1]), phi.shape[1])
@@ -509,11 +509,12 @@ def linear_row_only(halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, s
 @pytest.mark.parametrize("spread", [0.0, 1000.0])
 def test_linear_row_rescores_what_the_cpu_rescores(kind, spread):
     """``linear_row`` against the CPU's rule on the same scores: rows past the trust level have the
-    classes within the cutoff rescored exactly (to float64 rounding of the CPU's exact scores, diag;
-    tied's y is summed in float64 here, a float32 product there), the other logits are score + const
-    exactly. Classes 1,000 sd out flag every row and the rescoring moves the logits (the product
-    alone is off); spread 0 (well mixed classes) rescores nothing. Then ``linear_finish``, the
-    whole kernel, against the CPU's ``linear_finish`` (K = 12: two candidate rounds of TPB = 8)."""
+    classes within the cutoff rescored exactly (as ``cpu.linear_exact``: to float64 rounding for
+    diag; tied's y, float64 sums rounded to float32, may differ by an ulp), then the row is stored
+    relative to its largest; the other rows' logits are score + const exactly. Classes 1,000 sd
+    out flag every row and the rescoring moves the logits (the product alone is off); spread 0
+    (well mixed classes) rescores nothing. Then ``linear_finish``, the whole kernel, against
+    ``cpu.finish`` of those logits (K = 12: two candidate rounds of TPB = 8)."""
     from test_relabel import far_clusters
 
     from fastgenlabel.kernels.relabel import cpu
@@ -555,16 +556,14 @@ def test_linear_row_rescores_what_the_cpu_rescores(kind, spread):
         rel = approx - approx.max(1, keepdims=True)
         assert np.abs(got[picked] - rel[picked]).max() > 1e-2
 
-    want = scores.copy()
+    targets = (want - want.max(1, keepdims=True)).astype(np.float32)
     g, keep, add = np.float32(0.9), np.float32(0.95), np.float32(0.05 / 12)
     perm, lam = pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy()
-    none = lp["center"][None, :0]
-    cpu.linear_finish(phi, err, lp["const"], bias, quad, lp.get("a", none), lp.get("s", none), lp.get("sbar", none[0]),
-                      lp.get("t", none), y.astype(np.float32) if not quad else none, perm, lam, labels, g, keep, add, want)
+    cpu.finish(perm, lam, labels, g, keep, add, targets)
     out = cuda.to_device(scores)
     kernels.linear_finish[5, kernels.TPB, 0, 4 * 6](dev[0], cuda.to_device(perm), cuda.to_device(lam), *dev[1:],
                                                      cuda.to_device(labels), g, keep, add, logits, out)
-    np.testing.assert_allclose(out.copy_to_host(), want, rtol=0, atol=ATOL[kind])
+    np.testing.assert_allclose(out.copy_to_host(), targets, rtol=0, atol=ATOL[kind])
 
 
 @pytest.mark.parametrize("kind", ["diag", "tied"])

@@ -52,7 +52,6 @@ target_value = _jit(rm.target_value)
 product_error = _jit(rm.product_error)
 product_cutoff = _jit(rm.product_cutoff)
 linear_error = _jit(rm.linear_error)
-linear_sum_bound = _jit(rm.linear_sum_bound)
 diag_exact_term = _jit(rm.diag_exact_term)
 tied_exact_term = _jit(rm.tied_exact_term)
 
@@ -300,7 +299,7 @@ def linear_bounds(phi, mcol, wnorm, err):
             v = np.float64(phi[r, j])
             by_column += abs(v) * mcol[j]
             norm2 += v * v
-        err[r] = linear_error(linear_sum_bound(by_column, norm2, wnorm[0]), width)
+        err[r] = linear_error(min(by_column, np.sqrt(norm2) * wnorm[0]), width)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)

@@ -66,6 +66,11 @@ def width(terms: int) -> int:
     return -(-terms // ALIGN) * ALIGN
 
 
+def weights(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """W (K, T) of a :func:`pack` (stored as W, ``w``, or as its transpose, ``wt``)."""
+    return arrays["w"] if "w" in arrays else arrays["wt"].T
+
+
 def split_features(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor,
                    quad: bool) -> torch.Tensor:
     """[hi(phi); lo(phi)] (2B, width) on z's device by one Numba kernel (``cuda.linear_split``) on
@@ -130,4 +135,4 @@ def pack(model, bias: np.ndarray) -> dict[str, np.ndarray]:
     return arrays
 
 
-__all__ = ["POLICY", "pack", "policy", "split_features", "use_linear", "width"]
+__all__ = ["POLICY", "pack", "policy", "split_features", "use_linear", "weights", "width"]

@@ -293,10 +293,10 @@ def linear_params_for(model, device: torch.device | None = None):
     key = str(torch.device(device))
     if key not in cache.linear_devices:
         host = cache.linear
-        tensors = {name: torch.from_numpy(a).to(device) for name, a in host.items() if name != "wt"}
-        wt = host["wt"]
-        w = np.zeros((wt.shape[1], linear.width(wt.shape[0])), np.float32)
-        w[:, :wt.shape[0]] = wt.T
+        tensors = {name: torch.from_numpy(a).to(device) for name, a in host.items() if name not in ("w", "wt")}
+        k, t = linear.weights(host).shape
+        w = np.zeros((k, linear.width(t)), np.float32)
+        w[:, :t] = linear.weights(host)
         tensors["w_hi"], tensors["w_lo"] = gemm.split_tf32(torch.from_numpy(w).to(device))
         cache.linear_devices[key] = tensors
     return cache.linear_devices[key]
