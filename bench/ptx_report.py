@@ -31,6 +31,8 @@ sigs = {
     "kde_scores": (K.kde_scores, (*PAIRS, I1, F2, F3, N, F2, I1, D1, D2)),
     "refine_finish": (K.refine_finish, (*PAIRS, F1, F1, I1, F2, F3, N, I1, D1, *TARGETS)),
     "finish": (K.finish, (I1, F1, I1, *TARGETS)),
+    "linear_split": (K.linear_split, (*PAIRS, F1, N, F2)),
+    "linear_finish": (K.linear_finish, (F2, I1, F1, N, F1, D1, D1, D1, F2, F2, F1, F2, I1, *TARGETS)),
 }
 for name, (kern, sig) in sigs.items():
     ptx, _ = compile_ptx(kern.py_func, sig, cc=(9, 0))

@@ -362,6 +362,20 @@ def test_numba_cuda_full_forms(benchmark, form, k, d, b):
 
 
 @cuda_only
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("form", ["never", "always"])
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_numba_cuda_linear_forms(benchmark, kind, form, d):
+    """Both CUDA forms of diag and tied at B = 256, K = 1000: the fused kernel (what "auto" runs on
+    CUDA) and the split-TF32 product with its bound and refinement (``linear.py``): where it pays."""
+    from fastgenlabel.kernels.relabel import linear
+
+    impl = {"never": "numba-cuda: fused kernel", "always": "numba-cuda: product (split-TF32)"}[form]
+    with linear.policy(form):
+        _fastgenlabel(benchmark, model(kind, 1000, d), kind, 256, "cuda", "numba-cuda", impl)
+
+
+@cuda_only
 @pytest.mark.parametrize("b", BATCHES)
 @pytest.mark.parametrize("d", [2, 16])
 def test_numba_cuda_kde_small(benchmark, d, b):

@@ -22,8 +22,8 @@ import fastgenlabel as fg  # noqa: E402
 from fastgenlabel.kernels import BackendError  # noqa: E402
 from fastgenlabel.kernels._interop import cuda_modules  # noqa: E402
 from fastgenlabel.kernels.relabel import cuda as kernels  # noqa: E402
+from fastgenlabel.kernels.relabel import linear, params_for, relabel  # noqa: E402
 from fastgenlabel.kernels.relabel import params as relabel_params  # noqa: E402
-from fastgenlabel.kernels.relabel import params_for, relabel  # noqa: E402
 
 cuda = cuda_modules()
 ATOL = {"diag": 1e-5, "tied": 1e-5, "full": 5e-5, "kde": 1e-5}
@@ -324,7 +324,8 @@ def test_huge_features_give_the_cpu_kernels_targets_never_nan(kind):
     labels = np.array([0, 2])
     got = run_device(model, zb, pairs, labels, 0.5, 0.0)
     assert np.isfinite(got).all()
-    want = fg.relabel(model, zb, pairs, labels, 0.5, num_classes=3, backend="numba-cpu")
+    with linear.policy("never"):  # the CPU's fused kernels (its product form rescores diag in float64)
+        want = fg.relabel(model, zb, pairs, labels, 0.5, num_classes=3, backend="numba-cpu")
     np.testing.assert_allclose(got, want, atol=1e-6)
     if kind == "diag":
         np.testing.assert_allclose(got, [[0.25, 0, 0.75], [0, 0, 1]], atol=1e-6)
@@ -436,3 +437,214 @@ def test_refusals():
     assert kernels.refuse_shape(relabel_params.RelabelParams("full", 1000, 64, True, {}), 100_000) is None
     assert kernels.quad_split_grid(100_000, 2144)[0] == 100_000  # the batch on x: up to 2^31 - 1 blocks
     assert kernels.refuse_shape(params_for(model), 4) is None
+
+
+# ---- the diag/tied product form on CUDA (linear.py): linear_split, split_scores, linear_finish -----
+
+def run_linear_glue(glue, model, zb, pairs, labels, gamma, eps):
+    """``_run_cuda`` with ``linear.policy("always")`` on poisoned output; checks that the product
+    form ran (its device arrays are cached on the model) and that the output is fully written."""
+    from fastgenlabel.kernels.relabel import _check_call
+
+    b, k = zb.shape[0], model.num_classes
+    out = torch.full((b, k), float("nan"))
+    call = _check_call(model, torch.from_numpy(zb), pairs, torch.from_numpy(labels), gamma, k, eps, out, True)
+    with linear.policy("always"):
+        assert glue._run_cuda(call) is out
+    assert relabel_params._cache(model).linear_devices, "the product form did not run"
+    assert torch.isfinite(out).all(), "output not fully written"
+    return out.numpy()
+
+
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+@pytest.mark.parametrize("b,k,d,gamma,eps,empty", [(1, 2, 2, 1.0, 0.0, ()), (5, 19, 9, 0.5, 0.1, (3,)),
+                                                   (3, 3, 3, 0.0, 0.2, ()), (7, 11, 4, 1.0, 0.0, (0, 6))])
+def test_linear_product_form_matches_reference(fake_cuda_glue, kind, b, k, d, gamma, eps, empty):
+    """The CUDA product form of diag and tied through the torch glue: B = 1 and odd batches, K
+    not a multiple of TPB (8 here), empty classes, gamma 0 / 0.5 / 1, smoothing."""
+    model, z, y = make_model(kind, k, d, prior="empirical", empty=empty, seed=b + k + d)
+    zb, pairs, labels = batch(np.random.default_rng(b * 100 + k), z, y, b, "sample")
+    got = run_linear_glue(fake_cuda_glue, model, zb, pairs, labels, gamma, eps)
+    np.testing.assert_allclose(got, reference(model, zb, pairs, labels, gamma, eps), rtol=0, atol=ATOL[kind])
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    if gamma == 1.0 and eps == 0.0:
+        assert (got[:, list(empty)] == 0).all()
+
+
+def linear_inputs(model, kind, zb, pairs):
+    """The CPU form's phi and scores (``cpu.relabel_host``), the CUDA form's per-row bounds
+    (``math.split_linear_error``, from ``cpu.linear_bounds``' ``linear_error``), and phi's TF32
+    halves as ``linear_split`` lays them out (``linear.width`` wide)."""
+    from fastgenlabel.kernels.relabel import cpu, gemm
+    from fastgenlabel.kernels.relabel import math as rm
+    from fastgenlabel.kernels.relabel.params import linear_params_for
+
+    lp = linear_params_for(model)
+    b = zb.shape[0]
+    phi = np.empty((b, lp["mcol"].shape[0]), np.float32)
+    cpu.linear_features(zb, pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy(), lp["center"], kind == "diag", phi)
+    scores = (torch.from_numpy(phi) @ torch.from_numpy(lp["w"]).T).numpy()
+    err = np.empty(b)
+    cpu.linear_bounds(phi, lp["mcol"], lp["wnorm"], err)
+    err = rm.split_linear_error(err / rm.linear_error(1.0, phi.shape[1]), phi.shape[1])
+    padded = np.zeros((b, linear.width(phi.shape[1])), np.float32)
+    padded[:, :phi.shape[1]] = phi
+    hi, lo = gemm.split_tf32(torch.from_numpy(padded))
+    return lp, phi, scores, err, torch.cat([hi, lo]).numpy()
+
+
+@cuda.jit
+def linear_row_only(halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, scores, logits):
+    """``linear_row`` alone (``linear_finish`` without its ``finish_row``), to see which logits it
+    rescores."""
+    ybuf = cuda.shared.array(0, float32)
+    red = cuda.shared.array(kernels.TPB, float64)
+    picked = cuda.shared.array(kernels.TPB, int32)
+    count = cuda.shared.array(1, int32)
+    kernels.linear_row(cuda.blockIdx.x, halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, scores, logits,
+                       ybuf, red, picked, count)
+
+
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+@pytest.mark.parametrize("spread", [0.0, 1000.0])
+def test_linear_row_rescores_what_the_cpu_rescores(kind, spread):
+    """``linear_row`` against the CPU's rule on the same scores: rows past the trust level have the
+    classes within the cutoff rescored exactly (as ``cpu.linear_exact``: to float64 rounding for
+    diag; tied's y, float64 sums rounded to float32, may differ by an ulp), then the row is stored
+    relative to its largest; the other rows' logits are score + const exactly. Classes 1,000 sd
+    out flag every row and the rescoring moves the logits (the product alone is off); spread 0
+    (well mixed classes) rescores nothing. Then ``linear_finish``, the whole kernel, against
+    ``cpu.finish`` of those logits (K = 12: two candidate rounds of TPB = 8)."""
+    from test_relabel import far_clusters
+
+    from fastgenlabel.kernels.relabel import cpu
+    from fastgenlabel.kernels.relabel import math as rm
+
+    if spread:
+        model, zb, labels, _ = far_clusters(kind, 12, 6, spread)
+    else:
+        model, z, y = make_model(kind, 12, 6, seed=4)
+        zb, _, labels = batch(np.random.default_rng(4), z, y, 5, "sample")
+    zb, labels = np.ascontiguousarray(zb[:5]), labels[:5].astype(np.int64)
+    pairs = fg.sample_pairs(5, 1.0, lam_mode="sample", generator=3)
+    lp, phi, scores, err, halves = linear_inputs(model, kind, zb, pairs)
+    assert (err > rm.PRODUCT_TRUST).all() if spread else (err <= rm.PRODUCT_TRUST).all()
+    bias = params_for(model).arrays["bias"]
+    quad = kind == "diag"
+    a = lp["a"] if quad else lp["t"]
+    extra = (lp["s"], lp["sbar"], a) if quad else (a, lp["mcol"], lp["chol"])
+    dev = [cuda.to_device(halves), int(quad), *(cuda.to_device(x) for x in (lp["mcol"], lp["wnorm"], lp["const"], bias,
+                                                                          a, *extra))]
+    logits = cuda.device_array(scores.shape, np.float64)
+    linear_row_only[5, kernels.TPB, 0, 4 * 6](*dev, cuda.to_device(scores), logits)
+    got = logits.copy_to_host()
+    approx = np.where(np.isfinite(lp["const"]), scores.astype(np.float64) + lp["const"], -np.inf)
+    cut = approx.max(1) - float(rm.PRODUCT_MARGIN) - 2 * err
+    picked = (err > rm.PRODUCT_TRUST)[:, None] & (approx >= cut[:, None]) & np.isfinite(lp["const"])[None]
+    assert picked.any() == bool(spread)
+    y = phi.astype(np.float64) @ lp["chol"].astype(np.float64) if not quad else np.zeros((5, 0))
+    exact = np.array([[cpu.linear_exact(phi[r], c, quad, *(
+        (lp["a"], lp["s"], lp["sbar"], lp["a"]) if quad else (a, a, lp["mcol"], a)), y[r].astype(np.float32))
+        for c in range(12)] for r in range(5)]) + bias
+    want = np.where(picked, exact, approx)
+    flagged = err > rm.PRODUCT_TRUST
+    want[flagged] -= want[flagged].max(1, keepdims=True)  # a rescored row is stored relative to its largest
+    np.testing.assert_array_equal(got[~flagged], approx[~flagged])
+    # tied: y rounded to float32 from float64 sums in another order can differ by an ulp, ~1e-5 nats here
+    np.testing.assert_allclose(got[flagged], want[flagged], rtol=0, atol=1e-6 if quad else 1e-4)
+    if spread:  # the rescoring moved the logits: the product alone is off by more than that
+        rel = approx - approx.max(1, keepdims=True)
+        assert np.abs(got[picked] - rel[picked]).max() > 1e-2
+
+    targets = (want - want.max(1, keepdims=True)).astype(np.float32)
+    g, keep, add = np.float32(0.9), np.float32(0.95), np.float32(0.05 / 12)
+    perm, lam = pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy()
+    cpu.finish(perm, lam, labels, g, keep, add, targets)
+    out = cuda.to_device(scores)
+    kernels.linear_finish[5, kernels.TPB, 0, 4 * 6](dev[0], cuda.to_device(perm), cuda.to_device(lam), *dev[1:],
+                                                     cuda.to_device(labels), g, keep, add, logits, out)
+    np.testing.assert_allclose(out.copy_to_host(), targets, rtol=0, atol=ATOL[kind])
+
+
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+@pytest.mark.parametrize("case", ["dead-3", "dead-30", "far-1000"])
+def test_linear_product_form_keeps_float32_accuracy(fake_cuda_glue, kind, case):
+    """tests/test_relabel.py's cases that made float64 necessary, on the CUDA product form: a dead
+    unit firing at 3 and 30 (tolerance of the kernels), classes 1,000 sd from the centre (every row
+    flagged and rescored; the far-cluster tolerance 2e-4, 8 of its 64 rows to keep the simulator quick)."""
+    from test_relabel import dead_feature, far_clusters
+
+    if case.startswith("dead"):
+        model, zb, labels, pairs = dead_feature(kind, float(case.split("-")[1]))
+        atol, k = ATOL[kind], 3
+    else:
+        model, zb, labels, _ = far_clusters(kind, 32, 48, 1000.0)
+        zb, labels, atol, k = np.ascontiguousarray(zb[:8]), labels[:8], 2e-4, 32
+        pairs = fg.sample_pairs(8, 1.0, generator=1)
+    labels = labels.astype(np.int64)
+    want = reference(model, zb, pairs, labels, 1.0, 0.0)
+    assert want.max(1).min() < 0.99  # not saturated
+    got = run_linear_glue(fake_cuda_glue, model, zb, pairs, labels, 1.0, 0.0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+    assert k == model.num_classes
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator's NumPy scalars report the overflow
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+@pytest.mark.parametrize("scale", [1e30, 3e38])
+def test_linear_product_form_huge_features_never_nan(fake_cuda_glue, kind, scale):
+    """|z| ~ 1e30 and ~ 3e38: phi or the product overflows, the row is rescored exactly in float64
+    (or every logit is -inf and y_gen = y_mix): never NaN, rows sum to 1, and at 1e30 the targets
+    are the CPU product form's."""
+    model, z, y = make_model(kind, 3, 2)
+    zb = np.array([[scale, -scale], [-scale, scale]], np.float32)
+    pairs = fg.MixPairs(torch.tensor([1, 0]), torch.tensor([0.25, 1.0]))
+    labels = np.array([0, 2])
+    got = run_linear_glue(fake_cuda_glue, model, zb, pairs, labels, 0.5, 0.0)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-6)
+    if scale == 1e30:
+        want = fg.relabel(model, zb, pairs, labels, 0.5, num_classes=3, backend="numba-cpu")
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: under the simulator the tests above run the glue")
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_linear_product_form_on_the_gpu(kind):
+    """The CUDA product form through ``relabel`` on a GPU (torch tensors, streams, cuBLAS's
+    split-TF32 products): the shapes of the simulator's glue tests plus K = 300, d = 64, the dead
+    unit at 3 and 30 and classes 1,000 sd out (tests/test_relabel.py's tolerances)."""
+    from test_relabel import dead_feature, far_clusters
+
+    cases = []
+    for b, k, d, gamma, eps, empty in [(1, 2, 2, 1.0, 0.0, ()), (5, 19, 9, 0.5, 0.1, (3,)), (3, 3, 3, 0.0, 0.2, ()),
+                                       (7, 300, 64, 1.0, 0.0, (0, 6))]:
+        model, z, y = make_model(kind, k, d, prior="empirical", empty=empty, seed=b + k + d)
+        zb, pairs, labels = batch(np.random.default_rng(b * 100 + k), z, y, b, "sample")
+        cases.append((model, zb, pairs, labels, gamma, eps, ATOL[kind]))
+    for fire in (3.0, 30.0):
+        model, zb, labels, pairs = dead_feature(kind, fire)
+        cases.append((model, zb, pairs, labels, 1.0, 0.0, ATOL[kind]))
+    model, zb, labels, pairs = far_clusters(kind, 32, 48, 1000.0)
+    cases.append((model, zb, pairs, labels, 1.0, 0.0, 2e-4))
+    for model, zb, pairs, labels, gamma, eps, atol in cases:
+        want = reference(model, zb, pairs, labels.astype(np.int64), gamma, eps)
+        with linear.policy("always"):
+            got = relabel(model, torch.from_numpy(zb).cuda(), pairs.to("cuda"), torch.from_numpy(labels).cuda(), gamma,
+                          num_classes=model.num_classes, smoothing=eps, backend="numba-cuda")
+        assert relabel_params._cache(model).linear_devices, "the product form did not run"
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=0, atol=atol)
+
+
+def test_linear_scores_ready_needs_the_product_arrays():
+    """diag/tied with ``scores_ready`` read the product form's arrays: without them, a clear error
+    (gamma 0 reads no scores and needs none)."""
+    model, z, y = make_model("diag", 3, 2)
+    zb, pairs, labels = batch(np.random.default_rng(0), z, y, 2, "batch")
+    params = params_for(model)
+    arrays = {name: cuda.to_device(a) for name, a in params.arrays.items()}
+    args = [cuda.to_device(a) for a in (zb, pairs.perm.numpy(), pairs.lam.numpy(), labels)]
+    out = cuda.to_device(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="linear: diag/tied scores_ready needs"):
+        kernels.relabel_device(params, arrays, *args, 1.0, 0.0, out, scores_ready=True)
+    kernels.relabel_device(params, arrays, *args, 0.0, 0.1, out, scores_ready=True)
+    np.testing.assert_allclose(out.copy_to_host(), reference(model, zb, pairs, labels, 0.0, 0.1), atol=1e-6)

@@ -10,7 +10,8 @@ computed by fused kernels. Backends, in the order ``backend="auto"`` tries them:
 
 - ``"numba-cuda"``: CUDA torch tensors, on torch's current stream, no copies of the inputs
   (``cuda.py``; full covariance with K >= 32 and K d^2 >= 2^20 computes its scores as one split-TF32
-  tensor-core product instead, ``gemm.py``, rescoring exactly the classes where it may be off);
+  tensor-core product instead, ``gemm.py``, rescoring exactly the classes where it may be off; diag
+  and tied do alike with ``linear.policy("always")``, ``linear.py``);
 - ``"numba-cpu"``: NumPy arrays and CPU torch tensors (``cpu.py``; full covariance with
   K >= 32 and K d^2 >= 2^20 computes its scores as one float32 matrix product, refined alike);
 - ``"reference"``: the plain torch reference above (any float dtype, any layout).
@@ -40,6 +41,7 @@ from .params import (
     gemm_params_for,
     gemm_typical_error_for,
     linear_params_for,
+    linear_views_for,
     params_for,
     unsupported_reason,
 )
@@ -309,6 +311,19 @@ def _run_cuda(call: RelabelCall):
                 params, arrays, device_view(call.zt), device_view(call.pairs.perm), device_view(lam),
                 device_view(labels), call.gamma, call.smoothing, device_view(out), stream=stream, scores_ready=True,
                 logits=device_view(logits))
+            return out
+        if params.kind in ("diag", "tied") and linear.use_linear("cuda"):  # tensor cores (linear.py), then refined
+            lin = linear_params_for(call.model, dev)
+            views = linear_views_for(call.model, dev, device_view)
+            halves = None  # held until the launches are queued
+            if call.gamma > 0:
+                halves = linear.split_features(lin, call.zt, call.pairs.perm, lam, params.kind == "diag")
+                gemm.split_scores(lin, halves, out)
+                views = dict(views, halves=device_view(halves))
+            kernels.relabel_device(
+                params, arrays, device_view(call.zt), device_view(call.pairs.perm), device_view(lam),
+                device_view(labels), call.gamma, call.smoothing, device_view(out), stream=stream, scores_ready=True,
+                logits=device_view(logits), linear=views)
             return out
         done = whitened = scratch = None
         if params.kind in ("diag", "tied"):

@@ -54,6 +54,8 @@ target_value = _jit(rm.target_value)
 product_error = _jit(rm.product_error)
 product_cutoff = _jit(rm.product_cutoff)
 linear_error = _jit(rm.linear_error)
+diag_exact_term = _jit(rm.diag_exact_term)
+tied_exact_term = _jit(rm.tied_exact_term)
 
 ONE = rm.ONE
 NEG_INF = rm.NEG_INF
@@ -232,18 +234,14 @@ def linear_exact(phi_row, c, quad, a, s, sbar, t, y):
     -1/2 sum_i s_ci (x_i - a_ci)^2 + 1/2 sbar_i x_i^2; tied -1/2 ||y - t_c||^2 + 1/2 ||y||^2.
     Written so that no term cancels against another however far out x is."""
     acc = 0.0
-    if quad:  # sbar x^2 - s (x - a)^2 = (sbar - s) x^2 + s a (2x - a): no cancellation of x^2 terms
+    if quad:
         d = a.shape[1]
         for i in range(d):
-            x = np.float64(phi_row[d + i])
-            ai = np.float64(a[c, i])
-            si = np.float64(s[c, i])
-            acc += (np.float64(sbar[i]) - si) * x * x + si * ai * (x + x - ai)
-    else:  # y^2 - (y - t)^2 = t (2y - t)
+            acc += diag_exact_term(np.float64(phi_row[d + i]), np.float64(a[c, i]), np.float64(s[c, i]),
+                                   np.float64(sbar[i]))
+    else:
         for j in range(t.shape[1]):
-            yj = np.float64(y[j])
-            tj = np.float64(t[c, j])
-            acc += tj * (yj + yj - tj)
+            acc += tied_exact_term(np.float64(y[j]), np.float64(t[c, j]))
     return 0.5 * acc
 
 

@@ -28,6 +28,11 @@ no kernel makes a B x K x d intermediate.
 - ``refine_finish`` (after the product): one block per sample bounds the product's error from
   |z_mix - m| and, where it may matter, scores the classes near the best logit again exactly
   (the factor form, as ``tri_scores`` computes it), then turns the row into targets.
+- ``linear_split`` and ``linear_finish`` (diag and tied with ``linear.policy("always")``): the
+  same pattern for their product form (``linear.py``): phi = [x^2, x] or x as TF32 halves, one
+  thread per element; after cuBLAS's products, one block per sample bounds the error
+  (``math.split_linear_error``), rescores exactly (float64) the classes near the best where it
+  may matter, then makes the targets.
 - ``finish`` (the full factor form and KDE): one block per sample, threads over classes:
   block-level max and sum reductions for the softmax of the logits, then the gamma blend and
   label smoothing, into ``out``.
@@ -38,7 +43,8 @@ the same huge term to every class's score (4.5e6 nats for a dead unit at 30 with
 float32 scores lose the digits the targets depend on (up to 0.11 of them, measured).
 The per-feature arithmetic stays float32; float64 is one add per term and the per-row
 reductions: full rate / 2 on H100/H200, slower on GPUs with 1/64-rate float64. The PTX for sm_90
-has no local-memory traffic and no spills (40-80 registers per thread, ``ptxas -v``).
+has no local-memory traffic and no spills (22-128 registers per thread, ``ptxas -v``,
+``bench/ptx_report.py``).
 
 Block sizes are compile-time constants; under the simulator (``NUMBA_ENABLE_CUDASIM=1``) they are
 tiny so that every strided loop and partial tile runs. Nothing here launches or compiles at
@@ -82,7 +88,12 @@ mixup_mass = _dev(rm.mixup_mass)
 target_value = _dev(rm.target_value)
 product_error = _dev(rm.product_error)
 product_cutoff = _dev(rm.product_cutoff)
+split_linear_error = _dev(rm.split_linear_error)
+linear_sum_bound = _dev(rm.linear_sum_bound)
+diag_exact_term = _dev(rm.diag_exact_term)
+tied_exact_term = _dev(rm.tied_exact_term)
 PRODUCT_TRUST = rm.PRODUCT_TRUST
+HALF = rm.HALF
 
 
 @cuda.jit(device=True)
@@ -484,6 +495,147 @@ def refine_finish(z, perm, lam, product_center, bound, order, center, factor, tr
     finish_row(s, perm, lam, labels, gamma, keep, add, logits, out, red)
 
 
+@cuda.jit(cache=True)
+def linear_split(z, perm, lam, center, quad, out):
+    """The diag/tied product's left operand (``linear.py``), split for TF32 tensor cores: with
+    phi = [x^2, x] (``quad``, diag) or x (tied), x = z_mix[s] - center, zero padded to out's width,
+    ``out[s] = hi(phi)`` and ``out[B + s] = phi - hi(phi)`` (both exact in float32). Grid (B, width /
+    TPB): one thread per element, each mixing the feature it needs (phi's x^2 and x of a feature
+    come from the same expression)."""
+    b, d = z.shape
+    s = cuda.blockIdx.x
+    t = cuda.blockIdx.y * TPB + cuda.threadIdx.x
+    if t >= out.shape[1]:
+        return
+    i = t
+    square = False
+    if quad:
+        if t < d:
+            square = True
+        else:
+            i = t - d
+    v = ZERO
+    if i < d:
+        l = lam[s]
+        x = mixed(z[s, i], z[perm[s], i], l, ONE - l) - center[i]
+        v = x * x if square else x
+    hi = tf32_high(v)
+    out[s, t] = hi
+    out[b + s, t] = v - hi
+
+
+def linear_split_grid(batch: int, width: int) -> tuple[int, int]:
+    """``linear_split``'s grid: the batch on x (up to 2^31 - 1 blocks), phi's padded width on y."""
+    return batch, -(-width // TPB)
+
+
+@cuda.jit(device=True)
+def phi_value(halves, s, j):
+    """phi[s, j] from its TF32 halves (``linear_split``): hi + lo, exact in float32."""
+    return halves[s, j] + halves[halves.shape[0] // 2 + s, j]
+
+
+@cuda.jit(device=True)
+def linear_row(s, halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, scores, logits, ybuf, red, picked,
+               count):
+    """The diag/tied product's scores of sample ``s`` (``scores``) -> its float64 logits, made exact
+    where they may be off, as ``cpu.linear_bounds`` + ``cpu.linear_finish``; every thread of the block
+    calls it. The row's bound (``split_linear_error``: the split products') from phi (``halves``, hi +
+    lo); above ``PRODUCT_TRUST``, or when a score
+    is not finite (then every live class), the classes at or above ``product_cutoff`` are gathered in
+    ``picked``, TPB at a time, and each is scored again exactly by the whole block: diag from x =
+    phi[d:] and the class's a, s (``sv``), sbar; tied from y = L^T x (``chol``), computed once into
+    ``ybuf`` (d float32), and the class's t (passed as ``a``); such a row's logits are then stored
+    relative to its largest. Thread ``tid`` owns the classes c = tid (mod TPB), as in ``finish_row``."""
+    k = scores.shape[1]
+    width = mcol.shape[0]
+    d = a.shape[1]
+    tid = cuda.threadIdx.x
+    by_column = 0.0
+    norm2 = 0.0
+    for j in range(tid, width, TPB):
+        v = float64(phi_value(halves, s, j))
+        by_column += abs(v) * mcol[j]
+        norm2 += v * v
+    by_column = block_sum(red, by_column)
+    err = split_linear_error(linear_sum_bound(by_column, block_sum(red, norm2), wnorm[0]), width)
+    best = -math.inf
+    bad = 0.0  # 1 where a score is not finite (float32 overflow)
+    for c in range(tid, k, TPB):
+        v = float64(scores[s, c])
+        if v - v != 0.0:
+            bad = 1.0
+        lv = -math.inf
+        if const[c] != -math.inf:
+            lv = v + const[c]
+        logits[s, c] = lv
+        if lv > best:
+            best = lv
+    bad = block_max(red, bad)
+    best = block_max(red, best)
+    if bad == 0.0 and err <= PRODUCT_TRUST:  # uniform over the block (block reductions)
+        return
+    cut = -math.inf
+    if bad == 0.0 and err < math.inf:
+        cut = product_cutoff(best, err)
+    if not quad:  # y = L^T x, float64 sums rounded to float32 (the CPU's y is a float32 product)
+        for j in range(tid, d, TPB):
+            acc = 0.0
+            for i in range(d):
+                acc += float64(phi_value(halves, s, i)) * chol[i, j]
+            ybuf[j] = float32(acc)
+        cuda.syncthreads()
+    for c0 in range(0, k, TPB):
+        if tid == 0:
+            count[0] = 0
+        cuda.syncthreads()
+        c = c0 + tid
+        if c < k and const[c] != -math.inf and (bad != 0.0 or logits[s, c] >= cut):
+            picked[cuda.atomic.add(count, 0, 1)] = c
+        cuda.syncthreads()
+        for q in range(count[0]):  # uniform
+            cc = picked[q]
+            part = 0.0
+            if quad:
+                for i in range(tid, d, TPB):
+                    part += diag_exact_term(float64(phi_value(halves, s, d + i)), float64(a[cc, i]),
+                                            float64(sv[cc, i]), float64(sbar[i]))
+            else:
+                for j in range(tid, d, TPB):
+                    part += tied_exact_term(float64(ybuf[j]), float64(a[cc, j]))
+            total = block_sum(red, part)
+            if tid == 0:
+                logits[s, cc] = HALF * total + bias[cc]
+        cuda.syncthreads()  # count and picked are rewritten next round
+    # Relative to the row's largest (as the CPU stores them): an exact score can pass float32's range
+    # (|z| ~ 1e30), where finish_row would clamp it.
+    best = -math.inf
+    for c in range(tid, k, TPB):
+        if logits[s, c] > best:
+            best = logits[s, c]
+    best = block_max(red, best)
+    if best - best == 0.0:  # finite; uniform
+        for c in range(tid, k, TPB):
+            logits[s, c] -= best
+
+
+@cuda.jit(cache=True)
+def linear_finish(halves, perm, lam, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, labels, gamma, keep, add,
+                  logits, out):
+    """After the diag/tied product (``linear.py``), whose scores are in ``out``: one block per sample,
+    ``linear_row`` then ``finish_row``, in one launch. Tied passes t as ``a`` (``sv``, ``sbar``
+    unused), diag any 2-d float32 array as ``chol``. Dynamic shared memory: tied d float32 (y)."""
+    ybuf = cuda.shared.array(0, float32)
+    red = cuda.shared.array(TPB, float64)
+    picked = cuda.shared.array(TPB, int32)
+    count = cuda.shared.array(1, int32)
+    s = cuda.blockIdx.x
+    if gamma > ZERO:  # uniform
+        linear_row(s, halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, out, logits, ybuf, red, picked,
+                   count)
+    finish_row(s, perm, lam, labels, gamma, keep, add, logits, out, red)
+
+
 @cuda.jit(device=True)
 def finish_row(s, perm, lam, labels, gamma, keep, add, logits, out, red):
     """Float64 logits of sample ``s`` -> its targets in ``out``; every thread of the block calls it
@@ -554,7 +706,7 @@ def class_tiles(num_classes: int) -> int:
 
 
 def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, *, stream=0, scores_ready=False,
-                   done=None, scratch=None, logits=None):
+                   done=None, scratch=None, logits=None, linear=None):
     """Launch the relabel stage on device arrays (anything with ``__cuda_array_interface__``).
 
     Args:
@@ -566,13 +718,19 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
         stream: a Numba stream (torch's current stream in the torch path) or 0.
         scores_ready: ``out`` already holds the approximate raw scores of the full-covariance
             product (``gemm.py``): only ``refine_finish`` runs (with the product's
-            ``arrays["product_center"]`` and ``arrays["bound"]`` beside the factor form's arrays).
+            ``arrays["product_center"]`` and ``arrays["bound"]`` beside the factor form's arrays);
+            diag and tied: the scores of their product (``linear.py``), and only ``linear_finish``
+            runs, on ``linear``.
         done: diag and tied: an int32 device array of at least :func:`sample_tiles` (B) zeros,
             ``diag_fused``'s per-tile counters. The kernel leaves it zero again, so one array
             serves every launch on one stream (launches on other streams need their own). None:
             a fresh one is uploaded for this call.
         scratch: tied: a (B, d) float32 device array for the whitened samples (None: allocated).
         logits: a (B, K) float64 device array for the logits (None: allocated).
+        linear: diag and tied with ``scores_ready``: the product form's device arrays
+            (``params.linear_params_for`` on the device: ``mcol``, ``wnorm``, ``const``, diag ``a``,
+            ``s``, ``sbar``, tied ``t``, ``chol``) and ``halves``, [hi; lo] of phi (2B, width), the
+            product's left operand (``linear_split``); with gamma = 0 neither is read.
 
     Returns:
         out. The launches (one for diag and after the product, two for tied, the full factor
@@ -591,6 +749,20 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
     elif tuple(logits.shape) != (b, k) or logits.dtype != np.float64:
         raise ValueError(f"logits: expected a ({b}, {k}) float64 array, got {tuple(logits.shape)} {logits.dtype}")
     tiles = sample_tiles(b)
+    if params.kind in ("diag", "tied") and scores_ready:
+        if g > 0:
+            if linear is None or "halves" not in linear:
+                raise ValueError("linear: diag/tied scores_ready needs the product form's arrays and 'halves'")
+            quad = params.kind == "diag"
+            a = linear["a"] if quad else linear["t"]
+            sv, sbar = (linear["s"], linear["sbar"]) if quad else (a, linear["mcol"])  # tied: unused
+            chol = a if quad else linear["chol"]  # diag: unused
+            linear_finish[b, TPB, stream, 0 if quad else 4 * params.dim](
+                linear["halves"], perm, lam, int(quad), linear["mcol"], linear["wnorm"], linear["const"], bias, a, sv,
+                sbar, chol, labels, g, keep, add, logits, out)
+        else:
+            finish[b, TPB, stream](perm, lam, labels, g, keep, add, logits, out)
+        return out
     if params.kind in ("diag", "tied") and not scores_ready:
         if done is None:
             done = cuda.to_device(np.zeros(tiles, np.int32), stream=stream)

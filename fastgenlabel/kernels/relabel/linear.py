@@ -17,6 +17,12 @@ error per logit is at most ``math.linear_error`` of M_s = min(sum_j |phi_sj| max
 second by Cauchy-Schwarz, tighter for in-distribution rows). Rows whose bound exceeds
 ``PRODUCT_TRUST`` get the classes within reach of the best rescored exactly in float64
 (``cpu.linear_finish``).
+
+On CUDA (POLICY "always"; "auto" keeps the fused kernel there, one launch against five, until a
+GPU has timed both): ``cuda.linear_split`` writes phi's TF32 halves [hi; lo] (2B, width) in one
+pass, cuBLAS's tensor cores multiply them by W's halves (``gemm.split_scores``), and
+``cuda.linear_finish``, a block per sample, bounds them (``math.split_linear_error``: the split
+drops lo x lo), rescores as the CPU does and makes the targets.
 """
 from __future__ import annotations
 
@@ -25,8 +31,8 @@ import contextlib
 import numpy as np
 import torch
 
-# "auto": diag and tied run on the product on the CPU; "never": on the fused float64-sum kernel
-# (tests, benchmarks).
+# "auto": diag and tied run on the product on the CPU, on the fused kernel on CUDA; "always": on
+# the product on both; "never": on the fused float64-sum kernel (tests, benchmarks).
 POLICY = "auto"
 
 
@@ -51,6 +57,30 @@ def use_linear(device_type: str) -> bool:
     if POLICY == "never":
         return False
     return device_type == "cpu"
+
+
+def width(terms: int) -> int:
+    """phi's row length on CUDA: T terms rounded up to ``gemm.ALIGN`` (aligned tensor-core rows)."""
+    from .gemm import ALIGN
+
+    return -(-terms // ALIGN) * ALIGN
+
+
+def split_features(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor,
+                   quad: bool) -> torch.Tensor:
+    """[hi(phi); lo(phi)] (2B, width) on z's device by one Numba kernel (``cuda.linear_split``) on
+    torch's stream: phi = [x^2, x] (``quad``) or x, x = z_mix - center, zero padded; ``arrays``:
+    ``params.linear_params_for`` on that device."""
+    from .._interop import current_stream, device_view
+    from . import cuda as kernels
+
+    b = z.shape[0]
+    halves = torch.empty((2 * b, arrays["w_hi"].shape[1]), dtype=torch.float32, device=z.device)
+    if b:
+        kernels.linear_split[kernels.linear_split_grid(b, halves.shape[1]), kernels.TPB, current_stream()](
+            device_view(z), device_view(perm), device_view(lam), device_view(arrays["center"]), int(quad),
+            device_view(halves))
+    return halves
 
 
 def _f32(x: torch.Tensor) -> np.ndarray:
@@ -100,4 +130,4 @@ def pack(model, bias: np.ndarray) -> dict[str, np.ndarray]:
     return arrays
 
 
-__all__ = ["POLICY", "pack", "policy", "use_linear"]
+__all__ = ["POLICY", "pack", "policy", "split_features", "use_linear", "width"]

@@ -37,7 +37,13 @@ PRODUCT_GAMMA = np.float32(2e-6)
 # (:func:`linear_error`). Measured on the CPU (T = 2 to 4096, classes well mixed to far apart): at
 # most 0.46 u (sqrt(T) + 4) M_s (tests/test_relabel_linear.py), u = 2^-24; LINEAR_GAMMA = 2u. Features
 # that repeat one value round alike at every step and exceed it (error ~ u T / 16 M_s; MATH.md).
+# That is plain float32 products. The CUDA form's split-TF32 products (``linear.py``) also drop lo x lo, at
+# most 2^-22 M_s (|lo| <= 2^-11 |.|), and round the sum twice more: SPLIT_GAMMA M_s more
+# (:func:`split_linear_error`). In float32 on the CPU the split products reach 10.2 u M_s at T = 1
+# (0.39 of that bound); on a GPU, whose tensor cores' accumulation need not round to nearest, the
+# GPU test in tests/test_relabel_linear.py measures it, as for PRODUCT_GAMMA.
 LINEAR_GAMMA = np.float32(2.0 ** -23)
+SPLIT_GAMMA = np.float32(2.0 ** -20)
 PRODUCT_TRUST = np.float32(5e-4)
 PRODUCT_MARGIN = np.float32(30.0)
 
@@ -74,6 +80,30 @@ def linear_error(m_s, width):
     accumulated rounding of the sum, which grows like sqrt(T) in the probabilistic model of
     rounding errors (Higham and Mary, 2019) and was measured to (docs/MATH.md section 5)."""
     return LINEAR_GAMMA * (math.sqrt(width) + 4) * m_s
+
+
+def split_linear_error(m_s, width):
+    """:func:`linear_error` plus SPLIT_GAMMA M_s: the bound for the split-TF32 products on CUDA."""
+    return (LINEAR_GAMMA * (math.sqrt(width) + 4) + SPLIT_GAMMA) * m_s
+
+
+def linear_sum_bound(by_column, norm2, wnorm):
+    """M_s of one row of phi for :func:`linear_error`: min(``by_column`` = sum_j |phi_j| max_c
+    |W_cj|, sqrt(``norm2`` = ||phi||^2) x ``wnorm`` = max_c ||W_c||). NaN if phi is."""
+    return min(by_column, math.sqrt(norm2) * wnorm)
+
+
+def diag_exact_term(x, a, s, sbar):
+    """Twice feature i's term of a diag class's exact score in the product form (``linear.py``):
+    sbar_i x_i^2 - s_ci (x_i - a_ci)^2 (the shared -sbar_i x_i^2 / 2 of the raw score added back),
+    as (sbar - s) x^2 + s a (2x - a), where no x^2 terms cancel however far out x is."""
+    return (sbar - s) * x * x + s * a * (x + x - a)
+
+
+def tied_exact_term(y, t):
+    """Twice coordinate j's term of a tied class's exact score in the product form: y_j^2 -
+    (y_j - t_cj)^2, y = L^T x (the shared -||y||^2 / 2 added back), as t (2y - t): no cancellation."""
+    return t * (y + y - t)
 
 
 def product_cutoff(best, err):

@@ -194,6 +194,7 @@ class _Cache:
     gemm: dict = field(default_factory=dict)  # "host" -> arrays, device -> tensors (gemm.py's form)
     typical_error: float | None = None  # gemm.pack's error bound at a typical sample
     linear: dict | None = None  # linear.pack's host arrays (diag, tied)
+    linear_devices: dict = field(default_factory=dict)  # device -> linear.pack's arrays as tensors (CUDA form)
 
 
 def _cache(model) -> _Cache:
@@ -274,13 +275,38 @@ def _gemm_host(cache: _Cache, model) -> dict[str, np.ndarray]:
     return host
 
 
-def linear_params_for(model) -> dict[str, np.ndarray]:
-    """The diag/tied product form (``linear.pack``): host arrays, packed once per fit."""
-    from . import linear
+def linear_params_for(model, device: torch.device | None = None):
+    """The diag/tied product form (``linear.pack``), packed once per fit: host arrays (``device``
+    None, the CPU path), or the CUDA path's form as tensors on ``device``, uploaded once and cached
+    with them: W as its TF32-exact halves ``w_hi``, ``w_lo`` (K, ``linear.width``), zero padded, for
+    ``gemm.split_scores``, and the other arrays as they are."""
+    from . import gemm, linear
 
     cache = _cache(model)
     if cache.linear is None:
         if cache.host.kind not in ("diag", "tied"):
             raise ValueError(f"model: the linear product form is for diag or tied, got {cache.host.kind!r}")
         cache.linear = linear.pack(model, cache.host.arrays["bias"])
-    return cache.linear
+    if device is None:
+        return cache.linear
+    key = str(torch.device(device))
+    if key not in cache.linear_devices:
+        host = cache.linear
+        tensors = {name: torch.from_numpy(a).to(device) for name, a in host.items() if name not in ("w", "wt")}
+        k, t = host["w"].shape
+        w = np.zeros((k, linear.width(t)), np.float32)
+        w[:, :t] = host["w"]
+        tensors["w_hi"], tensors["w_lo"] = gemm.split_tf32(torch.from_numpy(w).to(device))
+        cache.linear_devices[key] = tensors
+    return cache.linear_devices[key]
+
+
+def linear_views_for(model, device: torch.device, view) -> dict[str, Any]:
+    """Cached kernel views (``view``, e.g. ``_interop.device_view``) of :func:`linear_params_for`'s
+    tensors on ``device`` other than W's halves (the kernels read those; torch multiplies by W)."""
+    tensors = linear_params_for(model, device)
+    cache = _cache(model)
+    key = (str(torch.device(device)), "views")
+    if key not in cache.linear_devices:
+        cache.linear_devices[key] = {name: view(t) for name, t in tensors.items() if not name.startswith("w_")}
+    return cache.linear_devices[key]
