@@ -286,3 +286,19 @@ def test_benchmark_baseline_refuses_mixing_or_features(data, fitted):
         GenLabelLoader(config(data, alpha=1.0), extra={"baseline": True})
     with pytest.raises(ValueError, match="extra: baseline"):
         GenLabelLoader(config(data, alpha=0.0, feature_map=fitted[0]), extra={"baseline": True})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_gives_the_same_nchw_images_in_channels_last_memory(data, fitted, backend):
+    """channels_last=True: (B, C, H, W) tensors whose memory is channels-last (as the stage wrote
+    them, no copy), equal to the CHW output, with the same targets."""
+    fmap, model = fitted
+    common = dict(backend=backend, feature_map=fmap, model=model, alpha=1.0, dtype="float16")
+    first = list(GenLabelLoader(config(data, **common)))
+    last = list(GenLabelLoader(config(data, channels_last=True, **common)))
+    assert len(first) == len(last)
+    for a, b in zip(first, last, strict=True):
+        assert b.images.shape == a.images.shape and b.images.dtype == torch.float16
+        assert b.images.is_contiguous(memory_format=torch.channels_last) and not b.images.is_contiguous()
+        assert torch.equal(b.images, a.images)
+        assert torch.equal(b.targets, a.targets)

@@ -11,6 +11,7 @@ from fastgenlabel.loader.sampling import shard_order
 @pytest.mark.parametrize("kw,field", [
     (dict(mean=(float("nan"), 1.0, 1.0)), "mean"), (dict(mean=(1.0, 2.0)), "mean"), (dict(std=(1.0, 0.0, 1.0)), "std"),
     (dict(mean=None), "mean"), (dict(target_threads=0), "target_threads"),
+    (dict(channels_last=True, layout="HWC"), "channels_last"), (dict(channels_last=1), "channels_last"),
 ])
 def test_config_refuses_bad_normalisation_and_threads(kw, field):
     with pytest.raises(ValueError, match=field):

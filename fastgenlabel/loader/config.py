@@ -55,6 +55,8 @@ class LoaderConfig:
             centre-crop, no flip.
         mean, std: per-channel normalisation in pixel units (0-255); ImageNet's by default.
         dtype: "float32" or "float16" images; layout "CHW" gives (B, C, H, W).
+        channels_last: with layout "CHW", (B, C, H, W) tensors in channels-last memory (what
+            ``torch.channels_last`` convolutions read), written so by the same pass (no copy).
         device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda" (device 0 or ``device_id``).
 
     Mixup and GenLabel:
@@ -113,6 +115,7 @@ class LoaderConfig:
     std: tuple | None = IMAGENET_STD
     dtype: str = "float32"
     layout: str = "CHW"
+    channels_last: bool = False
     device: str = "auto"
     device_id: int = 0
     alpha: float = 1.0
@@ -138,6 +141,11 @@ class LoaderConfig:
     float_range: str | None = None
     extra: dict = field(default_factory=dict)
 
+    @property
+    def written_layout(self) -> str:
+        """The layout the mix stage writes: HWC for channels-last (then viewed as NCHW)."""
+        return "HWC" if self.channels_last else self.layout
+
     def __post_init__(self):
         _check_data(self.data)
         _positive_int(self.batch_size, "batch_size")
@@ -159,6 +167,11 @@ class LoaderConfig:
         _choice(self.on_bad_image, ON_BAD_IMAGE, "on_bad_image")
         _choice(self.dtype, ("float32", "float16"), "dtype")
         _choice(self.layout, ("CHW", "HWC"), "layout")
+        if not isinstance(self.channels_last, bool):
+            raise ValueError(f"channels_last: expected True or False, got {self.channels_last!r}")
+        if self.channels_last and self.layout != "CHW":
+            raise ValueError("channels_last: gives (B, C, H, W) tensors in channels-last memory, so layout must be "
+                             f"'CHW'; got layout={self.layout!r} (layout 'HWC' alone gives (B, H, W, C))")
         _choice(self.device, DEVICES, "device")
         _choice(self.pairing, PAIRINGS, "pairing")
         _choice(self.lam_mode, LAM_MODES, "lam_mode")

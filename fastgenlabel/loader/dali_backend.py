@@ -55,7 +55,7 @@ class DaliBackend:
             self.source, batch_size=c.batch_size, image_size=c.image_size,
             device_id=(self.device.index or 0) if gpu else None, num_threads=c.num_threads, seed=c.seed,
             prefetch=c.prefetch, train=c.train, crop_scale=c.crop_scale, crop_ratio=c.crop_ratio, mean=c.mean,
-            std=c.std, dtype=c.dtype, layout=c.layout, thumbnail=self.thumbnail, flip=c.flip,
+            std=c.std, dtype=c.dtype, layout=c.written_layout, thumbnail=self.thumbnail, flip=c.flip,
             mix=not c.extra.get("baseline", False),
             per_sample=c.mix_mode == "sample" or (c.mix_mode == "auto" and c.num_threads >= 4))
         self.pipe.build()
@@ -104,7 +104,7 @@ class DaliBackend:
             pairs = MixPairs(_cpu_tensor(perm).reshape(-1), _cpu_tensor(lam).reshape(-1))
             thumbs = thumbnails_torch(crops, self.thumbnail) if self.thumbnail else None
             c = self.config
-            mixed = mix_images(crops, pairs, c.mean, c.std, dtype=c.dtype, layout=c.layout)
+            mixed = mix_images(crops, pairs, c.mean, c.std, dtype=c.dtype, layout=c.written_layout)
             return mixed, thumbs, idx, self.labels_of(idx), pairs
         if self.thumbnail:
             images, thumbs, index, perm, lam = out

@@ -304,6 +304,8 @@ class GenLabelLoader:
         with cpu_threads(self.config.target_threads if labels.device.type == "cpu" else None):
             z = self.targets.features_of(thumbs, indices)
             targets = self.targets(z, pairs, labels)
+        if self.config.channels_last:  # written as (B, H, W, C): the same memory as NCHW channels-last
+            images = images.permute(0, 3, 1, 2)
         return LoaderBatch(images=images, targets=targets, labels=labels, pairs=pairs, indices=indices,
                            features=z, thumbnails=thumbs)
 

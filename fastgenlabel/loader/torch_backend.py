@@ -89,7 +89,7 @@ class TorchBackend:
             mean = tuple(m / 255 for m in mean) if mean is not None else (0.0,) * channels
             std = tuple(s / 255 for s in std) if std is not None else (1 / 255,) * channels
             thumbs = thumbs * 255 if thumbs is not None else None
-        mixed = mix_images(images, pairs, mean, std, dtype=c.dtype, layout=c.layout)
+        mixed = mix_images(images, pairs, mean, std, dtype=c.dtype, layout=c.written_layout)
         return mixed, thumbs, indices, labels, pairs
 
 
