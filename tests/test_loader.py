@@ -302,3 +302,15 @@ def test_channels_last_gives_the_same_nchw_images_in_channels_last_memory(data, 
         assert b.images.is_contiguous(memory_format=torch.channels_last) and not b.images.is_contiguous()
         assert torch.equal(b.images, a.images)
         assert torch.equal(b.targets, a.targets)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_images_are_the_float32_images_rounded(data, backend):
+    """dtype="bfloat16": the float32 mix rounded to nearest even, as torch rounds (on DALI's CPU
+    stage written as bit patterns, DALI having no bfloat16)."""
+    common = dict(backend=backend, alpha=1.0, layout="HWC")
+    wide = list(GenLabelLoader(config(data, **common)))
+    narrow = list(GenLabelLoader(config(data, dtype="bfloat16", **common)))
+    for a, b in zip(wide, narrow, strict=True):
+        assert b.images.dtype == torch.bfloat16 and b.images.shape == a.images.shape
+        assert torch.equal(b.images, a.images.to(torch.bfloat16))

@@ -25,6 +25,7 @@ _pixel_row = _pixel_cpu._mix_row
 _pixel_store_row = _pixel_cpu._store_row
 _pixel_tiled = _pixel_cpu._tiled
 _OUT_F16 = _pixel_cpu.OUT_F16
+_OUT_BF16 = _pixel_cpu.OUT_BF16
 
 
 @numba.njit
@@ -119,19 +120,20 @@ def _thumb_finish(cols, H, W, C, t, out):
 
 
 @numba.njit(cache=True)
-def mix_sample(o, a, b, ka, fa, fb, th, sc, sh, out_chw, thumb):
+def mix_sample(o, a, b, ka, fa, fb, th, sc, sh, out_chw, thumb, out_kind):
     """Mix one sample into ``o``: ``(ka a + (1 - ka) b) * sc + sh``, each flipped by its flag first.
 
     One pass over the sample, a row at a time, with the pixel kernel's own row function
     (kernels/pixel/cpu.py: flat indexing, the 3-channel case unrolled, vectorised by LLVM): a
     flipped row (sample or partner) is first copied backwards, pixel by pixel, into a small
-    scratch row, so that the mix always reads forwards; float16 output (``o`` uint16) is mixed
-    into a float32 scratch row and then encoded. With ``thumb`` > 0 the thumbnail of the (flipped)
+    scratch row, so that the mix always reads forwards; float16 or bfloat16 output (``o`` uint16,
+    ``out_kind`` the pixel kernel's OUT_F16 or OUT_BF16) is mixed into a float32 scratch row and
+    then encoded. With ``thumb`` > 0 the thumbnail of the (flipped)
     sample is summed into ``th`` from the same rows while they are in the L1 cache, in exact
     integer arithmetic.
 
     Args:
-        o: (C, H, W) if ``out_chw`` else (H, W, C), float32 or uint16 (float16 bits).
+        o: (C, H, W) if ``out_chw`` else (H, W, C), float32 or uint16 (float16 or bfloat16 bits).
         a, b: (H, W, C) uint8, the sample and its partner; ``ka`` the sample's weight.
         fa, fb: flip the sample / the partner horizontally.
         th: (thumb * thumb * C,) float32, or anything when ``thumb`` is 0.
@@ -162,25 +164,25 @@ def mix_sample(o, a, b, ka, fa, fb, th, sc, sh, out_chw, thumb):
         else:
             xb, bi = bf, y * n
         _emit_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, y * W if out_chw else y * n, W, C, plane,
-                  out_chw, d_buf)
+                  out_chw, d_buf, out_kind)
         if thumb:
             _thumb_row(xa, ai, y, H, n, thumb, cols)
     if thumb:
         _thumb_finish(cols, H, W, C, thumb, th)
 
 
-def _emit_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf):
+def _emit_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf, out_kind):
     """Mix one row into the output row at ``of[oi]``; typed on ``of``'s element type (see the overload)."""
 
 
 @overload(_emit_row)
-def _emit_row_for(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf):
-    if of.dtype == numba.types.uint16:  # float16 bits: mix into the float32 scratch row, then encode
-        def emit(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf):
+def _emit_row_for(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf, out_kind):
+    if of.dtype == numba.types.uint16:  # 16-bit floats: mix into the float32 scratch row, then encode
+        def emit(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf, out_kind):
             _pixel_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, d_buf, 0, W, C, 0, W, False, out_chw)
-            _pixel_store_row(d_buf, of, oi, W, C, plane, out_chw, _OUT_F16)
+            _pixel_store_row(d_buf, of, oi, W, C, plane, out_chw, out_kind)
     else:
-        def emit(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf):
+        def emit(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf, out_kind):
             _pixel_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, 0, plane, False, out_chw)
     return emit
 
@@ -275,13 +277,13 @@ def _view3(data, shapes, n, k, s, ns, dtype):
     return numba.carray(_void_ptr(_entry(data, n, k, s, ns)), (sh[0], sh[1], sh[2]), dtype)
 
 
-def mix_cfuncs(scale, shift, out_chw: bool, out_f16: bool, thumb: int, per_sample: bool, flip: bool):
+def mix_cfuncs(scale, shift, out_chw: bool, out_dtype: str, thumb: int, per_sample: bool, flip: bool):
     """The C run and setup functions of the CPU mix stage (``stages.mix_stage``), compiled or loaded.
 
     Args:
         scale, shift: (C,) per-channel ``1 / std`` and ``-mean / std`` (floats).
         out_chw: write (C, H, W) samples, else (H, W, C).
-        out_f16: write float16 bit patterns as uint16, else float32.
+        out_dtype: "float32", or "float16" / "bfloat16" written as uint16 bit patterns.
         thumb: thumbnail side t, or 0 for no thumbnail (the output then has shape (0,)).
         per_sample: False: for ``numba_function(images, perm, lam[, flips], batch_processing=True)``
             (one call per batch, on one thread, the partner read in place). True: for
@@ -300,7 +302,8 @@ def mix_cfuncs(scale, shift, out_chw: bool, out_f16: bool, thumb: int, per_sampl
     """
     sc = np.asarray(scale, np.float32)
     sh = np.asarray(shift, np.float32)
-    out_dtype = np.uint16 if out_f16 else np.float32
+    out_kind = {"float16": _OUT_F16, "bfloat16": _OUT_BF16}.get(out_dtype, 0)
+    out_np = np.float32 if out_dtype == "float32" else np.uint16
     chw, t, flips = bool(out_chw), int(thumb), bool(flip)
 
     if per_sample:
@@ -309,11 +312,11 @@ def mix_cfuncs(scale, shift, out_chw: bool, out_f16: bool, thumb: int, per_sampl
             if flips:
                 fa = _view1(i_ptr, i_shapes, n_in, 3, 0, 1, np.int32)[0] != 0
                 fb = _view1(i_ptr, i_shapes, n_in, 4, 0, 1, np.int32)[0] != 0
-            mix_sample(_view3(o_ptr, o_shapes, n_out, 0, 0, 1, out_dtype),
+            mix_sample(_view3(o_ptr, o_shapes, n_out, 0, 0, 1, out_np),
                        _view3(i_ptr, i_shapes, n_in, 0, 0, 1, np.uint8),
                        _view3(i_ptr, i_shapes, n_in, 1, 0, 1, np.uint8),
                        _view1(i_ptr, i_shapes, n_in, 2, 0, 1, np.float32)[0], fa, fb,
-                       _view1(o_ptr, o_shapes, n_out, 1, 0, 1, np.float32), sc, sh, chw, t)
+                       _view1(o_ptr, o_shapes, n_out, 1, 0, 1, np.float32), sc, sh, chw, t, out_kind)
 
         run_sig = RUN_SIG
     else:
@@ -324,11 +327,11 @@ def mix_cfuncs(scale, shift, out_chw: bool, out_f16: bool, thumb: int, per_sampl
                 if flips:
                     fa = _view1(i_ptr, i_shapes, n_in, 3, s, ns, np.int32)[0] != 0
                     fb = _view1(i_ptr, i_shapes, n_in, 3, p, ns, np.int32)[0] != 0
-                mix_sample(_view3(o_ptr, o_shapes, n_out, 0, s, ns, out_dtype),
+                mix_sample(_view3(o_ptr, o_shapes, n_out, 0, s, ns, out_np),
                            _view3(i_ptr, i_shapes, n_in, 0, s, ns, np.uint8),
                            _view3(i_ptr, i_shapes, n_in, 0, p, ns, np.uint8),
                            _view1(i_ptr, i_shapes, n_in, 2, s, ns, np.float32)[0], fa, fb,
-                           _view1(o_ptr, o_shapes, n_out, 1, s, ns, np.float32), sc, sh, chw, t)
+                           _view1(o_ptr, o_shapes, n_out, 1, s, ns, np.float32), sc, sh, chw, t, out_kind)
 
         run_sig = RUN_BATCH_SIG
 

@@ -90,6 +90,8 @@ def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, 
         images = _decode_crop(jpegs, gpu=gpu, image_size=image_size, train=train, crop_scale=crop_scale,
                               crop_ratio=crop_ratio)
         if not mix and not gpu:
+            if dtype == "bfloat16":
+                raise ValueError("dtype: the unmixed baseline (crop_mirror_normalize) has no bfloat16 output")
             out_dtype = types.FLOAT16 if dtype == "float16" else types.FLOAT
             m = [0.0, 0.0, 0.0] if mean is None else list(mean)
             s = [1.0, 1.0, 1.0] if std is None else list(std)

@@ -21,7 +21,7 @@ import numpy as np
 from ..functional.pairs import PairFeed, pair_generator, split_pairs  # noqa: F401
 from . import _compat, _kernels
 
-OUTPUT_DTYPES = ("float32", "float16")
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _scale_shift(mean, std, channels: int):
@@ -54,7 +54,9 @@ def mix_stage(images, perm, lam, *, mean=None, std=None, channels: int = 3, layo
         mean, std: per-channel constants in pixel units (0-255), or both None to only mix.
         channels: C, the images' channel count.
         layout: "CHW" or "HWC" per output sample.
-        dtype: "float32" or "float16" (written as bit patterns, then reinterpreted: defect 2).
+        dtype: "float32", "float16" (written as bit patterns, then reinterpreted: defect 2) or
+            "bfloat16" (DALI has no such type: the stage's output stays UINT16 bit patterns, which
+            the reader views as ``torch.bfloat16``).
         thumbnail: t > 0 also returns each *unmixed* sample's (t * t * C,) float32 thumbnail
             (adaptive average pooling; the input of linear feature maps).
         per_sample: False (default): one batch-processing call per batch, on one of DALI's
@@ -76,13 +78,12 @@ def mix_stage(images, perm, lam, *, mean=None, std=None, channels: int = 3, layo
     if isinstance(thumbnail, bool) or not isinstance(thumbnail, int) or thumbnail < 0:
         raise ValueError(f"thumbnail: expected a side length >= 0, got {thumbnail!r}")
     scale, shift = _scale_shift(mean, std, channels)
-    f16 = dtype == "float16"
     has_flip = flip is not None
     key = ("mix-cpu", tuple(scale.tolist()), tuple(shift.tolist()), layout, dtype, thumbnail, per_sample, has_flip)
-    run_fn, setup_fn = _compat.memo(key, lambda: _kernels.mix_cfuncs(scale, shift, layout == "CHW", f16, thumbnail,
+    run_fn, setup_fn = _compat.memo(key, lambda: _kernels.mix_cfuncs(scale, shift, layout == "CHW", dtype, thumbnail,
                                                                       per_sample, has_flip))
     # the thumbnail output always exists (empty without thumbnails): one run function per mode
-    out_types = [types.UINT16 if f16 else types.FLOAT, types.FLOAT]
+    out_types = [types.FLOAT if dtype == "float32" else types.UINT16, types.FLOAT]
     flags = [] if not has_flip else [fn.reshape(fn.cast(flip, dtype=types.INT32), shape=[1])]
     if per_sample:
         partner = fn.permute_batch(images, indices=_perm_indices(perm))
@@ -100,7 +101,7 @@ def mix_stage(images, perm, lam, *, mean=None, std=None, channels: int = 3, layo
     mixed, thumbs = _compat.cached_numba_function(
         key, *inputs, run_fn=run_fn, setup_fn=setup_fn, out_types=out_types, in_types=in_types,
         outs_ndim=[3, 1], ins_ndim=ins_ndim, batch_processing=batch_processing)
-    if f16:
+    if dtype == "float16":
         mixed = _compat.float16_output(mixed)
     return (mixed, thumbs) if thumbnail else mixed
 
@@ -168,8 +169,11 @@ def mix_stage_gpu(images, perm, lam, *, mean=None, std=None, channels: int = 3, 
     from nvidia.dali import fn, types
 
     _check_dtype_layout(dtype, layout)
-    scale, shift = _scale_shift(mean, std, channels)
+    if dtype == "bfloat16":
+        raise ValueError("dtype: the in-graph GPU stage writes float32 or float16; mix after the pipeline "
+                         "(fastgenlabel.mix_images) for bfloat16")
     f16 = dtype == "float16"
+    scale, shift = _scale_shift(mean, std, channels)
     chw = layout == "CHW"
     partner = fn.permute_batch(images, indices=_perm_indices(perm))
     from . import _kernels_cuda

@@ -54,7 +54,8 @@ class LoaderConfig:
             horizontal flip; False: resize the shorter side to ``image_size / 0.875`` and
             centre-crop, no flip.
         mean, std: per-channel normalisation in pixel units (0-255); ImageNet's by default.
-        dtype: "float32" or "float16" images; layout "CHW" gives (B, C, H, W).
+        dtype: "float32", "float16" or "bfloat16" images (rounded to nearest even from the float32
+            mix); layout "CHW" gives (B, C, H, W).
         channels_last: with layout "CHW", (B, C, H, W) tensors in channels-last memory (what
             ``torch.channels_last`` convolutions read), written so by the same pass (no copy).
         device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda" (device 0 or ``device_id``).
@@ -165,7 +166,7 @@ class LoaderConfig:
                              f"got {self.seed!r}")
         _choice(self.last_batch, LAST_BATCH_POLICIES, "last_batch")
         _choice(self.on_bad_image, ON_BAD_IMAGE, "on_bad_image")
-        _choice(self.dtype, ("float32", "float16"), "dtype")
+        _choice(self.dtype, ("float32", "float16", "bfloat16"), "dtype")
         _choice(self.layout, ("CHW", "HWC"), "layout")
         if not isinstance(self.channels_last, bool):
             raise ValueError(f"channels_last: expected True or False, got {self.channels_last!r}")

@@ -114,7 +114,10 @@ class DaliBackend:
             thumbs = None
         pairs = MixPairs(_cpu_tensor(perm).reshape(-1), _cpu_tensor(lam).reshape(-1))
         idx = _cpu_tensor(index).reshape(-1)
-        return _cpu_tensor(images), thumbs, idx, self.labels_of(idx), pairs
+        images = _cpu_tensor(images)
+        if self.config.dtype == "bfloat16":  # the stage's UINT16 bit patterns (DALI has no bfloat16)
+            images = images.view(torch.bfloat16)
+        return images, thumbs, idx, self.labels_of(idx), pairs
 
     def _to_cuda(self, node, dtype):  # pragma: no cover - needs a GPU
         from nvidia.dali.plugin.pytorch import feed_ndarray
