@@ -13,11 +13,13 @@ computed by fused kernels. Backends, in the order ``backend="auto"`` tries them:
   tensor-core product instead, ``gemm.py``, rescoring exactly the classes where it may be off; diag
   and tied do alike with ``linear.policy("always")``, ``linear.py``);
 - ``"numba-cpu"``: NumPy arrays and CPU torch tensors (``cpu.py``; full covariance with
-  K >= 32 and K d^2 >= 2^20 computes its scores as one float32 matrix product, refined alike);
+  K >= 32 and K d^2 >= 2^20 computes its scores as one float32 matrix product, refined alike, and
+  diag and tied always do, ``linear.py``);
 - ``"reference"``: the plain torch reference above (any float dtype, any layout).
 
 The kernels read the model as packed float32 arrays cached on the model (``params.py``), compute
-each feature's term in float32 and sum the terms and form the logits in float64; the tolerance
+each feature's term in float32 (or a float32 product, bounded and rescored in float64 where its
+error could show) and form the logits in float64; the tolerance
 table against the float64 reference is in ``tests/test_relabel.py``. Nothing compiles or touches a
 GPU at import.
 """
