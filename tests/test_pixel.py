@@ -15,7 +15,7 @@ try:  # the property test needs hypothesis (the test extra); the rest runs witho
 except ImportError:
     given = None
 
-from fastgenlabel import MixPairs, mix_images, sample_pairs
+from fastgenlabel import CutBoxes, MixPairs, mix_images, sample_boxes, sample_pairs
 from fastgenlabel.functional import images as ref_images
 from fastgenlabel.kernels import BackendError
 from fastgenlabel.kernels.pixel import explain_mix_images
@@ -111,6 +111,52 @@ def test_reference_without_mean_std_is_mix():
     pairs = pairs_for(5)
     got = ref_images.mix_images(x, pairs, input_layout="CHW")
     np.testing.assert_allclose(got, mix(x, pairs), rtol=1e-6, atol=1e-6)
+
+
+def test_reference_cutmix_matches_a_loop():
+    rng = np.random.default_rng(10)
+    b, h, w = 4, 5, 6
+    x = make_images(rng, b, h, w, 3, "uint8")
+    perm = torch.tensor([3, 0, 1, 2])
+    boxes = CutBoxes(torch.tensor([[1, 4, 2, 6], [0, 5, 0, 6], [2, 2, 0, 6], [0, 1, 0, 1]]), h, w)
+    pairs = MixPairs(perm, torch.tensor([0.3, 1.0, 0.5, 0.0]))  # lambda weights no pixel with boxes
+    got = ref_images.mix_images(x, pairs, MEAN, STD, boxes=boxes)
+    for i in range(b):
+        y0, y1, x0, x1 = boxes.boxes[i].tolist()
+        for r in range(h):
+            for col in range(w):
+                src = int(perm[i]) if y0 <= r < y1 and x0 <= col < x1 else i
+                for c in range(3):
+                    v = (float(x[src, r, col, c]) - MEAN[c]) / STD[c]
+                    assert got[i, c, r, col] == pytest.approx(v, rel=1e-6, abs=1e-6)
+
+
+def test_reference_cutmix_with_sampled_boxes_keeps_the_own_share():
+    rng = np.random.default_rng(11)
+    x = make_images(rng, 6, 16, 12, 1, "float32", "CHW")
+    pairs = pairs_for(6, pairing="roll")
+    boxes, lam = sample_boxes(pairs, 16, 12, mode="sample", generator=3)
+    got = ref_images.mix_images(x, pairs, boxes=boxes, input_layout="CHW")
+    own = (got == x).reshape(6, -1).mean(axis=1)  # the partner's pixels differ from the sample's
+    np.testing.assert_allclose(own, lam.numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("boxes, match", [
+    ([[0, 1, 0, 1]] * 2, "boxes: expected CutBoxes"),
+    (CutBoxes(torch.zeros(3, 4, dtype=torch.int64), 4, 5), "boxes: 3 boxes for a batch of 2 images"),
+    (CutBoxes(torch.zeros(2, 4, dtype=torch.int64), 5, 4), "boxes: drawn for 5 x 4 images, but images are 4 x 5"),
+])
+def test_bad_boxes_name_themselves(boxes, match):
+    x = np.zeros((2, 4, 5, 3), np.uint8)
+    with pytest.raises((TypeError, ValueError), match=match):
+        mix_images(x, pairs_for(2), MEAN, STD, boxes=boxes)
+
+
+def test_boxes_changed_after_checking_are_refused():
+    boxes = CutBoxes(torch.tensor([[0, 4, 0, 5], [1, 2, 1, 2]]), 4, 5)
+    boxes.boxes[1, 3] = 9
+    with pytest.raises(ValueError, match="boxes: box 1 .* changed after it was made"):
+        mix_images(np.zeros((2, 4, 5, 3), np.uint8), pairs_for(2), MEAN, STD, boxes=boxes)
 
 
 # --- numba-cpu against the reference -----------------------------------------------------------------------------

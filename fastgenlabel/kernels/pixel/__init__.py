@@ -32,11 +32,12 @@ MAX_CUDA_BATCH = 65535
 
 
 def mix_images(images, pairs, mean=None, std=None, *, dtype=None, layout="CHW", input_layout="HWC", out=None,
-               backend: str = "auto"):
+               boxes=None, backend: str = "auto"):
     """Mix a batch of images with its partners and normalise it, fused.
 
     ``out[i] = (lam[i] * x[i] + (1 - lam[i]) * x[perm[i]] - mean) / std`` per channel, in the
-    requested layout and dtype. Arguments and result are those of the reference,
+    requested layout and dtype; with CutMix ``boxes``, ``x[perm[i]]`` inside sample i's box and
+    ``x[i]`` outside it, normalised the same way. Arguments and result are those of the reference,
     :func:`fastgenlabel.functional.images.mix_images`; in short:
 
     Args:
@@ -52,6 +53,8 @@ def mix_images(images, pairs, mean=None, std=None, *, dtype=None, layout="CHW", 
         input_layout: layout of ``images`` per sample, "HWC" (default) or "CHW".
         out: optional C-contiguous output buffer (same type, device, shape and dtype as the
             result, not overlapping ``images``); filled and returned.
+        boxes: CutBoxes (from ``sample_boxes``) for CutMix instead of mixup; CPU boxes with CUDA
+            images are copied to the device like the pairs.
         backend: "auto", "numba-cuda", "numba-cpu" or "reference".
 
     Returns:
@@ -62,7 +65,7 @@ def mix_images(images, pairs, mean=None, std=None, *, dtype=None, layout="CHW", 
         BackendError: no requested backend accepts the inputs; the message gives each reason.
     """
     job = prepare_pixel_job(images, pairs, mean, std, dtype=dtype, layout=layout, input_layout=input_layout,
-                            out=out)
+                            out=out, boxes=boxes)
     return dispatch("mix_images", backend, IMPLS, job)
 
 
@@ -88,6 +91,8 @@ def _contiguity(job: PixelJob) -> str | None:
 def _refuse_cpu(job: PixelJob) -> str | None:
     if importlib.util.find_spec("numba") is None:
         return "numba is not installed"
+    if job.boxes is not None:
+        return "CutMix boxes are not in this kernel yet"
     if job.device.type != "cpu":
         return f"images are on {job.device}; numba-cpu runs on host memory (NumPy arrays or CPU tensors)"
     return _contiguity(job)
@@ -126,6 +131,8 @@ def _refuse_cuda(job: PixelJob) -> str | None:
     ok, why = numba_cuda_status()
     if not ok:
         return why
+    if job.boxes is not None:
+        return "CutMix boxes are not in this kernel yet"
     if not job.is_torch:
         return "images are a NumPy array; numba-cuda runs on CUDA torch tensors"
     if job.device.type != "cuda":
