@@ -91,8 +91,6 @@ def _contiguity(job: PixelJob) -> str | None:
 def _refuse_cpu(job: PixelJob) -> str | None:
     if importlib.util.find_spec("numba") is None:
         return "numba is not installed"
-    if job.boxes is not None:
-        return "CutMix boxes are not in this kernel yet"
     if job.device.type != "cpu":
         return f"images are on {job.device}; numba-cpu runs on host memory (NumPy arrays or CPU tensors)"
     return _contiguity(job)
@@ -119,7 +117,8 @@ def _run_cpu(job: PixelJob):
     scale, shift = job.scale_shift()
     kind = {"float32": cpu.OUT_FLOAT, "float16": cpu.OUT_F16, "bfloat16": cpu.OUT_BF16}[job.dtype]
     _, h, w, c = job.size
-    cpu.run(_flat_bits(job.images), host_view(job.perm), host_view(job.lam), scale, shift, _flat_bits(out),
+    boxes = None if job.boxes is None else host_view(job.boxes)
+    cpu.run(_flat_bits(job.images), host_view(job.perm), host_view(job.lam), boxes, scale, shift, _flat_bits(out),
             h, w, c, job.input_layout == "CHW", job.layout == "CHW", job.input_dtype == "float16", kind,
             CHUNKS_PER_THREAD * numba.get_num_threads())
     return out

@@ -1,7 +1,9 @@
 """The pixel stage on the CPU: ``numba.njit(parallel=True, cache=True)`` over the rows of a batch.
 
 Matches :func:`fastgenlabel.functional.images.mix_images`. One pass over memory: each image row
-of the sample and of its partner is read once and the output row is written once; float16 and
+of the sample and of its partner is read once and the output row is written once (with CutMix
+boxes, a row takes the box's columns from the partner and the rest from the sample, and rows
+outside the box read the sample only); float16 and
 bfloat16 outputs (and float16 inputs, which Numba's CPU target cannot type) go through a
 per-thread float32 scratch row that stays in the L1 cache.
 
@@ -78,6 +80,31 @@ def _mix_row(a, ai, b, bi, ka, kb, scale, shift, scale_t, shift_t, d, di, W, C, 
 
 
 @numba.njit
+def _cut_row(a, ai, b, bi, x0, x1, scale, shift, scale_t, shift_t, d, di, W, C, a_plane, d_plane, in_chw, out_chw):
+    """One CutMix row into ``d``: columns [x0, x1) normalised from ``b`` (the partner), the others
+    from ``a``. Each part is a :func:`_mix_row` of a narrower row, weights (1, 0): a column range
+    starts ``x0`` pixels in, and pixels are ``C`` elements apart in HWC rows, 1 in CHW ones."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    ip = 1 if in_chw else C
+    op = 1 if out_chw else C
+    _mix_row(a, ai, a, ai, one, zero, scale, shift, scale_t, shift_t, d, di, x0, C, a_plane, d_plane,
+             in_chw, out_chw)
+    _mix_row(b, bi + x0 * ip, b, bi + x0 * ip, one, zero, scale, shift, scale_t, shift_t, d, di + x0 * op,
+             x1 - x0, C, a_plane, d_plane, in_chw, out_chw)
+    _mix_row(a, ai + x1 * ip, a, ai + x1 * ip, one, zero, scale, shift, scale_t, shift_t, d, di + x1 * op,
+             W - x1, C, a_plane, d_plane, in_chw, out_chw)
+
+
+@numba.njit
+def _box_columns(boxes, s, h, cut):
+    """The columns [x0, x1) row h of sample s takes from the partner: (0, 0) outside its box."""
+    if cut and boxes[s, 0] <= h < boxes[s, 1]:
+        return boxes[s, 2], boxes[s, 3]
+    return 0, 0
+
+
+@numba.njit
 def _f16_row_to_f32(src, si, dst, W, C, plane, in_chw):
     """Decode one row of float16 bits (CHW planes ``plane`` apart, or HWC) into ``dst`` (planes W apart)."""
     if in_chw:
@@ -149,6 +176,7 @@ def _row_starts(r, H, W, C, perm, in_chw, out_chw):
 #
 #   x      (B*H*W*C,) the batch, flat and C-contiguous, samples in CHW order if in_chw else HWC
 #   perm   (B,) int64 partner of every sample; lam (B,) float32 weight of the sample itself
+#   boxes  (B, 4) int64 CutMix boxes (y0, y1, x0, x1), read only when cut is True (then lam is not)
 #   scale  (C,) float32 1 / std; shift (C,) float32 -mean / std
 #   out    (B*H*W*C,) flat, CHW order if out_chw else HWC
 #   n_chunks  the B*H rows are cut into this many chunks shared among the threads (a few per
@@ -158,7 +186,7 @@ def _row_starts(r, H, W, C, perm, in_chw, out_chw):
 
 
 @numba.njit(parallel=True, cache=True)
-def mix_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, n_chunks):
+def mix_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, n_chunks):
     """uint8 or float32 ``x`` -> float32 ``out``: each output element written once, directly."""
     n_rows = perm.shape[0] * H
     n_chunks = max(1, min(n_rows, n_chunks))
@@ -168,13 +196,18 @@ def mix_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, n_chun
     for k in prange(n_chunks):
         for r in range(k * n_rows // n_chunks, (k + 1) * n_rows // n_chunks):
             s, ai, bi, oi = _row_starts(r, H, W, C, perm, in_chw, out_chw)
-            ka = lam[s]
-            _mix_row(x, ai, x, bi, ka, np.float32(1.0) - ka, scale, shift, scale_t, shift_t,
-                     out, oi, W, C, plane, plane, in_chw, out_chw)
+            if cut:
+                x0, x1 = _box_columns(boxes, s, r - s * H, cut)
+                _cut_row(x, ai, x, bi, x0, x1, scale, shift, scale_t, shift_t, out, oi, W, C, plane, plane,
+                         in_chw, out_chw)
+            else:
+                ka = lam[s]
+                _mix_row(x, ai, x, bi, ka, np.float32(1.0) - ka, scale, shift, scale_t, shift_t,
+                         out, oi, W, C, plane, plane, in_chw, out_chw)
 
 
 @numba.njit(parallel=True, cache=True)
-def mix_encode_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks):
+def mix_encode_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks):
     """uint8 or float32 ``x`` -> ``out`` uint16 holding float16 (OUT_F16) or bfloat16 (OUT_BF16) bits."""
     n_rows = perm.shape[0] * H
     n_chunks = max(1, min(n_rows, n_chunks))
@@ -185,14 +218,19 @@ def mix_encode_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw,
         d_buf = np.empty(W * C, np.float32)
         for r in range(k * n_rows // n_chunks, (k + 1) * n_rows // n_chunks):
             s, ai, bi, oi = _row_starts(r, H, W, C, perm, in_chw, out_chw)
-            ka = lam[s]
-            _mix_row(x, ai, x, bi, ka, np.float32(1.0) - ka, scale, shift, scale_t, shift_t,
-                     d_buf, 0, W, C, plane, W, in_chw, out_chw)
+            if cut:
+                x0, x1 = _box_columns(boxes, s, r - s * H, cut)
+                _cut_row(x, ai, x, bi, x0, x1, scale, shift, scale_t, shift_t, d_buf, 0, W, C, plane, W,
+                         in_chw, out_chw)
+            else:
+                ka = lam[s]
+                _mix_row(x, ai, x, bi, ka, np.float32(1.0) - ka, scale, shift, scale_t, shift_t,
+                         d_buf, 0, W, C, plane, W, in_chw, out_chw)
             _store_row(d_buf, out, oi, W, C, plane, out_chw, out_kind)
 
 
 @numba.njit(parallel=True, cache=True)
-def mix_f16_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks):
+def mix_f16_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks):
     """``x`` uint16 holding float16 bits -> float32 ``out`` (OUT_FLOAT) or uint16 bits (OUT_F16, OUT_BF16)."""
     n_rows = perm.shape[0] * H
     n_chunks = max(1, min(n_rows, n_chunks))
@@ -205,25 +243,37 @@ def mix_f16_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, ou
         d_buf = np.empty(W * C, np.float32)
         for r in range(k * n_rows // n_chunks, (k + 1) * n_rows // n_chunks):
             s, ai, bi, oi = _row_starts(r, H, W, C, perm, in_chw, out_chw)
-            ka = lam[s]
             _f16_row_to_f32(x, ai, a_buf, W, C, plane, in_chw)
-            _f16_row_to_f32(x, bi, b_buf, W, C, plane, in_chw)
-            _mix_row(a_buf, 0, b_buf, 0, ka, np.float32(1.0) - ka, scale, shift, scale_t, shift_t,
-                     d_buf, 0, W, C, W, W, in_chw, out_chw)
+            if cut:
+                x0, x1 = _box_columns(boxes, s, r - s * H, cut)
+                if x1 > x0:  # only rows through the box read the partner
+                    _f16_row_to_f32(x, bi, b_buf, W, C, plane, in_chw)
+                _cut_row(a_buf, 0, b_buf, 0, x0, x1, scale, shift, scale_t, shift_t, d_buf, 0, W, C, W, W,
+                         in_chw, out_chw)
+            else:
+                ka = lam[s]
+                _f16_row_to_f32(x, bi, b_buf, W, C, plane, in_chw)
+                _mix_row(a_buf, 0, b_buf, 0, ka, np.float32(1.0) - ka, scale, shift, scale_t, shift_t,
+                         d_buf, 0, W, C, W, W, in_chw, out_chw)
             if out_kind == OUT_FLOAT:
                 _copy_row(d_buf, out, oi, W, C, plane, out_chw)
             else:
                 _store_row(d_buf, out, oi, W, C, plane, out_chw, out_kind)
 
 
-def run(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, in_f16, out_kind, n_chunks):
-    """Pick the kernel for these element types (see the contract above) and run it."""
+def run(x, perm, lam, boxes, scale, shift, out, H, W, C, in_chw, out_chw, in_f16, out_kind, n_chunks):
+    """Pick the kernel for these element types (see the contract above) and run it; ``boxes``
+    (B, 4) int64 for CutMix, or None for mixup."""
+    cut = boxes is not None
+    if not cut:
+        boxes = np.zeros((0, 4), np.int64)
     if in_f16:
-        mix_f16_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks)
+        mix_f16_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks)
     elif out_kind == OUT_FLOAT:
-        mix_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, n_chunks)
+        mix_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, n_chunks)
     else:
-        mix_encode_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks)
+        mix_encode_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind,
+                          n_chunks)
 
 
 from ..compat import key_disk_cache_on  # noqa: E402
