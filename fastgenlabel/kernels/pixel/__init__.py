@@ -130,8 +130,6 @@ def _refuse_cuda(job: PixelJob) -> str | None:
     ok, why = numba_cuda_status()
     if not ok:
         return why
-    if job.boxes is not None:
-        return "CutMix boxes are not in this kernel yet"
     if not job.is_torch:
         return "images are a NumPy array; numba-cuda runs on CUDA torch tensors"
     if job.device.type != "cuda":
@@ -161,7 +159,7 @@ def _run_cuda(job: PixelJob):
         kernels.launch(
             device_view(job.images.reshape(-1)), device_view(job.perm), device_view(job.lam),
             scale_v, shift_v, dev_out, h, w, c, job.input_layout == "CHW", job.layout == "CHW", out_bf16,
-            stream=stream)
+            stream=stream, boxes=None if job.boxes is None else device_view(job.boxes))
     return out
 
 
