@@ -80,20 +80,73 @@ def _mix_row(a, ai, b, bi, ka, kb, scale, shift, scale_t, shift_t, d, di, W, C, 
 
 
 @numba.njit
+def _pick(a, b, inside):
+    """``b`` inside the box, else ``a``; both already loaded, so that the compiler emits a select."""
+    return b if inside else a
+
+
+@numba.njit
 def _cut_row(a, ai, b, bi, x0, x1, scale, shift, scale_t, shift_t, d, di, W, C, a_plane, d_plane, in_chw, out_chw):
     """One CutMix row into ``d``: columns [x0, x1) normalised from ``b`` (the partner), the others
-    from ``a``. Each part is a :func:`_mix_row` of a narrower row, weights (1, 0): a column range
-    starts ``x0`` pixels in, and pixels are ``C`` elements apart in HWC rows, 1 in CHW ones."""
+    from ``a``. Laid out as :func:`_mix_row`; a row the box misses is that with weights (1, 0) and
+    ``b = a``; a row through the box reads both rows and selects per element in one full-width
+    loop (vectorised; three narrower loops spent their time in loop tails)."""
     one = np.float32(1.0)
     zero = np.float32(0.0)
-    ip = 1 if in_chw else C
-    op = 1 if out_chw else C
-    _mix_row(a, ai, a, ai, one, zero, scale, shift, scale_t, shift_t, d, di, x0, C, a_plane, d_plane,
-             in_chw, out_chw)
-    _mix_row(b, bi + x0 * ip, b, bi + x0 * ip, one, zero, scale, shift, scale_t, shift_t, d, di + x0 * op,
-             x1 - x0, C, a_plane, d_plane, in_chw, out_chw)
-    _mix_row(a, ai + x1 * ip, a, ai + x1 * ip, one, zero, scale, shift, scale_t, shift_t, d, di + x1 * op,
-             W - x1, C, a_plane, d_plane, in_chw, out_chw)
+    if x1 <= x0:
+        _mix_row(a, ai, a, ai, one, zero, scale, shift, scale_t, shift_t, d, di, W, C, a_plane, d_plane,
+                 in_chw, out_chw)
+    elif not in_chw and not out_chw:
+        n = W * C
+        lo = x0 * C
+        hi = x1 * C
+        ar = a[ai:ai + n]
+        br = b[bi:bi + n]
+        dr = d[di:di + n]
+        for i in range(n):
+            v = _pick(ar[i], br[i], (i >= lo) & (i < hi))
+            dr[i] = _mix(v, v, one, zero, scale_t[i], shift_t[i])
+    elif not in_chw:
+        ar = a[ai:ai + W * C]
+        br = b[bi:bi + W * C]
+        if C == 3:
+            d0 = d[di:di + W]
+            d1 = d[di + d_plane:di + d_plane + W]
+            d2 = d[di + 2 * d_plane:di + 2 * d_plane + W]
+            s0, s1, s2 = scale[0], scale[1], scale[2]
+            h0, h1, h2 = shift[0], shift[1], shift[2]
+            for w in range(W):
+                inside = (w >= x0) & (w < x1)
+                v0 = _pick(ar[3 * w], br[3 * w], inside)
+                v1 = _pick(ar[3 * w + 1], br[3 * w + 1], inside)
+                v2 = _pick(ar[3 * w + 2], br[3 * w + 2], inside)
+                d0[w] = _mix(v0, v0, one, zero, s0, h0)
+                d1[w] = _mix(v1, v1, one, zero, s1, h1)
+                d2[w] = _mix(v2, v2, one, zero, s2, h2)
+        else:
+            for c in range(C):
+                dr = d[di + c * d_plane:di + c * d_plane + W]
+                sc = scale[c]
+                sh = shift[c]
+                for w in range(W):
+                    v = _pick(ar[w * C + c], br[w * C + c], (w >= x0) & (w < x1))
+                    dr[w] = _mix(v, v, one, zero, sc, sh)
+    else:
+        for c in range(C):
+            ar = a[ai + c * a_plane:ai + c * a_plane + W]
+            br = b[bi + c * a_plane:bi + c * a_plane + W]
+            sc = scale[c]
+            sh = shift[c]
+            if out_chw:
+                dr = d[di + c * d_plane:di + c * d_plane + W]
+                for w in range(W):
+                    v = _pick(ar[w], br[w], (w >= x0) & (w < x1))
+                    dr[w] = _mix(v, v, one, zero, sc, sh)
+            else:
+                dr = d[di:di + W * C]
+                for w in range(W):
+                    v = _pick(ar[w], br[w], (w >= x0) & (w < x1))
+                    dr[w * C + c] = _mix(v, v, one, zero, sc, sh)
 
 
 @numba.njit
