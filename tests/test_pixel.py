@@ -266,6 +266,12 @@ def test_cpu_cutmix_full_and_empty_boxes_pick_one_image_and_ignore_lambda():
             np.testing.assert_array_equal(got[i], x[src])
 
 
+def test_cutmix_runs_on_the_cpu_kernel_by_default():
+    x = np.zeros((2, 4, 5, 3), np.uint8)
+    boxes, _ = sample_boxes(pairs_for(2, lam_mode="batch"), 4, 5, generator=0)
+    assert explain_mix_images(x, pairs_for(2), MEAN, STD, boxes=boxes)["numba-cpu"] is None
+
+
 def _cpu_cutmix_matches_reference_any_size(b, h, w, c, input_layout, layout, seed):
     rng = np.random.default_rng(seed)
     x = make_images(rng, b, h, w, c, "uint8", input_layout)
