@@ -4,7 +4,8 @@ Run: ``python -m pytest bench/test_bench_pixel.py --benchmark-columns=median,iqr
 (add ``-k "not reference"`` to skip the slow float64 reference, ``-k cuda`` for the GPU cases).
 
 Method: B in {64, 256}, per-sample lambda and a random permutation (the general case) unless a
-competitor only does batch lambda with the flipped batch (timm's batch mode); warm-up rounds
+competitor only does batch lambda with the flipped batch (timm's batch mode); CutMix with a box per
+sample (``sample_boxes(mode="sample")``); warm-up rounds
 compile kernels (Numba, torch.compile) before timing; CUDA cases synchronise inside the timed
 function; outputs are preallocated where the implementation allows it. Report medians with their
 spread, the commit, the device and the versions (pytest-benchmark's JSON records the machine).
@@ -24,7 +25,7 @@ import torch
 from queued import record_queued
 from startup import fresh_process_json
 
-from fastgenlabel import mix_images, sample_pairs
+from fastgenlabel import mix_images, sample_boxes, sample_pairs
 
 H = W = 224
 C = 3
@@ -44,9 +45,10 @@ def data(b: int, device: str = "cpu") -> dict:
         rng = np.random.default_rng(b)
         x = rng.integers(0, 256, (b, H, W, C), dtype=np.uint8)
         pairs = sample_pairs(b, 1.0, lam_mode="sample", generator=b)
+        boxes, _ = sample_boxes(pairs, H, W, mode="sample", generator=b)  # CutMix: a box per sample
         t = torch.from_numpy(x).to(device)
         _DATA[key] = dict(
-            x=x, t=t, pairs=pairs, lam=pairs.lam.to(device).view(-1, 1, 1, 1), perm=pairs.perm.to(device),
+            x=x, t=t, pairs=pairs, boxes=boxes, lam=pairs.lam.to(device).view(-1, 1, 1, 1), perm=pairs.perm.to(device),
             lam_batch=float(pairs.lam[0]),
             mean=torch.tensor(MEAN, device=device).view(1, C, 1, 1),
             std=torch.tensor(STD, device=device).view(1, C, 1, 1),
@@ -88,6 +90,16 @@ def test_numba_cpu(benchmark, b, dtype):
     label(benchmark, b, "cpu", f"numba-cpu {dtype}")
     benchmark.pedantic(mix_images, args=(d["t"], d["pairs"], MEAN, STD), kwargs=dict(out=out, backend="numba-cpu"),
                        rounds=30 if b == 64 else 10, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("b", [256])
+def test_numba_cpu_cutmix(benchmark, b):
+    """CutMix in the same pass (a box per sample), beside the mixup case above."""
+    d = data(b)
+    out = torch.empty((b, C, H, W), dtype=torch.float32)
+    label(benchmark, b, "cpu", "numba-cpu float32 cutmix")
+    benchmark.pedantic(mix_images, args=(d["t"], d["pairs"], MEAN, STD),
+                       kwargs=dict(out=out, boxes=d["boxes"], backend="numba-cpu"), rounds=10, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("b", BATCHES)

@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 
 # public name -> the subpackage that defines it
 _EXPORTS = {
-    **dict.fromkeys(["MixPairs", "genlabel_posterior", "genlabel_target", "mix", "mixup_target", "one_hot",
-                     "sample_pairs", "smooth_labels", "soft_target_cross_entropy"], "functional"),
+    **dict.fromkeys(["CutBoxes", "MixPairs", "genlabel_posterior", "genlabel_target", "mix", "mixup_target", "one_hot",
+                     "sample_boxes", "sample_pairs", "smooth_labels", "soft_target_cross_entropy"], "functional"),
     "mix_images": "kernels.pixel",
     "relabel": "kernels.relabel",
     "GenLabelLoader": "loader",
@@ -26,9 +26,9 @@ _SUBPACKAGES = ("dali", "demo", "distributed", "experiments", "features", "fit",
                 "models")
 
 __all__ = [
-    "GaussianClassModel", "GenLabelLoader", "KDEClassModel", "LoaderConfig", "MixPairs", "ModelFileError",
+    "CutBoxes", "GaussianClassModel", "GenLabelLoader", "KDEClassModel", "LoaderConfig", "MixPairs", "ModelFileError",
     "genlabel_posterior", "genlabel_target",
-    "load_model", "mix", "mix_images", "mixup_target", "one_hot", "relabel", "sample_pairs", "smooth_labels",
+    "load_model", "mix", "mix_images", "mixup_target", "one_hot", "relabel", "sample_boxes", "sample_pairs", "smooth_labels",
     "soft_target_cross_entropy",
 ]
 
@@ -50,12 +50,14 @@ def __dir__():
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .functional import (
+        CutBoxes,
         MixPairs,
         genlabel_posterior,
         genlabel_target,
         mix,
         mixup_target,
         one_hot,
+        sample_boxes,
         sample_pairs,
         smooth_labels,
         soft_target_cross_entropy,

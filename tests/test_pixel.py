@@ -15,7 +15,7 @@ try:  # the property test needs hypothesis (the test extra); the rest runs witho
 except ImportError:
     given = None
 
-from fastgenlabel import MixPairs, mix_images, sample_pairs
+from fastgenlabel import CutBoxes, MixPairs, mix_images, sample_boxes, sample_pairs
 from fastgenlabel.functional import images as ref_images
 from fastgenlabel.kernels import BackendError
 from fastgenlabel.kernels.pixel import explain_mix_images
@@ -66,7 +66,7 @@ def poisoned(shape, dtype, torch_out):
     return np.full(shape, np.nan, dtype=dtype)
 
 
-def run_checked(images, pairs, mean, std, *, dtype, layout, input_layout, torch_io, backend="numba-cpu"):
+def run_checked(images, pairs, mean, std, *, dtype, layout, input_layout, torch_io, backend="numba-cpu", boxes=None):
     """Run a backend into a NaN-poisoned ``out``, compare with the reference, check inputs are unchanged."""
     x = torch.from_numpy(images) if torch_io else images
     before = images.copy()
@@ -76,9 +76,10 @@ def run_checked(images, pairs, mean, std, *, dtype, layout, input_layout, torch_
     shape = (b, c, h, w) if layout == "CHW" else (b, h, w, c)
     out = poisoned(shape, dtype, torch_io)
     got = mix_images(x, pairs, mean, std, dtype=dtype, layout=layout, input_layout=input_layout, out=out,
-                     backend=backend)
+                     backend=backend, boxes=boxes)
     assert got is out
-    want = ref_images.mix_images(x, pairs, mean, std, dtype=dtype, layout=layout, input_layout=input_layout)
+    want = ref_images.mix_images(x, pairs, mean, std, dtype=dtype, layout=layout, input_layout=input_layout,
+                                 boxes=boxes)
     assert type(want) is type(got)
     assert_close(got, want, dtype)
     np.testing.assert_array_equal(images, before)
@@ -111,6 +112,52 @@ def test_reference_without_mean_std_is_mix():
     pairs = pairs_for(5)
     got = ref_images.mix_images(x, pairs, input_layout="CHW")
     np.testing.assert_allclose(got, mix(x, pairs), rtol=1e-6, atol=1e-6)
+
+
+def test_reference_cutmix_matches_a_loop():
+    rng = np.random.default_rng(10)
+    b, h, w = 4, 5, 6
+    x = make_images(rng, b, h, w, 3, "uint8")
+    perm = torch.tensor([3, 0, 1, 2])
+    boxes = CutBoxes(torch.tensor([[1, 4, 2, 6], [0, 5, 0, 6], [2, 2, 0, 6], [0, 1, 0, 1]]), h, w)
+    pairs = MixPairs(perm, torch.tensor([0.3, 1.0, 0.5, 0.0]))  # lambda weights no pixel with boxes
+    got = ref_images.mix_images(x, pairs, MEAN, STD, boxes=boxes)
+    for i in range(b):
+        y0, y1, x0, x1 = boxes.boxes[i].tolist()
+        for r in range(h):
+            for col in range(w):
+                src = int(perm[i]) if y0 <= r < y1 and x0 <= col < x1 else i
+                for c in range(3):
+                    v = (float(x[src, r, col, c]) - MEAN[c]) / STD[c]
+                    assert got[i, c, r, col] == pytest.approx(v, rel=1e-6, abs=1e-6)
+
+
+def test_reference_cutmix_with_sampled_boxes_keeps_the_own_share():
+    rng = np.random.default_rng(11)
+    x = make_images(rng, 6, 16, 12, 1, "float32", "CHW")
+    pairs = pairs_for(6, pairing="roll")
+    boxes, lam = sample_boxes(pairs, 16, 12, mode="sample", generator=3)
+    got = ref_images.mix_images(x, pairs, boxes=boxes, input_layout="CHW")
+    own = (got == x).reshape(6, -1).mean(axis=1)  # the partner's pixels differ from the sample's
+    np.testing.assert_allclose(own, lam.numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("boxes, match", [
+    ([[0, 1, 0, 1]] * 2, "boxes: expected CutBoxes"),
+    (CutBoxes(torch.zeros(3, 4, dtype=torch.int64), 4, 5), "boxes: 3 boxes for a batch of 2 images"),
+    (CutBoxes(torch.zeros(2, 4, dtype=torch.int64), 5, 4), "boxes: drawn for 5 x 4 images, but images are 4 x 5"),
+])
+def test_bad_boxes_name_themselves(boxes, match):
+    x = np.zeros((2, 4, 5, 3), np.uint8)
+    with pytest.raises((TypeError, ValueError), match=match):
+        mix_images(x, pairs_for(2), MEAN, STD, boxes=boxes)
+
+
+def test_boxes_changed_after_checking_are_refused():
+    boxes = CutBoxes(torch.tensor([[0, 4, 0, 5], [1, 2, 1, 2]]), 4, 5)
+    boxes.boxes[1, 3] = 9
+    with pytest.raises(ValueError, match="boxes: box 1 .* changed after it was made"):
+        mix_images(np.zeros((2, 4, 5, 3), np.uint8), pairs_for(2), MEAN, STD, boxes=boxes)
 
 
 # --- numba-cpu against the reference -----------------------------------------------------------------------------
@@ -159,6 +206,90 @@ else:
         input_layout=st.sampled_from(["HWC", "CHW"]), layout=st.sampled_from(["HWC", "CHW"]),
         seed=st.integers(0, 2**16),
     )(_cpu_matches_reference_any_size))
+
+
+def edge_boxes(rng, b, h, w):
+    """Boxes touching every border, the full image, zero-area ones (empty rows, empty columns, a
+    corner point) and random ones; the first b of them, in shuffled order."""
+    fixed = [[0, h, 0, w], [0, 0, 0, 0], [h, h, w, w], [0, h // 2 + 1, 0, w // 2 + 1],
+             [h // 2, h, w // 2, w], [1, 1, 0, w], [0, h, 2, 2], [0, 1, w - 1, w]]
+    rows = [sorted(rng.integers(0, h + 1, 2)) for _ in range(b)]
+    cols = [sorted(rng.integers(0, w + 1, 2)) for _ in range(b)]
+    boxes = np.array(fixed + [r + c for r, c in zip(rows, cols)], np.int64)
+    boxes = boxes[rng.permutation(len(boxes))[:b]] if b < len(fixed) else boxes[:b]
+    boxes[:, :2] = np.minimum(boxes[:, :2], h)
+    boxes[:, 2:] = np.minimum(boxes[:, 2:], w)
+    return CutBoxes(torch.from_numpy(np.ascontiguousarray(boxes)), h, w)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["CHW", "HWC"])
+@pytest.mark.parametrize("input_layout", ["HWC", "CHW"])
+@pytest.mark.parametrize("input_dtype", ["uint8", "float16", "float32"])
+def test_cpu_cutmix_matches_reference_dtypes_layouts(input_dtype, input_layout, layout, dtype):
+    rng = np.random.default_rng([4, len(input_dtype), len(dtype), len(layout + input_layout)])
+    b, h, w = 9, 13, 11
+    x = make_images(rng, b, h, w, 3, input_dtype, input_layout)
+    mean, std = (MEAN, STD) if input_dtype == "uint8" else (None, None)
+    run_checked(x, pairs_for(b, seed=8), mean, std, dtype=dtype, layout=layout, input_layout=input_layout,
+                torch_io=True, boxes=edge_boxes(rng, b, h, w))
+
+
+@pytest.mark.parametrize("size", [(1, 7, 5, 3), (1, 4, 4, 3), (3, 5, 1, 1), (5, 9, 8, 4), (2, 1, 6, 2)])
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_cpu_cutmix_matches_reference_sizes(size, mode):
+    b, h, w, c = size
+    rng = np.random.default_rng([b, h, w, c, len(mode)])
+    x = make_images(rng, b, h, w, c, "uint8")
+    mean, std = rng.uniform(50, 200, c), rng.uniform(20, 80, c)
+    pairs = pairs_for(b, "roll", "batch" if mode == "batch" else "sample", seed=b)
+    for draw in range(3):
+        boxes, _ = sample_boxes(pairs, h, w, mode=mode, generator=draw)
+        run_checked(x, pairs, mean, std, dtype="float32", layout="CHW", input_layout="HWC", torch_io=False,
+                    boxes=boxes)
+        run_checked(x, pairs, mean, std, dtype="float16", layout="HWC", input_layout="HWC", torch_io=False,
+                    boxes=boxes)
+    for box in edge_boxes(rng, 8, h, w).boxes:  # each edge box for the whole batch
+        boxes = CutBoxes(box.reshape(1, 4).repeat(b, 1), h, w)
+        run_checked(x, pairs, mean, std, dtype="bfloat16", layout="CHW", input_layout="HWC", torch_io=True,
+                    boxes=boxes)
+
+
+def test_cpu_cutmix_full_and_empty_boxes_pick_one_image_and_ignore_lambda():
+    rng = np.random.default_rng(13)
+    x = make_images(rng, 4, 5, 6, 3, "float32")
+    perm = torch.tensor([1, 2, 3, 0])
+    boxes = CutBoxes(torch.tensor([[0, 5, 0, 6], [0, 0, 0, 6], [2, 2, 3, 3], [0, 5, 0, 6]]), 5, 6)
+    for lam in ([1.0, 0.0, 0.3, 0.5], [0.0, 1.0, 0.9, 0.5]):
+        got = mix_images(x, MixPairs(perm, torch.tensor(lam)), layout="HWC", boxes=boxes, backend="numba-cpu")
+        for i, src in enumerate([1, 1, 2, 0]):
+            np.testing.assert_array_equal(got[i], x[src])
+
+
+def test_cutmix_runs_on_the_cpu_kernel_by_default():
+    x = np.zeros((2, 4, 5, 3), np.uint8)
+    boxes, _ = sample_boxes(pairs_for(2, lam_mode="batch"), 4, 5, generator=0)
+    assert explain_mix_images(x, pairs_for(2), MEAN, STD, boxes=boxes)["numba-cpu"] is None
+
+
+def _cpu_cutmix_matches_reference_any_size(b, h, w, c, input_layout, layout, seed):
+    rng = np.random.default_rng(seed)
+    x = make_images(rng, b, h, w, c, "uint8", input_layout)
+    pairs = MixPairs(torch.from_numpy(rng.integers(0, b, b)), torch.from_numpy(rng.random(b).astype(np.float32)))
+    run_checked(x, pairs, rng.uniform(0, 255, c), rng.uniform(1, 100, c), dtype="float32", layout=layout,
+                input_layout=input_layout, torch_io=False, boxes=edge_boxes(rng, b, h, w))
+
+
+if given is None:
+    @pytest.mark.skip(reason="hypothesis is not installed")
+    def test_cpu_cutmix_matches_reference_any_size():
+        pass
+else:
+    test_cpu_cutmix_matches_reference_any_size = settings(max_examples=25, deadline=None)(given(
+        b=st.integers(1, 6), h=st.integers(1, 9), w=st.integers(1, 9), c=st.integers(1, 5),
+        input_layout=st.sampled_from(["HWC", "CHW"]), layout=st.sampled_from(["HWC", "CHW"]),
+        seed=st.integers(0, 2**16),
+    )(_cpu_cutmix_matches_reference_any_size))
 
 
 def test_lambda_one_identity_pairing_is_normalisation():

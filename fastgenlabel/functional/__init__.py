@@ -2,9 +2,9 @@
 from .genlabel import genlabel_posterior, genlabel_target
 from .loss import soft_target_cross_entropy
 from .mixing import mix, mixup_target, one_hot, smooth_labels
-from .pairs import LAM_MODES, PAIRINGS, MixPairs, PairFeed, sample_pairs
+from .pairs import BOX_MODES, LAM_MODES, PAIRINGS, CutBoxes, MixPairs, PairFeed, sample_boxes, sample_pairs
 
 __all__ = [
-    "LAM_MODES", "PAIRINGS", "MixPairs", "PairFeed", "genlabel_posterior", "genlabel_target", "mix", "mixup_target",
-    "one_hot", "sample_pairs", "smooth_labels", "soft_target_cross_entropy",
+    "BOX_MODES", "LAM_MODES", "PAIRINGS", "CutBoxes", "MixPairs", "PairFeed", "genlabel_posterior", "genlabel_target",
+    "mix", "mixup_target", "one_hot", "sample_boxes", "sample_pairs", "smooth_labels", "soft_target_cross_entropy",
 ]

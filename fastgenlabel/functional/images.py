@@ -1,11 +1,12 @@
 """The pixel stage, reference: mix a batch of images with its partners and normalise it.
 
 ``out[i] = (lam[i] * x[i] + (1 - lam[i]) * x[perm[i]] - mean) / std``, per channel, written in the
-requested layout and dtype. ``mean`` and ``std`` are in the input's units (0-255 for uint8 pixels,
-as in DALI's ``crop_mirror_normalize``); without them the batch is only mixed (the variant for
-already-normalised float batches). The fast paths in :mod:`fastgenlabel.kernels.pixel` take the
-same arguments, validated here by :func:`prepare_pixel_job`, and are tested against
-:func:`mix_images`.
+requested layout and dtype; with CutMix ``boxes``, ``x[i]`` outside its box and ``x[perm[i]]``
+inside it (lambda then weights no pixel; docs/MATH.md section 7). ``mean`` and ``std`` are in
+the input's units (0-255 for uint8 pixels, as in DALI's ``crop_mirror_normalize``); without
+them the batch is only mixed (the variant for already-normalised float batches). The fast paths
+in :mod:`fastgenlabel.kernels.pixel` take the same arguments, validated here by
+:func:`prepare_pixel_job`, and are tested against :func:`mix_images`.
 
 Conventions (every backend follows them):
 
@@ -23,6 +24,8 @@ Conventions (every backend follows them):
   CPU. With CUDA images they are copied to the images' device (2 x B numbers, asynchronously
   from pinned memory); pairs on a CUDA device with CPU or other-device images are an error,
   since fetching them would stall the GPU.
+- ``boxes`` (from :func:`~fastgenlabel.functional.pairs.sample_boxes`): a CutBoxes for the
+  images' height and width, one box per sample, moved to the images' device like the pairs.
 - Inputs are never modified.
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 
 from ._arrays import Array, like, overlaps
 from .mixing import check_pairs
-from .pairs import MixPairs, check_unchanged
+from .pairs import CutBoxes, MixPairs, check_boxes_unchanged, check_unchanged
 
 LAYOUTS = ("CHW", "HWC")
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
@@ -63,6 +66,7 @@ class PixelJob:
         layout, input_layout: per-sample layouts of the output and of ``images``, "CHW" or "HWC".
         out: the caller's output buffer, or None.
         size: (B, H, W, C).
+        boxes: (B, 4) int64 CutMix boxes ``(y0, y1, x0, x1)`` on the images' device, or None (mixup).
     """
 
     images: Any
@@ -75,6 +79,7 @@ class PixelJob:
     input_layout: str
     out: Any
     size: tuple[int, int, int, int]
+    boxes: torch.Tensor | None = None
 
     @property
     def is_torch(self) -> bool:
@@ -119,6 +124,7 @@ def mix_images(
     layout: str = "CHW",
     input_layout: str = "HWC",
     out=None,
+    boxes: CutBoxes | None = None,
 ) -> Array:
     """Mix a batch of images with its partners, normalise it and change its layout (reference).
 
@@ -134,12 +140,14 @@ def mix_images(
             "NCHW"/"NHWC" are accepted as synonyms.
         input_layout: layout of ``images`` per sample, "HWC" (default) or "CHW".
         out: optional output buffer (see the module docstring).
+        boxes: CutMix instead of mixup: sample i is ``x[perm[i]]`` inside its box and ``x[i]``
+            outside (``pairs.lam`` then weights no pixel; it is the targets' lambda).
 
     Returns:
         The mixed, normalised batch: NumPy for NumPy input, a torch tensor otherwise.
     """
     return run_reference(prepare_pixel_job(images, pairs, mean, std, dtype=dtype, layout=layout,
-                                           input_layout=input_layout, out=out))
+                                           input_layout=input_layout, out=out, boxes=boxes))
 
 
 def run_reference(job: PixelJob):
@@ -153,8 +161,16 @@ def run_reference(job: PixelJob):
     if job.input_layout == "CHW":
         x = x.permute(0, 2, 3, 1)
     x = x.to(torch.float64)
-    lam = job.lam.to(torch.float64).reshape(-1, 1, 1, 1)
-    y = lam * x + (1 - lam) * x[job.perm]
+    if job.boxes is None:
+        lam = job.lam.to(torch.float64).reshape(-1, 1, 1, 1)
+        y = lam * x + (1 - lam) * x[job.perm]
+    else:  # (B, H, W) True inside each sample's box
+        _, h, w, _ = job.size
+        rows = torch.arange(h, device=x.device).reshape(1, h, 1)
+        cols = torch.arange(w, device=x.device).reshape(1, 1, w)
+        y0, y1, x0, x1 = (job.boxes[:, k].reshape(-1, 1, 1) for k in range(4))
+        inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+        y = torch.where(inside[..., None], x[job.perm], x)
     if job.mean is not None:
         y = (y - torch.from_numpy(job.mean).to(x.device)) / torch.from_numpy(job.std).to(x.device)
     if job.layout == "CHW":
@@ -170,7 +186,7 @@ def run_reference(job: PixelJob):
 
 
 def prepare_pixel_job(images, pairs, mean=None, std=None, *, dtype=None, layout="CHW", input_layout="HWC",
-                      out=None) -> PixelJob:
+                      out=None, boxes=None) -> PixelJob:
     """Validate a pixel-stage call once (see :func:`mix_images` for the arguments).
 
     Raises:
@@ -198,7 +214,8 @@ def prepare_pixel_job(images, pairs, mean=None, std=None, *, dtype=None, layout=
     perm, lam = _pairs_on(pairs, device)
     if device.type == "cpu":  # on a GPU the check would synchronise each call: trusted as made there
         check_unchanged(pairs)
-    job = PixelJob(batch, perm, lam, mean_v, std_v, name, layout, input_layout, out, (b, h, w, c))
+    box_t = None if boxes is None else _boxes_on(boxes, b, h, w, device)
+    job = PixelJob(batch, perm, lam, mean_v, std_v, name, layout, input_layout, out, (b, h, w, c), box_t)
     if out is not None:
         _check_out(out, job, images)
     return job
@@ -335,6 +352,30 @@ def _pairs_on(pairs: MixPairs, device: torch.device):
     if device.type == "cuda":
         return perm.pin_memory().to(device, non_blocking=True), lam.pin_memory().to(device, non_blocking=True)
     return perm.to(device), lam.to(device)
+
+
+def _boxes_on(boxes, b: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """The (B, 4) box tensor on ``device``, after checking the boxes fit this batch. A box outside
+    the image is caught on the CPU (where the kernel would write past the row); the CUDA kernel
+    only compares against the box, so a changed box there can misplace pixels but not reach
+    outside the batch."""
+    if not isinstance(boxes, CutBoxes):
+        raise TypeError(f"boxes: expected CutBoxes (from sample_boxes), got {type(boxes).__name__}")
+    if len(boxes) != b:
+        raise ValueError(f"boxes: {len(boxes)} boxes for a batch of {b} images")
+    if (boxes.height, boxes.width) != (h, w):
+        raise ValueError(f"boxes: drawn for {boxes.height} x {boxes.width} images, but images are {h} x {w}")
+    t = boxes.boxes.contiguous()
+    if t.device.type == "cpu":
+        check_boxes_unchanged(boxes)
+    if t.device == device:
+        return t
+    if t.device.type != "cpu":
+        raise ValueError(f"boxes: on {t.device}, but images are on {device}; draw the boxes on the CPU "
+                         "(sample_boxes does) or move them yourself")
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _check_out(out, job: PixelJob, images) -> None:

@@ -1,7 +1,8 @@
 """Drawing the mixup pairing and mixing weights: all of mixup's randomness, apart from compute.
 
 :func:`sample_pairs` draws one batch's pairs; :class:`PairFeed` seeds it from where the batch sits
-(seed, shard, epoch, batch index), for the loaders and the DALI pipelines alike."""
+(seed, shard, epoch, batch index), for the loaders and the DALI pipelines alike.
+:func:`sample_boxes` draws CutMix's boxes (:class:`CutBoxes`) for pairs already drawn."""
 from __future__ import annotations
 
 import math
@@ -161,6 +162,172 @@ def sample_pairs(
         torch.from_numpy(np.ascontiguousarray(perm, dtype=np.int64)),
         torch.from_numpy(np.ascontiguousarray(lam, dtype=np.float32)),
     )
+
+
+BOX_MODES = ("batch", "sample")
+
+
+@dataclass(frozen=True)
+class CutBoxes:
+    """Where CutMix pastes the partner: one box per sample (docs/MATH.md section 7).
+
+    Sample ``i`` takes its partner's pixels at rows ``y0 <= h < y1`` and columns ``x0 <= w < x1``
+    and keeps its own elsewhere. Zero-area boxes (nothing pasted) and the full image are allowed.
+
+    Attributes:
+        boxes: (B, 4) int64 ``(y0, y1, x0, x1)`` per sample, in pixels, half-open, with
+            ``0 <= y0 <= y1 <= height`` and ``0 <= x0 <= x1 <= width``.
+        height, width: the image size the boxes are for (the pixel stage checks it).
+    """
+
+    boxes: torch.Tensor
+    height: int
+    width: int
+
+    def __post_init__(self):
+        boxes = self.boxes
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"CutBoxes: {name} must be a non-negative integer, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        if not isinstance(boxes, torch.Tensor):
+            raise TypeError(f"CutBoxes: boxes must be a torch tensor, got {type(boxes).__name__}")
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"CutBoxes: boxes must have shape (B, 4) as (y0, y1, x0, x1), got {tuple(boxes.shape)}")
+        if boxes.dtype != torch.int64:
+            raise TypeError(f"CutBoxes: boxes must be int64, got {boxes.dtype}")
+        if boxes.device.type == "cpu":  # a GPU check would synchronise; CPU-made boxes are checked here
+            bad = _bad_box(boxes.numpy(), self.height, self.width)
+            if bad is not None:
+                raise ValueError(f"CutBoxes: {bad}")
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def area(self) -> torch.Tensor:
+        """(B,) int64 pixels pasted per sample."""
+        b = self.boxes
+        return (b[:, 1] - b[:, 0]) * (b[:, 3] - b[:, 2])
+
+    def lam(self) -> torch.Tensor:
+        """(B,) float32 share of every sample's own pixels, ``1 - area / (H W)`` (1 for an empty image)."""
+        pixels = self.height * self.width
+        if pixels == 0:
+            return torch.ones(len(self), dtype=torch.float32, device=self.boxes.device)
+        return (1.0 - self.area().to(torch.float64) / pixels).to(torch.float32)
+
+    def to(self, device) -> CutBoxes:
+        """The same boxes on another device (not validated again, as for ``MixPairs.to``)."""
+        moved = object.__new__(CutBoxes)
+        object.__setattr__(moved, "boxes", to_device(self.boxes, device))
+        object.__setattr__(moved, "height", self.height)
+        object.__setattr__(moved, "width", self.width)
+        return moved
+
+
+def _bad_box(b: np.ndarray, height: int, width: int) -> str | None:
+    """What is wrong with (B, 4) boxes for a height x width image, or None."""
+    if not b.shape[0]:
+        return None
+    y0, y1, x0, x1 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    ok = (y0 >= 0) & (y0 <= y1) & (y1 <= height) & (x0 >= 0) & (x0 <= x1) & (x1 <= width)
+    if ok.all():
+        return None
+    i = int(np.argmin(ok))
+    return (f"box {i} = (y0, y1, x0, x1) = {tuple(int(v) for v in b[i])} is not within a {height} x {width} "
+            "image (need 0 <= y0 <= y1 <= height and 0 <= x0 <= x1 <= width)")
+
+
+def check_boxes_unchanged(boxes: CutBoxes, name: str = "boxes") -> None:
+    """Raise if CPU boxes were written since ``CutBoxes`` checked them (the CPU kernel would write
+    outside the sample's row)."""
+    bad = _bad_box(boxes.boxes.numpy(), boxes.height, boxes.width)
+    if bad is not None:
+        raise ValueError(f"{name}: {bad}; the boxes' tensor was changed after it was made")
+
+
+def _check_minmax(minmax) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in minmax)
+    except (TypeError, ValueError):
+        lo = hi = math.nan
+    if not (0 <= lo <= hi <= 1):
+        raise ValueError(f"minmax: expected two numbers 0 <= min <= max <= 1 (box side ratios), got {minmax!r}")
+    return lo, hi
+
+
+def _lam_values(lam) -> np.ndarray:
+    if isinstance(lam, MixPairs):
+        lam = lam.lam
+    if isinstance(lam, torch.Tensor):
+        lam = lam.detach().cpu().to(torch.float64).numpy()
+    a = np.asarray(lam)
+    if a.dtype.kind not in "iuf" or a.ndim != 1:
+        raise ValueError(f"lam: expected MixPairs or (B,) numbers in [0, 1], got {type(lam).__name__} "
+                         f"of shape {a.shape}")
+    a = a.astype(np.float64)
+    if a.size and not ((a >= 0) & (a <= 1)).all():  # NaN fails
+        raise ValueError(f"lam: values must lie in [0, 1], got [{a.min()}, {a.max()}]")
+    return a
+
+
+def _integers(rng: np.random.Generator, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Uniform integers in [low, high), elementwise; ``low`` where the range is empty."""
+    return low + rng.integers(0, np.maximum(high - low, 1))
+
+
+def sample_boxes(lam, height: int, width: int, *, mode: str = "batch", minmax=None, correct_lam: bool = True,
+                 generator=None) -> tuple[CutBoxes, torch.Tensor]:
+    """Draw CutMix boxes as timm does (docs/MATH.md section 7) and correct lambda to them.
+
+    Args:
+        lam: the batch's MixPairs (their ``lam`` is used) or (B,) lambdas in [0, 1].
+        height, width: the image size.
+        mode: ``"batch"`` (one box for the whole batch, drawn from the one lambda: all entries of
+            ``lam`` must be equal) or ``"sample"`` (a box per sample from its own lambda).
+        minmax: None (the box from lambda: side ratio ``sqrt(1 - lam)``, centre uniform, clipped
+            to the image) or timm's ``cutmix_minmax`` ``(min, max)``: sides uniform within those
+            fractions of the image, placed inside it, lambda unused.
+        correct_lam: recompute lambda as ``1 - area / (H W)`` of the box drawn (always with minmax).
+        generator: as for :func:`sample_pairs` (NumPy or torch generator, int seed, or None).
+
+    Returns:
+        ``(boxes, lam)``: the CutBoxes (on the CPU) and (B,) float32 lambdas for the targets
+        (``MixPairs(pairs.perm, lam)`` pairs them with the partners).
+    """
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
+    if mode not in BOX_MODES:
+        raise ValueError(f"mode: expected one of {BOX_MODES}, got {mode!r}")
+    lams = _lam_values(lam)
+    h, w, b = int(height), int(width), lams.shape[0]
+    if mode == "batch" and b and (lams != lams[0]).any():
+        raise ValueError("lam: mode='batch' draws one box from one lambda, but the batch's lambdas differ; "
+                         "use mode='sample' (one box per sample) or pairs drawn with lam_mode='batch'")
+    rng = _rng(generator)
+    draws = min(b, 1) if mode == "batch" else b
+    size = np.array([h, w], np.int64)
+    if minmax is not None:
+        lo, hi = _check_minmax(minmax)
+        low = np.floor(size * lo).astype(np.int64)
+        high = np.floor(size * hi).astype(np.int64)
+        cut = _integers(rng, np.broadcast_to(low, (draws, 2)), np.broadcast_to(high, (draws, 2)))
+        start = _integers(rng, np.zeros((draws, 2), np.int64), size - cut)
+        lower, upper = start, start + cut
+    else:
+        ratio = np.sqrt(1.0 - lams[:draws])[:, None]
+        cut = np.floor(size * ratio).astype(np.int64)
+        centre = _integers(rng, np.zeros((draws, 2), np.int64), np.broadcast_to(size, (draws, 2)))
+        lower = np.clip(centre - cut // 2, 0, size)
+        upper = np.clip(centre + cut // 2, 0, size)
+    boxes = np.stack([lower[:, 0], upper[:, 0], lower[:, 1], upper[:, 1]], axis=1)
+    boxes = np.array(np.broadcast_to(boxes, (b, 4)), dtype=np.int64)  # a writable copy
+    result = CutBoxes(torch.from_numpy(boxes), h, w)
+    if correct_lam or minmax is not None:
+        return result, result.lam()
+    return result, torch.from_numpy(lams.astype(np.float32))
 
 
 def pair_generator(seed: int, shard_id: int, epoch: int, batch_index: int) -> np.random.Generator:

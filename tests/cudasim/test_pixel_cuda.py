@@ -15,7 +15,7 @@ import torch
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 assert SIM or os.environ.get("FASTGENLABEL_GPU_TESTS") == "1", "run through tests/test_cudasim.py"
 
-from fastgenlabel import MixPairs, mix_images, sample_pairs  # noqa: E402
+from fastgenlabel import CutBoxes, MixPairs, mix_images, sample_boxes, sample_pairs  # noqa: E402
 from fastgenlabel.functional import images as ref_images  # noqa: E402
 from fastgenlabel.kernels import BackendError  # noqa: E402
 from fastgenlabel.kernels._interop import cuda_modules  # noqa: E402
@@ -30,13 +30,13 @@ STD = [58.395, 57.12, 57.375, 50.0]
 TOL = {"float32": (1e-5, 1e-5), "float16": (1e-3, 1e-3), "bfloat16": (8e-3, 8e-3)}
 
 
-def reference(x, pairs, mean, std, dtype, layout, input_layout) -> np.ndarray:
+def reference(x, pairs, mean, std, dtype, layout, input_layout, boxes=None) -> np.ndarray:
     r = ref_images.mix_images(torch.from_numpy(x), pairs, mean, std, dtype=dtype, layout=layout,
-                              input_layout=input_layout)
+                              input_layout=input_layout, boxes=boxes)
     return r.to(torch.float64).numpy()
 
 
-def run_kernel(x, pairs, mean, std, dtype, layout, input_layout, *, on_device):
+def run_kernel(x, pairs, mean, std, dtype, layout, input_layout, *, on_device, boxes=None):
     """Launch the kernel the way the torch glue does; returns the result as float64."""
     b = x.shape[0]
     h, w, c = x.shape[1:] if input_layout == "HWC" else (x.shape[2], x.shape[3], x.shape[1])
@@ -47,10 +47,12 @@ def run_kernel(x, pairs, mean, std, dtype, layout, input_layout, *, on_device):
     if bf16:
         out = np.full(b * h * w * c, 0x7FC0, np.uint16)  # bfloat16 NaN bits
     args = [x.reshape(-1), pairs.perm.numpy(), pairs.lam.numpy(), scale, shift, out]
+    box = None if boxes is None else boxes.boxes.numpy()
     if on_device:
         args = [cuda.to_device(a) for a in args]
+        box = None if box is None else cuda.to_device(box)
     kernels.launch(*args, h, w, c, input_layout == "CHW", layout == "CHW", bf16,
-                   stream=cuda.stream() if on_device else 0, threads=THREADS)
+                   stream=cuda.stream() if on_device else 0, threads=THREADS, boxes=box)
     got = args[-1].copy_to_host() if on_device else out
     if bf16:
         got = torch.from_numpy(got.view(np.int16)).view(torch.bfloat16).to(torch.float64).numpy()
@@ -106,6 +108,59 @@ def test_kernel_any_partner_map_and_lambda_extremes():
     np.testing.assert_array_equal(got[0], x[0])
     np.testing.assert_array_equal(got[1], x[2])
     check(got, reference(x, pairs, None, None, "float32", "HWC", "HWC"), "float32")
+
+
+def edge_boxes(b, h, w, seed):
+    """The full image, zero-area boxes, boxes touching each border and a random one, shuffled."""
+    rng = np.random.default_rng(seed)
+    y, x = sorted(rng.integers(0, h + 1, 2)), sorted(rng.integers(0, w + 1, 2))
+    fixed = np.array([[0, h, 0, w], [0, 0, 0, 0], [h // 2, h // 2, 0, w], [0, h // 2 + 1, 0, w // 2 + 1],
+                      [h // 2, h, w // 2, w], [0, h, w - 1, w], y + x], np.int64)
+    return CutBoxes(torch.from_numpy(np.ascontiguousarray(fixed[rng.permutation(len(fixed))[:b]])), h, w)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["CHW", "HWC"])
+@pytest.mark.parametrize("input_layout", ["HWC", "CHW"])
+def test_cutmix_kernel_matches_reference(input_layout, layout, dtype):
+    input_dtype = ["uint8", "float16", "float32"][(len(dtype) + len(layout + input_layout)) % 3]
+    rng = np.random.default_rng([len(dtype), len(layout), len(input_layout)])
+    b, h, w, c = 5, 6, 5, 3
+    shape = (b, h, w, c) if input_layout == "HWC" else (b, c, h, w)
+    if input_dtype == "uint8":
+        x, mean, std = rng.integers(0, 256, shape, dtype=np.uint8), MEAN[:c], STD[:c]
+    else:
+        x, mean, std = rng.standard_normal(shape).astype(input_dtype), None, None
+    pairs = sample_pairs(b, lam_mode="sample", generator=len(dtype))
+    boxes = edge_boxes(b, h, w, len(dtype + layout))
+    got = run_kernel(x, pairs, mean, std, dtype, layout, input_layout, on_device=input_dtype != "float16",
+                     boxes=boxes)
+    check(got, reference(x, pairs, mean, std, dtype, layout, input_layout, boxes), dtype)
+
+
+@pytest.mark.parametrize("size, mode", [
+    ((1, 4, 6, 3), "batch"),
+    ((3, 5, 4, 1), "sample"),
+    ((3, 4, 3, 4), "sample"),
+    ((2, 9, 9, 3), "batch"),  # 81 pixels: two blocks per sample
+])
+def test_cutmix_kernel_sizes(size, mode):
+    b, h, w, c = size
+    x = np.random.default_rng(list(size)).integers(0, 256, size, dtype=np.uint8)
+    pairs = sample_pairs(b, pairing="flip", generator=b)
+    boxes, _ = sample_boxes(pairs, h, w, mode=mode, generator=c)
+    for box in (boxes, edge_boxes(b, h, w, b)):
+        got = run_kernel(x, pairs, MEAN[:c], STD[:c], "float32", "CHW", "HWC", on_device=True, boxes=box)
+        check(got, reference(x, pairs, MEAN[:c], STD[:c], "float32", "CHW", "HWC", box), "float32")
+
+
+def test_cutmix_kernel_full_and_empty_boxes_ignore_lambda():
+    x = np.random.default_rng(5).standard_normal((3, 3, 4, 3)).astype(np.float32)
+    pairs = MixPairs(torch.tensor([1, 2, 0]), torch.tensor([1.0, 0.0, 0.5]))
+    boxes = CutBoxes(torch.tensor([[0, 3, 0, 4], [0, 3, 2, 2], [1, 1, 0, 4]]), 3, 4)
+    got = run_kernel(x, pairs, None, None, "float32", "HWC", "HWC", on_device=False, boxes=boxes)
+    for i, src in enumerate([1, 1, 2]):
+        np.testing.assert_array_equal(got[i], x[src])
 
 
 def test_empty_and_oversized_batches():
@@ -198,13 +253,15 @@ def _stand_in_for_cuda_tensors(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
 
 
-@pytest.mark.parametrize("dtype, layout, input_layout, input_dtype", [
-    ("float32", "CHW", "HWC", "uint8"),
-    ("float16", "HWC", "HWC", "uint8"),
-    ("bfloat16", "CHW", "CHW", "float32"),
-    ("bfloat16", "HWC", "HWC", "float16"),
+@pytest.mark.parametrize("dtype, layout, input_layout, input_dtype, cut", [
+    ("float32", "CHW", "HWC", "uint8", False),
+    ("float16", "HWC", "HWC", "uint8", False),
+    ("bfloat16", "CHW", "CHW", "float32", False),
+    ("bfloat16", "HWC", "HWC", "float16", False),
+    ("float32", "CHW", "HWC", "uint8", True),
+    ("bfloat16", "HWC", "CHW", "float16", True),
 ])
-def test_torch_glue_end_to_end(glue_device, dtype, layout, input_layout, input_dtype):
+def test_torch_glue_end_to_end(glue_device, dtype, layout, input_layout, input_dtype, cut):
     from fastgenlabel.kernels import pixel
 
     rng = np.random.default_rng(3)
@@ -213,15 +270,16 @@ def test_torch_glue_end_to_end(glue_device, dtype, layout, input_layout, input_d
          else rng.standard_normal(shape).astype(input_dtype))
     images = torch.from_numpy(x).to(glue_device)
     pairs = sample_pairs(3, lam_mode="sample", generator=4)  # on the CPU: the glue moves them
+    boxes = sample_boxes(pairs, 5, 6, mode="sample", generator=5)[0] if cut else None  # likewise
     job = ref_images.prepare_pixel_job(images, pairs, MEAN[:3], STD[:3], dtype=dtype, layout=layout,
                                        input_layout=input_layout)
     out = job.allocate().fill_(float("nan"))
     job = ref_images.prepare_pixel_job(images, pairs, MEAN[:3], STD[:3], layout=layout, input_layout=input_layout,
-                                       out=out)
+                                       out=out, boxes=boxes)
     got = pixel._run_cuda(job)
     assert got is out and got.device == images.device
-    check(got.cpu().to(torch.float64).numpy(), reference(x, pairs, MEAN[:3], STD[:3], dtype, layout, input_layout),
-          dtype)
+    want = reference(x, pairs, MEAN[:3], STD[:3], dtype, layout, input_layout, boxes)
+    check(got.cpu().to(torch.float64).numpy(), want, dtype)
     np.testing.assert_array_equal(images.cpu().numpy(), x)
 
 

@@ -32,11 +32,12 @@ MAX_CUDA_BATCH = 65535
 
 
 def mix_images(images, pairs, mean=None, std=None, *, dtype=None, layout="CHW", input_layout="HWC", out=None,
-               backend: str = "auto"):
+               boxes=None, backend: str = "auto"):
     """Mix a batch of images with its partners and normalise it, fused.
 
     ``out[i] = (lam[i] * x[i] + (1 - lam[i]) * x[perm[i]] - mean) / std`` per channel, in the
-    requested layout and dtype. Arguments and result are those of the reference,
+    requested layout and dtype; with CutMix ``boxes``, ``x[perm[i]]`` inside sample i's box and
+    ``x[i]`` outside it, normalised the same way. Arguments and result are those of the reference,
     :func:`fastgenlabel.functional.images.mix_images`; in short:
 
     Args:
@@ -52,6 +53,8 @@ def mix_images(images, pairs, mean=None, std=None, *, dtype=None, layout="CHW", 
         input_layout: layout of ``images`` per sample, "HWC" (default) or "CHW".
         out: optional C-contiguous output buffer (same type, device, shape and dtype as the
             result, not overlapping ``images``); filled and returned.
+        boxes: CutBoxes (from ``sample_boxes``) for CutMix instead of mixup; CPU boxes with CUDA
+            images are copied to the device like the pairs.
         backend: "auto", "numba-cuda", "numba-cpu" or "reference".
 
     Returns:
@@ -62,7 +65,7 @@ def mix_images(images, pairs, mean=None, std=None, *, dtype=None, layout="CHW", 
         BackendError: no requested backend accepts the inputs; the message gives each reason.
     """
     job = prepare_pixel_job(images, pairs, mean, std, dtype=dtype, layout=layout, input_layout=input_layout,
-                            out=out)
+                            out=out, boxes=boxes)
     return dispatch("mix_images", backend, IMPLS, job)
 
 
@@ -114,7 +117,8 @@ def _run_cpu(job: PixelJob):
     scale, shift = job.scale_shift()
     kind = {"float32": cpu.OUT_FLOAT, "float16": cpu.OUT_F16, "bfloat16": cpu.OUT_BF16}[job.dtype]
     _, h, w, c = job.size
-    cpu.run(_flat_bits(job.images), host_view(job.perm), host_view(job.lam), scale, shift, _flat_bits(out),
+    boxes = None if job.boxes is None else host_view(job.boxes)
+    cpu.run(_flat_bits(job.images), host_view(job.perm), host_view(job.lam), boxes, scale, shift, _flat_bits(out),
             h, w, c, job.input_layout == "CHW", job.layout == "CHW", job.input_dtype == "float16", kind,
             CHUNKS_PER_THREAD * numba.get_num_threads())
     return out
@@ -155,7 +159,7 @@ def _run_cuda(job: PixelJob):
         kernels.launch(
             device_view(job.images.reshape(-1)), device_view(job.perm), device_view(job.lam),
             scale_v, shift_v, dev_out, h, w, c, job.input_layout == "CHW", job.layout == "CHW", out_bf16,
-            stream=stream)
+            stream=stream, boxes=None if job.boxes is None else device_view(job.boxes))
     return out
 
 

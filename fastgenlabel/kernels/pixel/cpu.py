@@ -1,7 +1,9 @@
 """The pixel stage on the CPU: ``numba.njit(parallel=True, cache=True)`` over the rows of a batch.
 
 Matches :func:`fastgenlabel.functional.images.mix_images`. One pass over memory: each image row
-of the sample and of its partner is read once and the output row is written once; float16 and
+of the sample and of its partner is read once and the output row is written once (with CutMix
+boxes, a row takes the box's columns from the partner and the rest from the sample, and rows
+outside the box read the sample only); float16 and
 bfloat16 outputs (and float16 inputs, which Numba's CPU target cannot type) go through a
 per-thread float32 scratch row that stays in the L1 cache.
 
@@ -78,6 +80,84 @@ def _mix_row(a, ai, b, bi, ka, kb, scale, shift, scale_t, shift_t, d, di, W, C, 
 
 
 @numba.njit
+def _pick(a, b, inside):
+    """``b`` inside the box, else ``a``; both already loaded, so that the compiler emits a select."""
+    return b if inside else a
+
+
+@numba.njit
+def _cut_row(a, ai, b, bi, x0, x1, scale, shift, scale_t, shift_t, d, di, W, C, a_plane, d_plane, in_chw, out_chw):
+    """One CutMix row into ``d``: columns [x0, x1) normalised from ``b`` (the partner), the others
+    from ``a``. Laid out as :func:`_mix_row`; a row the box misses is that with weights (1, 0) and
+    ``b = a``; a row through the box reads both rows and selects per element in one full-width
+    loop (vectorised; three narrower loops spent their time in loop tails)."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    if x1 <= x0:
+        _mix_row(a, ai, a, ai, one, zero, scale, shift, scale_t, shift_t, d, di, W, C, a_plane, d_plane,
+                 in_chw, out_chw)
+    elif not in_chw and not out_chw:
+        n = W * C
+        lo = x0 * C
+        hi = x1 * C
+        ar = a[ai:ai + n]
+        br = b[bi:bi + n]
+        dr = d[di:di + n]
+        for i in range(n):
+            v = _pick(ar[i], br[i], (i >= lo) & (i < hi))
+            dr[i] = _mix(v, v, one, zero, scale_t[i], shift_t[i])
+    elif not in_chw:
+        ar = a[ai:ai + W * C]
+        br = b[bi:bi + W * C]
+        if C == 3:
+            d0 = d[di:di + W]
+            d1 = d[di + d_plane:di + d_plane + W]
+            d2 = d[di + 2 * d_plane:di + 2 * d_plane + W]
+            s0, s1, s2 = scale[0], scale[1], scale[2]
+            h0, h1, h2 = shift[0], shift[1], shift[2]
+            for w in range(W):
+                inside = (w >= x0) & (w < x1)
+                v0 = _pick(ar[3 * w], br[3 * w], inside)
+                v1 = _pick(ar[3 * w + 1], br[3 * w + 1], inside)
+                v2 = _pick(ar[3 * w + 2], br[3 * w + 2], inside)
+                d0[w] = _mix(v0, v0, one, zero, s0, h0)
+                d1[w] = _mix(v1, v1, one, zero, s1, h1)
+                d2[w] = _mix(v2, v2, one, zero, s2, h2)
+        else:
+            for c in range(C):
+                dr = d[di + c * d_plane:di + c * d_plane + W]
+                sc = scale[c]
+                sh = shift[c]
+                for w in range(W):
+                    v = _pick(ar[w * C + c], br[w * C + c], (w >= x0) & (w < x1))
+                    dr[w] = _mix(v, v, one, zero, sc, sh)
+    else:
+        for c in range(C):
+            ar = a[ai + c * a_plane:ai + c * a_plane + W]
+            br = b[bi + c * a_plane:bi + c * a_plane + W]
+            sc = scale[c]
+            sh = shift[c]
+            if out_chw:
+                dr = d[di + c * d_plane:di + c * d_plane + W]
+                for w in range(W):
+                    v = _pick(ar[w], br[w], (w >= x0) & (w < x1))
+                    dr[w] = _mix(v, v, one, zero, sc, sh)
+            else:
+                dr = d[di:di + W * C]
+                for w in range(W):
+                    v = _pick(ar[w], br[w], (w >= x0) & (w < x1))
+                    dr[w * C + c] = _mix(v, v, one, zero, sc, sh)
+
+
+@numba.njit
+def _box_columns(boxes, s, h, cut):
+    """The columns [x0, x1) row h of sample s takes from the partner: (0, 0) outside its box."""
+    if cut and boxes[s, 0] <= h < boxes[s, 1]:
+        return boxes[s, 2], boxes[s, 3]
+    return 0, 0
+
+
+@numba.njit
 def _f16_row_to_f32(src, si, dst, W, C, plane, in_chw):
     """Decode one row of float16 bits (CHW planes ``plane`` apart, or HWC) into ``dst`` (planes W apart)."""
     if in_chw:
@@ -149,6 +229,7 @@ def _row_starts(r, H, W, C, perm, in_chw, out_chw):
 #
 #   x      (B*H*W*C,) the batch, flat and C-contiguous, samples in CHW order if in_chw else HWC
 #   perm   (B,) int64 partner of every sample; lam (B,) float32 weight of the sample itself
+#   boxes  (B, 4) int64 CutMix boxes (y0, y1, x0, x1), read only when cut is True (then lam is not)
 #   scale  (C,) float32 1 / std; shift (C,) float32 -mean / std
 #   out    (B*H*W*C,) flat, CHW order if out_chw else HWC
 #   n_chunks  the B*H rows are cut into this many chunks shared among the threads (a few per
@@ -158,7 +239,7 @@ def _row_starts(r, H, W, C, perm, in_chw, out_chw):
 
 
 @numba.njit(parallel=True, cache=True)
-def mix_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, n_chunks):
+def mix_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, n_chunks):
     """uint8 or float32 ``x`` -> float32 ``out``: each output element written once, directly."""
     n_rows = perm.shape[0] * H
     n_chunks = max(1, min(n_rows, n_chunks))
@@ -168,13 +249,18 @@ def mix_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, n_chun
     for k in prange(n_chunks):
         for r in range(k * n_rows // n_chunks, (k + 1) * n_rows // n_chunks):
             s, ai, bi, oi = _row_starts(r, H, W, C, perm, in_chw, out_chw)
-            ka = lam[s]
-            _mix_row(x, ai, x, bi, ka, np.float32(1.0) - ka, scale, shift, scale_t, shift_t,
-                     out, oi, W, C, plane, plane, in_chw, out_chw)
+            if cut:
+                x0, x1 = _box_columns(boxes, s, r - s * H, cut)
+                _cut_row(x, ai, x, bi, x0, x1, scale, shift, scale_t, shift_t, out, oi, W, C, plane, plane,
+                         in_chw, out_chw)
+            else:
+                ka = lam[s]
+                _mix_row(x, ai, x, bi, ka, np.float32(1.0) - ka, scale, shift, scale_t, shift_t,
+                         out, oi, W, C, plane, plane, in_chw, out_chw)
 
 
 @numba.njit(parallel=True, cache=True)
-def mix_encode_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks):
+def mix_encode_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks):
     """uint8 or float32 ``x`` -> ``out`` uint16 holding float16 (OUT_F16) or bfloat16 (OUT_BF16) bits."""
     n_rows = perm.shape[0] * H
     n_chunks = max(1, min(n_rows, n_chunks))
@@ -185,14 +271,19 @@ def mix_encode_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw,
         d_buf = np.empty(W * C, np.float32)
         for r in range(k * n_rows // n_chunks, (k + 1) * n_rows // n_chunks):
             s, ai, bi, oi = _row_starts(r, H, W, C, perm, in_chw, out_chw)
-            ka = lam[s]
-            _mix_row(x, ai, x, bi, ka, np.float32(1.0) - ka, scale, shift, scale_t, shift_t,
-                     d_buf, 0, W, C, plane, W, in_chw, out_chw)
+            if cut:
+                x0, x1 = _box_columns(boxes, s, r - s * H, cut)
+                _cut_row(x, ai, x, bi, x0, x1, scale, shift, scale_t, shift_t, d_buf, 0, W, C, plane, W,
+                         in_chw, out_chw)
+            else:
+                ka = lam[s]
+                _mix_row(x, ai, x, bi, ka, np.float32(1.0) - ka, scale, shift, scale_t, shift_t,
+                         d_buf, 0, W, C, plane, W, in_chw, out_chw)
             _store_row(d_buf, out, oi, W, C, plane, out_chw, out_kind)
 
 
 @numba.njit(parallel=True, cache=True)
-def mix_f16_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks):
+def mix_f16_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks):
     """``x`` uint16 holding float16 bits -> float32 ``out`` (OUT_FLOAT) or uint16 bits (OUT_F16, OUT_BF16)."""
     n_rows = perm.shape[0] * H
     n_chunks = max(1, min(n_rows, n_chunks))
@@ -205,25 +296,37 @@ def mix_f16_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, ou
         d_buf = np.empty(W * C, np.float32)
         for r in range(k * n_rows // n_chunks, (k + 1) * n_rows // n_chunks):
             s, ai, bi, oi = _row_starts(r, H, W, C, perm, in_chw, out_chw)
-            ka = lam[s]
             _f16_row_to_f32(x, ai, a_buf, W, C, plane, in_chw)
-            _f16_row_to_f32(x, bi, b_buf, W, C, plane, in_chw)
-            _mix_row(a_buf, 0, b_buf, 0, ka, np.float32(1.0) - ka, scale, shift, scale_t, shift_t,
-                     d_buf, 0, W, C, W, W, in_chw, out_chw)
+            if cut:
+                x0, x1 = _box_columns(boxes, s, r - s * H, cut)
+                if x1 > x0:  # only rows through the box read the partner
+                    _f16_row_to_f32(x, bi, b_buf, W, C, plane, in_chw)
+                _cut_row(a_buf, 0, b_buf, 0, x0, x1, scale, shift, scale_t, shift_t, d_buf, 0, W, C, W, W,
+                         in_chw, out_chw)
+            else:
+                ka = lam[s]
+                _f16_row_to_f32(x, bi, b_buf, W, C, plane, in_chw)
+                _mix_row(a_buf, 0, b_buf, 0, ka, np.float32(1.0) - ka, scale, shift, scale_t, shift_t,
+                         d_buf, 0, W, C, W, W, in_chw, out_chw)
             if out_kind == OUT_FLOAT:
                 _copy_row(d_buf, out, oi, W, C, plane, out_chw)
             else:
                 _store_row(d_buf, out, oi, W, C, plane, out_chw, out_kind)
 
 
-def run(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, in_f16, out_kind, n_chunks):
-    """Pick the kernel for these element types (see the contract above) and run it."""
+def run(x, perm, lam, boxes, scale, shift, out, H, W, C, in_chw, out_chw, in_f16, out_kind, n_chunks):
+    """Pick the kernel for these element types (see the contract above) and run it; ``boxes``
+    (B, 4) int64 for CutMix, or None for mixup."""
+    cut = boxes is not None
+    if not cut:
+        boxes = np.zeros((0, 4), np.int64)
     if in_f16:
-        mix_f16_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks)
+        mix_f16_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks)
     elif out_kind == OUT_FLOAT:
-        mix_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, n_chunks)
+        mix_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, n_chunks)
     else:
-        mix_encode_kernel(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks)
+        mix_encode_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind,
+                          n_chunks)
 
 
 from ..compat import key_disk_cache_on  # noqa: E402
