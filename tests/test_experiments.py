@@ -154,17 +154,27 @@ def test_cli_writes_json_with_the_documented_schema_and_a_png(tmp_path, capsys):
     out = tmp_path / "res" / "r.json"
     threads = torch.get_num_threads()
     rc = cli.main(["reproduce", "--datasets", "2d-cube,iris", "--seeds", "2", "--seed-start", "3", "--epochs", "2",
-                   "--threads", "2", "--out", str(out), "--quiet"])
+                   "--threads", "2", "--out", str(out), "--quiet", "--attack-points", "30", "--boundary-steps", "50",
+                   "--pgd-steps", "5"])
     assert rc == 0
     assert torch.get_num_threads() == threads  # restored after running with 2
     printed = capsys.readouterr().out
     assert "2d-cube" in printed and "iris" in printed and "±" in printed
+    assert "BoundaryAttack" in printed and "PGD-Linf" in printed
     table = json.loads(out.read_text())
     assert list(table) == ["2d-cube", "iris"]
-    for cells in table.values():
+    for name, cells in table.items():
         assert list(cells) == list(METHODS)
+        data = [ds.load(name, seed) for seed in (3, 4)]
         for cell in cells.values():
-            _check_cell(cell, 2)
+            for measure in ("clean", "robust", "pgd"):
+                _check_cell(cell[measure], 2)
+            # PGD-Linf and the L2 attack share eps; neither can exceed the clean accuracy on the points.
+            attack = cell["attack"]
+            assert attack["points"] == min(30, len(data[0].test)) and attack["boundary_steps"] == 50
+            assert attack["pgd_steps"] == 5 and attack["radius_fraction"] == 0.1
+            np.testing.assert_allclose(attack["epsilon"], [0.1 * (d.train.x.max() - d.train.x.min()) for d in data],
+                                       rtol=1e-5)
             assert cell["seeds"] == [3, 4] and "val_selected" not in cell
         assert cells["genlabel-kde"]["bandwidth"] == "scott"
     png = out.parent / "decision_boundaries.png"  # default: next to --out
@@ -175,24 +185,31 @@ def test_cli_options_override_protocol_and_plot_path(tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "figs" / "b.png"
     rc = cli.main(["reproduce", "--datasets", "moon", "--methods", "mixup", "genlabel-kde", "--seeds", "1",
                    "--epochs", "1", "--gamma", "0.5", "--bandwidth", "0.3", "--out", str(out), "--plot", str(png),
-                   "--quiet"])
+                   "--quiet", "--measure", "clean"])
     assert rc == 0
     cells = json.loads(out.read_text())["moon"]
     assert list(cells) == ["mixup", "genlabel-kde"]
     assert cells["genlabel-kde"]["gamma"] == 0.5 and cells["genlabel-kde"]["bandwidth"] == 0.3
     _check_cell(cells["genlabel-kde"]["val_selected"], 1)
+    _check_cell(cells["genlabel-kde"]["clean"], 1)
+    assert "robust" not in cells["mixup"] and "attack" not in cells["mixup"]
     assert png.read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "decision_boundaries.png").exists()
 
 
 def test_cli_no_plot_and_bad_names(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert cli.main(["reproduce", "--datasets", "iris", "--methods", "vanilla", "--seeds", "1", "--epochs", "1",
-                     "--out", str(out), "--no-plot", "--quiet"]) == 0
+                     "--out", str(out), "--no-plot", "--quiet", "--measure", "robust", "--attack-points", "10",
+                     "--boundary-steps", "20"]) == 0
     assert out.exists() and not list(tmp_path.glob("*.png"))
+    cell = json.loads(out.read_text())["iris"]["vanilla"]
+    assert {"robust", "pgd"} <= set(cell) and "clean" not in cell
     assert cli.main(["reproduce", "--datasets", "mnist", "--quiet"]) == 2
     assert "mnist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "--gamma", "1.5"])
+    with pytest.raises(SystemExit):
+        cli.main(["reproduce", "--measure", "adversarial"])
 
 
 def test_reproduce_refuses_an_unusable_out_before_training(tmp_path, capsys):
@@ -203,3 +220,68 @@ def test_reproduce_refuses_an_unusable_out_before_training(tmp_path, capsys):
     t = time.perf_counter()
     assert main(["reproduce", "--quick", "--out", str(tmp_path)]) == 2
     assert time.perf_counter() - t < 5 and "--out" in capsys.readouterr().err
+
+
+# ---- robust accuracy -------------------------------------------------------------------------
+
+def _linear_case(norm_of_w, ratios, eps, seed=0, d=4):
+    """A 2-class linear classifier (logit difference w.x + b) and points at known margins.
+
+    Each point sits at distance ``ratio * eps`` from the boundary, measured so that the closest
+    misclassified point under the attack's norm is exactly that far: moving by t along
+    -sign(w) (L-inf) changes w.x by t ||w||_1; along -w/||w||_2 (L2) by t ||w||_2.
+    """
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=d)
+    b = 0.2
+    net = torch.nn.Linear(d, 2).double()
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor(np.stack([-w / 2, w / 2])))
+        net.bias.copy_(torch.tensor([-b / 2, b / 2]))
+    net = net.float()
+    n = len(ratios)
+    base = rng.uniform(-1, 1, size=(n, d))
+    base -= ((base @ w + b) / (w @ w))[:, None] * w  # onto the boundary
+    side = np.where(np.arange(n) % 2 == 0, 1.0, -1.0)
+    margin = np.asarray(ratios) * eps * norm_of_w(w)  # the logit difference at the wanted distance
+    x = base + (side * margin / (w @ w))[:, None] * w
+    y = (side > 0).astype(np.int64)
+    return net, w, b, x.astype(np.float32), y
+
+
+def test_attacks_give_the_closed_form_robust_accuracy_of_a_linear_classifier():
+    pytest.importorskip("foolbox")
+    from fastgenlabel.experiments.robustness import boundary_robust, pgd_robust
+
+    eps = 0.4
+    # Ratios well away from 1: the decision-based attack only approaches the boundary in finite steps.
+    ratios = [0.25, 0.5, 1.5, 3.0] * 6
+    for attack, norm in ((pgd_robust, lambda w: np.abs(w).sum()), (boundary_robust, np.linalg.norm)):
+        net, w, b, x, y = _linear_case(norm, ratios, eps)
+        y_flipped = y.copy()
+        y_flipped[-4:] = 1 - y_flipped[-4:]  # misclassified points are never robust
+        dist = np.abs(x.astype(np.float64) @ w + b) / norm(w)
+        np.testing.assert_allclose(dist, np.asarray(ratios) * eps, rtol=1e-5)  # the construction
+        expected = (dist > eps) & (y_flipped == y)
+        assert 0 < expected.mean() < 1
+        kwargs = {"pool": x} if attack is boundary_robust else {}
+        bounds = (float(x.min()) - 2, float(x.max()) + 2)
+        got = attack(net, x, y_flipped, eps, bounds, seed=3, **kwargs)
+        np.testing.assert_array_equal(got, expected, err_msg=attack.__name__)
+        # eps = 0: robust means correctly classified.
+        np.testing.assert_array_equal(attack(net, x, y_flipped, 0.0, bounds, **kwargs), y_flipped == y)
+
+
+def test_attack_radius_and_subset():
+    from fastgenlabel.experiments.robustness import attack_radius, attack_subset
+
+    x = np.array([[-1.0, 0.5], [3.0, 2.0]])
+    assert attack_radius(x) == pytest.approx(0.1 * 4.0)
+    assert attack_radius(x, fraction=0.5) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="x_train"):
+        attack_radius(np.array([[np.nan]]))
+    np.testing.assert_array_equal(attack_subset(50, 200, seed=0), np.arange(50))
+    a = attack_subset(1000, 200, seed=4)
+    assert a.size == 200 and np.unique(a).size == 200 and np.all(np.diff(a) > 0)
+    np.testing.assert_array_equal(a, attack_subset(1000, 200, seed=4))
+    assert not np.array_equal(a, attack_subset(1000, 200, seed=5))

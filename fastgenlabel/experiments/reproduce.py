@@ -1,7 +1,8 @@
 """``fastgenlabel reproduce``: vanilla vs mixup vs mixup + GenLabel on the paper's small sets.
 
 Trains every (dataset, method, seed) cell with the authors' small-net protocol
-(:mod:`.protocol`), prints a table of last-epoch test accuracy (mean +- std over seeds, in %),
+(:mod:`.protocol`), prints tables of last-epoch test accuracy and of robust accuracy under the
+authors' BoundaryAttack and PGD-Linf (:mod:`.robustness`; mean +- std over seeds, in %),
 and optionally writes JSON (``--out``) and a decision-boundary PNG of the 2-D sets (``--plot``).
 See docs/REPRODUCTION.md.
 """
@@ -20,10 +21,12 @@ import numpy as np
 from .._args import check_writable, nonnegative_int, positive_int
 from . import datasets as ds
 from .protocol import QUICK_DATASETS, QUICK_SEEDS, protocol_for, with_epochs
+from .robustness import ATTACK_POINTS, BOUNDARY_STEPS, MEASURES, PGD_STEPS, RADIUS_FRACTION
 from .training import METHOD_LABELS, METHODS, RunResult, train_run
 
 DEFAULT_SEEDS = 5
 DEFAULT_PLOT_NAME = "decision_boundaries.png"
+QUICK_BOUNDARY_STEPS = 300
 GROUPS = {"all": tuple(ds.LOADERS), "synthetic": ds.SYNTHETIC, "tabular": ds.TABULAR}
 
 
@@ -67,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Train vanilla, mixup and mixup + GenLabel (Gaussian and KDE class models fitted on the training "
         "set) on the paper's synthetic sets and scikit-learn's tabular sets; print last-epoch test "
-        "accuracy, mean +- std over seeds (%)."
+        "accuracy and robust accuracy (the authors' BoundaryAttack and PGD-Linf), mean +- std over seeds (%)."
     )
     parser.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
                         help=f"datasets (space- or comma-separated): {', '.join(ds.LOADERS)}, or the groups "
@@ -89,11 +92,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: per dataset; 500 on grid9, all elsewhere)")
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="train every dataset this many epochs, lr milestones scaled alike (default: per dataset)")
+    parser.add_argument("--measure", choices=MEASURES, default="both",
+                        help="clean: test accuracy; robust: accuracy under the authors' BoundaryAttack (L2) and "
+                             f"under PGD-Linf, both at eps = {RADIUS_FRACTION} x the training data's range; "
+                             "both (default)")
+    parser.add_argument("--attack-points", type=positive_int, default=ATTACK_POINTS, metavar="N",
+                        help=f"test points attacked per run, a seeded subsample (default {ATTACK_POINTS})")
+    parser.add_argument("--boundary-steps", type=positive_int, default=None, metavar="N",
+                        help=f"BoundaryAttack steps (default {BOUNDARY_STEPS}; {QUICK_BOUNDARY_STEPS} with --quick)")
+    parser.add_argument("--pgd-steps", type=positive_int, default=PGD_STEPS, metavar="N",
+                        help=f"PGD steps (default {PGD_STEPS})")
     parser.add_argument("--quick", action="store_true",
                         help=f"a small subset: {', '.join(QUICK_DATASETS)}, {QUICK_SEEDS} seeds, fewer epochs "
                              "on moon and grid9 (under two minutes on two CPU cores)")
     parser.add_argument("--out", default=None, metavar="FILE",
-                        help="write results as JSON: dataset -> method -> {mean, std, runs, ...} (accuracy in %%)")
+                        help="write results as JSON: dataset -> method -> {clean, robust, pgd} -> {mean, std, runs} "
+                             "(accuracy in %%)")
     parser.add_argument("--plot", default=None, metavar="FILE",
                         help=f"decision-boundary PNG of the 2-D sets (default: {DEFAULT_PLOT_NAME} next to --out, "
                              "else in the current directory)")
@@ -113,7 +127,11 @@ def _summary(values: list[float]) -> dict:
 
 
 def summarise(results: list[RunResult], protocols: dict) -> dict:
-    """dataset -> method -> {"mean", "std", "runs", "seeds"[, "val_selected"][, "gamma", ...]} in %."""
+    """dataset -> method -> {"clean", "robust", "pgd", "seeds", ...}; each measure {"mean", "std", "runs"} in %.
+
+    "clean" is present when test accuracy was measured, "robust" and "pgd" (with "attack": the
+    radius per seed, the points attacked and the steps) when the attacks ran.
+    """
     out: dict = {}
     for r in results:
         out.setdefault(r.dataset, {}).setdefault(r.method, []).append(r)
@@ -121,7 +139,17 @@ def summarise(results: list[RunResult], protocols: dict) -> dict:
     for name, per_method in out.items():
         table[name] = {}
         for method, runs in per_method.items():
-            cell = _summary([100 * r.test_acc for r in runs])
+            cell: dict = {}
+            if all(r.test_acc is not None for r in runs):
+                cell["clean"] = _summary([100 * r.test_acc for r in runs])
+            if all(r.attack is not None for r in runs):
+                cell["robust"] = _summary([100 * r.attack["robust"] for r in runs])
+                cell["pgd"] = _summary([100 * r.attack["pgd"] for r in runs])
+                a = runs[0].attack
+                cell["attack"] = {"epsilon": [round(r.attack["epsilon"], 6) for r in runs], "points": a["points"],
+                                  "radius_fraction": RADIUS_FRACTION, "boundary": "foolbox BoundaryAttack, L2",
+                                  "boundary_steps": a["boundary_steps"], "pgd": "PGD, Linf",
+                                  "pgd_steps": a["pgd_steps"]}
             cell["seeds"] = [r.seed for r in runs]
             if all(r.val_selected_acc is not None for r in runs):
                 cell["val_selected"] = _summary([100 * r.val_selected_acc for r in runs])
@@ -136,18 +164,19 @@ def summarise(results: list[RunResult], protocols: dict) -> dict:
     return table
 
 
-def format_table(table: dict, methods: list[str], key: str | None = None) -> str:
-    """Datasets x methods, 'mean ± std' in %. ``key="val_selected"`` formats that sub-entry."""
+def format_table(table: dict, methods: list[str], key: str = "clean") -> str:
+    """Datasets x methods, 'mean ± std' in % of the measure ``key`` ("clean", "robust", "pgd", "val_selected").
+
+    Rows where no method has ``key`` are left out; "" when none is left.
+    """
     header = ["dataset"] + [METHOD_LABELS[m] for m in methods]
     rows = []
     for name, cells in table.items():
         row = [name]
         for m in methods:
-            cell = cells.get(m)
-            if cell is not None and key is not None:
-                cell = cell.get(key)
+            cell = cells.get(m, {}).get(key)
             row.append("-" if cell is None else f"{cell['mean']:6.2f} ± {cell['std']:5.2f}")
-        if key is None or any(c != "-" for c in row[1:]):
+        if any(c != "-" for c in row[1:]):
             rows.append(row)
     if not rows:
         return ""
@@ -156,6 +185,29 @@ def format_table(table: dict, methods: list[str], key: str | None = None) -> str
              for r in [header] + rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def print_tables(table: dict, methods: list[str], seeds: list[int], quick: bool, attacks: dict | None) -> None:
+    """The measured tables on stdout, each under a title that says what it measures."""
+    over = f"mean ± std over {len(seeds)} seed(s) {seeds[0]}..{seeds[-1]}" + (" [--quick]" if quick else "")
+    titles = [("clean", f"Last-epoch test accuracy (%), {over}"),
+              ("val_selected", "Validation-selected epoch, test accuracy (%) (sets with a validation split)")]
+    if attacks is not None:
+        n = attacks["points"]
+        titles += [("robust", f"Robust accuracy (%) under the authors' BoundaryAttack (foolbox, L2, "
+                              f"{attacks['boundary_steps']} steps), eps = {RADIUS_FRACTION} x training range, "
+                              f"on {n} seeded test points per run, {over}"),
+                   ("pgd", f"Robust accuracy (%) under PGD-Linf ({attacks['pgd_steps']} steps), same eps and "
+                           f"points, {over}")]
+    first = True
+    for key, title in titles:
+        text = format_table(table, methods, key=key)
+        if text:
+            if not first:
+                print()
+            print(title)
+            print(text)
+            first = False
 
 
 def _plot_path(args) -> str | None:
@@ -197,6 +249,12 @@ def run(args) -> dict:
 
     quick, names, methods, seeds = _config(args)
     plot_path = _plot_path(args)
+    attacks = None
+    if args.measure != "clean":
+        from .robustness import robust_accuracies
+
+        attacks = {"points": args.attack_points, "pgd_steps": args.pgd_steps,
+                   "boundary_steps": args.boundary_steps or (QUICK_BOUNDARY_STEPS if quick else BOUNDARY_STEPS)}
     results: list[RunResult] = []
     protocols: dict = {}
     panels: dict = {}
@@ -214,7 +272,16 @@ def run(args) -> dict:
                     keep = plot_path is not None and data.dim == 2 and seed == seeds[0]
                     for method in methods:
                         bar.set_postfix_str(f"{name} seed {seed} {method}", refresh=False)
-                        r = train_run(data, proto, method, seed, keep_net=keep)
+                        r = train_run(data, proto, method, seed, keep_net=keep or attacks is not None)
+                        if attacks is not None:
+                            r.attack = robust_accuracies(r.net, data.train.x, data.test.x, data.test.y, seed,
+                                                         **attacks)
+                            r.attack.update(boundary_steps=attacks["boundary_steps"],
+                                            pgd_steps=attacks["pgd_steps"])
+                        if args.measure == "robust":
+                            r.test_acc = r.val_selected_acc = None
+                        if not keep:
+                            r.net = None
                         results.append(r)
                         if keep:
                             panels.setdefault(name, (data, {}))[1][method] = r.net
@@ -225,14 +292,7 @@ def run(args) -> dict:
     elapsed = time.perf_counter() - start
 
     table = summarise(results, protocols)
-    print(f"Last-epoch test accuracy (%), mean ± std over {len(seeds)} seed(s) {seeds[0]}..{seeds[-1]}"
-          + (" [--quick]" if quick else ""))
-    print(format_table(table, methods))
-    val = format_table(table, methods, key="val_selected")
-    if val:
-        print()
-        print("Validation-selected epoch, test accuracy (%) (sets with a validation split)")
-        print(val)
+    print_tables(table, methods, seeds, quick, attacks)
     if args.out:
         from ..models.io import write_atomically
 

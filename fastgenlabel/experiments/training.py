@@ -68,6 +68,7 @@ class RunResult:
 
     ``val_selected_acc`` is the test accuracy of the epoch with the best validation accuracy
     (the latest such epoch on ties); None when the dataset has no validation split.
+    ``attack`` holds the robust accuracies of :func:`.robustness.robust_accuracies` when measured.
     """
 
     dataset: str
@@ -77,6 +78,7 @@ class RunResult:
     val_selected_acc: float | None
     best_epoch: int | None
     net: nn.Module | None = None
+    attack: dict | None = None
 
 
 def _optimizer(net: nn.Module, proto: Protocol) -> torch.optim.Optimizer:
