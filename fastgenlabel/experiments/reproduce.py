@@ -22,9 +22,11 @@ from .._args import check_writable, nonnegative_int, positive_int
 from . import datasets as ds
 from .protocol import QUICK_DATASETS, QUICK_SEEDS, protocol_for, with_epochs
 from .robustness import ATTACK_POINTS, BOUNDARY_STEPS, MEASURES, PGD_STEPS, RADIUS_FRACTION
-from .training import METHOD_LABELS, METHODS, RunResult, train_run
+from .training import METHOD_LABELS, METHODS, ORACLE_DATASETS, RunResult, train_run
 
 DEFAULT_SEEDS = 5
+# The cubes take seconds per run: 20 seeds by default (the authors' cube scripts average many runs).
+DEFAULT_SEEDS_PER_DATASET = {"2d-cube": 20, "3d-cube": 20}
 DEFAULT_PLOT_NAME = "decision_boundaries.png"
 QUICK_BOUNDARY_STEPS = 300
 GROUPS = {"all": tuple(ds.LOADERS), "synthetic": ds.SYNTHETIC, "tabular": ds.TABULAR}
@@ -76,10 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"datasets (space- or comma-separated): {', '.join(ds.LOADERS)}, or the groups "
                              f"{', '.join(GROUPS)} (default: all; with --quick: {', '.join(QUICK_DATASETS)})")
     parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
-                        help=f"methods: {', '.join(METHODS)} (default: all)")
+                        help=f"methods: {', '.join(METHODS)} (default: all; genlabel-oracle, the authors' "
+                             f"N(true centre, I) class models, runs on {' and '.join(ORACLE_DATASETS)} only)")
     parser.add_argument("--seeds", type=positive_int, default=None, metavar="N",
                         help=f"number of seeds, run as --seed-start ... --seed-start + N - 1 "
-                             f"(default {DEFAULT_SEEDS}; with --quick {QUICK_SEEDS})")
+                             f"(default {DEFAULT_SEEDS}, 20 on the cubes; with --quick {QUICK_SEEDS})")
     parser.add_argument("--seed-start", type=nonnegative_int, default=0, metavar="S", help="first seed (default 0)")
     parser.add_argument("--gamma", type=_unit, default=None,
                         help="GenLabel weight gamma in [0, 1] for every dataset (default: per dataset, "
@@ -157,6 +160,8 @@ def summarise(results: list[RunResult], protocols: dict) -> dict:
             if method.startswith("genlabel"):
                 cell["gamma"] = proto.gamma
                 cell["top2"] = proto.top2
+                cell["class_model"] = ("the authors' oracle: N(true cube centre, I)" if method == "genlabel-oracle"
+                                       else "fitted on the training split")
             if method == "genlabel-kde":
                 cell["bandwidth"] = proto.bandwidth
                 cell["kde_max_points"] = proto.kde_max_points
@@ -187,9 +192,22 @@ def format_table(table: dict, methods: list[str], key: str = "clean") -> str:
     return "\n".join(lines)
 
 
-def print_tables(table: dict, methods: list[str], seeds: list[int], quick: bool, attacks: dict | None) -> None:
+def _seeds_text(seeds: dict[str, list[int]]) -> str:
+    """'5 seed(s) 0..4' or, when datasets differ, '5 seed(s) 0..4 (2d-cube, 3d-cube: 20 seed(s) 0..19)'."""
+    texts = {name: f"{len(s)} seed(s) {s[0]}..{s[-1]}" for name, s in seeds.items()}
+    common = max(set(texts.values()), key=list(texts.values()).count)
+    others = {}
+    for name, text in texts.items():
+        if text != common:
+            others.setdefault(text, []).append(name)
+    extra = "; ".join(f"{', '.join(names)}: {text}" for text, names in others.items())
+    return common + (f" ({extra})" if extra else "")
+
+
+def print_tables(table: dict, methods: list[str], seeds: dict[str, list[int]], quick: bool,
+                 attacks: dict | None) -> None:
     """The measured tables on stdout, each under a title that says what it measures."""
-    over = f"mean ± std over {len(seeds)} seed(s) {seeds[0]}..{seeds[-1]}" + (" [--quick]" if quick else "")
+    over = f"mean ± std over {_seeds_text(seeds)}" + (" [--quick]" if quick else "")
     titles = [("clean", f"Last-epoch test accuracy (%), {over}"),
               ("val_selected", "Validation-selected epoch, test accuracy (%) (sets with a validation split)")]
     if attacks is not None:
@@ -224,9 +242,16 @@ def _config(args):
     default_names = list(QUICK_DATASETS) if quick else ["all"]
     names = _names(args.datasets or default_names, tuple(ds.LOADERS), GROUPS, "--datasets")
     methods = _names(args.methods or list(METHODS), METHODS, {}, "--methods")
-    n_seeds = args.seeds or (QUICK_SEEDS if quick else DEFAULT_SEEDS)
-    seeds = list(range(args.seed_start, args.seed_start + n_seeds))
+    seeds = {}
+    for name in names:
+        n_seeds = args.seeds or (QUICK_SEEDS if quick else DEFAULT_SEEDS_PER_DATASET.get(name, DEFAULT_SEEDS))
+        seeds[name] = list(range(args.seed_start, args.seed_start + n_seeds))
     return quick, names, methods, seeds
+
+
+def _methods_for(name: str, methods: list[str]) -> list[str]:
+    """The methods run on ``name``: the authors' oracle exists only on the cubes."""
+    return [m for m in methods if m != "genlabel-oracle" or name in ORACLE_DATASETS]
 
 
 def _protocol(name: str, data: ds.Dataset, args, quick: bool):
@@ -262,15 +287,16 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        with tqdm(total=len(names) * len(seeds) * len(methods), file=sys.stderr, disable=args.quiet,
+        total = sum(len(seeds[name]) * len(_methods_for(name, methods)) for name in names)
+        with tqdm(total=total, file=sys.stderr, disable=args.quiet,
                   unit="run", dynamic_ncols=True) as bar:
             for name in names:
-                for seed in seeds:
+                for seed in seeds[name]:
                     data = ds.load(name, seed)
                     proto = _protocol(name, data, args, quick)
                     protocols[name] = proto
-                    keep = plot_path is not None and data.dim == 2 and seed == seeds[0]
-                    for method in methods:
+                    keep = plot_path is not None and data.dim == 2 and seed == seeds[name][0]
+                    for method in _methods_for(name, methods):
                         bar.set_postfix_str(f"{name} seed {seed} {method}", refresh=False)
                         r = train_run(data, proto, method, seed, keep_net=keep or attacks is not None)
                         if attacks is not None:
@@ -303,10 +329,10 @@ def run(args) -> dict:
 
         accs = {r.dataset: {} for r in results}
         for r in results:
-            if r.seed == seeds[0]:
+            if r.seed == seeds[r.dataset][0]:
                 accs[r.dataset][r.method] = r.test_acc
         os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
-        decision_boundaries(plot_path, panels, METHOD_LABELS, accs, seed=seeds[0])
+        decision_boundaries(plot_path, panels, METHOD_LABELS, accs, seed=args.seed_start)
         print(f"wrote {plot_path}", file=sys.stderr)
     print(f"{len(results)} runs in {elapsed:.1f} s ({args.threads} torch thread(s))", file=sys.stderr)
     return table

@@ -15,16 +15,19 @@ from torch import nn
 
 from ..functional import genlabel_target, mix, mixup_target, sample_pairs, soft_target_cross_entropy
 from ..models import GaussianClassModel, KDEClassModel
-from .datasets import Dataset, Split
+from ..models.gaussian import GaussianStats
+from .datasets import ORACLE_CENTRES, Dataset, Split
 from .protocol import Protocol
 
-METHODS = ("vanilla", "mixup", "genlabel-gauss", "genlabel-kde")
+METHODS = ("vanilla", "mixup", "genlabel-gauss", "genlabel-kde", "genlabel-oracle")
 METHOD_LABELS = {
     "vanilla": "vanilla",
     "mixup": "mixup",
     "genlabel-gauss": "mixup+GenLabel (Gauss)",
     "genlabel-kde": "mixup+GenLabel (KDE)",
+    "genlabel-oracle": "mixup+GenLabel (authors' oracle)",
 }
+ORACLE_DATASETS = tuple(ORACLE_CENTRES)
 
 
 def mlp(dim: int, hidden: tuple[int, ...], num_classes: int) -> nn.Sequential:
@@ -38,8 +41,29 @@ def mlp(dim: int, hidden: tuple[int, ...], num_classes: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def fit_class_model(method: str, proto: Protocol, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0):
-    """The class model a GenLabel method relabels with, fitted on the training split (no oracle)."""
+def oracle_class_model(dataset: str, counts) -> GaussianClassModel:
+    """The authors' cube oracle: class c ~ N(true centre of cube c, I), not fitted on the data.
+
+    ``counts`` (K,): training samples per class, kept as the model's class counts (the prior is
+    uniform either way). The data's own covariance is I / 3 (uniform on a side-2 cube).
+    """
+    if dataset not in ORACLE_CENTRES:
+        raise ValueError(f"genlabel-oracle: the authors' oracle exists for {ORACLE_DATASETS}, not {dataset!r}")
+    centres = torch.as_tensor(ORACLE_CENTRES[dataset], dtype=torch.float64)
+    k, d = centres.shape
+    n = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
+    if n.shape != (k,) or bool((n < 1).any()):
+        raise ValueError(f"counts: expected {k} positive class counts, got {np.asarray(counts).tolist()}")
+    # Sufficient statistics whose maximum-likelihood covariance is exactly I (reg = 0).
+    scatter = n.view(k, 1, 1) * torch.eye(d, dtype=torch.float64).expand(k, d, d)
+    return GaussianClassModel(covariance="full", reg=0.0).fit_stats(GaussianStats("full", n, centres, scatter))
+
+
+def fit_class_model(method: str, proto: Protocol, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0,
+                    dataset: str | None = None):
+    """The class model a GenLabel method relabels with: fitted on the training split, or the oracle."""
+    if method == "genlabel-oracle":
+        return oracle_class_model(dataset, np.bincount(y, minlength=num_classes))
     z = torch.from_numpy(x).to(torch.float64)
     labels = torch.from_numpy(y)
     if method == "genlabel-gauss":
@@ -102,7 +126,7 @@ def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_ne
     k = data.num_classes
     model = None
     if method.startswith("genlabel"):
-        model = fit_class_model(method, proto, data.train.x, data.train.y, k, seed=seed)
+        model = fit_class_model(method, proto, data.train.x, data.train.y, k, seed=seed, dataset=data.name)
 
     torch.manual_seed(seed)
     rng = np.random.default_rng([int(seed), 1])
