@@ -164,6 +164,19 @@ def test_top2_genlabel_run_on_the_3d_cube():
     assert proto.top2
     r = train_run(data, proto, "genlabel-gauss", seed=0)
     assert 0.0 <= r.test_acc <= 1.0 and r.val_selected_acc is None
+    assert r.relabel_backend is None and r.relabel_max_diff is None  # no top-2 kernel: the reference ran
+
+
+@pytest.mark.parametrize("method", ["genlabel-gauss", "genlabel-kde"])
+def test_genlabel_runs_through_the_fast_relabel_kernels_checked_against_the_reference(method):
+    pytest.importorskip("numba")
+    from fastgenlabel.experiments.training import RELABEL_ATOL
+
+    data, proto = _tiny("breast-cancer", epochs=1)  # d = 30: full covariance on 280 points
+    r = train_run(data, proto, method, seed=0)
+    assert r.relabel_backend == "numba-cpu"
+    assert 0.0 <= r.relabel_max_diff <= RELABEL_ATOL
+    assert train_run(data, proto, "mixup", seed=0).relabel_backend is None
 
 
 def test_unknown_method_is_refused():

@@ -162,6 +162,10 @@ def summarise(results: list[RunResult], protocols: dict) -> dict:
                 cell["top2"] = proto.top2
                 cell["class_model"] = ("the authors' oracle: N(true cube centre, I)" if method == "genlabel-oracle"
                                        else "fitted on the training split")
+                backends = sorted({r.relabel_backend or "reference (top-2 label)" for r in runs})
+                diffs = [r.relabel_max_diff for r in runs if r.relabel_max_diff is not None]
+                cell["relabel"] = {"backend": ", ".join(backends),
+                                   "first_batch_max_abs_diff": max(diffs) if diffs else None}
             if method == "genlabel-kde":
                 cell["bandwidth"] = proto.bandwidth
                 cell["kde_max_points"] = proto.kde_max_points

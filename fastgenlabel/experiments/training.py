@@ -3,6 +3,10 @@
 One run is a pure function of (dataset, protocol, method, seed): ``torch.manual_seed(seed)``
 fixes the initial weights (the same for every method of a seed), and a ``numpy`` generator
 seeded from ``seed`` draws the batch order and the mixup pairs.
+
+GenLabel targets come from the fused ``relabel`` kernels (backend "auto"), the path users run;
+each run checks its first batch against the ``genlabel_target`` reference within
+:data:`RELABEL_ATOL`. The top-2 label (3-D cube) has no kernel and uses the reference.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 from torch import nn
 
 from ..functional import genlabel_target, mix, mixup_target, sample_pairs, soft_target_cross_entropy
+from ..kernels.relabel import explain_relabel, relabel
 from ..models import GaussianClassModel, KDEClassModel
 from ..models.gaussian import GaussianStats
 from .datasets import ORACLE_CENTRES, Dataset, Split
@@ -28,6 +33,10 @@ METHOD_LABELS = {
     "genlabel-oracle": "mixup+GenLabel (authors' oracle)",
 }
 ORACLE_DATASETS = tuple(ORACLE_CENTRES)
+# Largest |relabel - genlabel_target| allowed on a run's first batch: the kernels' documented bound
+# for full covariance (tests/test_relabel.py: 1.4e-5 worst case seen, 5e-5 allowed), doubled for
+# the ill-conditioned covariances of few samples in many dimensions (digits: d = 64, n_c ~ 125).
+RELABEL_ATOL = 1e-4
 
 
 def mlp(dim: int, hidden: tuple[int, ...], num_classes: int) -> nn.Sequential:
@@ -103,6 +112,8 @@ class RunResult:
     best_epoch: int | None
     net: nn.Module | None = None
     attack: dict | None = None
+    relabel_backend: str | None = None  # the backend "auto" picked (None: no GenLabel, or top-2)
+    relabel_max_diff: float | None = None  # max |relabel - reference| on the first batch
 
 
 def _optimizer(net: nn.Module, proto: Protocol) -> torch.optim.Optimizer:
@@ -137,6 +148,8 @@ def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_ne
     y_all = torch.from_numpy(data.train.y)
     n = x_all.shape[0]
 
+    fast = model is not None and not proto.top2
+    backend, max_diff = None, None
     best_val, best_state, best_epoch = -1.0, None, None
     for epoch in range(proto.epochs):
         net.train()
@@ -153,6 +166,10 @@ def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_ne
                 x_mix = mix(x, pairs)
                 if method == "mixup":
                     target = mixup_target(y, pairs, k)
+                elif fast:
+                    target = relabel(model, x, pairs, y, proto.gamma, num_classes=k, backend="auto")
+                    if max_diff is None:
+                        backend, max_diff = _check_relabel(model, x, x_mix, y, pairs, proto.gamma, k, target, data.name)
                 else:
                     target = genlabel_target(model, x_mix, y, y[pairs.perm], pairs.lam, proto.gamma,
                                              num_classes=k, top2=proto.top2)
@@ -178,4 +195,17 @@ def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_ne
         val_selected = accuracy(net, data.test)
         net.load_state_dict(last_state)
     net.eval()
-    return RunResult(data.name, method, seed, test_acc, val_selected, best_epoch, net if keep_net else None)
+    return RunResult(data.name, method, seed, test_acc, val_selected, best_epoch, net if keep_net else None,
+                     relabel_backend=backend, relabel_max_diff=max_diff)
+
+
+def _check_relabel(model, x, x_mix, y, pairs, gamma, k, target, dataset) -> tuple[str, float]:
+    """The backend ``relabel`` chose and its largest deviation from the reference on this batch."""
+    want = genlabel_target(model, x_mix, y, y[pairs.perm], pairs.lam, gamma, num_classes=k)
+    diff = float((target.double() - want.double()).abs().max())
+    backend = next(name for name, why in explain_relabel(model, x, pairs, y, gamma, num_classes=k).items()
+                   if why is None)
+    if not diff <= RELABEL_ATOL:
+        raise RuntimeError(f"relabel ({backend}) differs from genlabel_target by {diff:.3g} > {RELABEL_ATOL:g} "
+                           f"on the first batch of {dataset!r}")
+    return backend, diff
