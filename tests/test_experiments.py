@@ -196,7 +196,8 @@ def _check_cell(cell, n_seeds):
 def test_cli_writes_json_with_the_documented_schema_and_a_png(tmp_path, capsys):
     out = tmp_path / "res" / "r.json"
     threads = torch.get_num_threads()
-    rc = cli.main(["reproduce", "--datasets", "2d-cube,iris", "--seeds", "2", "--seed-start", "3", "--epochs", "2",
+    rc = cli.main(["reproduce", "--suite", "paper", "--datasets", "2d-cube,iris", "--seeds", "2", "--seed-start", "3",
+                   "--epochs", "2",
                    "--threads", "2", "--out", str(out), "--quiet", "--attack-points", "30", "--boundary-steps", "50",
                    "--pgd-steps", "5"])
     assert rc == 0
@@ -245,7 +246,8 @@ def test_cli_options_override_protocol_and_plot_path(tmp_path):
 
 def test_cli_no_plot_and_bad_names(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert cli.main(["reproduce", "--datasets", "iris", "--methods", "vanilla", "--seeds", "1", "--epochs", "1",
+    assert cli.main(["reproduce", "--suite", "paper", "--datasets", "iris", "--methods", "vanilla", "--seeds", "1",
+                     "--epochs", "1",
                      "--out", str(out), "--no-plot", "--quiet", "--measure", "robust", "--attack-points", "10",
                      "--boundary-steps", "20"]) == 0
     assert out.exists() and not list(tmp_path.glob("*.png"))
@@ -332,3 +334,61 @@ def test_attack_radius_and_subset():
     assert a.size == 200 and np.unique(a).size == 200 and np.all(np.diff(a) > 0)
     np.testing.assert_array_equal(a, attack_subset(1000, 200, seed=4))
     assert not np.array_equal(a, attack_subset(1000, 200, seed=5))
+
+
+# ---- the authors' tabular protocol -----------------------------------------------------------
+
+def test_paired_outcome_against_hand_computed_t_tests():
+    from fastgenlabel.experiments.tabular import paired_outcome
+
+    base = np.array([90.0, 91.0, 92.0, 93.0, 94.0])
+    # d = 1..5: t = 3 / (sqrt(2.5) / sqrt(5)) = 4.2426 with 4 df, two-sided p = 0.0132 (t tables).
+    r = paired_outcome(base + [1, 2, 3, 4, 5], base)
+    assert r["outcome"] == "win" and r["p"] == pytest.approx(0.0132, abs=1e-4) and r["mean_diff"] == 3.0
+    assert paired_outcome(base, base + [1, 2, 3, 4, 5])["outcome"] == "loss"
+    # d = +-1 alternating: mean 0.2, p = 0.70: a tie.
+    assert paired_outcome(base + [1, -1, 1, -1, 1], base)["outcome"] == "tie"
+    assert paired_outcome(base, base) == {"outcome": "tie", "p": 1.0, "mean_diff": 0.0}
+    assert paired_outcome(base - 2, base)["outcome"] == "loss"  # constant difference: p = 0
+    assert paired_outcome([90.0, 91.0], [80.0, 81.0])["p"] is None  # two pairs: no test, a tie
+    with pytest.raises(ValueError, match="paired"):
+        paired_outcome([1.0, 2.0], [1.0])
+
+
+@pytest.mark.slow
+def test_tabular_suite_end_to_end_on_iris(tmp_path, capsys):
+    from fastgenlabel.experiments import tabular as tab
+
+    out = tmp_path / "t.json"
+    rc = cli.main(["reproduce", "--suite", "tabular", "--datasets", "iris", "--seeds", "3", "--epochs", "3",
+                   "--attack-points", "20", "--boundary-steps", "30", "--pgd-steps", "5", "--out", str(out),
+                   "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "tabular protocol" in printed and "win/tie/loss" in printed and "t-test" in printed
+    table = json.loads(out.read_text())
+    assert list(table) == ["iris/log-reg", "iris/3fc"]
+    for cells in table.values():
+        assert list(cells) == list(tab.METHODS)
+        for cell in cells.values():
+            for measure in ("clean", "robust", "pgd"):
+                _check_cell(cell[measure], 3)
+            assert cell["seeds"] == [0, 1, 2] and all(lr in tab.LRS for lr in cell["lr"]) and len(cell["lr"]) == 3
+        for g, base in tab.COMPARISONS:
+            for measure in ("clean", "robust", "pgd"):
+                vs = cells[g]["vs"][base][measure]
+                assert vs == tab.paired_outcome(cells[g][measure]["runs"], cells[base][measure]["runs"])
+                assert vs["p"] is not None
+    # The same cell again by hand: the learning rate is the one with the best validation accuracy.
+    data = ds.with_validation(ds.load("iris", 1), tab.VAL_FRACTION, 1)
+    assert len(data.val) == 21 and len(data.train) == 84 and len(data.test) == 45
+    accs = [train_run(data, tab.protocol("3fc", lr, epochs=3), "mixup", 1).val_acc for lr in tab.LRS]
+    assert table["iris/3fc"]["mixup"]["lr"][1] == tab.LRS[int(np.argmax(accs))]
+    # A logistic regression is one linear layer.
+    net = train_run(data, tab.protocol("log-reg", 0.1, epochs=1), "vanilla", 0, keep_net=True).net
+    assert [type(m).__name__ for m in net] == ["Linear"]
+
+
+def test_tabular_suite_refuses_a_selection_without_tabular_sets(capsys):
+    assert cli.main(["reproduce", "--suite", "tabular", "--datasets", "moon", "--quiet"]) == 2
+    assert "--suite tabular" in capsys.readouterr().err

@@ -234,6 +234,23 @@ SYNTHETIC = ("2d-cube", "3d-cube", "grid9", "moon", "circle", "two-circle")
 TABULAR = ("iris", "wine", "breast-cancer", "digits")
 
 
+def with_validation(data: Dataset, fraction: float, seed: int) -> Dataset:
+    """``data`` with a seeded stratified ``fraction`` of its training split moved to a validation split.
+
+    The features keep the standardisation of the whole training split (the validation points are
+    part of it); the test split is unchanged.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if data.val is not None:
+        raise ValueError(f"data: {data.name!r} already has a validation split")
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction: expected a value in (0, 1), got {fraction!r}")
+    x_tr, x_val, y_tr, y_val = train_test_split(data.train.x, data.train.y, test_size=fraction,
+                                                stratify=data.train.y, random_state=int(seed))
+    return Dataset(data.name, data.num_classes, _split(x_tr, y_tr), data.test, _split(x_val, y_val))
+
+
 def data_generator(name: str, seed: int) -> np.random.Generator:
     """The generator a dataset is drawn from for ``seed``: independent across names and seeds."""
     if name not in LOADERS:

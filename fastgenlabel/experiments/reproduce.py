@@ -20,11 +20,14 @@ import numpy as np
 
 from .._args import check_writable, nonnegative_int, positive_int
 from . import datasets as ds
+from . import tabular
 from .protocol import QUICK_DATASETS, QUICK_SEEDS, protocol_for, with_epochs
 from .robustness import ATTACK_POINTS, BOUNDARY_STEPS, MEASURES, PGD_STEPS, RADIUS_FRACTION
 from .training import METHOD_LABELS, METHODS, ORACLE_DATASETS, RunResult, train_run
 
 DEFAULT_SEEDS = 5
+SUITES = ("paper", "tabular", "all")
+ARCH_NAMES = tuple(tabular.ARCHS)
 # The cubes take seconds per run: 20 seeds by default (the authors' cube scripts average many runs).
 DEFAULT_SEEDS_PER_DATASET = {"2d-cube": 20, "3d-cube": 20}
 DEFAULT_PLOT_NAME = "decision_boundaries.png"
@@ -95,6 +98,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: per dataset; 500 on grid9, all elsewhere)")
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="train every dataset this many epochs, lr milestones scaled alike (default: per dataset)")
+    parser.add_argument("--suite", choices=SUITES, default="all",
+                        help="paper: the per-dataset protocols of the paper's figures and tables; tabular: the "
+                             "authors' OpenML protocol (logistic regression and 3FC, Adam, lr chosen on validation, "
+                             "win/tie/loss counts) on the tabular sets among --datasets; all (default): both")
+    parser.add_argument("--archs", nargs="+", choices=ARCH_NAMES, default=None, metavar="ARCH",
+                        help=f"tabular suite architectures: {', '.join(ARCH_NAMES)} (default: both; log-reg "
+                             "with --quick)")
     parser.add_argument("--measure", choices=MEASURES, default="both",
                         help="clean: test accuracy; robust: accuracy under the authors' BoundaryAttack (L2) and "
                              f"under PGD-Linf, both at eps = {RADIUS_FRACTION} x the training data's range; "
@@ -218,7 +228,7 @@ def print_tables(table: dict, methods: list[str], seeds: dict[str, list[int]], q
         n = attacks["points"]
         titles += [("robust", f"Robust accuracy (%) under the authors' BoundaryAttack (foolbox, L2, "
                               f"{attacks['boundary_steps']} steps), eps = {RADIUS_FRACTION} x training range, "
-                              f"on {n} seeded test points per run, {over}"),
+                              f"on up to {n} seeded test points per run, {over}"),
                    ("pgd", f"Robust accuracy (%) under PGD-Linf ({attacks['pgd_steps']} steps), same eps and "
                            f"points, {over}")]
     first = True
@@ -271,58 +281,166 @@ def _protocol(name: str, data: ds.Dataset, args, quick: bool):
     return proto
 
 
+def _attack(r: RunResult, data: ds.Dataset, seed: int, attacks: dict | None, measure: str) -> None:
+    """Fill ``r.attack`` (when attacks are measured) and drop what ``measure`` does not report."""
+    if attacks is not None:
+        from .robustness import robust_accuracies
+
+        x_train = data.train.x if data.val is None else np.concatenate([data.train.x, data.val.x])
+        r.attack = robust_accuracies(r.net, x_train, data.test.x, data.test.y, seed, **attacks)
+        r.attack.update(boundary_steps=attacks["boundary_steps"], pgd_steps=attacks["pgd_steps"])
+    if measure == "robust":
+        r.test_acc = r.val_selected_acc = None
+
+
+def _run_paper(args, names, methods, seeds, quick, attacks, plot_path, bar):
+    """The per-dataset protocols: results, protocols and the plot panels."""
+    results: list[RunResult] = []
+    protocols: dict = {}
+    panels: dict = {}
+    for name in names:
+        for seed in seeds[name]:
+            data = ds.load(name, seed)
+            proto = _protocol(name, data, args, quick)
+            protocols[name] = proto
+            keep = plot_path is not None and data.dim == 2 and seed == seeds[name][0]
+            for method in _methods_for(name, methods):
+                bar.set_postfix_str(f"{name} seed {seed} {method}", refresh=False)
+                r = train_run(data, proto, method, seed, keep_net=keep or attacks is not None)
+                _attack(r, data, seed, attacks, args.measure)
+                if keep:
+                    panels.setdefault(name, (data, {}))[1][method] = r.net
+                r.net = None
+                results.append(r)
+                bar.update(1)
+    return results, protocols, panels
+
+
+def _tabular_names(args) -> tuple[str, ...]:
+    """The sets the tabular suite may run: all tabular sets when --datasets names them, else the default."""
+    return ds.TABULAR if args.datasets else tabular.DEFAULT_DATASETS
+
+
+def _run_tabular(args, names, methods, seeds, archs, attacks, bar):
+    """The authors' tabular protocol: summary table keyed "dataset/arch", with the paired comparisons."""
+    tab = tabular
+
+    epochs = args.epochs or tab.EPOCHS
+    gamma = 1.0 if args.gamma is None else args.gamma
+    bandwidth = args.bandwidth or "scott"
+    results: list[RunResult] = []
+    lrs: dict = {}
+    protocols: dict = {}
+    for name in names:
+        for seed in seeds[name]:
+            data = ds.with_validation(ds.load(name, seed), tab.VAL_FRACTION, seed)
+            for arch in archs:
+                key = f"{name}/{arch}"
+                protocols[key] = tab.protocol(arch, tab.LRS[0], epochs=epochs, gamma=gamma, bandwidth=bandwidth)
+                for method in methods:
+                    bar.set_postfix_str(f"tabular {key} seed {seed} {method}", refresh=False)
+                    cell = tab.run_cell(data, arch, method, seed, epochs=epochs, gamma=gamma, bandwidth=bandwidth,
+                                        keep_net=attacks is not None, on_train=lambda: bar.update(1))
+                    r = cell.run
+                    _attack(r, data, seed, attacks, args.measure)
+                    r.net, r.dataset, r.val_selected_acc = None, key, None
+                    results.append(r)
+                    lrs.setdefault((key, method), []).append(cell.lr)
+    table = summarise(results, protocols)
+    for key, cells in table.items():
+        for method, cell in cells.items():
+            cell["lr"] = lrs[(key, method)]
+            cell["lr_choice"] = (f"best last-epoch validation accuracy among {list(tab.LRS)} "
+                                 f"({int(100 * tab.VAL_FRACTION)} % of the training split)")
+        for g, base in tab.COMPARISONS:
+            if g in cells and base in cells:
+                cells[g].setdefault("vs", {})[base] = {
+                    m: tab.paired_outcome(cells[g][m]["runs"], cells[base][m]["runs"])
+                    for m in ("clean", "robust", "pgd") if m in cells[g] and m in cells[base]}
+    return results, table
+
+
+def print_tally(table: dict, archs: list[str], measures: list[str]) -> None:
+    """GenLabel's wins / ties / losses against mixup and vanilla, per architecture and measure."""
+    tab = tabular
+
+    cols = [(a, m) for a in archs for m in measures]
+    header = ["GenLabel vs"] + [f"{a} {m}" for a, m in cols]
+    rows = []
+    counts = {m: tab.tally(table, m) for m in measures}
+    for g, base in tab.COMPARISONS:
+        row = [f"{METHOD_LABELS[g]} vs {base}"]
+        for a, m in cols:
+            c = counts[m].get((a, g, base))
+            row.append("-" if c is None else "/".join(str(c[o]) for o in tab.OUTCOMES))
+        if any(c != "-" for c in row[1:]):
+            rows.append(row)
+    if not rows:
+        return
+    n = len({k.rsplit("/", 1)[0] for k in table})
+    print()
+    print(f"GenLabel against the baselines, tabular protocol: win/tie/loss over {n} dataset(s); two-sided "
+          f"paired t-test over seeds at {tab.ALPHA}")
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    for i, r in enumerate([header] + rows):
+        print(" | ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
 def run(args) -> dict:
-    """Train every cell; returns the summary table (see :func:`summarise`) and writes the files."""
+    """Train every cell of the chosen suites; returns the summary table (see :func:`summarise`), writes the files."""
     import torch
     from tqdm import tqdm
 
+    tab = tabular
     quick, names, methods, seeds = _config(args)
-    plot_path = _plot_path(args)
+    paper_names = names if args.suite in ("paper", "all") else []
+    tab_names = [n for n in names if n in _tabular_names(args)] if args.suite in ("tabular", "all") else []
+    tab_methods = [m for m in methods if m in tab.METHODS]
+    tab_seeds = {n: list(range(args.seed_start, args.seed_start + (args.seeds or (QUICK_SEEDS if quick else tab.SEEDS))))
+                 for n in tab_names}
+    # --quick: the logistic regression only, unless --archs says otherwise.
+    archs = args.archs or (["log-reg"] if quick else list(ARCH_NAMES))
+    plot_path = _plot_path(args) if paper_names else None
     attacks = None
     if args.measure != "clean":
-        from .robustness import robust_accuracies
-
         attacks = {"points": args.attack_points, "pgd_steps": args.pgd_steps,
                    "boundary_steps": args.boundary_steps or (QUICK_BOUNDARY_STEPS if quick else BOUNDARY_STEPS)}
     results: list[RunResult] = []
-    protocols: dict = {}
+    tab_results: list[RunResult] = []
+    table: dict = {}
+    tab_table: dict = {}
     panels: dict = {}
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        total = sum(len(seeds[name]) * len(_methods_for(name, methods)) for name in names)
-        with tqdm(total=total, file=sys.stderr, disable=args.quiet,
-                  unit="run", dynamic_ncols=True) as bar:
-            for name in names:
-                for seed in seeds[name]:
-                    data = ds.load(name, seed)
-                    proto = _protocol(name, data, args, quick)
-                    protocols[name] = proto
-                    keep = plot_path is not None and data.dim == 2 and seed == seeds[name][0]
-                    for method in _methods_for(name, methods):
-                        bar.set_postfix_str(f"{name} seed {seed} {method}", refresh=False)
-                        r = train_run(data, proto, method, seed, keep_net=keep or attacks is not None)
-                        if attacks is not None:
-                            r.attack = robust_accuracies(r.net, data.train.x, data.test.x, data.test.y, seed,
-                                                         **attacks)
-                            r.attack.update(boundary_steps=attacks["boundary_steps"],
-                                            pgd_steps=attacks["pgd_steps"])
-                        if args.measure == "robust":
-                            r.test_acc = r.val_selected_acc = None
-                        if not keep:
-                            r.net = None
-                        results.append(r)
-                        if keep:
-                            panels.setdefault(name, (data, {}))[1][method] = r.net
-                            r.net = None
-                        bar.update(1)
+        total = sum(len(seeds[n]) * len(_methods_for(n, methods)) for n in paper_names)
+        total += sum(len(tab_seeds[n]) for n in tab_names) * len(archs) * len(tab_methods) * len(tab.LRS)
+        with tqdm(total=total, file=sys.stderr, disable=args.quiet, unit="run", dynamic_ncols=True) as bar:
+            if paper_names:
+                results, protocols, panels = _run_paper(args, paper_names, methods, seeds, quick, attacks,
+                                                        plot_path, bar)
+                table = summarise(results, protocols)
+            if tab_names and tab_methods:
+                tab_results, tab_table = _run_tabular(args, tab_names, tab_methods, tab_seeds, archs, attacks, bar)
     finally:
         torch.set_num_threads(previous_threads)
     elapsed = time.perf_counter() - start
 
-    table = summarise(results, protocols)
-    print_tables(table, methods, seeds, quick, attacks)
+    if table:
+        print_tables(table, methods, {n: seeds[n] for n in paper_names}, quick, attacks)
+    if tab_table:
+        if table:
+            print()
+        print(f"== The authors' tabular protocol: {', '.join(tab.ARCH_LABELS[a] for a in archs)}; Adam, lr "
+              f"chosen from {list(tab.LRS)} on a validation split, {args.epochs or tab.EPOCHS} epochs ==")
+        print_tables(tab_table, tab_methods, {k: tab_seeds[k.rsplit('/', 1)[0]] for k in tab_table}, quick, attacks)
+        measures = [m for m in ("clean", "robust", "pgd") if any(m in c for cells in tab_table.values()
+                                                                  for c in cells.values())]
+        print_tally(tab_table, archs, measures)
+    table = {**table, **tab_table}
     if args.out:
         from ..models.io import write_atomically
 
@@ -338,14 +456,19 @@ def run(args) -> dict:
         os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
         decision_boundaries(plot_path, panels, METHOD_LABELS, accs, seed=args.seed_start)
         print(f"wrote {plot_path}", file=sys.stderr)
-    print(f"{len(results)} runs in {elapsed:.1f} s ({args.threads} torch thread(s))", file=sys.stderr)
+    n_train = len(results) + len(tab_results) * len(tab.LRS)
+    print(f"{n_train} trainings in {elapsed:.1f} s ({args.threads} torch thread(s))", file=sys.stderr)
     return table
 
 
 def main(args) -> int:
     """Entry point of ``fastgenlabel reproduce``; returns the exit code."""
     try:
-        _config(args)
+        _, names, methods, _ = _config(args)
+        if args.suite == "tabular" and not any(n in ds.TABULAR for n in names):
+            raise ValueError(f"--suite tabular: --datasets holds none of the tabular sets {', '.join(ds.TABULAR)}")
+        if args.suite == "tabular" and not any(m in tabular.METHODS for m in methods):
+            raise ValueError(f"--suite tabular: --methods holds none of {', '.join(tabular.METHODS)}")
         for flag, path in (("--out", args.out), ("--plot", _plot_path(args))):
             if path:
                 check_writable(flag, path)  # before the training runs, not after

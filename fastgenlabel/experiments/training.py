@@ -112,6 +112,7 @@ class RunResult:
     best_epoch: int | None
     net: nn.Module | None = None
     attack: dict | None = None
+    val_acc: float | None = None  # validation accuracy after the last epoch (None: no validation split)
     relabel_backend: str | None = None  # the backend "auto" picked (None: no GenLabel, or top-2)
     relabel_max_diff: float | None = None  # max |relabel - reference| on the first batch
 
@@ -122,7 +123,8 @@ def _optimizer(net: nn.Module, proto: Protocol) -> torch.optim.Optimizer:
     return torch.optim.SGD(net.parameters(), lr=proto.lr, momentum=proto.momentum, weight_decay=proto.weight_decay)
 
 
-def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_net: bool = False) -> RunResult:
+def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_net: bool = False,
+              val_selected: bool = True) -> RunResult:
     """Train one MLP on ``data`` with ``method`` and report its test accuracy after the last epoch.
 
     Args:
@@ -131,6 +133,8 @@ def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_ne
         method: one of :data:`METHODS`.
         seed: fixes the initial weights, the batch order and the mixup pairs.
         keep_net: return the trained network (for plots).
+        val_selected: with a validation split, also test the epoch of best validation accuracy
+            (one evaluation per epoch); False measures the validation split after the last epoch only.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -181,7 +185,7 @@ def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_ne
                 nn.utils.clip_grad_norm_(net.parameters(), proto.clip)
             opt.step()
         sched.step()
-        if data.val is not None:
+        if data.val is not None and val_selected:
             val = accuracy(net, data.val)
             if val >= best_val:
                 best_val, best_epoch = val, epoch + 1
@@ -196,6 +200,7 @@ def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_ne
         net.load_state_dict(last_state)
     net.eval()
     return RunResult(data.name, method, seed, test_acc, val_selected, best_epoch, net if keep_net else None,
+                     val_acc=None if data.val is None else accuracy(net, data.val),
                      relabel_backend=backend, relabel_max_diff=max_diff)
 
 
