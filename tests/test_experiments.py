@@ -392,3 +392,12 @@ def test_tabular_suite_end_to_end_on_iris(tmp_path, capsys):
 def test_tabular_suite_refuses_a_selection_without_tabular_sets(capsys):
     assert cli.main(["reproduce", "--suite", "tabular", "--datasets", "moon", "--quiet"]) == 2
     assert "--suite tabular" in capsys.readouterr().err
+
+
+def test_robust_measure_without_foolbox_is_refused_before_training(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "foolbox", None)  # makes "import foolbox" raise ImportError
+    assert cli.main(["reproduce", "--datasets", "iris", "--measure", "robust", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--measure robust" in err and "fastgenlabel[robust]" in err and "--measure clean" in err

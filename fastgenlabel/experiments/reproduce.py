@@ -469,6 +469,13 @@ def main(args) -> int:
             raise ValueError(f"--suite tabular: --datasets holds none of the tabular sets {', '.join(ds.TABULAR)}")
         if args.suite == "tabular" and not any(m in tabular.METHODS for m in methods):
             raise ValueError(f"--suite tabular: --methods holds none of {', '.join(tabular.METHODS)}")
+        if args.measure != "clean":
+            from .robustness import import_foolbox
+
+            try:
+                import_foolbox()  # before the training runs, not after the first one
+            except ImportError as e:
+                raise ValueError(f"--measure {args.measure}: {e} (or use --measure clean)") from None
         for flag, path in (("--out", args.out), ("--plot", _plot_path(args))):
             if path:
                 check_writable(flag, path)  # before the training runs, not after

@@ -104,7 +104,8 @@ def _starting_points(net, xt, yt, pool, bounds, seed):
     return start
 
 
-def _import_foolbox():
+def import_foolbox():
+    """foolbox, or an ImportError that says how to install it."""
     import warnings
 
     try:
@@ -126,7 +127,7 @@ def boundary_robust(net: nn.Module, x: np.ndarray, y: np.ndarray, eps: float, bo
     no start and counts as robust: the decision-based attack cannot begin there.
     """
     _check(x, y, eps)
-    foolbox = _import_foolbox()
+    foolbox = import_foolbox()
     net.eval()
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.int64)
