@@ -319,6 +319,15 @@ def test_attacks_give_the_closed_form_robust_accuracy_of_a_linear_classifier():
         np.testing.assert_array_equal(got, expected, err_msg=attack.__name__)
         # eps = 0: robust means correctly classified.
         np.testing.assert_array_equal(attack(net, x, y_flipped, 0.0, bounds, **kwargs), y_flipped == y)
+    # A confident network (logits x 1e4, same boundary): the float32 cross-entropy's gradient is 0
+    # there, so a PGD on it would not move; the margin's is not.
+    net, w, b, x, y = _linear_case(lambda w: np.abs(w).sum(), ratios, eps)
+    with torch.no_grad():
+        net.weight.mul_(1e4)
+        net.bias.mul_(1e4)
+    dist = np.abs(x.astype(np.float64) @ w + b) / np.abs(w).sum()
+    got = pgd_robust(net, x, y, eps, (float(x.min()) - 2, float(x.max()) + 2), seed=3)
+    np.testing.assert_array_equal(got, dist > eps)
 
 
 def test_attack_radius_and_subset():

@@ -5,8 +5,9 @@
   distance eps. It starts from the nearest point of a seeded pool that the model classifies
   differently (foolbox's own start, blended uniform noise, raises when it finds none).
 - :func:`pgd_robust`: L-inf PGD written here in torch (random start, signed-gradient steps on the
-  cross-entropy, projection on the eps-ball and the data bounds); a point is broken if any iterate
-  is misclassified.
+  logit margin, projection on the eps-ball and the data bounds); a point is broken if any iterate
+  is misclassified. The margin, not the cross-entropy, whose gradient vanishes in float32 on a
+  confident network (gradient masking: PGD would then report points robust that are not).
 
 eps = :data:`RADIUS_FRACTION` x (Xmax - Xmin), the scalar range of the training features, as the
 authors. A point is robust iff it is classified correctly and the attack finds no misclassified
@@ -59,11 +60,19 @@ def _predict(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net(x).argmax(1)
 
 
+def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """max_{j != y} logit_j - logit_y per row: positive iff misclassified."""
+    true = logits.gather(1, y[:, None])[:, 0]
+    other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    return other - true
+
+
 def pgd_robust(net: nn.Module, x: np.ndarray, y: np.ndarray, eps: float, bounds: tuple[float, float],
                steps: int = PGD_STEPS, seed: int = 0) -> np.ndarray:
     """Per point, True iff correct and no PGD-L-inf iterate within ``eps`` (and ``bounds``) is misclassified.
 
-    Step size 2.5 eps / steps (Madry et al.), one uniform random start in the eps-ball.
+    Step size 2.5 eps / steps (Madry et al.), one uniform random start in the eps-ball; the ascent
+    is on the margin max_{j != y} logit_j - logit_y (Carlini and Wagner's loss).
     """
     _check(x, y, eps)
     net.eval()
@@ -81,7 +90,7 @@ def pgd_robust(net: nn.Module, x: np.ndarray, y: np.ndarray, eps: float, bounds:
         adv.requires_grad_(True)
         logits = net(adv)
         broken |= (logits.argmax(1) != yt).detach()
-        grad, = torch.autograd.grad(nn.functional.cross_entropy(logits, yt, reduction="sum"), adv)
+        grad, = torch.autograd.grad(_margin(logits, yt).sum(), adv)
         with torch.no_grad():
             adv = adv + step * grad.sign()
             adv = torch.minimum(torch.maximum(adv, xt - eps), xt + eps).clamp(lo, hi)
