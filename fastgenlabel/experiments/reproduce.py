@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Train vanilla, mixup and mixup + GenLabel (Gaussian and KDE class models fitted on the training "
         "set) on the paper's synthetic sets and scikit-learn's tabular sets; print last-epoch test "
-        "accuracy and robust accuracy (the authors' BoundaryAttack and PGD-Linf), mean +- std over seeds (%)."
+        "accuracy and robust accuracy (the authors' BoundaryAttack and PGD-Linf), mean +- std over seeds (%). "
+        "--suite tabular adds the authors' OpenML protocol with GenLabel's win/tie/loss counts."
     )
     parser.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
                         help=f"datasets (space- or comma-separated): {', '.join(ds.LOADERS)}, or the groups "
