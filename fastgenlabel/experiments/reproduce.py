@@ -1,7 +1,8 @@
 """``fastgenlabel reproduce``: vanilla vs mixup vs mixup + GenLabel on the paper's small sets.
 
 Trains every (dataset, method, seed) cell with the authors' small-net protocol
-(:mod:`.protocol`), prints a table of last-epoch test accuracy (mean +- std over seeds, in %),
+(:mod:`.protocol`), prints tables of last-epoch test accuracy and of robust accuracy under the
+authors' BoundaryAttack and PGD-Linf (:mod:`.robustness`; mean +- std over seeds, in %),
 and optionally writes JSON (``--out``) and a decision-boundary PNG of the 2-D sets (``--plot``).
 See docs/REPRODUCTION.md.
 """
@@ -19,11 +20,18 @@ import numpy as np
 
 from .._args import check_writable, nonnegative_int, positive_int
 from . import datasets as ds
+from . import tabular
 from .protocol import QUICK_DATASETS, QUICK_SEEDS, protocol_for, with_epochs
-from .training import METHOD_LABELS, METHODS, RunResult, train_run
+from .robustness import ATTACK_POINTS, BOUNDARY_STEPS, MEASURES, PGD_STEPS, RADIUS_FRACTION
+from .training import METHOD_LABELS, METHODS, ORACLE_DATASETS, RunResult, train_run
 
 DEFAULT_SEEDS = 5
+SUITES = ("paper", "tabular", "all")
+ARCH_NAMES = tuple(tabular.ARCHS)
+# The cubes take seconds per run: 20 seeds by default (the authors' cube scripts average many runs).
+DEFAULT_SEEDS_PER_DATASET = {"2d-cube": 20, "3d-cube": 20}
 DEFAULT_PLOT_NAME = "decision_boundaries.png"
+QUICK_BOUNDARY_STEPS = 300
 GROUPS = {"all": tuple(ds.LOADERS), "synthetic": ds.SYNTHETIC, "tabular": ds.TABULAR}
 
 
@@ -67,16 +75,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Train vanilla, mixup and mixup + GenLabel (Gaussian and KDE class models fitted on the training "
         "set) on the paper's synthetic sets and scikit-learn's tabular sets; print last-epoch test "
-        "accuracy, mean +- std over seeds (%)."
+        "accuracy and robust accuracy (the authors' BoundaryAttack and PGD-Linf), mean +- std over seeds (%). "
+        "--suite tabular adds the authors' OpenML protocol with GenLabel's win/tie/loss counts."
     )
     parser.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
                         help=f"datasets (space- or comma-separated): {', '.join(ds.LOADERS)}, or the groups "
                              f"{', '.join(GROUPS)} (default: all; with --quick: {', '.join(QUICK_DATASETS)})")
     parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
-                        help=f"methods: {', '.join(METHODS)} (default: all)")
+                        help=f"methods: {', '.join(METHODS)} (default: all; genlabel-oracle, the authors' "
+                             f"N(true centre, I) class models, runs on {' and '.join(ORACLE_DATASETS)} only)")
     parser.add_argument("--seeds", type=positive_int, default=None, metavar="N",
                         help=f"number of seeds, run as --seed-start ... --seed-start + N - 1 "
-                             f"(default {DEFAULT_SEEDS}; with --quick {QUICK_SEEDS})")
+                             f"(default {DEFAULT_SEEDS}, 20 on the cubes; with --quick {QUICK_SEEDS})")
     parser.add_argument("--seed-start", type=nonnegative_int, default=0, metavar="S", help="first seed (default 0)")
     parser.add_argument("--gamma", type=_unit, default=None,
                         help="GenLabel weight gamma in [0, 1] for every dataset (default: per dataset, "
@@ -89,11 +99,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: per dataset; 500 on grid9, all elsewhere)")
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="train every dataset this many epochs, lr milestones scaled alike (default: per dataset)")
+    parser.add_argument("--suite", choices=SUITES, default="all",
+                        help="paper: the per-dataset protocols of the paper's figures and tables; tabular: the "
+                             "authors' OpenML protocol (logistic regression and 3FC, Adam, lr chosen on validation, "
+                             "win/tie/loss counts) on the tabular sets among --datasets; all (default): both")
+    parser.add_argument("--archs", nargs="+", choices=ARCH_NAMES, default=None, metavar="ARCH",
+                        help=f"tabular suite architectures: {', '.join(ARCH_NAMES)} (default: both; log-reg "
+                             "with --quick)")
+    parser.add_argument("--measure", choices=MEASURES, default="both",
+                        help="clean: test accuracy; robust: accuracy under the authors' BoundaryAttack (L2) and "
+                             f"under PGD-Linf, both at eps = {RADIUS_FRACTION} x the training data's range; "
+                             "both (default)")
+    parser.add_argument("--attack-points", type=positive_int, default=ATTACK_POINTS, metavar="N",
+                        help=f"test points attacked per run, a seeded subsample (default {ATTACK_POINTS})")
+    parser.add_argument("--boundary-steps", type=positive_int, default=None, metavar="N",
+                        help=f"BoundaryAttack steps (default {BOUNDARY_STEPS}; {QUICK_BOUNDARY_STEPS} with --quick)")
+    parser.add_argument("--pgd-steps", type=positive_int, default=PGD_STEPS, metavar="N",
+                        help=f"PGD steps (default {PGD_STEPS})")
     parser.add_argument("--quick", action="store_true",
                         help=f"a small subset: {', '.join(QUICK_DATASETS)}, {QUICK_SEEDS} seeds, fewer epochs "
                              "on moon and grid9 (under two minutes on two CPU cores)")
     parser.add_argument("--out", default=None, metavar="FILE",
-                        help="write results as JSON: dataset -> method -> {mean, std, runs, ...} (accuracy in %%)")
+                        help="write results as JSON: dataset -> method -> {clean, robust, pgd} -> {mean, std, runs} "
+                             "(accuracy in %%)")
     parser.add_argument("--plot", default=None, metavar="FILE",
                         help=f"decision-boundary PNG of the 2-D sets (default: {DEFAULT_PLOT_NAME} next to --out, "
                              "else in the current directory)")
@@ -113,7 +141,11 @@ def _summary(values: list[float]) -> dict:
 
 
 def summarise(results: list[RunResult], protocols: dict) -> dict:
-    """dataset -> method -> {"mean", "std", "runs", "seeds"[, "val_selected"][, "gamma", ...]} in %."""
+    """dataset -> method -> {"clean", "robust", "pgd", "seeds", ...}; each measure {"mean", "std", "runs"} in %.
+
+    "clean" is present when test accuracy was measured, "robust" and "pgd" (with "attack": the
+    radius per seed, the points attacked and the steps) when the attacks ran.
+    """
     out: dict = {}
     for r in results:
         out.setdefault(r.dataset, {}).setdefault(r.method, []).append(r)
@@ -121,7 +153,17 @@ def summarise(results: list[RunResult], protocols: dict) -> dict:
     for name, per_method in out.items():
         table[name] = {}
         for method, runs in per_method.items():
-            cell = _summary([100 * r.test_acc for r in runs])
+            cell: dict = {}
+            if all(r.test_acc is not None for r in runs):
+                cell["clean"] = _summary([100 * r.test_acc for r in runs])
+            if all(r.attack is not None for r in runs):
+                cell["robust"] = _summary([100 * r.attack["robust"] for r in runs])
+                cell["pgd"] = _summary([100 * r.attack["pgd"] for r in runs])
+                a = runs[0].attack
+                cell["attack"] = {"epsilon": [round(r.attack["epsilon"], 6) for r in runs], "points": a["points"],
+                                  "radius_fraction": RADIUS_FRACTION, "boundary": "foolbox BoundaryAttack, L2",
+                                  "boundary_steps": a["boundary_steps"], "pgd": "PGD, Linf",
+                                  "pgd_steps": a["pgd_steps"]}
             cell["seeds"] = [r.seed for r in runs]
             if all(r.val_selected_acc is not None for r in runs):
                 cell["val_selected"] = _summary([100 * r.val_selected_acc for r in runs])
@@ -129,6 +171,12 @@ def summarise(results: list[RunResult], protocols: dict) -> dict:
             if method.startswith("genlabel"):
                 cell["gamma"] = proto.gamma
                 cell["top2"] = proto.top2
+                cell["class_model"] = ("the authors' oracle: N(true cube centre, I)" if method == "genlabel-oracle"
+                                       else "fitted on the training split")
+                backends = sorted({r.relabel_backend or "reference (top-2 label)" for r in runs})
+                diffs = [r.relabel_max_diff for r in runs if r.relabel_max_diff is not None]
+                cell["relabel"] = {"backend": ", ".join(backends),
+                                   "first_batch_max_abs_diff": max(diffs) if diffs else None}
             if method == "genlabel-kde":
                 cell["bandwidth"] = proto.bandwidth
                 cell["kde_max_points"] = proto.kde_max_points
@@ -136,18 +184,19 @@ def summarise(results: list[RunResult], protocols: dict) -> dict:
     return table
 
 
-def format_table(table: dict, methods: list[str], key: str | None = None) -> str:
-    """Datasets x methods, 'mean ± std' in %. ``key="val_selected"`` formats that sub-entry."""
+def format_table(table: dict, methods: list[str], key: str = "clean") -> str:
+    """Datasets x methods, 'mean ± std' in % of the measure ``key`` ("clean", "robust", "pgd", "val_selected").
+
+    Rows where no method has ``key`` are left out; "" when none is left.
+    """
     header = ["dataset"] + [METHOD_LABELS[m] for m in methods]
     rows = []
     for name, cells in table.items():
         row = [name]
         for m in methods:
-            cell = cells.get(m)
-            if cell is not None and key is not None:
-                cell = cell.get(key)
+            cell = cells.get(m, {}).get(key)
             row.append("-" if cell is None else f"{cell['mean']:6.2f} ± {cell['std']:5.2f}")
-        if key is None or any(c != "-" for c in row[1:]):
+        if any(c != "-" for c in row[1:]):
             rows.append(row)
     if not rows:
         return ""
@@ -156,6 +205,42 @@ def format_table(table: dict, methods: list[str], key: str | None = None) -> str
              for r in [header] + rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _seeds_text(seeds: dict[str, list[int]]) -> str:
+    """'5 seed(s) 0..4' or, when datasets differ, '5 seed(s) 0..4 (2d-cube, 3d-cube: 20 seed(s) 0..19)'."""
+    texts = {name: f"{len(s)} seed(s) {s[0]}..{s[-1]}" for name, s in seeds.items()}
+    common = max(set(texts.values()), key=list(texts.values()).count)
+    others = {}
+    for name, text in texts.items():
+        if text != common:
+            others.setdefault(text, []).append(name)
+    extra = "; ".join(f"{', '.join(names)}: {text}" for text, names in others.items())
+    return common + (f" ({extra})" if extra else "")
+
+
+def print_tables(table: dict, methods: list[str], seeds: dict[str, list[int]], quick: bool,
+                 attacks: dict | None) -> None:
+    """The measured tables on stdout, each under a title that says what it measures."""
+    over = f"mean ± std over {_seeds_text(seeds)}" + (" [--quick]" if quick else "")
+    titles = [("clean", f"Last-epoch test accuracy (%), {over}"),
+              ("val_selected", "Validation-selected epoch, test accuracy (%) (sets with a validation split)")]
+    if attacks is not None:
+        n = attacks["points"]
+        titles += [("robust", f"Robust accuracy (%) under the authors' BoundaryAttack (foolbox, L2, "
+                              f"{attacks['boundary_steps']} steps), eps = {RADIUS_FRACTION} x training range, "
+                              f"on up to {n} seeded test points per run, {over}"),
+                   ("pgd", f"Robust accuracy (%) under PGD-Linf ({attacks['pgd_steps']} steps), same eps and "
+                           f"points, {over}")]
+    first = True
+    for key, title in titles:
+        text = format_table(table, methods, key=key)
+        if text:
+            if not first:
+                print()
+            print(title)
+            print(text)
+            first = False
 
 
 def _plot_path(args) -> str | None:
@@ -172,9 +257,16 @@ def _config(args):
     default_names = list(QUICK_DATASETS) if quick else ["all"]
     names = _names(args.datasets or default_names, tuple(ds.LOADERS), GROUPS, "--datasets")
     methods = _names(args.methods or list(METHODS), METHODS, {}, "--methods")
-    n_seeds = args.seeds or (QUICK_SEEDS if quick else DEFAULT_SEEDS)
-    seeds = list(range(args.seed_start, args.seed_start + n_seeds))
+    seeds = {}
+    for name in names:
+        n_seeds = args.seeds or (QUICK_SEEDS if quick else DEFAULT_SEEDS_PER_DATASET.get(name, DEFAULT_SEEDS))
+        seeds[name] = list(range(args.seed_start, args.seed_start + n_seeds))
     return quick, names, methods, seeds
+
+
+def _methods_for(name: str, methods: list[str]) -> list[str]:
+    """The methods run on ``name``: the authors' oracle exists only on the cubes."""
+    return [m for m in methods if m != "genlabel-oracle" or name in ORACLE_DATASETS]
 
 
 def _protocol(name: str, data: ds.Dataset, args, quick: bool):
@@ -190,49 +282,166 @@ def _protocol(name: str, data: ds.Dataset, args, quick: bool):
     return proto
 
 
+def _attack(r: RunResult, data: ds.Dataset, seed: int, attacks: dict | None, measure: str) -> None:
+    """Fill ``r.attack`` (when attacks are measured) and drop what ``measure`` does not report."""
+    if attacks is not None:
+        from .robustness import robust_accuracies
+
+        x_train = data.train.x if data.val is None else np.concatenate([data.train.x, data.val.x])
+        r.attack = robust_accuracies(r.net, x_train, data.test.x, data.test.y, seed, **attacks)
+        r.attack.update(boundary_steps=attacks["boundary_steps"], pgd_steps=attacks["pgd_steps"])
+    if measure == "robust":
+        r.test_acc = r.val_selected_acc = None
+
+
+def _run_paper(args, names, methods, seeds, quick, attacks, plot_path, bar):
+    """The per-dataset protocols: results, protocols and the plot panels."""
+    results: list[RunResult] = []
+    protocols: dict = {}
+    panels: dict = {}
+    for name in names:
+        for seed in seeds[name]:
+            data = ds.load(name, seed)
+            proto = _protocol(name, data, args, quick)
+            protocols[name] = proto
+            keep = plot_path is not None and data.dim == 2 and seed == seeds[name][0]
+            for method in _methods_for(name, methods):
+                bar.set_postfix_str(f"{name} seed {seed} {method}", refresh=False)
+                r = train_run(data, proto, method, seed, keep_net=keep or attacks is not None)
+                _attack(r, data, seed, attacks, args.measure)
+                if keep:
+                    panels.setdefault(name, (data, {}))[1][method] = r.net
+                r.net = None
+                results.append(r)
+                bar.update(1)
+    return results, protocols, panels
+
+
+def _tabular_names(args) -> tuple[str, ...]:
+    """The sets the tabular suite may run: all tabular sets when --datasets names them, else the default."""
+    return ds.TABULAR if args.datasets else tabular.DEFAULT_DATASETS
+
+
+def _run_tabular(args, names, methods, seeds, archs, attacks, bar):
+    """The authors' tabular protocol: summary table keyed "dataset/arch", with the paired comparisons."""
+    tab = tabular
+
+    epochs = args.epochs or tab.EPOCHS
+    gamma = 1.0 if args.gamma is None else args.gamma
+    bandwidth = args.bandwidth or "scott"
+    results: list[RunResult] = []
+    lrs: dict = {}
+    protocols: dict = {}
+    for name in names:
+        for seed in seeds[name]:
+            data = ds.with_validation(ds.load(name, seed), tab.VAL_FRACTION, seed)
+            for arch in archs:
+                key = f"{name}/{arch}"
+                protocols[key] = tab.protocol(arch, tab.LRS[0], epochs=epochs, gamma=gamma, bandwidth=bandwidth)
+                for method in methods:
+                    bar.set_postfix_str(f"tabular {key} seed {seed} {method}", refresh=False)
+                    cell = tab.run_cell(data, arch, method, seed, epochs=epochs, gamma=gamma, bandwidth=bandwidth,
+                                        keep_net=attacks is not None, on_train=lambda: bar.update(1))
+                    r = cell.run
+                    _attack(r, data, seed, attacks, args.measure)
+                    r.net, r.dataset, r.val_selected_acc = None, key, None
+                    results.append(r)
+                    lrs.setdefault((key, method), []).append(cell.lr)
+    table = summarise(results, protocols)
+    for key, cells in table.items():
+        for method, cell in cells.items():
+            cell["lr"] = lrs[(key, method)]
+            cell["lr_choice"] = (f"best last-epoch validation accuracy among {list(tab.LRS)} "
+                                 f"({int(100 * tab.VAL_FRACTION)} % of the training split)")
+        for g, base in tab.COMPARISONS:
+            if g in cells and base in cells:
+                cells[g].setdefault("vs", {})[base] = {
+                    m: tab.paired_outcome(cells[g][m]["runs"], cells[base][m]["runs"])
+                    for m in ("clean", "robust", "pgd") if m in cells[g] and m in cells[base]}
+    return results, table
+
+
+def print_tally(table: dict, archs: list[str], measures: list[str]) -> None:
+    """GenLabel's wins / ties / losses against mixup and vanilla, per architecture and measure."""
+    tab = tabular
+
+    cols = [(a, m) for a in archs for m in measures]
+    header = ["GenLabel vs"] + [f"{a} {m}" for a, m in cols]
+    rows = []
+    counts = {m: tab.tally(table, m) for m in measures}
+    for g, base in tab.COMPARISONS:
+        row = [f"{METHOD_LABELS[g]} vs {base}"]
+        for a, m in cols:
+            c = counts[m].get((a, g, base))
+            row.append("-" if c is None else "/".join(str(c[o]) for o in tab.OUTCOMES))
+        if any(c != "-" for c in row[1:]):
+            rows.append(row)
+    if not rows:
+        return
+    n = len({k.rsplit("/", 1)[0] for k in table})
+    print()
+    print(f"GenLabel against the baselines, tabular protocol: win/tie/loss over {n} dataset(s); two-sided "
+          f"paired t-test over seeds at {tab.ALPHA}")
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    for i, r in enumerate([header] + rows):
+        print(" | ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
 def run(args) -> dict:
-    """Train every cell; returns the summary table (see :func:`summarise`) and writes the files."""
+    """Train every cell of the chosen suites; returns the summary table (see :func:`summarise`), writes the files."""
     import torch
     from tqdm import tqdm
 
+    tab = tabular
     quick, names, methods, seeds = _config(args)
-    plot_path = _plot_path(args)
+    paper_names = names if args.suite in ("paper", "all") else []
+    tab_names = [n for n in names if n in _tabular_names(args)] if args.suite in ("tabular", "all") else []
+    tab_methods = [m for m in methods if m in tab.METHODS]
+    tab_seeds = {n: list(range(args.seed_start, args.seed_start + (args.seeds or (QUICK_SEEDS if quick else tab.SEEDS))))
+                 for n in tab_names}
+    # --quick: the logistic regression only, unless --archs says otherwise.
+    archs = args.archs or (["log-reg"] if quick else list(ARCH_NAMES))
+    plot_path = _plot_path(args) if paper_names else None
+    attacks = None
+    if args.measure != "clean":
+        attacks = {"points": args.attack_points, "pgd_steps": args.pgd_steps,
+                   "boundary_steps": args.boundary_steps or (QUICK_BOUNDARY_STEPS if quick else BOUNDARY_STEPS)}
     results: list[RunResult] = []
-    protocols: dict = {}
+    tab_results: list[RunResult] = []
+    table: dict = {}
+    tab_table: dict = {}
     panels: dict = {}
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        with tqdm(total=len(names) * len(seeds) * len(methods), file=sys.stderr, disable=args.quiet,
-                  unit="run", dynamic_ncols=True) as bar:
-            for name in names:
-                for seed in seeds:
-                    data = ds.load(name, seed)
-                    proto = _protocol(name, data, args, quick)
-                    protocols[name] = proto
-                    keep = plot_path is not None and data.dim == 2 and seed == seeds[0]
-                    for method in methods:
-                        bar.set_postfix_str(f"{name} seed {seed} {method}", refresh=False)
-                        r = train_run(data, proto, method, seed, keep_net=keep)
-                        results.append(r)
-                        if keep:
-                            panels.setdefault(name, (data, {}))[1][method] = r.net
-                            r.net = None
-                        bar.update(1)
+        total = sum(len(seeds[n]) * len(_methods_for(n, methods)) for n in paper_names)
+        total += sum(len(tab_seeds[n]) for n in tab_names) * len(archs) * len(tab_methods) * len(tab.LRS)
+        with tqdm(total=total, file=sys.stderr, disable=args.quiet, unit="run", dynamic_ncols=True) as bar:
+            if paper_names:
+                results, protocols, panels = _run_paper(args, paper_names, methods, seeds, quick, attacks,
+                                                        plot_path, bar)
+                table = summarise(results, protocols)
+            if tab_names and tab_methods:
+                tab_results, tab_table = _run_tabular(args, tab_names, tab_methods, tab_seeds, archs, attacks, bar)
     finally:
         torch.set_num_threads(previous_threads)
     elapsed = time.perf_counter() - start
 
-    table = summarise(results, protocols)
-    print(f"Last-epoch test accuracy (%), mean ± std over {len(seeds)} seed(s) {seeds[0]}..{seeds[-1]}"
-          + (" [--quick]" if quick else ""))
-    print(format_table(table, methods))
-    val = format_table(table, methods, key="val_selected")
-    if val:
-        print()
-        print("Validation-selected epoch, test accuracy (%) (sets with a validation split)")
-        print(val)
+    if table:
+        print_tables(table, methods, {n: seeds[n] for n in paper_names}, quick, attacks)
+    if tab_table:
+        if table:
+            print()
+        print(f"== The authors' tabular protocol: {', '.join(tab.ARCH_LABELS[a] for a in archs)}; Adam, lr "
+              f"chosen from {list(tab.LRS)} on a validation split, {args.epochs or tab.EPOCHS} epochs ==")
+        print_tables(tab_table, tab_methods, {k: tab_seeds[k.rsplit('/', 1)[0]] for k in tab_table}, quick, attacks)
+        measures = [m for m in ("clean", "robust", "pgd") if any(m in c for cells in tab_table.values()
+                                                                  for c in cells.values())]
+        print_tally(tab_table, archs, measures)
+    table = {**table, **tab_table}
     if args.out:
         from ..models.io import write_atomically
 
@@ -243,19 +452,31 @@ def run(args) -> dict:
 
         accs = {r.dataset: {} for r in results}
         for r in results:
-            if r.seed == seeds[0]:
+            if r.seed == seeds[r.dataset][0]:
                 accs[r.dataset][r.method] = r.test_acc
         os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
-        decision_boundaries(plot_path, panels, METHOD_LABELS, accs, seed=seeds[0])
+        decision_boundaries(plot_path, panels, METHOD_LABELS, accs, seed=args.seed_start)
         print(f"wrote {plot_path}", file=sys.stderr)
-    print(f"{len(results)} runs in {elapsed:.1f} s ({args.threads} torch thread(s))", file=sys.stderr)
+    n_train = len(results) + len(tab_results) * len(tab.LRS)
+    print(f"{n_train} trainings in {elapsed:.1f} s ({args.threads} torch thread(s))", file=sys.stderr)
     return table
 
 
 def main(args) -> int:
     """Entry point of ``fastgenlabel reproduce``; returns the exit code."""
     try:
-        _config(args)
+        _, names, methods, _ = _config(args)
+        if args.suite == "tabular" and not any(n in ds.TABULAR for n in names):
+            raise ValueError(f"--suite tabular: --datasets holds none of the tabular sets {', '.join(ds.TABULAR)}")
+        if args.suite == "tabular" and not any(m in tabular.METHODS for m in methods):
+            raise ValueError(f"--suite tabular: --methods holds none of {', '.join(tabular.METHODS)}")
+        if args.measure != "clean":
+            from .robustness import import_foolbox
+
+            try:
+                import_foolbox()  # before the training runs, not after the first one
+            except ImportError as e:
+                raise ValueError(f"--measure {args.measure}: {e} (or use --measure clean)") from None
         for flag, path in (("--out", args.out), ("--plot", _plot_path(args))):
             if path:
                 check_writable(flag, path)  # before the training runs, not after
