@@ -26,14 +26,14 @@ LINEAR_MARGIN = 4.0  # the factor math.py claims between the measured error and 
 def features(arrays, kind, zb, pairs) -> np.ndarray:
     """phi of the mixed batch, by the kernel."""
     quad = kind == "diag"
-    phi = np.empty((zb.shape[0], arrays["w"].shape[1]), np.float32)
+    phi = np.empty((zb.shape[0], arrays["wt"].shape[0]), np.float32)
     cpu.linear_features(zb, pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy(), arrays["center"], quad, phi)
     return phi
 
 
 def product(arrays, phi) -> np.ndarray:
     """The float32 product's scores (B, K), as the kernel computes them, in float64."""
-    return torch.mm(torch.from_numpy(arrays["w"]), torch.from_numpy(phi).T).T.numpy().astype(np.float64)
+    return torch.mm(torch.from_numpy(phi), torch.from_numpy(arrays["wt"])).numpy().astype(np.float64)
 
 
 def exact_scores(arrays, kind, phi) -> np.ndarray:
@@ -141,7 +141,7 @@ def test_cuda_form_packs_w_as_exact_tf32_halves_once_per_fit():
     t = host["mcol"].shape[0]
     assert dev["w_hi"].shape == (5, linear.width(t)) == (5, gemm.ALIGN)
     assert ((dev["w_hi"].numpy().view(np.int32) & 0x1FFF) == 0).all()
-    np.testing.assert_array_equal((dev["w_hi"] + dev["w_lo"]).numpy()[:, :t], host["w"])
+    np.testing.assert_array_equal((dev["w_hi"] + dev["w_lo"]).numpy()[:, :t], host["wt"].T)
     assert not dev["w_hi"][:, t:].any() and not dev["w_lo"][:, t:].any()
     np.testing.assert_array_equal(dev["const"].numpy(), host["const"])
     model.fit(z, y, 5)
@@ -247,7 +247,7 @@ def test_policy_and_validation():
         linear_params_for(full)
     assert linear_params_for(model) is linear_params_for(model)  # packed once per fit
     model.fit(z, y, 4)
-    assert linear_params_for(model)["w"].shape == (4, 6)
+    assert linear_params_for(model)["wt"].shape == (6, 4)
 
 
 def test_dead_unit_adds_nothing_to_the_product():
@@ -257,7 +257,7 @@ def test_dead_unit_adds_nothing_to_the_product():
     z, y = make_data(rng, 3, 5, 50)
     z[:, -1] = 0.0
     model = fit("diag", z, y, 3)
-    wt = linear_params_for(model)["w"].T
+    wt = linear_params_for(model)["wt"]
     assert (wt[4] == 0).all() and (wt[9] == 0).all()  # x_4^2 and x_4
 
 

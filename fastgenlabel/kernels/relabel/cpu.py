@@ -210,13 +210,14 @@ def refine_scores(z, perm, lam, product_center, bound, order, center, factor, tr
         store_relative(logits, out[s])
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def linear_features(z, perm, lam, center, quad, phi):
     """phi[s] = [x^2, x] (``quad``, diag) or x (tied), x = z_mix[s] - center: the left operand of the
-    diag/tied product (``linear.py``)."""
+    diag/tied product (``linear.py``). Serial, as is :func:`linear_bounds`: B x T is little work, and
+    a parallel region right before or after torch's product waits for torch's spinning threads."""
     b, d = z.shape
     off = d if quad else 0
-    for s in prange(b):
+    for s in range(b):
         l = lam[s]
         lc = ONE - l
         p = perm[s]
@@ -289,12 +290,12 @@ def finite_max(x):
     return best
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH)
 def linear_bounds(phi, mcol, wnorm, err):
     """err[s] = ``linear_error`` of M_s = min(sum_j |phi_sj| mcol_j, ||phi_s|| wnorm): the bound on
     every logit's error in row s of the product (``linear.py``). NaN if phi is."""
     b, width = phi.shape
-    for r in prange(b):
+    for r in range(b):
         by_column = 0.0
         norm2 = 0.0
         for j in range(width):
@@ -304,63 +305,52 @@ def linear_bounds(phi, mcol, wnorm, err):
         err[r] = linear_error(min(by_column, np.sqrt(norm2) * wnorm[0]), width)
 
 
-LINEAR_TILE = 8  # samples per iteration of linear_finish: their scores are 8 adjacent floats of a class row
-
-
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def linear_finish(phi, err, scores, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add, out):
-    """The product's scores (K, B) -> targets (B, K): float64 logits (score + ``const``, the class
-    constant and bias); where the row's bound ``err`` exceeds PRODUCT_TRUST (or a score is not
-    finite: float32 overflow) every class within ``product_cutoff`` of the best is rescored exactly
-    (:func:`linear_exact` + ``bias``; tied reads the row's whitened y = L^T x from ``y``, (B, d)
-    when any row is flagged); then the softmax,
-    the gamma blend and smoothing. Parallel over tiles of LINEAR_TILE samples; the common case runs
-    as vectorised loops, the rescoring is the scalar exception."""
+def linear_finish(phi, err, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add, out):
+    """The product's scores in ``out`` -> targets, in place, one sample per iteration: float64
+    logits (score + ``const``, the class constant and bias); where the row's bound ``err`` exceeds
+    PRODUCT_TRUST (or a score is not finite: float32 overflow) every class within
+    ``product_cutoff`` of the best is rescored exactly (:func:`linear_exact` + ``bias``; tied
+    reads the row's whitened y = L^T x from ``y``, (B, d) when any row is flagged); then the
+    softmax, the gamma blend and smoothing. The common case runs as vectorised loops over the
+    row; the rescoring is the scalar exception."""
     b, k = out.shape
     gamma_c = ONE - gamma
-    n_tiles = (b + LINEAR_TILE - 1) // LINEAR_TILE
-    for tile in prange(n_tiles):
-        r0 = tile * LINEAR_TILE
-        nt = min(LINEAR_TILE, b - r0)
-        logits = np.empty((LINEAR_TILE, k), np.float64)
-        check = np.zeros(LINEAR_TILE, np.float64)  # NaN where a score is not finite
+    for r in prange(b):
+        row = out[r]
+        lg = np.empty(k, np.float64)
+        check = 0.0  # NaN if a score is not finite
         for c in range(k):
-            cc = const[c]
-            for q in range(nt):
-                v = np.float64(scores[c, r0 + q])
-                check[q] += v * 0.0
-                logits[q, c] = max(v + cc, LOWEST)
-        for q in range(nt):
-            r = r0 + q
-            lg = logits[q]
-            finite = check[q] == 0.0
-            best = finite_max(lg) if finite else np.inf
-            # a score overflows only where |phi| |W| does, so its bound flags the row too: y is there
-            ready = quad or (y.shape[0] == b and y.shape[1] == t.shape[1])
-            if ready and (not finite or not err[r] <= PRODUCT_TRUST):
-                cut = product_cutoff(best, err[r]) if finite and err[r] < np.inf else -np.inf
-                yr = y[0] if quad else y[r]  # diag: unused
-                for c in range(k):
-                    if const[c] == NEG_INF:
-                        lg[c] = LOWEST
-                    elif lg[c] >= cut or not finite:
-                        lg[c] = max(linear_exact(phi[r], c, quad, a, s, sbar, t, yr) + bias[c], LOWEST)
-                best = finite_max(lg)
-            row = out[r]
+            v = np.float64(row[c])
+            check += v * 0.0
+            lg[c] = max(v + const[c], LOWEST)
+        finite = check == 0.0
+        best = finite_max(lg) if finite else np.inf
+        # a score overflows only where |phi| |W| does, so its bound flags the row too: y is there
+        ready = quad or (y.shape[0] == b and y.shape[1] == t.shape[1])
+        if ready and (not finite or not err[r] <= PRODUCT_TRUST):
+            cut = product_cutoff(best, err[r]) if finite and err[r] < np.inf else -np.inf
+            yr = y[0] if quad else y[r]  # diag: unused
             for c in range(k):
-                row[c] = lg[c] - best
-            exp_rel(row, np.empty(k, np.int32))
-            total = 0.0
-            for c in range(k):
-                total += np.float64(row[c])
-            scale = np.float32(1.0 / total) * gamma * keep
-            for c in range(k):
-                row[c] = row[c] * scale + add
-            l = lam[r]
-            ya, yb = labels[r], labels[perm[r]]
-            if 0 <= ya < k and 0 <= yb < k:  # the mixup label's two entries (labels unchecked with validate=False)
-                row[ya] += gamma_c * l * keep
-                row[yb] += gamma_c * (ONE - l) * keep
+                if const[c] == NEG_INF:
+                    lg[c] = LOWEST
+                elif lg[c] >= cut or not finite:
+                    lg[c] = max(linear_exact(phi[r], c, quad, a, s, sbar, t, yr) + bias[c], LOWEST)
+            best = finite_max(lg)
+        for c in range(k):
+            row[c] = lg[c] - best
+        exp_rel(row, np.empty(k, np.int32))
+        total = 0.0
+        for c in range(k):
+            total += np.float64(row[c])
+        scale = np.float32(1.0 / total) * gamma * keep
+        for c in range(k):
+            row[c] = row[c] * scale + add
+        l = lam[r]
+        ya, yb = labels[r], labels[perm[r]]
+        if 0 <= ya < k and 0 <= yb < k:  # the mixup label's two entries (labels unchecked with validate=False)
+            row[ya] += gamma_c * l * keep
+            row[yb] += gamma_c * (ONE - l) * keep
 
 
 def full_scores(z_mix, params, out, chunk_elements=1 << 20):
@@ -495,9 +485,9 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
     if linear is not None and params.kind in ("diag", "tied"):
         if g > 0:
             quad = params.kind == "diag"
-            phi = np.empty((b, linear["w"].shape[1]), np.float32)
+            phi = np.empty((b, linear["wt"].shape[0]), np.float32)
             linear_features(z, perm, lam, linear["center"], quad, phi)
-            scores = torch.mm(torch.from_numpy(linear["w"]), torch.from_numpy(phi).T)  # (K, B): MKL's faster layout
+            torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["wt"]), out=torch.from_numpy(out))
             err = np.empty(b, np.float64)
             linear_bounds(phi, linear["mcol"], linear["wnorm"], err)
             none = linear["center"][None, :0]
@@ -505,7 +495,7 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
             if not quad and not (err <= PRODUCT_TRUST).all():  # rows to rescore: y = L^T x, whitened
                 y = torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["chol"])).numpy()
             get = linear.get
-            linear_finish(phi, err, scores.numpy(), linear["const"], bias, quad, get("a", none), get("s", none),
+            linear_finish(phi, err, linear["const"], bias, quad, get("a", none), get("s", none),
                           get("sbar", none[0]), get("t", none), y, perm, lam, labels, g, keep, add, out)
             return out
         finish(perm, lam, labels, g, keep, add, out)

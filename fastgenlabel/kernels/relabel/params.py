@@ -293,9 +293,9 @@ def linear_params_for(model, device: torch.device | None = None):
     if key not in cache.linear_devices:
         host = cache.linear
         tensors = {name: torch.from_numpy(a).to(device) for name, a in host.items() if name not in ("w", "wt")}
-        k, t = host["w"].shape
+        t, k = host["wt"].shape
         w = np.zeros((k, linear.width(t)), np.float32)
-        w[:, :t] = host["w"]
+        w[:, :t] = host["wt"].T
         tensors["w_hi"], tensors["w_lo"] = gemm.split_tf32(torch.from_numpy(w).to(device))
         cache.linear_devices[key] = tensors
     return cache.linear_devices[key]
