@@ -483,7 +483,7 @@ def linear_inputs(model, kind, zb, pairs):
     b = zb.shape[0]
     phi = np.empty((b, lp["mcol"].shape[0]), np.float32)
     cpu.linear_features(zb, pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy(), lp["center"], kind == "diag", phi)
-    scores = (torch.from_numpy(phi) @ torch.from_numpy(lp["wt"])).numpy()
+    scores = (torch.from_numpy(phi) @ torch.from_numpy(lp["w"]).T).numpy()
     err = np.empty(b)
     cpu.linear_bounds(phi, lp["mcol"], lp["wnorm"], err)
     err = rm.split_linear_error(err / rm.linear_error(1.0, phi.shape[1]), phi.shape[1])

@@ -485,9 +485,11 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
     if linear is not None and params.kind in ("diag", "tied"):
         if g > 0:
             quad = params.kind == "diag"
-            phi = np.empty((b, linear["wt"].shape[0]), np.float32)
+            phi = np.empty((b, linear["w"].shape[1]), np.float32)
             linear_features(z, perm, lam, linear["center"], quad, phi)
-            torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["wt"]), out=torch.from_numpy(out))
+            # phi @ W^T with W (K, T) row-major: of torch's CPU product's layouts, the one whose rounding
+            # errors grow least when every term is alike (docs/MATH.md section 5)
+            torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["w"]).T, out=torch.from_numpy(out))
             err = np.empty(b, np.float64)
             linear_bounds(phi, linear["mcol"], linear["wnorm"], err)
             none = linear["center"][None, :0]

@@ -95,7 +95,7 @@ def pack(model, bias: np.ndarray) -> dict[str, np.ndarray]:
     scores up to the product's rounding. ``bias``: the packed float64 bias (``params._bias``).
 
     Returns:
-        ``center`` (d,) m; ``wt`` (T, K) W^T; ``mcol`` (T,) max_c |W_cj| and ``wnorm`` (1,) float64
+        ``center`` (d,) m; ``w`` (K, T) W; ``mcol`` (T,) max_c |W_cj| and ``wnorm`` (1,) float64
         max_c ||W_c|| over live classes;
         ``const`` (K,) float64, bias plus the class constant (-inf for empty classes); and for
         the rescoring, diag: ``a`` (K, d), ``s`` (K, d), ``sbar`` (d,); tied: ``t`` (K, d), ``chol``
@@ -123,7 +123,7 @@ def pack(model, bias: np.ndarray) -> dict[str, np.ndarray]:
         raise ValueError(f"model: the linear product form is for diag or tied covariance, got {model.covariance!r}")
     w[~live] = 0.0
     w32 = w.to(torch.float32)
-    arrays["wt"] = _f32(w32.T)
+    arrays["w"] = _f32(w32)
     arrays["mcol"] = _f32(w32.abs().amax(0))
     arrays["wnorm"] = w32.double().norm(dim=1).amax().reshape(1).numpy()
     arrays["const"] = np.where(live.numpy(), bias + const.numpy(), -np.inf)

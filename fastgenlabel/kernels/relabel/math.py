@@ -36,7 +36,7 @@ PRODUCT_GAMMA = np.float32(2e-6)
 # The diag/tied product form's (``linear.py``): at most LINEAR_GAMMA (sqrt(T) + 4) M_s
 # (:func:`linear_error`). Measured on the CPU (T = 2 to 4096, classes well mixed to far apart): at
 # most 0.46 u (sqrt(T) + 4) M_s (tests/test_relabel_linear.py), u = 2^-24; LINEAR_GAMMA = 2u. Features
-# that repeat one value round alike at every step and exceed it (error ~ u T / 16 M_s; MATH.md).
+# that repeat one value round alike at every step and use up the margin (MATH.md section 5).
 # That is plain float32 products. The CUDA form's split-TF32 products (``linear.py``) also drop lo x lo, at
 # most 2^-22 M_s (|lo| <= 2^-11 |.|), and round the sum twice more: SPLIT_GAMMA M_s more
 # (:func:`split_linear_error`). In float32 on the CPU the split products reach 10.2 u M_s at T = 1

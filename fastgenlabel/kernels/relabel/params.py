@@ -292,10 +292,10 @@ def linear_params_for(model, device: torch.device | None = None):
     key = str(torch.device(device))
     if key not in cache.linear_devices:
         host = cache.linear
-        tensors = {name: torch.from_numpy(a).to(device) for name, a in host.items() if name not in ("w", "wt")}
-        t, k = host["wt"].shape
+        tensors = {name: torch.from_numpy(a).to(device) for name, a in host.items() if name != "w"}
+        k, t = host["w"].shape
         w = np.zeros((k, linear.width(t)), np.float32)
-        w[:, :t] = host["wt"].T
+        w[:, :t] = host["w"]
         tensors["w_hi"], tensors["w_lo"] = gemm.split_tf32(torch.from_numpy(w).to(device))
         cache.linear_devices[key] = tensors
     return cache.linear_devices[key]
