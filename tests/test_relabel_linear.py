@@ -27,7 +27,10 @@ def features(arrays, kind, zb, pairs) -> np.ndarray:
     """phi of the mixed batch, by the kernel."""
     quad = kind == "diag"
     phi = np.empty((zb.shape[0], arrays["w"].shape[1]), np.float32)
-    cpu.linear_features(zb, pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy(), arrays["center"], quad, phi)
+    err = np.empty(zb.shape[0])
+    cpu.linear_features(zb, pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy(), arrays["center"], quad,
+                        arrays["mcol"], arrays["wnorm"], phi, err)
+    np.testing.assert_allclose(err, rm.linear_error(bound_sum(arrays, phi), phi.shape[1]), rtol=1e-6)  # sum order
     return phi
 
 

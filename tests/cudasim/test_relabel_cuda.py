@@ -473,7 +473,7 @@ def test_linear_product_form_matches_reference(fake_cuda_glue, kind, b, k, d, ga
 
 def linear_inputs(model, kind, zb, pairs):
     """The CPU form's phi and scores (``cpu.relabel_host``), the CUDA form's per-row bounds
-    (``math.split_linear_error``, from ``cpu.linear_bounds``' ``linear_error``), and phi's TF32
+    (``math.split_linear_error``, from ``cpu.linear_features``' ``linear_error``), and phi's TF32
     halves as ``linear_split`` lays them out (``linear.width`` wide)."""
     from fastgenlabel.kernels.relabel import cpu, gemm
     from fastgenlabel.kernels.relabel import math as rm
@@ -482,10 +482,10 @@ def linear_inputs(model, kind, zb, pairs):
     lp = linear_params_for(model)
     b = zb.shape[0]
     phi = np.empty((b, lp["mcol"].shape[0]), np.float32)
-    cpu.linear_features(zb, pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy(), lp["center"], kind == "diag", phi)
-    scores = (torch.from_numpy(phi) @ torch.from_numpy(lp["w"]).T).numpy()
     err = np.empty(b)
-    cpu.linear_bounds(phi, lp["mcol"], lp["wnorm"], err)
+    cpu.linear_features(zb, pairs.perm.numpy(), pairs.lam.to(torch.float32).numpy(), lp["center"], kind == "diag",
+                        lp["mcol"], lp["wnorm"], phi, err)
+    scores = (torch.from_numpy(phi) @ torch.from_numpy(lp["w"]).T).numpy()
     err = rm.split_linear_error(err / rm.linear_error(1.0, phi.shape[1]), phi.shape[1])
     padded = np.zeros((b, linear.width(phi.shape[1])), np.float32)
     padded[:, :phi.shape[1]] = phi

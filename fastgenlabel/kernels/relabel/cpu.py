@@ -8,8 +8,8 @@ Each path matches the reference ``genlabel_target(model, mix(z, pairs), ...)`` (
    digits the softmax needs survive however large the scores are (a feature thousands of standard
    deviations out adds the same huge term to every class):
 
-   - diag and tied: one float32 matrix product (``linear.py``: :func:`linear_features`, torch's
-     BLAS, :func:`linear_bounds`), finished by :func:`linear_finish`, which rescores exactly the
+   - diag and tied: one float32 matrix product (``linear.py``: :func:`linear_features` with the
+     rows' error bounds, torch's BLAS), finished by :func:`linear_finish`, which rescores exactly the
      rows and classes the bound flags and forms the targets in the same pass; or, with
      ``linear.POLICY`` "never", :func:`diag_scores`, one fused pass over the (d, K) parameters
      (tied: the samples whitened first, ``torch.mm``, then unit scales);
@@ -31,6 +31,8 @@ compiles (a few seconds per model kind), later processes load them; the cache fo
 ``math.py`` too (``kernels.compat.key_disk_cache_on``).
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -210,13 +212,16 @@ def refine_scores(z, perm, lam, product_center, bound, order, center, factor, tr
         store_relative(logits, out[s])
 
 
-@njit(cache=True)
-def linear_features(z, perm, lam, center, quad, phi):
-    """phi[s] = [x^2, x] (``quad``, diag) or x (tied), x = z_mix[s] - center: the left operand of the
-    diag/tied product (``linear.py``). Serial, as is :func:`linear_bounds`: B x T is little work, and
-    a parallel region right before or after torch's product waits for torch's spinning threads."""
+@njit(cache=True, fastmath=FASTMATH)
+def linear_features(z, perm, lam, center, quad, mcol, wnorm, phi, err):
+    """phi[s] = [x^2, x] (``quad``, diag) or x (tied), x = z_mix[s] - center, the left operand of the
+    diag/tied product (``linear.py``), and err[s] = ``linear_error`` of M_s = min(sum_j |phi_sj|
+    mcol_j, ||phi_s|| wnorm), the bound on every logit's error in row s (NaN if phi is). Serial:
+    B x T is little work, and a parallel region beside torch's product waits for its spinning
+    threads."""
     b, d = z.shape
     off = d if quad else 0
+    width = phi.shape[1]
     for s in range(b):
         l = lam[s]
         lc = ONE - l
@@ -226,6 +231,13 @@ def linear_features(z, perm, lam, center, quad, phi):
             phi[s, off + i] = x
             if quad:
                 phi[s, i] = x * x
+        by_column = 0.0
+        norm2 = 0.0
+        for j in range(width):
+            v = np.float64(phi[s, j])
+            by_column += abs(v) * mcol[j]
+            norm2 += v * v
+        err[s] = linear_error(min(by_column, np.sqrt(norm2) * wnorm[0]), width)
 
 
 @njit(cache=True)
@@ -288,21 +300,6 @@ def finite_max(x):
     for i in range(1, x.shape[0]):
         best = max(best, x[i])
     return best
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def linear_bounds(phi, mcol, wnorm, err):
-    """err[s] = ``linear_error`` of M_s = min(sum_j |phi_sj| mcol_j, ||phi_s|| wnorm): the bound on
-    every logit's error in row s of the product (``linear.py``). NaN if phi is."""
-    b, width = phi.shape
-    for r in range(b):
-        by_column = 0.0
-        norm2 = 0.0
-        for j in range(width):
-            v = np.float64(phi[r, j])
-            by_column += abs(v) * mcol[j]
-            norm2 += v * v
-        err[r] = linear_error(min(by_column, np.sqrt(norm2) * wnorm[0]), width)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -445,6 +442,16 @@ def finish(perm, lam, labels, gamma, keep, add, out):
                 out[s, c] = target_value(ym, ym, gamma, gamma_c, keep, add)
 
 
+_SCRATCH = threading.local()  # per thread: phi and err of the last shape (fresh pages cost a fault each)
+
+
+def _scratch(b: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    held = getattr(_SCRATCH, "arrays", None)
+    if held is None or held[0].shape != (b, width):
+        held = _SCRATCH.arrays = (np.empty((b, width), np.float32), np.empty(b, np.float64))
+    return held
+
+
 def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product=None, linear=None):
     """Run the relabel stage on host arrays.
 
@@ -485,13 +492,11 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
     if linear is not None and params.kind in ("diag", "tied"):
         if g > 0:
             quad = params.kind == "diag"
-            phi = np.empty((b, linear["w"].shape[1]), np.float32)
-            linear_features(z, perm, lam, linear["center"], quad, phi)
+            phi, err = _scratch(b, linear["w"].shape[1])
+            linear_features(z, perm, lam, linear["center"], quad, linear["mcol"], linear["wnorm"], phi, err)
             # phi @ W^T with W (K, T) row-major: of torch's CPU product's layouts, the one whose rounding
             # errors grow least when every term is alike (docs/MATH.md section 5)
             torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["w"]).T, out=torch.from_numpy(out))
-            err = np.empty(b, np.float64)
-            linear_bounds(phi, linear["mcol"], linear["wnorm"], err)
             none = linear["center"][None, :0]
             y = none  # (1, 0): no precomputed y (diag never reads it)
             if not quad and not (err <= PRODUCT_TRUST).all():  # rows to rescore: y = L^T x, whitened

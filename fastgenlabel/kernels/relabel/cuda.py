@@ -539,7 +539,7 @@ def phi_value(halves, s, j):
 def linear_row(s, halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, scores, logits, ybuf, red, picked,
                count):
     """The diag/tied product's scores of sample ``s`` (``scores``) -> its float64 logits, made exact
-    where they may be off, as ``cpu.linear_bounds`` + ``cpu.linear_finish``; every thread of the block
+    where they may be off, as ``cpu.linear_features``' bounds + ``cpu.linear_finish``; every thread of the block
     calls it. The row's bound (``split_linear_error``: the split products') from phi (``halves``, hi +
     lo); above ``PRODUCT_TRUST``, or when a score
     is not finite (then every live class), the classes at or above ``product_cutoff`` are gathered in
