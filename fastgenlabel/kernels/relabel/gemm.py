@@ -50,6 +50,7 @@ products.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import numpy as np
 import torch
@@ -96,16 +97,20 @@ def use_gemm(num_classes: int, dim: int, typical_error=None) -> bool:
 
 
 @contextlib.contextmanager
-def policy(value: str):
-    """Temporarily set :data:`POLICY` ("auto", "always", "never")."""
-    global POLICY
+def scoped_policy(module, value: str):
+    """Temporarily set ``module.POLICY`` ("auto", "always", "never"): this module's and ``linear.py``'s."""
     if value not in ("auto", "always", "never"):
         raise ValueError(f"policy: expected 'auto', 'always' or 'never', got {value!r}")
-    old, POLICY = POLICY, value
+    old, module.POLICY = module.POLICY, value
     try:
         yield
     finally:
-        POLICY = old
+        module.POLICY = old
+
+
+def policy(value: str):
+    """Temporarily set :data:`POLICY` ("auto", "always", "never")."""
+    return scoped_policy(sys.modules[__name__], value)
 
 
 def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,5 +281,5 @@ def split_features(arrays: dict[str, torch.Tensor], z: torch.Tensor, perm: torch
     return halves
 
 
-__all__ = ["ALIGN", "MAX_TYPICAL_ERROR", "MIN_CLASSES", "MIN_WORK", "POLICY", "features", "fp32_matmul",
+__all__ = ["ALIGN", "MAX_TYPICAL_ERROR", "MIN_CLASSES", "MIN_WORK", "POLICY", "features", "fp32_matmul", "scoped_policy",
            "pack", "policy", "scores", "split_features", "split_scores", "split_tf32", "use_gemm", "width"]

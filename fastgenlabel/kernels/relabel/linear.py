@@ -26,7 +26,7 @@ drops lo x lo), rescores as the CPU does and makes the targets.
 """
 from __future__ import annotations
 
-import contextlib
+import sys
 
 import numpy as np
 import torch
@@ -36,17 +36,11 @@ import torch
 POLICY = "auto"
 
 
-@contextlib.contextmanager
 def policy(value: str):
     """Temporarily set :data:`POLICY` ("auto", "always", "never")."""
-    global POLICY
-    if value not in ("auto", "always", "never"):
-        raise ValueError(f"policy: expected 'auto', 'always' or 'never', got {value!r}")
-    old, POLICY = POLICY, value
-    try:
-        yield
-    finally:
-        POLICY = old
+    from .gemm import scoped_policy
+
+    return scoped_policy(sys.modules[__name__], value)
 
 
 def use_linear(device_type: str) -> bool:
