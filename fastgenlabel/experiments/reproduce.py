@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .._args import check_writable, nonnegative_int, positive_int
+from .._args import check_writable, nonnegative_int, positive_float, positive_int
 from . import datasets as ds
 from . import tabular
 from .protocol import QUICK_DATASETS, QUICK_SEEDS, protocol_for, with_epochs
@@ -55,12 +54,10 @@ def _bandwidth(text: str):
     if text in ("scott", "silverman"):
         return text
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'scott', 'silverman' or a positive factor, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite factor, got {text!r}")
-    return value
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'scott', 'silverman' or a finite factor > 0, "
+                                         f"got {text!r}") from None
 
 
 def _unit(text: str) -> float:

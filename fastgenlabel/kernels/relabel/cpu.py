@@ -23,7 +23,7 @@ Each path matches the reference ``genlabel_target(model, mix(z, pairs), ...)`` (
 
 The matrix products use torch's CPU BLAS (a core dependency) rather than loops or NumPy's
 OpenBLAS, though OpenBLAS's single product can be faster: its worker threads keep spinning after a
-call and stall the next parallel region, Numba's or torch's, by milliseconds. Everything else
+call and stall the next parallel region, Numba's or torch's. Everything else
 is njit. Hot loops run in float32 (the params are float32) with reassociation allowed so that LLVM
 can vectorise them; sums whose rounding would show in the result are accumulated in float64.
 Compiled kernels are cached on disk (``cache=True``): the first call in a fresh environment
@@ -56,6 +56,7 @@ target_value = _jit(rm.target_value)
 product_error = _jit(rm.product_error)
 product_cutoff = _jit(rm.product_cutoff)
 linear_error = _jit(rm.linear_error)
+linear_sum_bound = _jit(rm.linear_sum_bound)
 diag_exact_term = _jit(rm.diag_exact_term)
 tied_exact_term = _jit(rm.tied_exact_term)
 
@@ -237,7 +238,7 @@ def linear_features(z, perm, lam, center, quad, mcol, wnorm, phi, err):
             v = np.float64(phi[s, j])
             by_column += abs(v) * mcol[j]
             norm2 += v * v
-        err[s] = linear_error(min(by_column, np.sqrt(norm2) * wnorm[0]), width)
+        err[s] = linear_error(linear_sum_bound(by_column, norm2, wnorm[0]), width)
 
 
 @njit(cache=True)
