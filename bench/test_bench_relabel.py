@@ -22,7 +22,9 @@ Workloads are benchmark groups ``relabel <kind> B=.. K=.. d=.. [cpu|cuda]``; imp
   ``torch precision-Cholesky`` (full: chunked batched matmul u = (z - mu_c) L_c),
   ``torch eager broadcast`` and ``torch matmul float32`` / ``float64`` (diag: the scores as two
   matrix products) and ``torch eager linear`` (tied: the affine scores, as one matmul);
-- ``numba-cpu: fused kernel``: diag and tied on the float64-sum kernel the product form replaced.
+- ``numba-cpu: fused kernel``: diag and tied on the float64-sum kernel the product form replaced;
+- ``numba-cpu: torch.mm product``: diag and tied with the product through ``torch.mm`` instead of
+  MKL inside the kernel's parallel region (``kernels/relabel/mkl.py``).
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def rounds(kind, b, k, d, device="cpu") -> int:
     work = b * k * (d * d if kind.startswith("full") else d)
     if device == "cuda":
         return 30
-    return 20 if work < 1e7 else 5 if work < 1e9 else 2
+    return 50 if work < 1e9 else 2  # tens of ms at most per call below 1e9: enough rounds for a stable median
 
 
 def sync(device):
@@ -317,6 +319,17 @@ def test_numba_cpu_fused_kernel(benchmark, kind, d):
 
     with linear.policy("never"):
         _fastgenlabel(benchmark, model(kind, 1000, d), kind, 256, "cpu", "numba-cpu", "numba-cpu: fused kernel")
+
+
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_numba_cpu_torch_product(benchmark, kind, d):
+    """diag and tied with the product through ``torch.mm`` and the finish in Numba's pool
+    (``mkl.POLICY`` "torch"): the route taken where torch exposes no MKL, and the cost of two pools."""
+    from fastgenlabel.kernels.relabel import mkl
+
+    with mkl.policy("torch"):
+        _fastgenlabel(benchmark, model(kind, 1000, d), kind, 256, "cpu", "numba-cpu", "numba-cpu: torch.mm product")
 
 
 @pytest.mark.parametrize("b", BATCHES)

@@ -15,7 +15,7 @@ import torch
 from test_relabel import batch, far_clusters, fit, make_data, model_for, reference, run_checked
 
 import fastgenlabel as fg
-from fastgenlabel.kernels.relabel import cpu, linear
+from fastgenlabel.kernels.relabel import cpu, linear, mkl
 from fastgenlabel.kernels.relabel import math as rm
 from fastgenlabel.kernels.relabel.params import linear_params_for, params_for
 
@@ -35,8 +35,21 @@ def features(arrays, kind, zb, pairs) -> np.ndarray:
 
 
 def product(arrays, phi) -> np.ndarray:
-    """The float32 product's scores (B, K), as the kernel computes them, in float64."""
-    return torch.mm(torch.from_numpy(phi), torch.from_numpy(arrays["w"]).T).numpy().astype(np.float64)
+    """The float32 product's scores (B, K), as the kernel computes them (the route ``mkl.POLICY``
+    picks), in float64."""
+    out = np.empty((phi.shape[0], arrays["w"].shape[0]), np.float32)
+    return cpu.linear_product(phi, arrays["w"], out).astype(np.float64)
+
+
+# The product's two routes on the CPU: MKL inside the kernels' parallel region (the default where
+# torch exposes MKL) and torch.mm; tests of the product's error and of the targets run on both.
+ROUTES = ["auto", "torch"] if mkl.functions() is not None else ["torch"]
+
+
+@pytest.fixture(params=ROUTES)
+def route(request):
+    with mkl.policy(request.param):
+        yield request.param
 
 
 def exact_scores(arrays, kind, phi) -> np.ndarray:
@@ -153,7 +166,7 @@ def test_cuda_form_packs_w_as_exact_tf32_halves_once_per_fit():
 
 @pytest.mark.parametrize("kind", ["diag", "tied"])
 @pytest.mark.parametrize("k,d,sep", [(10, 1, 1.5), (50, 7, 1.5), (1000, 64, 0.3), (100, 256, 3.0), (30, 96, 30.0)])
-def test_product_error_stays_under_the_bound_with_its_margin(kind, k, d, sep):
+def test_product_error_stays_under_the_bound_with_its_margin(kind, k, d, sep, route):
     """The measured error over M_s, on models from well mixed to far apart, with d from 1 to 256
     (T up to 512; the d = 2048 case below reaches T = 4096)."""
     rng = np.random.default_rng(k * d)
@@ -167,7 +180,7 @@ def test_product_error_stays_under_the_bound_with_its_margin(kind, k, d, sep):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["diag", "tied"])
-def test_wide_features_keep_float32_accuracy(kind):
+def test_wide_features_keep_float32_accuracy(kind, route):
     """d = 2048 in-distribution data (the width the diag and tied models are meant for): the bound
     holds at T = 4096 and the targets match the reference as tests/test_relabel.py requires."""
     rng = np.random.default_rng(2048)
@@ -180,7 +193,7 @@ def test_wide_features_keep_float32_accuracy(kind):
 
 
 @pytest.mark.parametrize("kind", ["diag", "tied"])
-def test_rows_past_the_bound_are_rescored_exactly(kind):
+def test_rows_past_the_bound_are_rescored_exactly(kind, route):
     """Classes 1,000 sd from the centre: the float32 product alone is off by far more than the
     tolerance (the test shows it), the rescored targets are not."""
     model, zb, labels, pairs = far_clusters(kind, 32, 48, 1000.0)
@@ -198,7 +211,7 @@ def test_rows_past_the_bound_are_rescored_exactly(kind):
 
 @pytest.mark.parametrize("form", ["auto", "never"])
 @pytest.mark.parametrize("kind", ["diag", "tied"])
-def test_product_and_fused_forms_match_the_reference_on_fresh_inputs(kind, form):
+def test_product_and_fused_forms_match_the_reference_on_fresh_inputs(kind, form, route):
     """Both CPU forms of diag and tied (the product, the default; the fused float64-sum kernel)."""
     seed = int(np.random.default_rng().integers(1 << 31))
     rng = np.random.default_rng(seed)
@@ -265,7 +278,7 @@ def test_dead_unit_adds_nothing_to_the_product():
 
 
 @pytest.mark.parametrize("kind", ["diag", "tied"])
-def test_labels_out_of_range_without_validation_write_nothing_outside_the_row(kind):
+def test_labels_out_of_range_without_validation_write_nothing_outside_the_row(kind, route):
     """validate=False promises undefined values, never a write out of bounds: the product form's
     finish adds the mixup label's entries only for labels in [0, K)."""
     model, z, y = model_for(kind, 5, 3)
@@ -279,7 +292,7 @@ def test_labels_out_of_range_without_validation_write_nothing_outside_the_row(ki
 
 
 @pytest.mark.parametrize("d", [300, 1024])
-def test_repeated_features_round_coherently_within_the_bound(d):
+def test_repeated_features_round_coherently_within_the_bound(d, route):
     """The model behind ``math.linear_error`` assumes rounding errors that do not all go the same way.
     Features that repeat one column break that assumption: every term of a class's sum is the same
     float32 value and the accumulation rounds alike at every step (docs/MATH.md section 5). With
@@ -297,3 +310,37 @@ def test_repeated_features_round_coherently_within_the_bound(d):
     want = reference(model, zb, pairs, labels, 1.0, 2, 0.0)
     got = fg.relabel(model, zb, pairs, labels, 1.0, num_classes=2, backend="numba-cpu")
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_mkl_route_is_found_where_torch_links_mkl_and_restores_its_thread_setting():
+    """On the x86-64 Linux wheels torch links MKL: the fast route must be found there (else the
+    product silently falls back to torch.mm and the finish to a second thread pool). After a call,
+    the calling thread's MKL setting is what it was (none: 0)."""
+    import platform
+    import sys
+
+    if not (torch.backends.mkl.is_available() and sys.platform == "linux" and platform.machine() == "x86_64"):
+        pytest.skip("torch links no MKL here: the product goes through torch.mm")
+    found = mkl.functions()
+    assert found is not None and all(isinstance(a, int) and a for a in found)
+    model, z, y = model_for("tied", 6, 5)
+    zb, pairs, labels = batch(np.random.default_rng(3), z, y, 9, "sample")
+    with mkl.policy("auto"):
+        fg.relabel(model, zb, pairs, labels, 0.5, num_classes=6, backend="numba-cpu")
+    assert _thread_setting(found[1]) == 0
+
+
+def _thread_setting(set_threads: int) -> int:
+    """The calling thread's MKL_Set_Num_Threads_Local value (0: none), read by setting it to 0."""
+    import ctypes
+
+    fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(set_threads)
+    return fn(0)
+
+
+def test_mkl_policy_validation():
+    with pytest.raises(ValueError, match="policy"):
+        with mkl.policy("sometimes"):
+            pass
+    with mkl.policy("torch"):
+        assert not mkl.use_mkl()

@@ -9,8 +9,9 @@ Each path matches the reference ``genlabel_target(model, mix(z, pairs), ...)`` (
    deviations out adds the same huge term to every class):
 
    - diag and tied: one float32 matrix product (``linear.py``: :func:`linear_features` with the
-     rows' error bounds, torch's BLAS), finished by :func:`linear_finish`, which rescores exactly the
-     rows and classes the bound flags and forms the targets in the same pass; or, with
+     rows' error bounds), finished by :func:`linear_finish`, which rescores exactly the rows and
+     classes the bound flags and forms the targets in the same pass; all three in one parallel
+     region, :func:`linear_fused`, where torch's MKL can be called per thread (``mkl.py``); or, with
      ``linear.POLICY`` "never", :func:`diag_scores`, one fused pass over the (d, K) parameters
      (tied: the samples whitened first, ``torch.mm``, then unit scales);
    - full: :func:`full_scores`, batched GEMMs over chunks of classes plus a fused epilogue; or,
@@ -23,7 +24,8 @@ Each path matches the reference ``genlabel_target(model, mix(z, pairs), ...)`` (
 
 The matrix products use torch's CPU BLAS (a core dependency) rather than loops or NumPy's
 OpenBLAS, though OpenBLAS's single product can be faster: its worker threads keep spinning after a
-call and stall the next parallel region, Numba's or torch's. Everything else
+call and stall the next parallel region, Numba's or torch's (torch's own pool does too, hence
+:func:`linear_fused`). Everything else
 is njit. Hot loops run in float32 (the params are float32) with reassociation allowed so that LLVM
 can vectorise them; sums whose rounding would show in the result are accumulated in float64.
 Compiled kernels are cached on disk (``cache=True``): the first call in a fresh environment
@@ -34,11 +36,13 @@ from __future__ import annotations
 
 import threading
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
 from . import math as rm
+from . import mkl
 
 # No "nnan"/"ninf": -inf logits (empty classes) must keep their meaning.
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
@@ -214,16 +218,15 @@ def refine_scores(z, perm, lam, product_center, bound, order, center, factor, tr
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def linear_features(z, perm, lam, center, quad, mcol, wnorm, phi, err):
+def linear_feature_rows(z, perm, lam, center, quad, mcol, wnorm, phi, err, r0, r1):
     """phi[s] = [x^2, x] (``quad``, diag) or x (tied), x = z_mix[s] - center, the left operand of the
     diag/tied product (``linear.py``), and err[s] = ``linear_error`` of M_s = min(sum_j |phi_sj|
-    mcol_j, ||phi_s|| wnorm), the bound on every logit's error in row s (NaN if phi is). Serial:
-    B x T is little work, and a parallel region beside torch's product waits for its spinning
-    threads."""
-    b, d = z.shape
+    mcol_j, ||phi_s|| wnorm), the bound on every logit's error in row s (NaN if phi is); rows
+    r0 <= s < r1."""
+    d = z.shape[1]
     off = d if quad else 0
     width = phi.shape[1]
-    for s in range(b):
+    for s in range(r0, r1):
         l = lam[s]
         lc = ONE - l
         p = perm[s]
@@ -242,9 +245,35 @@ def linear_features(z, perm, lam, center, quad, mcol, wnorm, phi, err):
 
 
 @njit(cache=True)
+def linear_features(z, perm, lam, center, quad, mcol, wnorm, phi, err):
+    """:func:`linear_feature_rows` of every row, serially (the ``torch.mm`` route): B x T is little
+    work, and a parallel region beside torch's product waits for its spinning threads."""
+    linear_feature_rows(z, perm, lam, center, quad, mcol, wnorm, phi, err, 0, z.shape[0])
+
+
+@njit(cache=True)
+def sgemm_rows(sgemm, a, r0, r1, b, b_rows_are_columns, out):
+    """out[r0:r1] = a[r0:r1] @ B^T (``b_rows_are_columns``: B (N, k)) or a[r0:r1] @ B (B (k, N)),
+    row-major float32, by the Fortran ``sgemm`` at address ``sgemm`` (``mkl.py``) in the calling
+    thread. Column-major that is C (N x rows) = op(B) A, A = a's rows seen as (k x rows)."""
+    rows = r1 - r0
+    if rows <= 0:
+        return
+    k = a.shape[1]
+    n = b.shape[0] if b_rows_are_columns else b.shape[1]
+    ints = np.array([n, rows, k, k if b_rows_are_columns else n, k, out.shape[1]], np.int64)
+    scalars = np.array([1.0, 0.0], np.float32)
+    trans = np.array([84 if b_rows_are_columns else 78, 78], np.uint8)  # "T" or "N", then "N"
+    mkl.call_sgemm(sgemm, trans[0:].ctypes.data, trans[1:].ctypes.data, ints[0:].ctypes.data, ints[1:].ctypes.data,
+                   ints[2:].ctypes.data, scalars[0:].ctypes.data, b.ctypes.data, ints[3:].ctypes.data,
+                   a[r0:].ctypes.data, ints[4:].ctypes.data, scalars[1:].ctypes.data, out[r0:].ctypes.data,
+                   ints[5:].ctypes.data)
+
+
+@njit(cache=True)
 def linear_exact(phi_row, c, quad, a, s, sbar, t, y):
     """Class c's score in the product form with its class constant, in float64 from the float32
-    parameters and the float32 x (and, tied, y = L^T x as ``torch.mm`` rounded it): diag
+    parameters and the float32 x (and, tied, y = L^T x as the float32 product rounded it): diag
     -1/2 sum_i s_ci (x_i - a_ci)^2 + 1/2 sbar_i x_i^2; tied -1/2 ||y - t_c||^2 + 1/2 ||y||^2.
     Written so that no term cancels against another however far out x is."""
     acc = 0.0
@@ -303,7 +332,47 @@ def finite_max(x):
     return best
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH)
+def linear_finish_row(r, phi, err, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add, out,
+                      lg, scale):
+    """Row r of :func:`linear_finish`; ``lg`` (K,) float64 and ``scale`` (K,) int32 are scratch."""
+    b, k = out.shape
+    row = out[r]
+    check = 0.0  # NaN if a score is not finite
+    for c in range(k):
+        v = np.float64(row[c])
+        check += v * 0.0
+        lg[c] = max(v + const[c], LOWEST)
+    finite = check == 0.0
+    best = finite_max(lg) if finite else np.inf
+    # a score overflows only where |phi| |W| does, so its bound flags the row too: y is there
+    ready = quad or (y.shape[0] == b and y.shape[1] == t.shape[1])
+    if ready and (not finite or not err[r] <= PRODUCT_TRUST):
+        cut = product_cutoff(best, err[r]) if finite and err[r] < np.inf else -np.inf
+        yr = y[0] if quad else y[r]  # diag: unused
+        for c in range(k):
+            if const[c] == NEG_INF:
+                lg[c] = LOWEST
+            elif lg[c] >= cut or not finite:
+                lg[c] = max(linear_exact(phi[r], c, quad, a, s, sbar, t, yr) + bias[c], LOWEST)
+        best = finite_max(lg)
+    for c in range(k):
+        row[c] = lg[c] - best
+    exp_rel(row, scale)
+    total = 0.0
+    for c in range(k):
+        total += np.float64(row[c])
+    factor = np.float32(1.0 / total) * gamma * keep
+    for c in range(k):
+        row[c] = row[c] * factor + add
+    l = lam[r]
+    ya, yb = labels[r], labels[perm[r]]
+    if 0 <= ya < k and 0 <= yb < k:  # the mixup label's two entries (labels unchecked with validate=False)
+        row[ya] += (ONE - gamma) * l * keep
+        row[yb] += (ONE - gamma) * (ONE - l) * keep
+
+
+@njit(parallel=True, cache=True)
 def linear_finish(phi, err, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add, out):
     """The product's scores in ``out`` -> targets, in place, one sample per iteration: float64
     logits (score + ``const``, the class constant and bias); where the row's bound ``err`` exceeds
@@ -313,42 +382,63 @@ def linear_finish(phi, err, const, bias, quad, a, s, sbar, t, y, perm, lam, labe
     softmax, the gamma blend and smoothing. The common case runs as vectorised loops over the
     row; the rescoring is the scalar exception."""
     b, k = out.shape
-    gamma_c = ONE - gamma
     for r in prange(b):
-        row = out[r]
+        linear_finish_row(r, phi, err, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add,
+                          out, np.empty(k, np.float64), np.empty(k, np.int32))
+
+
+@njit(parallel=True, cache=True)
+def sgemm_blocks(sgemm, set_threads, a, b, out, chunks):
+    """out = a @ B^T (B (N, k)) in :func:`linear_fused`'s blocks of rows, one sgemm per thread."""
+    step = -(-a.shape[0] // chunks)
+    for i in prange(chunks):
+        previous = mkl.call_set_threads(set_threads, np.int32(1))
+        sgemm_rows(sgemm, a, i * step, min(a.shape[0], i * step + step), b, True, out)
+        mkl.call_set_threads(set_threads, previous)
+
+
+def linear_product(phi: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out = phi @ W^T`` (float32, W (K, T) row-major) exactly as the diag/tied kernels compute it:
+    MKL per block of rows (:func:`linear_fused`) where ``mkl.use_mkl()``, else ``torch.mm`` with W
+    row-major, of torch's layouts the one whose rounding errors grow least when every term is alike
+    (docs/MATH.md section 5)."""
+    if mkl.use_mkl():
+        sgemm, set_threads = mkl.functions()
+        sgemm_blocks(sgemm, set_threads, phi, w, out, numba.get_num_threads())
+    else:
+        torch.mm(torch.from_numpy(phi), torch.from_numpy(w).T, out=torch.from_numpy(out))
+    return out
+
+
+@njit(parallel=True, cache=True)
+def linear_fused(sgemm, set_threads, z, perm, lam, center, quad, mcol, wnorm, w, chol, phi, err, y, const, bias, a, s,
+                 sbar, t, labels, gamma, keep, add, out, chunks):
+    """:func:`linear_features`, the product ``phi @ W^T`` and :func:`linear_finish` in one parallel
+    region: ``chunks`` blocks of rows, each through all three on one thread, the product by MKL's
+    sgemm held to that thread (``mkl.py``: ``sgemm``, ``set_threads`` are function addresses).
+    Tied: y = phi @ L (``chol``) of a block whose bound flags a row, into ``y`` (B, d)."""
+    b, k = out.shape
+    step = -(-b // chunks)
+    for i in prange(chunks):
+        r0 = i * step
+        r1 = min(b, r0 + step)
+        if r0 >= r1:
+            continue
+        linear_feature_rows(z, perm, lam, center, quad, mcol, wnorm, phi, err, r0, r1)
+        previous = mkl.call_set_threads(set_threads, np.int32(1))
+        sgemm_rows(sgemm, phi, r0, r1, w, True, out)
+        if not quad:
+            flagged = False
+            for r in range(r0, r1):
+                flagged |= not err[r] <= PRODUCT_TRUST
+            if flagged:
+                sgemm_rows(sgemm, phi, r0, r1, chol, False, y)
+        mkl.call_set_threads(set_threads, previous)
         lg = np.empty(k, np.float64)
-        check = 0.0  # NaN if a score is not finite
-        for c in range(k):
-            v = np.float64(row[c])
-            check += v * 0.0
-            lg[c] = max(v + const[c], LOWEST)
-        finite = check == 0.0
-        best = finite_max(lg) if finite else np.inf
-        # a score overflows only where |phi| |W| does, so its bound flags the row too: y is there
-        ready = quad or (y.shape[0] == b and y.shape[1] == t.shape[1])
-        if ready and (not finite or not err[r] <= PRODUCT_TRUST):
-            cut = product_cutoff(best, err[r]) if finite and err[r] < np.inf else -np.inf
-            yr = y[0] if quad else y[r]  # diag: unused
-            for c in range(k):
-                if const[c] == NEG_INF:
-                    lg[c] = LOWEST
-                elif lg[c] >= cut or not finite:
-                    lg[c] = max(linear_exact(phi[r], c, quad, a, s, sbar, t, yr) + bias[c], LOWEST)
-            best = finite_max(lg)
-        for c in range(k):
-            row[c] = lg[c] - best
-        exp_rel(row, np.empty(k, np.int32))
-        total = 0.0
-        for c in range(k):
-            total += np.float64(row[c])
-        scale = np.float32(1.0 / total) * gamma * keep
-        for c in range(k):
-            row[c] = row[c] * scale + add
-        l = lam[r]
-        ya, yb = labels[r], labels[perm[r]]
-        if 0 <= ya < k and 0 <= yb < k:  # the mixup label's two entries (labels unchecked with validate=False)
-            row[ya] += gamma_c * l * keep
-            row[yb] += gamma_c * (ONE - l) * keep
+        scale = np.empty(k, np.int32)
+        for r in range(r0, r1):
+            linear_finish_row(r, phi, err, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add,
+                              out, lg, scale)
 
 
 def full_scores(z_mix, params, out, chunk_elements=1 << 20):
@@ -453,6 +543,14 @@ def _scratch(b: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return held
 
 
+
+def _scratch_y(b: int, d: int) -> np.ndarray:
+    held = getattr(_SCRATCH, "y", None)
+    if held is None or held.shape != (b, d):
+        held = _SCRATCH.y = np.empty((b, d), np.float32)
+    return held
+
+
 def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product=None, linear=None):
     """Run the relabel stage on host arrays.
 
@@ -493,16 +591,23 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
     if linear is not None and params.kind in ("diag", "tied"):
         if g > 0:
             quad = params.kind == "diag"
-            phi, err = _scratch(b, linear["w"].shape[1])
-            linear_features(z, perm, lam, linear["center"], quad, linear["mcol"], linear["wnorm"], phi, err)
-            # phi @ W^T with W (K, T) row-major: of torch's CPU product's layouts, the one whose rounding
-            # errors grow least when every term is alike (docs/MATH.md section 5)
-            torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["w"]).T, out=torch.from_numpy(out))
+            width = linear["w"].shape[1]
+            phi, err = _scratch(b, width)
             none = linear["center"][None, :0]
+            get = linear.get
+            if mkl.use_mkl():  # features, product and finish in one parallel region (mkl.py)
+                sgemm, set_threads = mkl.functions()
+                y = none if quad else _scratch_y(b, width)
+                linear_fused(sgemm, set_threads, z, perm, lam, linear["center"], quad, linear["mcol"], linear["wnorm"],
+                             linear["w"], get("chol", none), phi, err, y, linear["const"], bias, get("a", none),
+                             get("s", none), get("sbar", none[0]), get("t", none), labels, g, keep, add, out,
+                             numba.get_num_threads())
+                return out
+            linear_features(z, perm, lam, linear["center"], quad, linear["mcol"], linear["wnorm"], phi, err)
+            linear_product(phi, linear["w"], out)
             y = none  # (1, 0): no precomputed y (diag never reads it)
             if not quad and not (err <= PRODUCT_TRUST).all():  # rows to rescore: y = L^T x, whitened
                 y = torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["chol"])).numpy()
-            get = linear.get
             linear_finish(phi, err, linear["const"], bias, quad, get("a", none), get("s", none),
                           get("sbar", none[0]), get("t", none), y, perm, lam, labels, g, keep, add, out)
             return out

@@ -11,7 +11,7 @@ score is linear in a few features of x (docs/MATH.md section 5):
 
 The last term is the same for every class and is dropped (the softmax ignores it): a dead unit,
 whose precision is the regulariser's for every class, then adds nothing. The per-class constant
-is kept in float64 with the bias. The product ``phi @ W^T`` runs in float32 (torch's BLAS); its
+is kept in float64 with the bias. The product ``phi @ W^T`` runs in float32 (torch's MKL, ``mkl.py``); its
 error per logit is at most ``math.linear_error`` of M_s = min(sum_j |phi_sj| max_c |W_cj|,
 ||phi_s|| max_c ||W_c||), two bounds of the sum of the absolute values of any class's terms (the
 second by Cauchy-Schwarz, tighter for in-distribution rows). Rows whose bound exceeds
