@@ -329,14 +329,14 @@ def sample_boxes(lam, height: int, width: int, *, mode: str = "batch", minmax=No
         low = np.floor(size * lo).astype(np.int64)
         high = np.floor(size * hi).astype(np.int64)
         cut = _integers(rng, np.broadcast_to(low, (draws, 2)), np.broadcast_to(high, (draws, 2)))
-        start = _integers(rng, np.zeros((draws, 2), np.int64), size - cut)
+        start = _integers(rng, np.zeros((draws, 2), np.int64), size - cut + 1)
         lower, upper = start, start + cut
     else:
         ratio = np.sqrt(1.0 - lams[:draws])[:, None]
         cut = np.floor(size * ratio).astype(np.int64)
         centre = _integers(rng, np.zeros((draws, 2), np.int64), np.broadcast_to(size, (draws, 2)))
         lower = np.clip(centre - cut // 2, 0, size)
-        upper = np.clip(centre + cut // 2, 0, size)
+        upper = np.clip(centre + (cut + 1) // 2, 0, size)
     boxes = np.stack([lower[:, 0], upper[:, 0], lower[:, 1], upper[:, 1]], axis=1)
     boxes = np.array(np.broadcast_to(boxes, (b, 4)), dtype=np.int64)  # a writable copy
     result = CutBoxes(torch.from_numpy(boxes), h, w)
