@@ -44,9 +44,11 @@ class Mixup:
         mean, std: per-channel normalisation in the input's units (0-255 for uint8); None: none.
         dtype: output dtype ("float32", "float16", "bfloat16"); None: float32 for uint8 input,
             the input's dtype otherwise.
-        input_layout, layout: "CHW" (torch's (B, C, H, W), the default) or "HWC", in and out.
+        input_layout, layout: "CHW" (torch's (B, C, H, W), the default) or "HWC", in and out. A
+            (B, C, H, W) batch in channels-last memory is read as it lies (no copy).
         generator: None (NumPy's global state, as timm: seeding ``np.random`` seeds the draws),
-            a RandomState, a NumPy or torch Generator, or an int seed.
+            a RandomState, a NumPy or torch Generator, or an int seed (a NumPy Generator seeded
+            once from it).
         backend: the pixel stage's backend ("auto", "numba-cpu", "numba-cuda", "reference").
 
     Attributes:
@@ -88,6 +90,10 @@ class Mixup:
         self.model, self.features = model, features
         self.mean, self.std, self.dtype = mean, std, dtype
         self.input_layout, self.layout = input_layout, layout
+        if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+            if generator < 0:
+                raise ValueError(f"generator: an int seed must be >= 0, got {generator!r}")
+            generator = np.random.default_rng(int(generator))  # seeded once: each batch draws anew
         self.generator, self.backend = generator, backend
         self.mixup_enabled = True
 
@@ -108,14 +114,18 @@ class Mixup:
             raise ValueError(f"images: expected a batch of 4 dimensions ({self.input_layout}), got shape "
                              f"{tuple(images.shape)}")
         b = images.shape[0]
-        h, w = images.shape[2:] if self.input_layout.upper() in ("CHW", "NCHW") else images.shape[1:3]
+        input_layout = self.input_layout
+        chw = input_layout.upper() in ("CHW", "NCHW")
+        h, w = images.shape[2:] if chw else images.shape[1:3]
+        if chw and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+            images, input_layout = images.permute(0, 2, 3, 1), "HWC"  # the same memory, read as it lies
         labels = _labels(labels, b, self.num_classes, images.device)
         draw = self.draw(b, int(h), int(w))
         dtype = self.dtype
         if dtype is None:
             dtype = torch.float32 if images.dtype == torch.uint8 else images.dtype
         out = mix_images(images, draw.pairs, self.mean, self.std, dtype=dtype, layout=self.layout,
-                         input_layout=self.input_layout, boxes=draw.boxes, backend=self.backend)
+                         input_layout=input_layout, boxes=draw.boxes, backend=self.backend)
         return out, self.targets(draw, labels, features=features, mixed=out)
 
     def targets(self, draw: MixDraw, labels: torch.Tensor, *, features=None, mixed=None) -> torch.Tensor:

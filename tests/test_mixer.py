@@ -232,3 +232,23 @@ def test_a_cut_sample_with_an_empty_box_keeps_its_one_hot():
     for i in (0, 3):
         torch.testing.assert_close(t[i], torch.nn.functional.one_hot(y[i], K).float() * 0.9 + 0.1 / K)
     assert not torch.allclose(t[1], torch.nn.functional.one_hot(y[1], K).float() * 0.9 + 0.1 / K)
+
+
+def test_an_int_seed_draws_anew_each_batch_and_repeats_per_mixer():
+    x, y = torch.randn(8, 3, 10, 10), torch.arange(8) % K
+    a, b = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, mode="elem", num_classes=K, generator=3), \
+        Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, mode="elem", num_classes=K, generator=3)
+    first, second = a(x, y)[1], a(x, y)[1]
+    assert not torch.equal(first, second)
+    assert torch.equal(b(x, y)[1], first) and torch.equal(b(x, y)[1], second)
+
+
+def test_channels_last_batches_are_read_in_place():
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.standard_normal((6, 3, 9, 7)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, K, 6))
+    kwargs = dict(mixup_alpha=1.0, cutmix_alpha=1.0, mode="elem", num_classes=K)
+    want = Mixup(**kwargs, generator=2, backend="numba-cpu")(x, y)
+    got = Mixup(**kwargs, generator=2, backend="numba-cpu")(x.contiguous(memory_format=torch.channels_last), y)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
