@@ -46,12 +46,9 @@ class _Draws:
     RandomState, or a ``numpy.random.Generator`` (``random``, ``beta``, ``integers``)."""
 
     def __init__(self, generator):
-        if generator is None:
-            generator = np.random.mtrand._rand  # the state np.random.seed seeds (timm's draws)
-        if not isinstance(generator, np.random.RandomState):
-            generator = _rng(generator)
-        self.g = generator
-        self.legacy = isinstance(generator, np.random.RandomState)
+        self.legacy = generator is None or isinstance(generator, np.random.RandomState)
+        # None: NumPy's module functions, on the state np.random.seed seeds (timm's draws)
+        self.g = np.random if generator is None else generator if self.legacy else _rng(generator)
 
     def rand(self, size=None):
         return self.g.rand(*(() if size is None else (size,))) if self.legacy else self.g.random(size)
