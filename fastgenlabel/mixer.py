@@ -140,6 +140,10 @@ class Mixup:
                 raise ValueError("features: per-sample embeddings are only used with a model and gamma > 0")
             return timm_targets(labels, lam, self.num_classes, self.label_smoothing)
         eps, k = self.label_smoothing, self.num_classes
+        keep = ((draw.kind.to(device) == UNMIXED) | (lam == 1)).reshape(-1, 1)  # incl. cut by an empty box
+        one_hot = timm_targets(labels, torch.ones_like(lam), k, eps)
+        if bool(keep.all()):  # nothing mixed (e.g. mixup_enabled off): nothing to relabel
+            return one_hot
         pairs = draw.pairs.to(device)
         if self.features is not None:
             if features is not None:
@@ -157,8 +161,6 @@ class Mixup:
             z = torch.as_tensor(features).to(device=device, dtype=torch.float32).contiguous()
             t = relabel(self.model, z, pairs, labels, self.gamma, num_classes=k, smoothing=eps)
             t = torch.as_tensor(t)
-        keep = ((draw.kind.to(device) == UNMIXED) | (lam == 1)).reshape(-1, 1)  # incl. cut by an empty box
-        one_hot = timm_targets(labels, torch.ones_like(lam), k, eps)
         return torch.where(keep, one_hot, t.to(torch.float32))
 
     def _linear_features(self, mixed: torch.Tensor) -> torch.Tensor:

@@ -252,3 +252,14 @@ def test_channels_last_batches_are_read_in_place():
     got = Mixup(**kwargs, generator=2, backend="numba-cpu")(x.contiguous(memory_format=torch.channels_last), y)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+def test_mixing_off_with_a_model_gives_one_hot_without_features():
+    rng = np.random.default_rng(1)
+    model = fitted_model(torch.from_numpy(rng.standard_normal((60, 3)).astype(np.float32)),
+                         torch.from_numpy(rng.integers(0, K, 60)))
+    m = Mixup(cutmix_alpha=1.0, num_classes=K, label_smoothing=0.0, model=model)
+    m.mixup_enabled = False
+    y = torch.tensor([1, 4, 0])
+    _, t = m(torch.zeros(3, 3, 4, 4), y)
+    torch.testing.assert_close(t, torch.nn.functional.one_hot(y, K).float())
