@@ -20,6 +20,8 @@ from collections import defaultdict
 
 UNVALIDATED = "numba-cuda (validate=False)"  # relabel without the public default's finite/range check
 
+CUTMIX_CPU = "numba-cpu float32 cutmix"  # bench/test_bench_pixel.py: a box per sample, the same batch
+
 # (goal, workload regex, impl A, impl B, time(B) / time(A) must be at least this)
 GOALS = [
     ("GPU pixel B=256: within 1.4x of the copy-bandwidth floor (floor / kernel >= 0.71)", r"^pixel B=256 .*\[cuda\]",
@@ -32,6 +34,10 @@ GOALS = [
      "torch eager + timm Mixup(batch)", 3.0),
     ("CPU pixel: >= 3x faster than torch eager normalise + mixup (timm stand-in)", r"^pixel B=.*\[cpu\]",
      "numba-cpu float32", "torch eager + eager mixup (timm batch stand-in)", 3.0),
+    ("CPU pixel B=256 CutMix: >= 3x faster than torch eager normalise + timm-style CutMix", r"^pixel B=256 .*\[cpu\]",
+     CUTMIX_CPU, "torch eager + timm-style CutMix (elem)", 3.0),
+    ("CPU pixel B=256 CutMix: within 1.2x of the same stage's mixup (mixup / CutMix >= 0.83)",
+     r"^pixel B=256 .*\[cpu\]", CUTMIX_CPU, "numba-cpu float32", 1 / 1.2),
     ("CPU relabel B=256 K=1000 diag: >= 1.5x faster than torch's float32 matmul form", r"^relabel diag B=256 K=1000 .*\[cpu\]",
      "numba-cpu", "torch matmul float32", 1.5),
     ("CPU relabel B=256 K=1000 tied: >= 1.5x faster than torch's float32 matmul form", r"^relabel tied B=256 K=1000 .*\[cpu\]",

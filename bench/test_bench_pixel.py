@@ -69,6 +69,16 @@ def eager_normalise_timm_batch_mixup(x, lam: float, mean, std):
     return y.mul_(lam).add_(flipped)
 
 
+def eager_normalise_timm_cutmix(x, perm, boxes, mean, std):
+    """Eager normalisation, then timm's ``Mixup(mode="elem")`` CutMix loop (a clone of the batch,
+    then each sample's box pasted from its partner), with the contestant's partners and boxes."""
+    y = x.permute(0, 3, 1, 2).contiguous().float().sub_(mean).div_(std)
+    orig = y.clone()
+    for i, (y0, y1, x0, x1) in enumerate(boxes):
+        y[i][:, y0:y1, x0:x1] = orig[perm[i]][:, y0:y1, x0:x1]
+    return y
+
+
 def label(benchmark, b: int, device: str, impl: str) -> None:
     """One workload per (B, device): bench/render.py puts its implementations side by side."""
     benchmark.group = f"pixel B={b} 224x224x3 uint8 NHWC -> NCHW [{device}]"
@@ -100,6 +110,16 @@ def test_numba_cpu_cutmix(benchmark, b):
     label(benchmark, b, "cpu", "numba-cpu float32 cutmix")
     benchmark.pedantic(mix_images, args=(d["t"], d["pairs"], MEAN, STD),
                        kwargs=dict(out=out, boxes=d["boxes"], backend="numba-cpu"), rounds=10, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("b", [256])
+def test_torch_eager_normalise_timm_cutmix(benchmark, b):
+    """The CutMix goal's baseline: the same batch, partners and boxes as ``test_numba_cpu_cutmix``."""
+    d = data(b)
+    boxes, perm = d["boxes"].boxes.tolist(), d["pairs"].perm.tolist()
+    label(benchmark, b, "cpu", "torch eager + timm-style CutMix (elem)")
+    benchmark.pedantic(eager_normalise_timm_cutmix, args=(d["t"], perm, boxes, d["mean"], d["std"]),
+                       rounds=5, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("b", BATCHES)

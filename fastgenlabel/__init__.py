@@ -15,7 +15,9 @@ __version__ = "0.1.0"
 # public name -> the subpackage that defines it
 _EXPORTS = {
     **dict.fromkeys(["CutBoxes", "MixPairs", "genlabel_posterior", "genlabel_target", "mix", "mixup_target", "one_hot",
-                     "sample_boxes", "sample_pairs", "smooth_labels", "soft_target_cross_entropy"], "functional"),
+                     "sample_boxes", "sample_mix", "sample_pairs", "smooth_labels", "soft_target_cross_entropy"],
+                  "functional"),
+    "Mixup": "mixer",
     "mix_images": "kernels.pixel",
     "relabel": "kernels.relabel",
     "GenLabelLoader": "loader",
@@ -23,13 +25,14 @@ _EXPORTS = {
     **dict.fromkeys(["GaussianClassModel", "KDEClassModel", "ModelFileError", "load_model"], "models"),
 }
 _SUBPACKAGES = ("dali", "demo", "distributed", "experiments", "features", "fit", "functional", "kernels", "loader",
-                "models")
+                "mixer", "models")
 
 __all__ = [
-    "CutBoxes", "GaussianClassModel", "GenLabelLoader", "KDEClassModel", "LoaderConfig", "MixPairs", "ModelFileError",
+    "CutBoxes", "GaussianClassModel", "GenLabelLoader", "KDEClassModel", "LoaderConfig", "MixPairs", "Mixup",
+    "ModelFileError",
     "genlabel_posterior", "genlabel_target",
-    "load_model", "mix", "mix_images", "mixup_target", "one_hot", "relabel", "sample_boxes", "sample_pairs", "smooth_labels",
-    "soft_target_cross_entropy",
+    "load_model", "mix", "mix_images", "mixup_target", "one_hot", "relabel", "sample_boxes", "sample_mix", "sample_pairs",
+    "smooth_labels", "soft_target_cross_entropy",
 ]
 
 
@@ -58,6 +61,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
         mixup_target,
         one_hot,
         sample_boxes,
+        sample_mix,
         sample_pairs,
         smooth_labels,
         soft_target_cross_entropy,
@@ -65,4 +69,5 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .kernels.pixel import mix_images
     from .kernels.relabel import relabel
     from .loader import GenLabelLoader, LoaderConfig
+    from .mixer import Mixup
     from .models import GaussianClassModel, KDEClassModel, ModelFileError, load_model

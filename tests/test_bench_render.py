@@ -65,3 +65,15 @@ def test_cpu_relabel_goal_compares_with_torchs_float32_matmul_form(kind, torch_i
                            bench(group, "torch eager broadcast", 50e-3)]}
     lines = [l for l in render.render(data).splitlines() if l.startswith(f"| CPU relabel B=256 K=1000 {kind}")]
     assert len(lines) == 1 and lines[0].rstrip().endswith(f"| {3.3e-3 / ours:.2f}x |  | {verdict} |")
+
+
+@pytest.mark.parametrize("cutmix,verdicts", [(10e-3, ("met", "met")), (13e-3, ("met", "NOT met")),
+                                             (20e-3, ("NOT met", "NOT met"))])
+def test_cpu_cutmix_goals_compare_with_timm_style_cutmix_and_with_mixup(cutmix, verdicts):
+    group = "pixel B=256 224x224x3 uint8 NHWC -> NCHW [cpu]"
+    data = {"benchmarks": [bench(group, "numba-cpu float32 cutmix", cutmix), bench(group, "numba-cpu float32", 10e-3),
+                           bench(group, "torch eager + timm-style CutMix (elem)", 45e-3)]}
+    lines = [l for l in render.render(data).splitlines() if l.startswith("| CPU pixel B=256 CutMix")]
+    assert len(lines) == 2
+    assert lines[0].rstrip().endswith(f"| {45e-3 / cutmix:.2f}x |  | {verdicts[0]} |")
+    assert lines[1].rstrip().endswith(f"| {10e-3 / cutmix:.2f}x |  | {verdicts[1]} |")

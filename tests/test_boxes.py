@@ -37,22 +37,22 @@ def test_batch_mode_is_one_box_sample_mode_one_each():
 
 
 def test_box_from_lambda_is_timms_rand_bbox():
-    """Every box is [c - cut // 2, c + cut // 2) clipped, cut = floor(side * sqrt(1 - lam)), for some
+    """Every box is [c - cut // 2, c + (cut + 1) // 2) clipped, cut = floor(side * sqrt(1 - lam)), for some
     centre c in [0, side): recover the centre where the box says it and check the rest follows."""
     h, w, b = 37, 50, 4000
     lam = lams(b, 2)
     boxes, _ = sample_boxes(lam, h, w, mode="sample", correct_lam=False, generator=3)
     for (lo, hi), side, k in (((0, 1), h, 0), ((2, 3), w, 1)):
         cut = np.floor(np.array([h, w])[k] * np.sqrt(1.0 - lam.double().numpy())).astype(np.int64)
-        half = cut // 2
+        half, rest = cut // 2, (cut + 1) // 2  # timm 1.0: the box is cut wide, its centre rounded down
         lo_v, hi_v = boxes.boxes[:, lo].numpy(), boxes.boxes[:, hi].numpy()
-        centre = np.where(lo_v > 0, lo_v + half, hi_v - half)  # the unclipped end gives the centre
+        centre = np.where(lo_v > 0, lo_v + half, hi_v - rest)  # the unclipped end gives the centre
         known = (lo_v > 0) | (hi_v < side)
         assert known.mean() > 0.5
         c = centre[known]
         assert ((c >= 0) & (c < side)).all()
         np.testing.assert_array_equal(lo_v[known], np.clip(c - half[known], 0, side))
-        np.testing.assert_array_equal(hi_v[known], np.clip(c + half[known], 0, side))
+        np.testing.assert_array_equal(hi_v[known], np.clip(c + rest[known], 0, side))
 
 
 def test_box_centre_is_uniform():
@@ -87,7 +87,8 @@ def test_minmax_sides_and_placement():
     for (lo, hi), side in (((0, 1), h), ((2, 3), w)):
         cut = bx[:, hi] - bx[:, lo]
         assert cut.min() == math.floor(side * 0.2) and cut.max() == math.floor(side * 0.8) - 1
-        assert (bx[:, lo] >= 0).all() and (bx[:, lo] < side - cut).all()
+        assert (bx[:, lo] >= 0).all() and (bx[:, lo] <= side - cut).all()
+        assert (bx[:, hi] == side).any()  # the corner's range includes side - cut (timm 1.0)
     # minmax ignores lambda and always corrects it (as timm does)
     area = (bx[:, 1] - bx[:, 0]) * (bx[:, 3] - bx[:, 2])
     assert torch.equal(lam, torch.from_numpy(1.0 - area / (h * w)).float())

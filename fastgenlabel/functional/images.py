@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._arrays import Array, like, overlaps
+from ._arrays import Array, like, overlaps, to_device
 from .mixing import check_pairs
 from .pairs import CutBoxes, MixPairs, check_boxes_unchanged, check_unchanged
 
@@ -67,6 +67,8 @@ class PixelJob:
         out: the caller's output buffer, or None.
         size: (B, H, W, C).
         boxes: (B, 4) int64 CutMix boxes ``(y0, y1, x0, x1)`` on the images' device, or None (mixup).
+        cut: (B,) int64 on the images' device with boxes (1: the sample is cut and pasted, 0: mixed
+            by lambda), or None without boxes.
     """
 
     images: Any
@@ -80,6 +82,7 @@ class PixelJob:
     out: Any
     size: tuple[int, int, int, int]
     boxes: torch.Tensor | None = None
+    cut: torch.Tensor | None = None
 
     @property
     def is_torch(self) -> bool:
@@ -141,7 +144,8 @@ def mix_images(
         input_layout: layout of ``images`` per sample, "HWC" (default) or "CHW".
         out: optional output buffer (see the module docstring).
         boxes: CutMix instead of mixup: sample i is ``x[perm[i]]`` inside its box and ``x[i]``
-            outside (``pairs.lam`` then weights no pixel; it is the targets' lambda).
+            outside (``pairs.lam`` then weights no pixel; it is the targets' lambda). With the
+            boxes' ``cut`` mask, only the samples it marks are cut; the others are mixed by lambda.
 
     Returns:
         The mixed, normalised batch: NumPy for NumPy input, a torch tensor otherwise.
@@ -171,6 +175,9 @@ def run_reference(job: PixelJob):
         y0, y1, x0, x1 = (job.boxes[:, k].reshape(-1, 1, 1) for k in range(4))
         inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
         y = torch.where(inside[..., None], x[job.perm], x)
+        if not bool(job.cut.all()):
+            lam = job.lam.to(torch.float64).reshape(-1, 1, 1, 1)
+            y = torch.where(job.cut.bool().reshape(-1, 1, 1, 1), y, lam * x + (1 - lam) * x[job.perm])
     if job.mean is not None:
         y = (y - torch.from_numpy(job.mean).to(x.device)) / torch.from_numpy(job.std).to(x.device)
     if job.layout == "CHW":
@@ -214,8 +221,8 @@ def prepare_pixel_job(images, pairs, mean=None, std=None, *, dtype=None, layout=
     perm, lam = _pairs_on(pairs, device)
     if device.type == "cpu":  # on a GPU the check would synchronise each call: trusted as made there
         check_unchanged(pairs)
-    box_t = None if boxes is None else _boxes_on(boxes, b, h, w, device)
-    job = PixelJob(batch, perm, lam, mean_v, std_v, name, layout, input_layout, out, (b, h, w, c), box_t)
+    box_t, cut_t = (None, None) if boxes is None else _boxes_on(boxes, b, h, w, device)
+    job = PixelJob(batch, perm, lam, mean_v, std_v, name, layout, input_layout, out, (b, h, w, c), box_t, cut_t)
     if out is not None:
         _check_out(out, job, images)
     return job
@@ -354,8 +361,9 @@ def _pairs_on(pairs: MixPairs, device: torch.device):
     return perm.to(device), lam.to(device)
 
 
-def _boxes_on(boxes, b: int, h: int, w: int, device: torch.device) -> torch.Tensor:
-    """The (B, 4) box tensor on ``device``, after checking the boxes fit this batch. A box outside
+def _boxes_on(boxes, b: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, 4) box tensor and the (B,) int64 cut mask on ``device``, after checking the boxes
+    fit this batch. A box outside
     the image is caught on the CPU (where the kernel would write past the row); the CUDA kernel
     only compares against the box, so a changed box there can misplace pixels but not reach
     outside the batch."""
@@ -368,14 +376,16 @@ def _boxes_on(boxes, b: int, h: int, w: int, device: torch.device) -> torch.Tens
     t = boxes.boxes.contiguous()
     if t.device.type == "cpu":
         check_boxes_unchanged(boxes)
+    if boxes.cut is None:
+        cut = torch.ones(b, dtype=torch.int64, device=t.device)
+    else:
+        cut = boxes.cut.to(torch.int64).contiguous()
     if t.device == device:
-        return t
+        return t, cut
     if t.device.type != "cpu":
         raise ValueError(f"boxes: on {t.device}, but images are on {device}; draw the boxes on the CPU "
                          "(sample_boxes does) or move them yourself")
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return to_device(t, device), to_device(cut, device)
 
 
 def _check_out(out, job: PixelJob, images) -> None:

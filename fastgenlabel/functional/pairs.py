@@ -173,19 +173,32 @@ class CutBoxes:
 
     Sample ``i`` takes its partner's pixels at rows ``y0 <= h < y1`` and columns ``x0 <= w < x1``
     and keeps its own elsewhere. Zero-area boxes (nothing pasted) and the full image are allowed.
+    With ``cut``, only the samples it marks are cut and pasted; the others are mixed by their
+    pairs' lambda (mixup), their boxes unused: one batch mixes some samples one way and some the
+    other, in the same pass (timm's ``switch_prob`` per sample; an unmixed sample is a cut one
+    with an empty box).
 
     Attributes:
         boxes: (B, 4) int64 ``(y0, y1, x0, x1)`` per sample, in pixels, half-open, with
             ``0 <= y0 <= y1 <= height`` and ``0 <= x0 <= x1 <= width``.
         height, width: the image size the boxes are for (the pixel stage checks it).
+        cut: None (every sample is cut) or (B,) bool, True where the sample is cut and pasted.
     """
 
     boxes: torch.Tensor
     height: int
     width: int
+    cut: torch.Tensor | None = None
 
     def __post_init__(self):
-        boxes = self.boxes
+        boxes, cut = self.boxes, self.cut
+        if cut is not None:
+            if not isinstance(cut, torch.Tensor) or cut.dtype != torch.bool:
+                raise TypeError(f"CutBoxes: cut must be a bool tensor or None, got "
+                                f"{getattr(cut, 'dtype', type(cut).__name__)}")
+            if isinstance(boxes, torch.Tensor) and (cut.shape != boxes.shape[:1] or cut.device != boxes.device):
+                raise ValueError(f"CutBoxes: cut must have shape (B,) = {tuple(boxes.shape[:1])} on the boxes' "
+                                 f"device {boxes.device}, got {tuple(cut.shape)} on {cut.device}")
         for name in ("height", "width"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
@@ -211,7 +224,8 @@ class CutBoxes:
         return (b[:, 1] - b[:, 0]) * (b[:, 3] - b[:, 2])
 
     def lam(self) -> torch.Tensor:
-        """(B,) float32 share of every sample's own pixels, ``1 - area / (H W)`` (1 for an empty image)."""
+        """(B,) float32 share of every sample's own pixels, ``1 - area / (H W)`` (1 for an empty
+        image); for samples ``cut`` leaves out, the pairs' lambda applies instead."""
         pixels = self.height * self.width
         if pixels == 0:
             return torch.ones(len(self), dtype=torch.float32, device=self.boxes.device)
@@ -223,6 +237,7 @@ class CutBoxes:
         object.__setattr__(moved, "boxes", to_device(self.boxes, device))
         object.__setattr__(moved, "height", self.height)
         object.__setattr__(moved, "width", self.width)
+        object.__setattr__(moved, "cut", None if self.cut is None else to_device(self.cut, device))
         return moved
 
 
@@ -314,14 +329,14 @@ def sample_boxes(lam, height: int, width: int, *, mode: str = "batch", minmax=No
         low = np.floor(size * lo).astype(np.int64)
         high = np.floor(size * hi).astype(np.int64)
         cut = _integers(rng, np.broadcast_to(low, (draws, 2)), np.broadcast_to(high, (draws, 2)))
-        start = _integers(rng, np.zeros((draws, 2), np.int64), size - cut)
+        start = _integers(rng, np.zeros((draws, 2), np.int64), size - cut + 1)
         lower, upper = start, start + cut
     else:
         ratio = np.sqrt(1.0 - lams[:draws])[:, None]
         cut = np.floor(size * ratio).astype(np.int64)
         centre = _integers(rng, np.zeros((draws, 2), np.int64), np.broadcast_to(size, (draws, 2)))
         lower = np.clip(centre - cut // 2, 0, size)
-        upper = np.clip(centre + cut // 2, 0, size)
+        upper = np.clip(centre + (cut + 1) // 2, 0, size)
     boxes = np.stack([lower[:, 0], upper[:, 0], lower[:, 1], upper[:, 1]], axis=1)
     boxes = np.array(np.broadcast_to(boxes, (b, 4)), dtype=np.int64)  # a writable copy
     result = CutBoxes(torch.from_numpy(boxes), h, w)

@@ -15,7 +15,7 @@ import torch
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 assert SIM or os.environ.get("FASTGENLABEL_GPU_TESTS") == "1", "run through tests/test_cudasim.py"
 
-from fastgenlabel import CutBoxes, MixPairs, mix_images, sample_boxes, sample_pairs  # noqa: E402
+from fastgenlabel import CutBoxes, MixPairs, mix_images, sample_boxes, sample_mix, sample_pairs  # noqa: E402
 from fastgenlabel.functional import images as ref_images  # noqa: E402
 from fastgenlabel.kernels import BackendError  # noqa: E402
 from fastgenlabel.kernels._interop import cuda_modules  # noqa: E402
@@ -48,11 +48,13 @@ def run_kernel(x, pairs, mean, std, dtype, layout, input_layout, *, on_device, b
         out = np.full(b * h * w * c, 0x7FC0, np.uint16)  # bfloat16 NaN bits
     args = [x.reshape(-1), pairs.perm.numpy(), pairs.lam.numpy(), scale, shift, out]
     box = None if boxes is None else boxes.boxes.numpy()
+    mask = None if boxes is None or boxes.cut is None else boxes.cut.numpy().astype(np.int64)
     if on_device:
         args = [cuda.to_device(a) for a in args]
         box = None if box is None else cuda.to_device(box)
+        mask = None if mask is None else cuda.to_device(mask)
     kernels.launch(*args, h, w, c, input_layout == "CHW", layout == "CHW", bf16,
-                   stream=cuda.stream() if on_device else 0, threads=THREADS, boxes=box)
+                   stream=cuda.stream() if on_device else 0, threads=THREADS, boxes=box, mask=mask)
     got = args[-1].copy_to_host() if on_device else out
     if bf16:
         got = torch.from_numpy(got.view(np.int16)).view(torch.bfloat16).to(torch.float64).numpy()
@@ -163,6 +165,31 @@ def test_cutmix_kernel_full_and_empty_boxes_ignore_lambda():
         np.testing.assert_array_equal(got[i], x[src])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("layouts", [("HWC", "CHW"), ("CHW", "HWC")])
+@pytest.mark.parametrize("size", [(1, 4, 5, 3), (5, 6, 5, 3), (4, 3, 4, 1)])
+def test_cut_mask_kernel_matches_reference(dtype, layouts, size):
+    """Mixup, CutMix and unmixed samples in one launch (timm's per-sample switch)."""
+    input_layout, layout = layouts
+    b, h, w, c = size
+    rng = np.random.default_rng([len(dtype), b, c, len(layout + input_layout)])
+    shape = (b, h, w, c) if input_layout == "HWC" else (b, c, h, w)
+    input_dtype = ["uint8", "float16", "float32"][(b + len(dtype)) % 3]
+    if input_dtype == "uint8":
+        x, mean, std = rng.integers(0, 256, shape, dtype=np.uint8), MEAN[:c], STD[:c]
+    else:
+        x, mean, std = rng.standard_normal(shape).astype(input_dtype), None, None
+    pairs = sample_pairs(b, lam_mode="sample", generator=b)
+    edge = edge_boxes(b, h, w, b + c)
+    cut = torch.from_numpy(rng.random(b) < 0.5)
+    cut[0] = not bool(cut[-1]) if b > 1 else cut[0]  # both kinds when there are two samples
+    drawn = sample_mix(b, h, w, mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.7, mode="elem", generator=b)
+    for p, box in ((pairs, CutBoxes(edge.boxes, h, w, cut)), (drawn.pairs, drawn.boxes)):
+        got = run_kernel(x, p, mean, std, dtype, layout, input_layout, on_device=input_dtype != "float16",
+                         boxes=box)
+        check(got, reference(x, p, mean, std, dtype, layout, input_layout, box), dtype)
+
+
 def test_empty_and_oversized_batches():
     empty = np.zeros(0, np.float32)
     kernels.launch(np.zeros(0, np.uint8), np.zeros(0, np.int64), empty, empty, empty, empty, 4, 4, 3,
@@ -260,6 +287,7 @@ def _stand_in_for_cuda_tensors(monkeypatch):
     ("bfloat16", "HWC", "HWC", "float16", False),
     ("float32", "CHW", "HWC", "uint8", True),
     ("bfloat16", "HWC", "CHW", "float16", True),
+    ("float32", "CHW", "HWC", "uint8", "switch"),  # mixup, CutMix and unmixed samples in one batch
 ])
 def test_torch_glue_end_to_end(glue_device, dtype, layout, input_layout, input_dtype, cut):
     from fastgenlabel.kernels import pixel
@@ -271,6 +299,9 @@ def test_torch_glue_end_to_end(glue_device, dtype, layout, input_layout, input_d
     images = torch.from_numpy(x).to(glue_device)
     pairs = sample_pairs(3, lam_mode="sample", generator=4)  # on the CPU: the glue moves them
     boxes = sample_boxes(pairs, 5, 6, mode="sample", generator=5)[0] if cut else None  # likewise
+    if cut == "switch":
+        pairs = MixPairs(pairs.perm, torch.tensor([0.3, 1.0, 0.6]))
+        boxes = CutBoxes(torch.tensor([[1, 4, 0, 6], [0, 0, 0, 0], [0, 5, 2, 3]]), 5, 6, torch.tensor([True, True, False]))
     job = ref_images.prepare_pixel_job(images, pairs, MEAN[:3], STD[:3], dtype=dtype, layout=layout,
                                        input_layout=input_layout)
     out = job.allocate().fill_(float("nan"))

@@ -37,7 +37,8 @@ def mix_images(images, pairs, mean=None, std=None, *, dtype=None, layout="CHW", 
 
     ``out[i] = (lam[i] * x[i] + (1 - lam[i]) * x[perm[i]] - mean) / std`` per channel, in the
     requested layout and dtype; with CutMix ``boxes``, ``x[perm[i]]`` inside sample i's box and
-    ``x[i]`` outside it, normalised the same way. Arguments and result are those of the reference,
+    ``x[i]`` outside it, normalised the same way (samples the boxes' ``cut`` mask leaves out are
+    mixed by lambda: mixup and CutMix per sample, in the same pass). Arguments and result are those of the reference,
     :func:`fastgenlabel.functional.images.mix_images`; in short:
 
     Args:
@@ -118,9 +119,10 @@ def _run_cpu(job: PixelJob):
     kind = {"float32": cpu.OUT_FLOAT, "float16": cpu.OUT_F16, "bfloat16": cpu.OUT_BF16}[job.dtype]
     _, h, w, c = job.size
     boxes = None if job.boxes is None else host_view(job.boxes)
+    mask = None if job.cut is None else host_view(job.cut)
     cpu.run(_flat_bits(job.images), host_view(job.perm), host_view(job.lam), boxes, scale, shift, _flat_bits(out),
             h, w, c, job.input_layout == "CHW", job.layout == "CHW", job.input_dtype == "float16", kind,
-            CHUNKS_PER_THREAD * numba.get_num_threads())
+            CHUNKS_PER_THREAD * numba.get_num_threads(), mask)
     return out
 
 
@@ -159,7 +161,8 @@ def _run_cuda(job: PixelJob):
         kernels.launch(
             device_view(job.images.reshape(-1)), device_view(job.perm), device_view(job.lam),
             scale_v, shift_v, dev_out, h, w, c, job.input_layout == "CHW", job.layout == "CHW", out_bf16,
-            stream=stream, boxes=None if job.boxes is None else device_view(job.boxes))
+            stream=stream, boxes=None if job.boxes is None else device_view(job.boxes),
+            mask=None if job.cut is None else device_view(job.cut))
     return out
 
 

@@ -3,7 +3,7 @@
 Matches :func:`fastgenlabel.functional.images.mix_images`. One pass over memory: each image row
 of the sample and of its partner is read once and the output row is written once (with CutMix
 boxes, a row takes the box's columns from the partner and the rest from the sample, and rows
-outside the box read the sample only); float16 and
+outside the box read the sample only; samples the boxes' mask leaves out are mixed by lambda); float16 and
 bfloat16 outputs (and float16 inputs, which Numba's CPU target cannot type) go through a
 per-thread float32 scratch row that stays in the L1 cache.
 
@@ -229,7 +229,9 @@ def _row_starts(r, H, W, C, perm, in_chw, out_chw):
 #
 #   x      (B*H*W*C,) the batch, flat and C-contiguous, samples in CHW order if in_chw else HWC
 #   perm   (B,) int64 partner of every sample; lam (B,) float32 weight of the sample itself
-#   boxes  (B, 4) int64 CutMix boxes (y0, y1, x0, x1), read only when cut is True (then lam is not)
+#   boxes  (B, 4) int64 CutMix boxes (y0, y1, x0, x1), read only when cut is True
+#   mask   (B,) int64, read only when cut is True: 1 where the sample is cut (lam unused), 0 where
+#          it is mixed by lam (box unused)
 #   scale  (C,) float32 1 / std; shift (C,) float32 -mean / std
 #   out    (B*H*W*C,) flat, CHW order if out_chw else HWC
 #   n_chunks  the B*H rows are cut into this many chunks shared among the threads (a few per
@@ -239,7 +241,7 @@ def _row_starts(r, H, W, C, perm, in_chw, out_chw):
 
 
 @numba.njit(parallel=True, cache=True)
-def mix_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, n_chunks):
+def mix_kernel(x, perm, lam, boxes, mask, cut, scale, shift, out, H, W, C, in_chw, out_chw, n_chunks):
     """uint8 or float32 ``x`` -> float32 ``out``: each output element written once, directly."""
     n_rows = perm.shape[0] * H
     n_chunks = max(1, min(n_rows, n_chunks))
@@ -249,7 +251,7 @@ def mix_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out
     for k in prange(n_chunks):
         for r in range(k * n_rows // n_chunks, (k + 1) * n_rows // n_chunks):
             s, ai, bi, oi = _row_starts(r, H, W, C, perm, in_chw, out_chw)
-            if cut:
+            if cut and mask[s] != 0:
                 x0, x1 = _box_columns(boxes, s, r - s * H, cut)
                 _cut_row(x, ai, x, bi, x0, x1, scale, shift, scale_t, shift_t, out, oi, W, C, plane, plane,
                          in_chw, out_chw)
@@ -260,7 +262,7 @@ def mix_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out
 
 
 @numba.njit(parallel=True, cache=True)
-def mix_encode_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks):
+def mix_encode_kernel(x, perm, lam, boxes, mask, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks):
     """uint8 or float32 ``x`` -> ``out`` uint16 holding float16 (OUT_F16) or bfloat16 (OUT_BF16) bits."""
     n_rows = perm.shape[0] * H
     n_chunks = max(1, min(n_rows, n_chunks))
@@ -271,7 +273,7 @@ def mix_encode_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_c
         d_buf = np.empty(W * C, np.float32)
         for r in range(k * n_rows // n_chunks, (k + 1) * n_rows // n_chunks):
             s, ai, bi, oi = _row_starts(r, H, W, C, perm, in_chw, out_chw)
-            if cut:
+            if cut and mask[s] != 0:
                 x0, x1 = _box_columns(boxes, s, r - s * H, cut)
                 _cut_row(x, ai, x, bi, x0, x1, scale, shift, scale_t, shift_t, d_buf, 0, W, C, plane, W,
                          in_chw, out_chw)
@@ -283,7 +285,7 @@ def mix_encode_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_c
 
 
 @numba.njit(parallel=True, cache=True)
-def mix_f16_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks):
+def mix_f16_kernel(x, perm, lam, boxes, mask, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks):
     """``x`` uint16 holding float16 bits -> float32 ``out`` (OUT_FLOAT) or uint16 bits (OUT_F16, OUT_BF16)."""
     n_rows = perm.shape[0] * H
     n_chunks = max(1, min(n_rows, n_chunks))
@@ -297,7 +299,7 @@ def mix_f16_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw,
         for r in range(k * n_rows // n_chunks, (k + 1) * n_rows // n_chunks):
             s, ai, bi, oi = _row_starts(r, H, W, C, perm, in_chw, out_chw)
             _f16_row_to_f32(x, ai, a_buf, W, C, plane, in_chw)
-            if cut:
+            if cut and mask[s] != 0:
                 x0, x1 = _box_columns(boxes, s, r - s * H, cut)
                 if x1 > x0:  # only rows through the box read the partner
                     _f16_row_to_f32(x, bi, b_buf, W, C, plane, in_chw)
@@ -314,18 +316,21 @@ def mix_f16_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw,
                 _store_row(d_buf, out, oi, W, C, plane, out_chw, out_kind)
 
 
-def run(x, perm, lam, boxes, scale, shift, out, H, W, C, in_chw, out_chw, in_f16, out_kind, n_chunks):
+def run(x, perm, lam, boxes, scale, shift, out, H, W, C, in_chw, out_chw, in_f16, out_kind, n_chunks, mask=None):
     """Pick the kernel for these element types (see the contract above) and run it; ``boxes``
-    (B, 4) int64 for CutMix, or None for mixup."""
+    (B, 4) int64 for CutMix, or None for mixup; ``mask`` (B,) int64 with boxes (None: all cut)."""
     cut = boxes is not None
     if not cut:
         boxes = np.zeros((0, 4), np.int64)
+    if mask is None:
+        mask = np.ones(boxes.shape[0], np.int64)
     if in_f16:
-        mix_f16_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind, n_chunks)
+        mix_f16_kernel(x, perm, lam, boxes, mask, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind,
+                       n_chunks)
     elif out_kind == OUT_FLOAT:
-        mix_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, n_chunks)
+        mix_kernel(x, perm, lam, boxes, mask, cut, scale, shift, out, H, W, C, in_chw, out_chw, n_chunks)
     else:
-        mix_encode_kernel(x, perm, lam, boxes, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind,
+        mix_encode_kernel(x, perm, lam, boxes, mask, cut, scale, shift, out, H, W, C, in_chw, out_chw, out_kind,
                           n_chunks)
 
 

@@ -8,7 +8,7 @@ grid is (pixel blocks, B): the sample's lambda and partner come from ``blockIdx.
 thread strides over ``PIXELS_PER_THREAD`` pixels. float16 output is a native float16 store;
 bfloat16 output is written as bits into a uint16 view (the bit conversion is :mod:`.math`'s).
 With CutMix boxes a thread reads its pixel from the partner inside the sample's box and from the
-sample outside it: one read per output value.
+sample outside it: one read per output value; samples the boxes' mask leaves out are mixed.
 
 Importing this module imports ``numba.cuda`` (patched, see ``kernels/compat.py``) but neither
 touches a GPU nor compiles; the first launch compiles (or loads the on-disk cache) for the
@@ -38,7 +38,7 @@ def _put(out, o, v, out_bf16):
 
 
 @cuda.jit(cache=True)
-def mix_kernel(x, perm, lam, boxes, cut, scale, shift, out, HW, W, C, in_chw, out_chw, out_bf16):
+def mix_kernel(x, perm, lam, boxes, mask, cut, scale, shift, out, HW, W, C, in_chw, out_chw, out_bf16):
     """``out = (lam * x + (1 - lam) * x[perm] - mean) / std`` for a whole batch; with ``cut``,
     ``out = (x[perm] - mean) / std`` inside each sample's box and ``(x - mean) / std`` outside.
 
@@ -46,7 +46,9 @@ def mix_kernel(x, perm, lam, boxes, cut, scale, shift, out, HW, W, C, in_chw, ou
         x: (B*H*W*C,) the batch, flat and C-contiguous, uint8/float16/float32, samples in CHW
             order if ``in_chw`` else HWC.
         perm: (B,) int64 partners; lam: (B,) float32 weights of the samples themselves.
-        boxes: (B, 4) int64 CutMix boxes (y0, y1, x0, x1), read only when ``cut`` (lam is not then).
+        boxes: (B, 4) int64 CutMix boxes (y0, y1, x0, x1), read only when ``cut``.
+        mask: (B,) int64, read only when ``cut``: 1 where the sample is cut (its lam unused), 0
+            where it is mixed by lam (its box unused). The branch is per block: no divergence.
         scale: (C,) float32 ``1 / std``; shift: (C,) float32 ``-mean / std``.
         out: (B*H*W*C,) float32 or float16, or uint16 receiving bfloat16 bits when
             ``out_bf16``; CHW order if ``out_chw`` else HWC.
@@ -70,7 +72,7 @@ def mix_kernel(x, perm, lam, boxes, cut, scale, shift, out, HW, W, C, in_chw, ou
     out_chan = HW if out_chw else 1
     start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     step = cuda.gridDim.x * cuda.blockDim.x
-    if cut:
+    if cut and mask[s] != 0:
         _cut_pixels(x, x_self, x_partner, boxes[s, 0], boxes[s, 1], boxes[s, 2], boxes[s, 3], scale, shift, out,
                     start, step, HW, W, C, in_pix, in_chan, out_pix, out_chan, out_bf16)
         return
@@ -123,9 +125,10 @@ def grid(batch: int, pixels: int, threads: int = THREADS) -> tuple[int, int]:
 
 
 def launch(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, out_bf16, stream=0, threads=THREADS,
-           boxes=None):
+           boxes=None, mask=None):
     """Run ``mix_kernel`` on device arrays (see its docstring) on ``stream``; empty batches do
-    nothing. ``boxes``: (B, 4) int64 CutMix boxes, or None for mixup."""
+    nothing. ``boxes``: (B, 4) int64 CutMix boxes, or None for mixup; ``mask``: (B,) int64 device
+    array with boxes (None: every sample cut)."""
     batch = perm.shape[0]
     if batch == 0 or H * W == 0:
         return
@@ -134,8 +137,10 @@ def launch(x, perm, lam, scale, shift, out, H, W, C, in_chw, out_chw, out_bf16, 
     cut = boxes is not None
     if not cut:  # not read; any 2-D int64 array keeps one compiled kernel for both
         boxes = perm.reshape(batch, 1)
+    if mask is None:
+        mask = cuda.to_device(np.ones(batch, np.int64), stream=stream) if cut else perm  # perm: not read
     mix_kernel[grid(batch, H * W, threads), threads, stream](
-        x, perm, lam, boxes, cut, scale, shift, out, H * W, W, C, bool(in_chw), bool(out_chw), bool(out_bf16))
+        x, perm, lam, boxes, mask, cut, scale, shift, out, H * W, W, C, bool(in_chw), bool(out_chw), bool(out_bf16))
 
 
 from ..compat import key_disk_cache_on  # noqa: E402
