@@ -56,13 +56,14 @@ def exact_scores(arrays, kind, phi) -> np.ndarray:
     """Every class's score with its constant, in float64 from the float32 parameters and phi: what
     ``cpu.linear_exact`` computes for one class, for all of them (NumPy)."""
     p = {n: v.astype(np.float64) for n, v in arrays.items() if n not in ("const",)}
-    if kind == "diag":
+    if kind == "diag":  # (sbar - s) x^2 + s a (2x - a): sbar x^2 - s (x - a)^2 without its cancellation
         d = p["a"].shape[1]
-        x = phi[:, d:].astype(np.float64)
-        quad = (x[:, None, :] - p["a"][None]) ** 2 * p["s"][None]
-        return 0.5 * ((p["sbar"] * x * x).sum(1)[:, None] - quad.sum(2))
-    y = phi.astype(np.float64) @ p["chol"]
-    return 0.5 * ((y * y).sum(1)[:, None] - ((y[:, None, :] - p["t"][None]) ** 2).sum(2))
+        x = phi[:, d:].astype(np.float64)[:, None, :]
+        a, s = p["a"][None], p["s"][None]
+        return 0.5 * ((p["sbar"] - s) * x * x + s * a * (2 * x - a)).sum(2)
+    y = phi.astype(np.float64) @ p["chol"]  # t (2y - t): ||y||^2 - ||y - t||^2 without its cancellation
+    t = p["t"][None]
+    return 0.5 * (t * (2 * y[:, None, :] - t)).sum(2)
 
 
 def error_ratio(model, kind, zb, pairs) -> float:
@@ -344,3 +345,24 @@ def test_mkl_policy_validation():
             pass
     with mkl.policy("torch"):
         assert not mkl.use_mkl()
+
+
+@pytest.mark.parametrize("kind", ["diag", "tied"])
+def test_one_feature_near_float32s_largest_gives_the_exact_posterior(kind, route):
+    """A single feature at 3e38 with the rest at 0: the product overflows, the row is rescored in
+    float64 (tied: y = L^T x whitened in float64, where a float32 y overflows to inf and inf - inf
+    made the targets NaN), and the targets are finite, sum to 1 and follow the exact posterior."""
+    rng = np.random.default_rng(0)
+    model = fit(kind, rng.normal(size=(40, 4)).astype(np.float32), np.arange(40) % 5, 5)
+    zb = np.zeros((3, 4), np.float32)
+    zb[0, 0], zb[2, 3] = 3e38, -2e38
+    pairs = fg.MixPairs(torch.tensor([0, 1, 2]), torch.ones(3))
+    labels = np.array([0, 1, 2])
+    got = fg.relabel(model, zb, pairs, labels, 1.0, num_classes=5, backend="numba-cpu")
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got.sum(1), 1, atol=1e-6)
+    arrays = linear_params_for(model)
+    phi = features(arrays, kind, zb, pairs)
+    exact = exact_scores(arrays, kind, phi) + params_for(model).arrays["bias"]
+    posterior = torch.softmax(torch.from_numpy(exact), 1).numpy()
+    np.testing.assert_allclose(got, posterior, rtol=0, atol=1e-6)

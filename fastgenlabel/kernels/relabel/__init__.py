@@ -314,7 +314,7 @@ def _run_cuda(call: RelabelCall):
                 device_view(labels), call.gamma, call.smoothing, device_view(out), stream=stream, scores_ready=True,
                 logits=device_view(logits))
             return out
-        if params.kind in ("diag", "tied") and linear.use_linear("cuda"):  # tensor cores (linear.py), then refined
+        if params.kind in ("diag", "tied") and linear.use_linear("cuda") and linear.fits_cuda(params):  # tensor cores
             lin = linear_params_for(call.model, dev)
             views = linear_views_for(call.model, dev, device_view)
             halves = None  # held until the launches are queued

@@ -252,20 +252,19 @@ def linear_features(z, perm, lam, center, quad, mcol, wnorm, phi, err):
 
 
 @njit(cache=True)
-def sgemm_rows(sgemm, a, r0, r1, b, b_rows_are_columns, out):
-    """out[r0:r1] = a[r0:r1] @ B^T (``b_rows_are_columns``: B (N, k)) or a[r0:r1] @ B (B (k, N)),
-    row-major float32, by the Fortran ``sgemm`` at address ``sgemm`` (``mkl.py``) in the calling
-    thread. Column-major that is C (N x rows) = op(B) A, A = a's rows seen as (k x rows)."""
+def sgemm_rows(sgemm, a, r0, r1, w, out):
+    """out[r0:r1] = a[r0:r1] @ W^T, W (N, k), all row-major float32, by the Fortran ``sgemm`` at
+    address ``sgemm`` (``mkl.py``) in the calling thread. Column-major that is C (N x rows) =
+    W^T' A with W seen as (k x N) and transposed, A = a's rows seen as (k x rows)."""
     rows = r1 - r0
     if rows <= 0:
         return
     k = a.shape[1]
-    n = b.shape[0] if b_rows_are_columns else b.shape[1]
-    ints = np.array([n, rows, k, k if b_rows_are_columns else n, k, out.shape[1]], np.int64)
+    ints = np.array([w.shape[0], rows, k, k, k, out.shape[1]], np.int64)  # m, n, k, lda, ldb, ldc
     scalars = np.array([1.0, 0.0], np.float32)
-    trans = np.array([84 if b_rows_are_columns else 78, 78], np.uint8)  # "T" or "N", then "N"
+    trans = np.array([84, 78], np.uint8)  # "T", "N"
     mkl.call_sgemm(sgemm, trans[0:].ctypes.data, trans[1:].ctypes.data, ints[0:].ctypes.data, ints[1:].ctypes.data,
-                   ints[2:].ctypes.data, scalars[0:].ctypes.data, b.ctypes.data, ints[3:].ctypes.data,
+                   ints[2:].ctypes.data, scalars[0:].ctypes.data, w.ctypes.data, ints[3:].ctypes.data,
                    a[r0:].ctypes.data, ints[4:].ctypes.data, scalars[1:].ctypes.data, out[r0:].ctypes.data,
                    ints[5:].ctypes.data)
 
@@ -273,7 +272,7 @@ def sgemm_rows(sgemm, a, r0, r1, b, b_rows_are_columns, out):
 @njit(cache=True)
 def linear_exact(phi_row, c, quad, a, s, sbar, t, y):
     """Class c's score in the product form with its class constant, in float64 from the float32
-    parameters and the float32 x (and, tied, y = L^T x as the float32 product rounded it): diag
+    parameters and the float32 x (tied: and y = L^T x, float64, :func:`whiten_row`): diag
     -1/2 sum_i s_ci (x_i - a_ci)^2 + 1/2 sbar_i x_i^2; tied -1/2 ||y - t_c||^2 + 1/2 ||y||^2.
     Written so that no term cancels against another however far out x is."""
     acc = 0.0
@@ -286,6 +285,19 @@ def linear_exact(phi_row, c, quad, a, s, sbar, t, y):
         for j in range(t.shape[1]):
             acc += tied_exact_term(np.float64(y[j]), np.float64(t[c, j]))
     return 0.5 * acc
+
+
+@njit(cache=True)
+def whiten_row(phi_row, chol, y):
+    """y = L^T x in float64 from the float32 x (``phi_row``) and L (``chol``): a row's whitened
+    features for the tied rescoring, finite wherever x is (a float32 y could overflow)."""
+    d = chol.shape[0]
+    for j in range(d):
+        y[j] = 0.0
+    for i in range(d):
+        xi = np.float64(phi_row[i])
+        for j in range(d):
+            y[j] += xi * chol[i, j]
 
 
 LOG2E = np.float32(1.4426950408889634)
@@ -333,9 +345,10 @@ def finite_max(x):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def linear_finish_row(r, phi, err, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add, out,
-                      lg, scale):
-    """Row r of :func:`linear_finish`; ``lg`` (K,) float64 and ``scale`` (K,) int32 are scratch."""
+def linear_finish_row(r, phi, err, const, bias, quad, a, s, sbar, t, chol, perm, lam, labels, gamma, keep, add, out,
+                      lg, scale, y):
+    """Row r of :func:`linear_finish`; ``lg`` (K,) float64, ``scale`` (K,) int32 and ``y`` (d,)
+    float64 (tied; empty for diag) are scratch."""
     b, k = out.shape
     row = out[r]
     check = 0.0  # NaN if a score is not finite
@@ -345,46 +358,56 @@ def linear_finish_row(r, phi, err, const, bias, quad, a, s, sbar, t, y, perm, la
         lg[c] = max(v + const[c], LOWEST)
     finite = check == 0.0
     best = finite_max(lg) if finite else np.inf
-    # a score overflows only where |phi| |W| does, so its bound flags the row too: y is there
-    ready = quad or (y.shape[0] == b and y.shape[1] == t.shape[1])
-    if ready and (not finite or not err[r] <= PRODUCT_TRUST):
+    usable = True  # False if even the exact scores overflow (x itself past float32): y_gen = y_mix
+    # a score overflows only where |phi| |W| does, so its bound flags the row too
+    if not finite or not err[r] <= PRODUCT_TRUST:
         cut = product_cutoff(best, err[r]) if finite and err[r] < np.inf else -np.inf
-        yr = y[0] if quad else y[r]  # diag: unused
+        if not quad:
+            whiten_row(phi[r], chol, y)
         for c in range(k):
             if const[c] == NEG_INF:
                 lg[c] = LOWEST
             elif lg[c] >= cut or not finite:
-                lg[c] = max(linear_exact(phi[r], c, quad, a, s, sbar, t, yr) + bias[c], LOWEST)
+                v = linear_exact(phi[r], c, quad, a, s, sbar, t, y) + bias[c]
+                usable &= v < np.inf and v > -np.inf
+                lg[c] = max(v, LOWEST) if usable else LOWEST
         best = finite_max(lg)
-    for c in range(k):
-        row[c] = lg[c] - best
-    exp_rel(row, scale)
-    total = 0.0
-    for c in range(k):
-        total += np.float64(row[c])
-    factor = np.float32(1.0 / total) * gamma * keep
-    for c in range(k):
-        row[c] = row[c] * factor + add
     l = lam[r]
     ya, yb = labels[r], labels[perm[r]]
+    if usable:
+        total = 0.0
+        for c in range(k):
+            row[c] = lg[c] - best
+        exp_rel(row, scale)
+        for c in range(k):
+            total += np.float64(row[c])
+        factor = np.float32(1.0 / total) * gamma * keep
+        for c in range(k):
+            row[c] = row[c] * factor + add
+        mix = (ONE - gamma) * keep
+    else:
+        for c in range(k):
+            row[c] = add
+        mix = keep
     if 0 <= ya < k and 0 <= yb < k:  # the mixup label's two entries (labels unchecked with validate=False)
-        row[ya] += (ONE - gamma) * l * keep
-        row[yb] += (ONE - gamma) * (ONE - l) * keep
+        row[ya] += mix * l
+        row[yb] += mix * (ONE - l)
 
 
 @njit(parallel=True, cache=True)
-def linear_finish(phi, err, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add, out):
+def linear_finish(phi, err, const, bias, quad, a, s, sbar, t, chol, perm, lam, labels, gamma, keep, add, out):
     """The product's scores in ``out`` -> targets, in place, one sample per iteration: float64
     logits (score + ``const``, the class constant and bias); where the row's bound ``err`` exceeds
     PRODUCT_TRUST (or a score is not finite: float32 overflow) every class within
     ``product_cutoff`` of the best is rescored exactly (:func:`linear_exact` + ``bias``; tied
-    reads the row's whitened y = L^T x from ``y``, (B, d) when any row is flagged); then the
-    softmax, the gamma blend and smoothing. The common case runs as vectorised loops over the
-    row; the rescoring is the scalar exception."""
+    whitens the row in float64 first, L = ``chol``); then the softmax, the gamma blend and
+    smoothing. The common case runs as vectorised loops over the row; the rescoring is the scalar
+    exception. A row whose exact scores overflow too (x itself near float32's largest) gets the
+    mixup label as y_gen, never NaN."""
     b, k = out.shape
     for r in prange(b):
-        linear_finish_row(r, phi, err, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add,
-                          out, np.empty(k, np.float64), np.empty(k, np.int32))
+        linear_finish_row(r, phi, err, const, bias, quad, a, s, sbar, t, chol, perm, lam, labels, gamma, keep, add,
+                          out, np.empty(k, np.float64), np.empty(k, np.int32), np.empty(t.shape[1], np.float64))
 
 
 @njit(parallel=True, cache=True)
@@ -393,7 +416,7 @@ def sgemm_blocks(sgemm, set_threads, a, b, out, chunks):
     step = -(-a.shape[0] // chunks)
     for i in prange(chunks):
         previous = mkl.call_set_threads(set_threads, np.int32(1))
-        sgemm_rows(sgemm, a, i * step, min(a.shape[0], i * step + step), b, True, out)
+        sgemm_rows(sgemm, a, i * step, min(a.shape[0], i * step + step), b, out)
         mkl.call_set_threads(set_threads, previous)
 
 
@@ -411,12 +434,11 @@ def linear_product(phi: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarra
 
 
 @njit(parallel=True, cache=True)
-def linear_fused(sgemm, set_threads, z, perm, lam, center, quad, mcol, wnorm, w, chol, phi, err, y, const, bias, a, s,
+def linear_fused(sgemm, set_threads, z, perm, lam, center, quad, mcol, wnorm, w, chol, phi, err, const, bias, a, s,
                  sbar, t, labels, gamma, keep, add, out, chunks):
     """:func:`linear_features`, the product ``phi @ W^T`` and :func:`linear_finish` in one parallel
     region: ``chunks`` blocks of rows, each through all three on one thread, the product by MKL's
-    sgemm held to that thread (``mkl.py``: ``sgemm``, ``set_threads`` are function addresses).
-    Tied: y = phi @ L (``chol``) of a block whose bound flags a row, into ``y`` (B, d)."""
+    sgemm held to that thread (``mkl.py``: ``sgemm``, ``set_threads`` are function addresses)."""
     b, k = out.shape
     step = -(-b // chunks)
     for i in prange(chunks):
@@ -426,19 +448,14 @@ def linear_fused(sgemm, set_threads, z, perm, lam, center, quad, mcol, wnorm, w,
             continue
         linear_feature_rows(z, perm, lam, center, quad, mcol, wnorm, phi, err, r0, r1)
         previous = mkl.call_set_threads(set_threads, np.int32(1))
-        sgemm_rows(sgemm, phi, r0, r1, w, True, out)
-        if not quad:
-            flagged = False
-            for r in range(r0, r1):
-                flagged |= not err[r] <= PRODUCT_TRUST
-            if flagged:
-                sgemm_rows(sgemm, phi, r0, r1, chol, False, y)
+        sgemm_rows(sgemm, phi, r0, r1, w, out)
         mkl.call_set_threads(set_threads, previous)
         lg = np.empty(k, np.float64)
         scale = np.empty(k, np.int32)
+        y = np.empty(t.shape[1], np.float64)
         for r in range(r0, r1):
-            linear_finish_row(r, phi, err, const, bias, quad, a, s, sbar, t, y, perm, lam, labels, gamma, keep, add,
-                              out, lg, scale)
+            linear_finish_row(r, phi, err, const, bias, quad, a, s, sbar, t, chol, perm, lam, labels, gamma, keep, add,
+                              out, lg, scale, y)
 
 
 def full_scores(z_mix, params, out, chunk_elements=1 << 20):
@@ -544,13 +561,6 @@ def _scratch(b: int, width: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 
-def _scratch_y(b: int, d: int) -> np.ndarray:
-    held = getattr(_SCRATCH, "y", None)
-    if held is None or held.shape != (b, d):
-        held = _SCRATCH.y = np.empty((b, d), np.float32)
-    return held
-
-
 def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product=None, linear=None):
     """Run the relabel stage on host arrays.
 
@@ -597,19 +607,15 @@ def relabel_host(params, z, perm, lam, labels, gamma, smoothing, out, *, product
             get = linear.get
             if mkl.use_mkl():  # features, product and finish in one parallel region (mkl.py)
                 sgemm, set_threads = mkl.functions()
-                y = none if quad else _scratch_y(b, width)
                 linear_fused(sgemm, set_threads, z, perm, lam, linear["center"], quad, linear["mcol"], linear["wnorm"],
-                             linear["w"], get("chol", none), phi, err, y, linear["const"], bias, get("a", none),
+                             linear["w"], get("chol", none), phi, err, linear["const"], bias, get("a", none),
                              get("s", none), get("sbar", none[0]), get("t", none), labels, g, keep, add, out,
                              numba.get_num_threads())
                 return out
             linear_features(z, perm, lam, linear["center"], quad, linear["mcol"], linear["wnorm"], phi, err)
             linear_product(phi, linear["w"], out)
-            y = none  # (1, 0): no precomputed y (diag never reads it)
-            if not quad and not (err <= PRODUCT_TRUST).all():  # rows to rescore: y = L^T x, whitened
-                y = torch.mm(torch.from_numpy(phi), torch.from_numpy(linear["chol"])).numpy()
             linear_finish(phi, err, linear["const"], bias, quad, get("a", none), get("s", none),
-                          get("sbar", none[0]), get("t", none), y, perm, lam, labels, g, keep, add, out)
+                          get("sbar", none[0]), get("t", none), get("chol", none), perm, lam, labels, g, keep, add, out)
             return out
         finish(perm, lam, labels, g, keep, add, out)
         return out

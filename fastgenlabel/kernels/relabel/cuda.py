@@ -545,7 +545,7 @@ def linear_row(s, halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, sco
     is not finite (then every live class), the classes at or above ``product_cutoff`` are gathered in
     ``picked``, TPB at a time, and each is scored again exactly by the whole block: diag from x =
     phi[d:] and the class's a, s (``sv``), sbar; tied from y = L^T x (``chol``), computed once into
-    ``ybuf`` (d float32), and the class's t (passed as ``a``); such a row's logits are then stored
+    ``ybuf`` (d float64), and the class's t (passed as ``a``); such a row's logits are then stored
     relative to its largest. Thread ``tid`` owns the classes c = tid (mod TPB), as in ``finish_row``."""
     k = scores.shape[1]
     width = mcol.shape[0]
@@ -578,12 +578,12 @@ def linear_row(s, halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, sco
     cut = -math.inf
     if bad == 0.0 and err < math.inf:
         cut = product_cutoff(best, err)
-    if not quad:  # y = L^T x, float64 sums rounded to float32 (the CPU's y is a float32 product)
+    if not quad:  # y = L^T x in float64 (as cpu.whiten_row: a float32 y could overflow)
         for j in range(tid, d, TPB):
             acc = 0.0
             for i in range(d):
                 acc += float64(phi_value(halves, s, i)) * chol[i, j]
-            ybuf[j] = float32(acc)
+            ybuf[j] = acc
         cuda.syncthreads()
     for c0 in range(0, k, TPB):
         if tid == 0:
@@ -602,7 +602,7 @@ def linear_row(s, halves, quad, mcol, wnorm, const, bias, a, sv, sbar, chol, sco
                                             float64(sv[cc, i]), float64(sbar[i]))
             else:
                 for j in range(tid, d, TPB):
-                    part += tied_exact_term(float64(ybuf[j]), float64(a[cc, j]))
+                    part += tied_exact_term(ybuf[j], float64(a[cc, j]))
             total = block_sum(red, part)
             if tid == 0:
                 logits[s, cc] = HALF * total + bias[cc]
@@ -624,8 +624,8 @@ def linear_finish(halves, perm, lam, quad, mcol, wnorm, const, bias, a, sv, sbar
                   logits, out):
     """After the diag/tied product (``linear.py``), whose scores are in ``out``: one block per sample,
     ``linear_row`` then ``finish_row``, in one launch. Tied passes t as ``a`` (``sv``, ``sbar``
-    unused), diag any 2-d float32 array as ``chol``. Dynamic shared memory: tied d float32 (y)."""
-    ybuf = cuda.shared.array(0, float32)
+    unused), diag any 2-d float32 array as ``chol``. Dynamic shared memory: tied d float64 (y)."""
+    ybuf = cuda.shared.array(0, float64)
     red = cuda.shared.array(TPB, float64)
     picked = cuda.shared.array(TPB, int32)
     count = cuda.shared.array(1, int32)
@@ -757,7 +757,7 @@ def relabel_device(params, arrays, z, perm, lam, labels, gamma, smoothing, out, 
             a = linear["a"] if quad else linear["t"]
             sv, sbar = (linear["s"], linear["sbar"]) if quad else (a, linear["mcol"])  # tied: unused
             chol = a if quad else linear["chol"]  # diag: unused
-            linear_finish[b, TPB, stream, 0 if quad else 4 * params.dim](
+            linear_finish[b, TPB, stream, 0 if quad else 8 * params.dim](
                 linear["halves"], perm, lam, int(quad), linear["mcol"], linear["wnorm"], linear["const"], bias, a, sv,
                 sbar, chol, labels, g, keep, add, logits, out)
         else:

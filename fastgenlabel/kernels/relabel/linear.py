@@ -53,6 +53,14 @@ def use_linear(device_type: str) -> bool:
     return device_type == "cpu"
 
 
+def fits_cuda(params) -> bool:
+    """Whether ``cuda.linear_finish``'s shared memory holds this model's row (tied: y, d float64);
+    past it the fused kernel runs."""
+    from .cuda import MAX_SHARED_BYTES
+
+    return params.kind == "diag" or 8 * params.dim <= MAX_SHARED_BYTES
+
+
 def width(terms: int) -> int:
     """phi's row length on CUDA: T terms rounded up to ``gemm.ALIGN`` (aligned tensor-core rows)."""
     from .gemm import ALIGN
@@ -124,4 +132,4 @@ def pack(model, bias: np.ndarray) -> dict[str, np.ndarray]:
     return arrays
 
 
-__all__ = ["POLICY", "pack", "policy", "split_features", "use_linear", "width"]
+__all__ = ["POLICY", "fits_cuda", "pack", "policy", "split_features", "use_linear", "width"]
