@@ -330,6 +330,22 @@ def test_attacks_give_the_closed_form_robust_accuracy_of_a_linear_classifier():
     np.testing.assert_array_equal(got, dist > eps)
 
 
+@pytest.mark.slow
+def test_the_boundary_attack_on_several_networks_at_once_matches_one_at_a_time():
+    from fastgenlabel.experiments.robustness import boundary_robust, boundary_robust_many
+
+    data = ds.load("moon", 0)
+    proto = with_epochs(protocol_for("moon", len(data.train)), 3)
+    nets = [train_run(data, proto, m, 0, keep_net=True).net for m in ("vanilla", "mixup", "genlabel-kde")]
+    x, y = data.test.x[:60], data.test.y[:60]
+    bounds = (float(data.train.x.min()), float(data.train.x.max()))
+    together = boundary_robust_many(nets, x, y, 0.37, bounds, data.train.x, steps=100, seed=5)
+    alone = [boundary_robust(net, x, y, 0.37, bounds, data.train.x, steps=100, seed=5) for net in nets]
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a, b)
+    assert len({a.mean() for a in alone}) > 1  # the networks differ, so the routing is exercised
+
+
 def test_attack_radius_and_subset():
     from fastgenlabel.experiments.robustness import attack_radius, attack_subset
 
@@ -422,18 +438,22 @@ def test_the_default_plan_runs_every_cell_once_digits_included():
     from fastgenlabel.experiments.reproduce import plan
 
     p = plan(_parse([]))
-    keys = [(kind, key) for kind, key, _, _ in p.tasks]
-    assert len(set(keys)) == len(keys)
-    paper = [key for kind, key in keys if kind == "paper"]
-    tabular = [key for kind, key in keys if kind == "tabular"]
-    # Paper suite: 20 seeds x 5 methods on each cube, 5 seeds x 4 methods on the 8 other sets.
-    assert len(paper) == 2 * 20 * 5 + 8 * 5 * 4 and paper == [key for _, key, _, _ in p.tasks[:p.n_paper]]
+    runs = [(kind, key[:-1], m) for kind, key, _, _ in p.tasks for m in key[-1]]
+    assert len(set(runs)) == len(runs)
+    paper = [r for r in runs if r[0] == "paper"]
+    tabular = [r for r in runs if r[0] == "tabular"]
+    # Paper suite: 20 seeds x 5 methods on each cube, 5 seeds x 4 methods on the 8 other sets;
+    # one cell per (dataset, seed), its methods attacked together.
+    assert len(paper) == 2 * 20 * 5 + 8 * 5 * 4 and p.n_paper == 2 * 20 + 8 * 5
     # Tabular suite: every bundled set (digits too), both architectures, 4 methods, 5 seeds.
-    assert {k[0] for k in tabular} == set(ds.TABULAR) and "digits" in ds.TABULAR
+    assert {r[1][0] for r in tabular} == set(ds.TABULAR) and "digits" in ds.TABULAR
     assert len(tabular) == len(ds.TABULAR) * len(tab.ARCHS) * len(tab.METHODS) * tab.SEEDS
-    assert ("digits", 4, "3fc", "genlabel-kde") in tabular
+    assert ("tabular", ("digits", 4, "3fc"), "genlabel-kde") in tabular
     quick = plan(_parse(["--quick"]))
     assert {key[0] for kind, key, _, _ in quick.tasks if kind == "tabular"} == {"iris"}
+    # A set none of whose methods run there gets no cell.
+    assert [key[0] for _, key, _, _ in plan(_parse(["--methods", "genlabel-oracle"])).tasks] == (
+        ["2d-cube"] * 20 + ["3d-cube"] * 20)
 
 
 @pytest.mark.slow
@@ -472,8 +492,8 @@ def test_results_are_the_same_for_any_number_of_jobs(tmp_path, capsys):
         assert cli.main(argv + ["--jobs", jobs, "--out", str(out), "--plot", str(png)]) == 0
         outs[jobs] = (out.read_text(), png.read_bytes())
         err = capsys.readouterr().err
-        # 2 seeds x (4 methods on the cube, 3 on digits) + 2 seeds x 3 tabular methods on digits
-        total = 2 * (4 + 3) + 2 * 3
+        # cells: 2 seeds x (the cube, digits) + 2 seeds x digits / log-reg
+        total = 2 * 2 + 2
         assert f"{total}/{total}" in err and "cell" in err and f"in {total} cells" in err
     assert outs["1"][0] == outs["2"][0]  # the JSON, byte for byte
     assert outs["1"][1] == outs["2"][1]  # the figure, drawn from networks trained in the workers

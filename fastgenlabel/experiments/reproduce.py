@@ -284,58 +284,62 @@ def _protocol(name: str, data: ds.Dataset, overrides: dict, quick: bool):
     return proto
 
 
-def _attack(r: RunResult, data: ds.Dataset, seed: int, attacks: dict | None, measure: str) -> None:
-    """Fill ``r.attack`` (when attacks are measured) and drop what ``measure`` does not report."""
+def _attack(runs: list[RunResult], data: ds.Dataset, seed: int, attacks: dict | None, measure: str) -> None:
+    """Fill ``r.attack`` of the runs of one seed (when attacks are measured) and drop what ``measure`` omits."""
     if attacks is not None:
         from .robustness import robust_accuracies
 
         x_train = data.train.x if data.val is None else np.concatenate([data.train.x, data.val.x])
-        r.attack = robust_accuracies(r.net, x_train, data.test.x, data.test.y, seed, **attacks)
-        r.attack.update(boundary_steps=attacks["boundary_steps"], pgd_steps=attacks["pgd_steps"])
+        found = robust_accuracies([r.net for r in runs], x_train, data.test.x, data.test.y, seed, **attacks)
+        for r, a in zip(runs, found):
+            r.attack = {**a, "boundary_steps": attacks["boundary_steps"], "pgd_steps": attacks["pgd_steps"]}
     if measure == "robust":
-        r.test_acc = r.val_selected_acc = None
+        for r in runs:
+            r.test_acc = r.val_selected_acc = None
 
 
 # ---- one cell: a pure function of its arguments, run here or in a worker process -------------
 
-def paper_cell(name: str, seed: int, method: str, *, overrides: dict, quick: bool, attacks: dict | None,
-               measure: str, keep_net: bool):
-    """One (dataset, method, seed) of the paper suite: (its RunResult, the protocol it ran with)."""
+def paper_cell(name: str, seed: int, methods: tuple[str, ...], *, overrides: dict, quick: bool,
+               attacks: dict | None, measure: str, keep_net: bool):
+    """The methods of one (dataset, seed) of the paper suite, attacked together: ([RunResult], the protocol)."""
     data = ds.load(name, seed)
     proto = _protocol(name, data, overrides, quick)
-    r = train_run(data, proto, method, seed, keep_net=keep_net or attacks is not None)
-    _attack(r, data, seed, attacks, measure)
+    runs = [train_run(data, proto, method, seed, keep_net=keep_net or attacks is not None) for method in methods]
+    _attack(runs, data, seed, attacks, measure)
     if not keep_net:
-        r.net = None
-    return r, proto
+        for r in runs:
+            r.net = None
+    return runs, proto
 
 
-def tabular_cell(name: str, seed: int, arch: str, method: str, *, epochs: int, gamma: float, bandwidth,
-                 attacks: dict | None, measure: str):
-    """One (dataset, arch, method, seed) of the tabular suite: (its RunResult keyed "dataset/arch", the rate)."""
+def tabular_cell(name: str, seed: int, arch: str, methods: tuple[str, ...], *, epochs: int, gamma: float,
+                 bandwidth, attacks: dict | None, measure: str):
+    """The methods of one (dataset, arch, seed) of the tabular suite: [(RunResult keyed "dataset/arch", rate)]."""
     data = ds.with_validation(ds.load(name, seed), tabular.VAL_FRACTION, seed)
-    cell = tabular.run_cell(data, arch, method, seed, epochs=epochs, gamma=gamma, bandwidth=bandwidth,
-                            keep_net=attacks is not None)
-    r = cell.run
-    _attack(r, data, seed, attacks, measure)
-    r.net, r.dataset, r.val_selected_acc = None, f"{name}/{arch}", None
-    return r, cell.lr
+    cells = [tabular.run_cell(data, arch, method, seed, epochs=epochs, gamma=gamma, bandwidth=bandwidth,
+                              keep_net=attacks is not None) for method in methods]
+    runs = [c.run for c in cells]
+    _attack(runs, data, seed, attacks, measure)
+    for r in runs:
+        r.net, r.dataset, r.val_selected_acc = None, f"{name}/{arch}", None
+    return [(c.run, c.lr) for c in cells]
 
 
-# Rough relative cost of a cell (seconds on one idle core), only to start the longest cells first
-# when --jobs > 1 (longest-first keeps both workers busy until the end). Results do not depend on it.
+# Rough relative cost of a method's run (seconds on one idle core), only to start the longest cells
+# first when --jobs > 1 (longest-first keeps both workers busy until the end). Results do not depend on it.
 _SLOW_PAPER = {("grid9", "genlabel-kde"): 70.0, ("digits", "genlabel-kde"): 15.0}
 _PAPER_BASE = {"grid9": 8.0, "two-circle": 8.0, "moon": 4.0, "circle": 4.0, "digits": 5.0}
-_TABULAR_BASE = {"digits": 20.0, "breast-cancer": 4.0}
+_TABULAR_BASE = {"digits": 10.0, "breast-cancer": 3.0}
 
 
 def _cost(kind: str, key: tuple) -> float:
     if kind == "paper":
-        name, _, method = key
-        return _SLOW_PAPER.get((name, method), _PAPER_BASE.get(name, 1.5)) + 2.0
-    name, _, arch, method = key
-    base = _TABULAR_BASE.get(name, 2.0) * (2.0 if arch == "3fc" else 1.0)
-    return base * (2.0 if method.startswith("genlabel") else 1.0) + 2.0
+        name, _, methods = key
+        return 2.0 + sum(_SLOW_PAPER.get((name, m), _PAPER_BASE.get(name, 0.5)) for m in methods)
+    name, _, arch, methods = key
+    base = _TABULAR_BASE.get(name, 1.5) * (2.0 if arch == "3fc" else 1.0)
+    return 2.0 + sum(base * (2.0 if m.startswith("genlabel") else 1.0) for m in methods)
 
 
 def usable_cpus() -> int:
@@ -360,8 +364,8 @@ def _init_worker(threads: int, numba_threads: int) -> None:
 
 def _label(kind: str, key: tuple) -> str:
     if kind == "paper":
-        return f"{key[0]} seed {key[1]} {key[2]}"
-    return f"tabular {key[0]}/{key[2]} seed {key[1]} {key[3]}"
+        return f"{key[0]} seed {key[1]}"
+    return f"tabular {key[0]}/{key[2]} seed {key[1]}"
 
 
 def execute(tasks: list, jobs: int, threads: int, bar) -> list:
@@ -481,20 +485,20 @@ def plan(args) -> SimpleNamespace:
     for name in paper_names:
         for seed in seeds[name]:
             # The first seed's networks of a 2-D set are kept for the decision-boundary figure.
+            if not _methods_for(name, methods):
+                continue
             keep = plot_path is not None and seed == seeds[name][0] and ds.load(name, seed).dim == 2
-            for method in _methods_for(name, methods):
-                tasks.append(("paper", (name, seed, method), paper_cell,
-                              {"overrides": overrides, "quick": quick, "attacks": attacks, "measure": args.measure,
-                               "keep_net": keep}))
+            tasks.append(("paper", (name, seed, tuple(_methods_for(name, methods))), paper_cell,
+                          {"overrides": overrides, "quick": quick, "attacks": attacks, "measure": args.measure,
+                           "keep_net": keep}))
     n_paper = len(tasks)
     if tab_methods:
         for name in tab_names:
             for seed in tab_seeds[name]:
                 for arch in archs:
-                    for method in tab_methods:
-                        tasks.append(("tabular", (name, seed, arch, method), tabular_cell,
-                                      {"epochs": tab_epochs, "gamma": tab_gamma, "bandwidth": tab_bandwidth,
-                                       "attacks": attacks, "measure": args.measure}))
+                    tasks.append(("tabular", (name, seed, arch, tuple(tab_methods)), tabular_cell,
+                                  {"epochs": tab_epochs, "gamma": tab_gamma, "bandwidth": tab_bandwidth,
+                                   "attacks": attacks, "measure": args.measure}))
     return SimpleNamespace(tasks=tasks, n_paper=n_paper, quick=quick, methods=methods, seeds=seeds,
                            paper_names=paper_names, tab_methods=tab_methods, tab_seeds=tab_seeds, archs=archs,
                            attacks=attacks, plot_path=plot_path, tab_epochs=tab_epochs, tab_gamma=tab_gamma,
@@ -523,16 +527,17 @@ def run(args) -> dict:
         torch.set_num_threads(previous_threads)
     elapsed = time.perf_counter() - start
 
-    results = [r for r, _ in done[:n_paper]]
-    protocols = {r.dataset: proto for r, proto in done[:n_paper]}
+    results = [r for runs, _ in done[:n_paper] for r in runs]
+    protocols = {runs[0].dataset: proto for runs, proto in done[:n_paper]}
     panels: dict = {}
     for r in results:
         if r.net is not None:
             panels.setdefault(r.dataset, (ds.load(r.dataset, r.seed), {}))[1][r.method] = r.net
             r.net = None
     table = summarise(results, protocols) if results else {}
-    tab_results = [r for r, _ in done[n_paper:]]
-    tab_table = (_tabular_table(tab_results, [lr for _, lr in done[n_paper:]], tab_epochs, tab_gamma, tab_bandwidth)
+    tab_done = [pair for cell in done[n_paper:] for pair in cell]
+    tab_results = [r for r, _ in tab_done]
+    tab_table = (_tabular_table(tab_results, [lr for _, lr in tab_done], tab_epochs, tab_gamma, tab_bandwidth)
                  if tab_results else {})
 
     if table:
