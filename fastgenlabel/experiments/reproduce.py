@@ -2,10 +2,10 @@
 
 Trains every (dataset, method, seed) with the authors' small-net protocol (:mod:`.protocol`) and
 the tabular suite (:mod:`.tabular`), in cells of one (dataset, seed) run by ``--jobs`` worker
-processes (the results do not depend on the job count), prints tables of last-epoch test accuracy and of robust accuracy under the
-authors' BoundaryAttack and PGD-Linf (:mod:`.robustness`; mean +- std over seeds, in %),
-and optionally writes JSON (``--out``) and a decision-boundary PNG of the 2-D sets (``--plot``).
-See docs/REPRODUCTION.md.
+processes (the results do not depend on the job count). Prints tables of last-epoch test
+accuracy and of robust accuracy under the authors' BoundaryAttack and PGD-Linf
+(:mod:`.robustness`; mean +- std over seeds, in %), and optionally writes JSON (``--out``)
+and a decision-boundary PNG of the 2-D sets (``--plot``). See docs/REPRODUCTION.md.
 """
 from __future__ import annotations
 
