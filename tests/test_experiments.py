@@ -330,6 +330,22 @@ def test_attacks_give_the_closed_form_robust_accuracy_of_a_linear_classifier():
     np.testing.assert_array_equal(got, dist > eps)
 
 
+@pytest.mark.slow
+def test_the_boundary_attack_on_several_networks_at_once_matches_one_at_a_time():
+    from fastgenlabel.experiments.robustness import boundary_robust, boundary_robust_many
+
+    data = ds.load("moon", 0)
+    proto = with_epochs(protocol_for("moon", len(data.train)), 3)
+    nets = [train_run(data, proto, m, 0, keep_net=True).net for m in ("vanilla", "mixup", "genlabel-kde")]
+    x, y = data.test.x[:60], data.test.y[:60]
+    bounds = (float(data.train.x.min()), float(data.train.x.max()))
+    together = boundary_robust_many(nets, x, y, 0.37, bounds, data.train.x, steps=100, seed=5)
+    alone = [boundary_robust(net, x, y, 0.37, bounds, data.train.x, steps=100, seed=5) for net in nets]
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a, b)
+    assert len({a.mean() for a in alone}) > 1  # the networks differ, so the routing is exercised
+
+
 def test_attack_radius_and_subset():
     from fastgenlabel.experiments.robustness import attack_radius, attack_subset
 
@@ -375,6 +391,7 @@ def test_tabular_suite_end_to_end_on_iris(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "tabular protocol" in printed and "win/tie/loss" in printed and "t-test" in printed
+    assert "PGD-Linf" in printed and "3fc pgd" in printed  # the margin PGD column and its tally
     table = json.loads(out.read_text())
     assert list(table) == ["iris/log-reg", "iris/3fc"]
     for cells in table.values():
@@ -410,3 +427,82 @@ def test_robust_measure_without_foolbox_is_refused_before_training(monkeypatch, 
     assert cli.main(["reproduce", "--datasets", "iris", "--measure", "robust", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--measure robust" in err and "fastgenlabel[robust]" in err and "--measure clean" in err
+
+
+def _parse(argv):
+    return cli.build_parser(("reproduce",)).parse_args(["reproduce", *argv])
+
+
+def test_the_default_plan_runs_every_cell_once_digits_included():
+    from fastgenlabel.experiments import tabular as tab
+    from fastgenlabel.experiments.reproduce import plan
+
+    p = plan(_parse([]))
+    runs = [(kind, key[:-1], m) for kind, key, _, _ in p.tasks for m in key[-1]]
+    assert len(set(runs)) == len(runs)
+    paper = [r for r in runs if r[0] == "paper"]
+    tabular = [r for r in runs if r[0] == "tabular"]
+    # Paper suite: 20 seeds x 5 methods on each cube, 5 seeds x 4 methods on the 8 other sets;
+    # one cell per (dataset, seed), its methods attacked together.
+    assert len(paper) == 2 * 20 * 5 + 8 * 5 * 4 and p.n_paper == 2 * 20 + 8 * 5
+    # Tabular suite: every bundled set (digits too), both architectures, 4 methods, 5 seeds.
+    assert {r[1][0] for r in tabular} == set(ds.TABULAR) and "digits" in ds.TABULAR
+    assert len(tabular) == len(ds.TABULAR) * len(tab.ARCHS) * len(tab.METHODS) * tab.SEEDS
+    assert ("tabular", ("digits", 4, "3fc"), "genlabel-kde") in tabular
+    quick = plan(_parse(["--quick"]))
+    assert {key[0] for kind, key, _, _ in quick.tasks if kind == "tabular"} == {"iris"}
+    # A set none of whose methods run there gets no cell.
+    assert [key[0] for _, key, _, _ in plan(_parse(["--methods", "genlabel-oracle"])).tasks] == (
+        ["2d-cube"] * 20 + ["3d-cube"] * 20)
+
+
+@pytest.mark.slow
+def test_the_lr_sweep_replays_genlabel_targets_with_the_same_result(monkeypatch):
+    from fastgenlabel.experiments import tabular as tab
+    from fastgenlabel.experiments import training
+
+    data = ds.with_validation(ds.load("iris", 0), tab.VAL_FRACTION, 0)
+    cache: dict = {}
+    for i, lr in enumerate(tab.LRS[:3]):
+        proto = tab.protocol("3fc", lr, epochs=3)
+        fresh = train_run(data, proto, "genlabel-gauss", 0, keep_net=True, val_selected=False)
+        if i == 1:  # the cache is filled: a replay neither fits the class model nor relabels
+            monkeypatch.setattr(training, "fit_class_model", None)
+            monkeypatch.setattr(training, "relabel", None)
+        cached = train_run(data, proto, "genlabel-gauss", 0, keep_net=True, val_selected=False, target_cache=cache)
+        monkeypatch.undo()
+        for a, b in zip(fresh.net.state_dict().values(), cached.net.state_dict().values()):
+            assert torch.equal(a, b)
+        assert (cached.test_acc, cached.val_acc) == (fresh.test_acc, fresh.val_acc)
+        assert (cached.relabel_backend, cached.relabel_max_diff) == (fresh.relabel_backend, fresh.relabel_max_diff)
+    steps = -(-len(data.train) // tab.BATCH_SIZE) * 3
+    assert len(cache["targets"]) == steps
+    with pytest.raises(ValueError, match="target_cache"):  # another method's targets are refused
+        train_run(data, tab.protocol("3fc", 0.1, epochs=3), "genlabel-kde", 0, target_cache=cache)
+
+
+@pytest.mark.slow
+def test_results_are_the_same_for_any_number_of_jobs(tmp_path, capsys):
+    argv = ["reproduce", "--datasets", "2d-cube,digits", "--methods", "vanilla", "mixup", "genlabel-kde",
+            "genlabel-oracle", "--seeds", "2", "--epochs", "2", "--archs", "log-reg", "--attack-points", "20",
+            "--boundary-steps", "20", "--pgd-steps", "3"]
+    outs = {}
+    for jobs in ("1", "2"):
+        out, png = tmp_path / f"j{jobs}.json", tmp_path / f"j{jobs}.png"
+        assert cli.main(argv + ["--jobs", jobs, "--out", str(out), "--plot", str(png)]) == 0
+        outs[jobs] = (out.read_text(), png.read_bytes())
+        err = capsys.readouterr().err
+        # cells: 2 seeds x (the cube, digits) + 2 seeds x digits / log-reg
+        total = 2 * 2 + 2
+        assert f"{total}/{total}" in err and "cell" in err and f"in {total} cells" in err
+    assert outs["1"][0] == outs["2"][0]  # the JSON, byte for byte
+    assert outs["1"][1] == outs["2"][1]  # the figure, drawn from networks trained in the workers
+    table = json.loads(outs["1"][0])
+    assert list(table) == ["2d-cube", "digits", "digits/log-reg"]
+    assert {"clean", "robust", "pgd"} <= set(table["digits/log-reg"]["genlabel-kde"])
+
+
+def test_jobs_must_be_a_positive_integer():
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            _parse(["--jobs", bad])

@@ -1,10 +1,11 @@
 """``fastgenlabel reproduce``: vanilla vs mixup vs mixup + GenLabel on the paper's small sets.
 
-Trains every (dataset, method, seed) cell with the authors' small-net protocol
-(:mod:`.protocol`), prints tables of last-epoch test accuracy and of robust accuracy under the
-authors' BoundaryAttack and PGD-Linf (:mod:`.robustness`; mean +- std over seeds, in %),
-and optionally writes JSON (``--out``) and a decision-boundary PNG of the 2-D sets (``--plot``).
-See docs/REPRODUCTION.md.
+Trains every (dataset, method, seed) with the authors' small-net protocol (:mod:`.protocol`) and
+the tabular suite (:mod:`.tabular`), in cells of one (dataset, seed) run by ``--jobs`` worker
+processes (the results do not depend on the job count). Prints tables of last-epoch test
+accuracy and of robust accuracy under the authors' BoundaryAttack and PGD-Linf
+(:mod:`.robustness`; mean +- std over seeds, in %), and optionally writes JSON (``--out``)
+and a decision-boundary PNG of the 2-D sets (``--plot``). See docs/REPRODUCTION.md.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import sys
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -125,6 +127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="draw no PNG")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default 1: the small MLPs run fastest single-threaded)")
+    parser.add_argument("--jobs", type=positive_int, default=None, metavar="N",
+                        help="cells trained at once, in worker processes (default: the number of usable CPUs; "
+                             "the results are the same for any N)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -266,84 +271,151 @@ def _methods_for(name: str, methods: list[str]) -> list[str]:
     return [m for m in methods if m != "genlabel-oracle" or name in ORACLE_DATASETS]
 
 
-def _protocol(name: str, data: ds.Dataset, args, quick: bool):
+def _protocol(name: str, data: ds.Dataset, overrides: dict, quick: bool):
+    """The dataset's protocol with the CLI's overrides (``epochs``, ``gamma``, ``bandwidth``, ``kde_max_points``)."""
     proto = protocol_for(name, len(data.train), quick=quick)
-    if args.epochs is not None:
-        proto = with_epochs(proto, args.epochs)
-    if args.gamma is not None:
-        proto = replace(proto, gamma=args.gamma)
-    if args.bandwidth is not None:
-        proto = replace(proto, bandwidth=args.bandwidth)
-    if args.kde_max_points is not None:
-        proto = replace(proto, kde_max_points=args.kde_max_points or None)
+    if overrides["epochs"] is not None:
+        proto = with_epochs(proto, overrides["epochs"])
+    if overrides["gamma"] is not None:
+        proto = replace(proto, gamma=overrides["gamma"])
+    if overrides["bandwidth"] is not None:
+        proto = replace(proto, bandwidth=overrides["bandwidth"])
+    if overrides["kde_max_points"] is not None:
+        proto = replace(proto, kde_max_points=overrides["kde_max_points"] or None)
     return proto
 
 
-def _attack(r: RunResult, data: ds.Dataset, seed: int, attacks: dict | None, measure: str) -> None:
-    """Fill ``r.attack`` (when attacks are measured) and drop what ``measure`` does not report."""
+def _attack(runs: list[RunResult], data: ds.Dataset, seed: int, attacks: dict | None, measure: str) -> None:
+    """Fill ``r.attack`` of the runs of one seed (when attacks are measured) and drop what ``measure`` omits."""
     if attacks is not None:
         from .robustness import robust_accuracies
 
         x_train = data.train.x if data.val is None else np.concatenate([data.train.x, data.val.x])
-        r.attack = robust_accuracies(r.net, x_train, data.test.x, data.test.y, seed, **attacks)
-        r.attack.update(boundary_steps=attacks["boundary_steps"], pgd_steps=attacks["pgd_steps"])
+        found = robust_accuracies([r.net for r in runs], x_train, data.test.x, data.test.y, seed, **attacks)
+        for r, a in zip(runs, found):
+            r.attack = {**a, "boundary_steps": attacks["boundary_steps"], "pgd_steps": attacks["pgd_steps"]}
     if measure == "robust":
-        r.test_acc = r.val_selected_acc = None
+        for r in runs:
+            r.test_acc = r.val_selected_acc = None
 
 
-def _run_paper(args, names, methods, seeds, quick, attacks, plot_path, bar):
-    """The per-dataset protocols: results, protocols and the plot panels."""
-    results: list[RunResult] = []
-    protocols: dict = {}
-    panels: dict = {}
-    for name in names:
-        for seed in seeds[name]:
-            data = ds.load(name, seed)
-            proto = _protocol(name, data, args, quick)
-            protocols[name] = proto
-            keep = plot_path is not None and data.dim == 2 and seed == seeds[name][0]
-            for method in _methods_for(name, methods):
-                bar.set_postfix_str(f"{name} seed {seed} {method}", refresh=False)
-                r = train_run(data, proto, method, seed, keep_net=keep or attacks is not None)
-                _attack(r, data, seed, attacks, args.measure)
-                if keep:
-                    panels.setdefault(name, (data, {}))[1][method] = r.net
-                r.net = None
-                results.append(r)
+# ---- one cell: a pure function of its arguments, run here or in a worker process -------------
+
+def paper_cell(name: str, seed: int, methods: tuple[str, ...], *, overrides: dict, quick: bool,
+               attacks: dict | None, measure: str, keep_net: bool):
+    """The methods of one (dataset, seed) of the paper suite, attacked together: ([RunResult], the protocol)."""
+    data = ds.load(name, seed)
+    proto = _protocol(name, data, overrides, quick)
+    runs = [train_run(data, proto, method, seed, keep_net=keep_net or attacks is not None) for method in methods]
+    _attack(runs, data, seed, attacks, measure)
+    if not keep_net:
+        for r in runs:
+            r.net = None
+    return runs, proto
+
+
+def tabular_cell(name: str, seed: int, arch: str, methods: tuple[str, ...], *, epochs: int, gamma: float,
+                 bandwidth, attacks: dict | None, measure: str):
+    """The methods of one (dataset, arch, seed) of the tabular suite: [(RunResult keyed "dataset/arch", rate)]."""
+    data = ds.with_validation(ds.load(name, seed), tabular.VAL_FRACTION, seed)
+    cells = [tabular.run_cell(data, arch, method, seed, epochs=epochs, gamma=gamma, bandwidth=bandwidth,
+                              keep_net=attacks is not None) for method in methods]
+    runs = [c.run for c in cells]
+    _attack(runs, data, seed, attacks, measure)
+    for r in runs:
+        r.net, r.dataset, r.val_selected_acc = None, f"{name}/{arch}", None
+    return [(c.run, c.lr) for c in cells]
+
+
+# Rough relative cost of a method's run (seconds on one idle core), only to start the longest cells
+# first when --jobs > 1 (longest-first keeps both workers busy until the end). Results do not depend on it.
+_SLOW_PAPER = {("grid9", "genlabel-kde"): 70.0, ("digits", "genlabel-kde"): 15.0}
+_PAPER_BASE = {"grid9": 8.0, "two-circle": 8.0, "moon": 4.0, "circle": 4.0, "digits": 5.0}
+_TABULAR_BASE = {"digits": 10.0, "breast-cancer": 3.0}
+
+
+def _cost(kind: str, key: tuple) -> float:
+    if kind == "paper":
+        name, _, methods = key
+        return 2.0 + sum(_SLOW_PAPER.get((name, m), _PAPER_BASE.get(name, 0.5)) for m in methods)
+    name, _, arch, methods = key
+    base = _TABULAR_BASE.get(name, 1.5) * (2.0 if arch == "3fc" else 1.0)
+    return 2.0 + sum(base * (2.0 if m.startswith("genlabel") else 1.0) for m in methods)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _init_worker(threads: int, numba_threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        import numba
+
+        numba.set_num_threads(max(1, min(numba_threads, numba.config.NUMBA_NUM_THREADS)))
+    except ImportError:
+        pass
+
+
+def _label(kind: str, key: tuple) -> str:
+    if kind == "paper":
+        return f"{key[0]} seed {key[1]}"
+    return f"tabular {key[0]}/{key[2]} seed {key[1]}"
+
+
+def execute(tasks: list, jobs: int, threads: int, bar) -> list:
+    """Run ``tasks`` [(kind, key, fn, kwargs)] and return their results in the order of ``tasks``.
+
+    ``jobs`` 1: one after the other in this process. More: a pool of ``jobs`` spawned worker
+    processes, each with ``threads`` torch threads and the CPUs shared out among Numba's; the
+    longest cells start first. Every cell seeds its own generators, so the results are the same
+    whatever the number of jobs or the order in which cells finish. ``bar`` counts finished cells.
+    """
+    results: list = [None] * len(tasks)
+    if jobs <= 1 or len(tasks) <= 1:
+        for i, (kind, key, fn, kwargs) in enumerate(tasks):
+            bar.set_postfix_str(_label(kind, key), refresh=False)
+            results[i] = fn(*key, **kwargs)
+            bar.update(1)
+        return results
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    jobs = min(jobs, len(tasks))
+    order = sorted(range(len(tasks)), key=lambda i: -_cost(tasks[i][0], tasks[i][1]))
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(threads, max(1, usable_cpus() // jobs)))
+    try:
+        pending = {pool.submit(tasks[i][2], *tasks[i][1], **tasks[i][3]): i for i in order}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                results[i] = fut.result()
+                bar.set_postfix_str(f"done {_label(tasks[i][0], tasks[i][1])}", refresh=False)
                 bar.update(1)
-    return results, protocols, panels
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
 
 
-def _tabular_names(args) -> tuple[str, ...]:
-    """The sets the tabular suite may run: all tabular sets when --datasets names them, else the default."""
-    return ds.TABULAR if args.datasets else tabular.DEFAULT_DATASETS
-
-
-def _run_tabular(args, names, methods, seeds, archs, attacks, bar):
-    """The authors' tabular protocol: summary table keyed "dataset/arch", with the paired comparisons."""
+def _tabular_table(results: list[RunResult], chosen_lrs: list[float], epochs: int, gamma: float, bandwidth) -> dict:
+    """The tabular suite's summary keyed "dataset/arch", with the chosen rates and the paired comparisons."""
     tab = tabular
-
-    epochs = args.epochs or tab.EPOCHS
-    gamma = 1.0 if args.gamma is None else args.gamma
-    bandwidth = args.bandwidth or "scott"
-    results: list[RunResult] = []
     lrs: dict = {}
     protocols: dict = {}
-    for name in names:
-        for seed in seeds[name]:
-            data = ds.with_validation(ds.load(name, seed), tab.VAL_FRACTION, seed)
-            for arch in archs:
-                key = f"{name}/{arch}"
-                protocols[key] = tab.protocol(arch, tab.LRS[0], epochs=epochs, gamma=gamma, bandwidth=bandwidth)
-                for method in methods:
-                    bar.set_postfix_str(f"tabular {key} seed {seed} {method}", refresh=False)
-                    cell = tab.run_cell(data, arch, method, seed, epochs=epochs, gamma=gamma, bandwidth=bandwidth,
-                                        keep_net=attacks is not None, on_train=lambda: bar.update(1))
-                    r = cell.run
-                    _attack(r, data, seed, attacks, args.measure)
-                    r.net, r.dataset, r.val_selected_acc = None, key, None
-                    results.append(r)
-                    lrs.setdefault((key, method), []).append(cell.lr)
+    for r, lr in zip(results, chosen_lrs):
+        arch = r.dataset.rsplit("/", 1)[1]
+        protocols[r.dataset] = tab.protocol(arch, tab.LRS[0], epochs=epochs, gamma=gamma, bandwidth=bandwidth)
+        lrs.setdefault((r.dataset, r.method), []).append(lr)
     table = summarise(results, protocols)
     for key, cells in table.items():
         for method, cell in cells.items():
@@ -355,7 +427,7 @@ def _run_tabular(args, names, methods, seeds, archs, attacks, bar):
                 cells[g].setdefault("vs", {})[base] = {
                     m: tab.paired_outcome(cells[g][m]["runs"], cells[base][m]["runs"])
                     for m in ("clean", "robust", "pgd") if m in cells[g] and m in cells[base]}
-    return results, table
+    return table
 
 
 def print_tally(table: dict, archs: list[str], measures: list[str]) -> None:
@@ -386,15 +458,15 @@ def print_tally(table: dict, archs: list[str], measures: list[str]) -> None:
             print("-+-".join("-" * w for w in widths))
 
 
-def run(args) -> dict:
-    """Train every cell of the chosen suites; returns the summary table (see :func:`summarise`), writes the files."""
-    import torch
-    from tqdm import tqdm
+def plan(args) -> SimpleNamespace:
+    """What ``run`` trains: ``tasks`` [(kind, key, fn, kwargs)], the paper suite's cells first (``n_paper``).
 
+    Also the choices the tables and files need (names, methods, seeds, archs, attacks, ...).
+    """
     tab = tabular
     quick, names, methods, seeds = _config(args)
     paper_names = names if args.suite in ("paper", "all") else []
-    tab_names = [n for n in names if n in _tabular_names(args)] if args.suite in ("tabular", "all") else []
+    tab_names = [n for n in names if n in ds.TABULAR] if args.suite in ("tabular", "all") else []
     tab_methods = [m for m in methods if m in tab.METHODS]
     tab_seeds = {n: list(range(args.seed_start, args.seed_start + (args.seeds or (QUICK_SEEDS if quick else tab.SEEDS))))
                  for n in tab_names}
@@ -405,27 +477,69 @@ def run(args) -> dict:
     if args.measure != "clean":
         attacks = {"points": args.attack_points, "pgd_steps": args.pgd_steps,
                    "boundary_steps": args.boundary_steps or (QUICK_BOUNDARY_STEPS if quick else BOUNDARY_STEPS)}
-    results: list[RunResult] = []
-    tab_results: list[RunResult] = []
-    table: dict = {}
-    tab_table: dict = {}
-    panels: dict = {}
+    overrides = {"epochs": args.epochs, "gamma": args.gamma, "bandwidth": args.bandwidth,
+                 "kde_max_points": args.kde_max_points}
+    tab_epochs = args.epochs or tab.EPOCHS
+    tab_gamma = 1.0 if args.gamma is None else args.gamma
+    tab_bandwidth = args.bandwidth or "scott"
+    tasks = []
+    for name in paper_names:
+        for seed in seeds[name]:
+            # The first seed's networks of a 2-D set are kept for the decision-boundary figure.
+            if not _methods_for(name, methods):
+                continue
+            keep = plot_path is not None and seed == seeds[name][0] and ds.load(name, seed).dim == 2
+            tasks.append(("paper", (name, seed, tuple(_methods_for(name, methods))), paper_cell,
+                          {"overrides": overrides, "quick": quick, "attacks": attacks, "measure": args.measure,
+                           "keep_net": keep}))
+    n_paper = len(tasks)
+    if tab_methods:
+        for name in tab_names:
+            for seed in tab_seeds[name]:
+                for arch in archs:
+                    tasks.append(("tabular", (name, seed, arch, tuple(tab_methods)), tabular_cell,
+                                  {"epochs": tab_epochs, "gamma": tab_gamma, "bandwidth": tab_bandwidth,
+                                   "attacks": attacks, "measure": args.measure}))
+    return SimpleNamespace(tasks=tasks, n_paper=n_paper, quick=quick, methods=methods, seeds=seeds,
+                           paper_names=paper_names, tab_methods=tab_methods, tab_seeds=tab_seeds, archs=archs,
+                           attacks=attacks, plot_path=plot_path, tab_epochs=tab_epochs, tab_gamma=tab_gamma,
+                           tab_bandwidth=tab_bandwidth)
+
+
+def run(args) -> dict:
+    """Train every cell of the chosen suites; returns the summary table (see :func:`summarise`), writes the files."""
+    import torch
+    from tqdm import tqdm
+
+    tab = tabular
+    p = plan(args)
+    tasks, n_paper, quick, methods, seeds, archs, attacks = (p.tasks, p.n_paper, p.quick, p.methods, p.seeds,
+                                                             p.archs, p.attacks)
+    paper_names, tab_methods, tab_seeds, plot_path = p.paper_names, p.tab_methods, p.tab_seeds, p.plot_path
+    tab_epochs, tab_gamma, tab_bandwidth = p.tab_epochs, p.tab_gamma, p.tab_bandwidth
+    jobs = args.jobs or usable_cpus()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        total = sum(len(seeds[n]) * len(_methods_for(n, methods)) for n in paper_names)
-        total += sum(len(tab_seeds[n]) for n in tab_names) * len(archs) * len(tab_methods) * len(tab.LRS)
-        with tqdm(total=total, file=sys.stderr, disable=args.quiet, unit="run", dynamic_ncols=True) as bar:
-            if paper_names:
-                results, protocols, panels = _run_paper(args, paper_names, methods, seeds, quick, attacks,
-                                                        plot_path, bar)
-                table = summarise(results, protocols)
-            if tab_names and tab_methods:
-                tab_results, tab_table = _run_tabular(args, tab_names, tab_methods, tab_seeds, archs, attacks, bar)
+        with tqdm(total=len(tasks), file=sys.stderr, disable=args.quiet, unit="cell", dynamic_ncols=True) as bar:
+            done = execute(tasks, jobs, args.threads, bar)
     finally:
         torch.set_num_threads(previous_threads)
     elapsed = time.perf_counter() - start
+
+    results = [r for runs, _ in done[:n_paper] for r in runs]
+    protocols = {runs[0].dataset: proto for runs, proto in done[:n_paper]}
+    panels: dict = {}
+    for r in results:
+        if r.net is not None:
+            panels.setdefault(r.dataset, (ds.load(r.dataset, r.seed), {}))[1][r.method] = r.net
+            r.net = None
+    table = summarise(results, protocols) if results else {}
+    tab_done = [pair for cell in done[n_paper:] for pair in cell]
+    tab_results = [r for r, _ in tab_done]
+    tab_table = (_tabular_table(tab_results, [lr for _, lr in tab_done], tab_epochs, tab_gamma, tab_bandwidth)
+                 if tab_results else {})
 
     if table:
         print_tables(table, methods, {n: seeds[n] for n in paper_names}, quick, attacks)
@@ -455,7 +569,8 @@ def run(args) -> dict:
         decision_boundaries(plot_path, panels, METHOD_LABELS, accs, seed=args.seed_start)
         print(f"wrote {plot_path}", file=sys.stderr)
     n_train = len(results) + len(tab_results) * len(tab.LRS)
-    print(f"{n_train} trainings in {elapsed:.1f} s ({args.threads} torch thread(s))", file=sys.stderr)
+    print(f"{n_train} trainings in {len(tasks)} cells in {elapsed:.1f} s ({min(jobs, max(1, len(tasks)))} job(s), "
+          f"{args.threads} torch thread(s) each)", file=sys.stderr)
     return table
 
 

@@ -127,6 +127,59 @@ def import_foolbox():
     return foolbox
 
 
+class _Stacked(nn.Module):
+    """Several networks as one: rows ``[offsets[m], offsets[m + 1])`` of every batch go to ``nets[m]``.
+
+    foolbox's BoundaryAttack queries the whole batch at every step, so each attacked point keeps
+    its own network; any other batch size is refused rather than routed wrongly.
+    """
+
+    def __init__(self, nets, sizes):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+        self.sizes = [int(n) for n in sizes]
+
+    def forward(self, x):
+        if x.shape[0] != sum(self.sizes):
+            raise RuntimeError(f"stacked networks: expected a batch of {sum(self.sizes)} rows, got {x.shape[0]}")
+        return torch.cat([net(part) for net, part in zip(self.nets, torch.split(x, self.sizes))])
+
+
+def boundary_robust_many(nets, x: np.ndarray, y: np.ndarray, eps: float, bounds: tuple[float, float],
+                         pool: np.ndarray, steps: int = BOUNDARY_STEPS, seed: int = 0) -> list[np.ndarray]:
+    """:func:`boundary_robust` of each network of ``nets`` on the same points, in one attack call.
+
+    foolbox's BoundaryAttack keeps its step sizes per point and draws one Gaussian direction per
+    step shared by the whole batch (its ``draw_proposals``), so a point attacked beside others
+    follows the same path as attacked alone with the same seed; batching only saves the attack's
+    per-step overhead, which dominates on these small networks.
+    """
+    _check(x, y, eps)
+    foolbox = import_foolbox()
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.int64)
+    robust, todo, starts = [], [], []
+    for net in nets:
+        net.eval()
+        ok = (_predict(net, xt) == yt).numpy()
+        start = _starting_points(net, xt, yt, pool, bounds, seed)
+        robust.append(ok)
+        todo.append(np.flatnonzero(ok & ~torch.isnan(start).any(1).numpy()))
+        starts.append(start)
+    if eps == 0 or all(t.size == 0 for t in todo):
+        return robust
+    sel = [torch.from_numpy(t) for t in todo]
+    fmodel = foolbox.PyTorchModel(_Stacked(nets, [t.size for t in todo]).eval(), bounds=bounds)
+    attack = foolbox.attacks.BoundaryAttack(steps=steps)
+    with torch.random.fork_rng(devices=[]):  # foolbox draws from torch's global generator: seed it, then restore
+        torch.manual_seed(int(seed))
+        _, _, success = attack(fmodel, torch.cat([xt[s] for s in sel]), torch.cat([yt[s] for s in sel]),
+                               epsilons=float(eps), starting_points=torch.cat([st[s] for st, s in zip(starts, sel)]))
+    for ok, t, hit in zip(robust, todo, torch.split(success, [t.size for t in todo])):
+        ok[t] = ~hit.numpy()
+    return robust
+
+
 def boundary_robust(net: nn.Module, x: np.ndarray, y: np.ndarray, eps: float, bounds: tuple[float, float],
                     pool: np.ndarray, steps: int = BOUNDARY_STEPS, seed: int = 0) -> np.ndarray:
     """Per point, True iff correct and foolbox's BoundaryAttack finds no misclassified point within L2 ``eps``.
@@ -135,41 +188,27 @@ def boundary_robust(net: nn.Module, x: np.ndarray, y: np.ndarray, eps: float, bo
     ``bounds``. A correctly classified point whose label the model predicts on the whole pool gets
     no start and counts as robust: the decision-based attack cannot begin there.
     """
-    _check(x, y, eps)
-    foolbox = import_foolbox()
-    net.eval()
-    xt = torch.as_tensor(x, dtype=torch.float32)
-    yt = torch.as_tensor(y, dtype=torch.int64)
-    robust = (_predict(net, xt) == yt).numpy()
-    start = _starting_points(net, xt, yt, pool, bounds, seed)
-    todo = np.flatnonzero(robust & ~torch.isnan(start).any(1).numpy())
-    if todo.size == 0 or eps == 0:
-        return robust
-    fmodel = foolbox.PyTorchModel(net, bounds=bounds)
-    attack = foolbox.attacks.BoundaryAttack(steps=steps)
-    sel = torch.from_numpy(todo)
-    with torch.random.fork_rng(devices=[]):  # foolbox draws from torch's global generator: seed it, then restore
-        torch.manual_seed(int(seed))
-        _, _, success = attack(fmodel, xt[sel], yt[sel], epsilons=float(eps), starting_points=start[sel])
-    robust[todo] = ~success.numpy()
-    return robust
+    return boundary_robust_many([net], x, y, eps, bounds, pool, steps=steps, seed=seed)[0]
 
 
 MEASURES = ("clean", "robust", "both")
 
 
-def robust_accuracies(net: nn.Module, x_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int, *,
+def robust_accuracies(nets, x_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int, *,
                       points: int = ATTACK_POINTS, boundary_steps: int = BOUNDARY_STEPS,
-                      pgd_steps: int = PGD_STEPS) -> dict:
-    """Both attacks on the same seeded subsample of the test set: {"robust", "pgd", "epsilon", "points"}.
+                      pgd_steps: int = PGD_STEPS) -> list[dict]:
+    """Both attacks on the same seeded subsample of the test set, per network of ``nets`` (the methods of a seed).
 
-    ``robust`` and ``pgd`` are fractions in [0, 1]; the subsample depends on the seed only, so every
-    method of a seed is attacked on the same points.
+    Returns one {"robust", "pgd", "epsilon", "points"} per network; ``robust`` and ``pgd`` are
+    fractions in [0, 1]. The subsample depends on the seed only, so every method of a seed is
+    attacked on the same points; the BoundaryAttack runs on all networks in one call
+    (:func:`boundary_robust_many`).
     """
     keep = attack_subset(len(y_test), points, seed)
     x, y = x_test[keep], y_test[keep]
     eps = attack_radius(x_train)
     bounds = _bounds(x_train, x)
-    boundary = boundary_robust(net, x, y, eps, bounds, x_train, steps=boundary_steps, seed=seed)
-    pgd = pgd_robust(net, x, y, eps, bounds, steps=pgd_steps, seed=seed)
-    return {"robust": float(boundary.mean()), "pgd": float(pgd.mean()), "epsilon": eps, "points": int(keep.size)}
+    boundary = boundary_robust_many(nets, x, y, eps, bounds, x_train, steps=boundary_steps, seed=seed)
+    return [{"robust": float(b.mean()), "pgd": float(pgd_robust(net, x, y, eps, bounds, steps=pgd_steps,
+                                                                 seed=seed).mean()),
+             "epsilon": eps, "points": int(keep.size)} for net, b in zip(nets, boundary)]

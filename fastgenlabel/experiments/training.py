@@ -123,8 +123,14 @@ def _optimizer(net: nn.Module, proto: Protocol) -> torch.optim.Optimizer:
     return torch.optim.SGD(net.parameters(), lr=proto.lr, momentum=proto.momentum, weight_decay=proto.weight_decay)
 
 
+def _target_key(data: Dataset, proto: Protocol, method: str, seed: int) -> tuple:
+    """What a run's GenLabel targets depend on: not the network, so not the learning rate or the optimiser."""
+    return (data.name, len(data.train), data.dim, method, int(seed), proto.gamma, proto.top2, proto.alpha,
+            proto.batch_size, proto.epochs, proto.bandwidth, proto.kde_max_points)
+
+
 def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_net: bool = False,
-              val_selected: bool = True) -> RunResult:
+              val_selected: bool = True, target_cache: dict | None = None) -> RunResult:
     """Train one MLP on ``data`` with ``method`` and report its test accuracy after the last epoch.
 
     Args:
@@ -135,12 +141,27 @@ def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_ne
         keep_net: return the trained network (for plots).
         val_selected: with a validation split, also test the epoch of best validation accuracy
             (one evaluation per epoch); False measures the validation split after the last epoch only.
+        target_cache: a dict shared by runs that differ only in the network's training (learning
+            rate, optimiser, architecture): the first GenLabel run stores its targets there, the
+            others replay them instead of relabelling again. The batches and pairs are the same
+            (drawn from ``seed``) and the targets do not depend on the network, so the results
+            are identical to relabelling; a run with another data, method, seed or label
+            setting is refused.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     k = data.num_classes
     model = None
-    if method.startswith("genlabel"):
+    replay, record = None, None
+    if method.startswith("genlabel") and target_cache is not None:
+        key = _target_key(data, proto, method, seed)
+        if target_cache and target_cache["key"] != key:
+            raise ValueError(f"target_cache: holds the targets of {target_cache['key']}, not of {key}")
+        if target_cache:
+            replay = iter(target_cache["targets"])
+        else:
+            record = []
+    if method.startswith("genlabel") and replay is None:
         model = fit_class_model(method, proto, data.train.x, data.train.y, k, seed=seed, dataset=data.name)
 
     torch.manual_seed(seed)
@@ -154,6 +175,8 @@ def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_ne
 
     fast = model is not None and not proto.top2
     backend, max_diff = None, None
+    if replay is not None:
+        backend, max_diff = target_cache["relabel"]
     best_val, best_state, best_epoch = -1.0, None, None
     for epoch in range(proto.epochs):
         net.train()
@@ -170,6 +193,8 @@ def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_ne
                 x_mix = mix(x, pairs)
                 if method == "mixup":
                     target = mixup_target(y, pairs, k)
+                elif replay is not None:
+                    target = next(replay)
                 elif fast:
                     target = relabel(model, x, pairs, y, proto.gamma, num_classes=k, backend="auto")
                     if max_diff is None:
@@ -177,6 +202,8 @@ def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_ne
                 else:
                     target = genlabel_target(model, x_mix, y, y[pairs.perm], pairs.lam, proto.gamma,
                                              num_classes=k, top2=proto.top2)
+                if record is not None:
+                    record.append(target.detach().clone())  # kept safe from any buffer reuse
                 logits = net(x_mix)
                 loss = soft_target_cross_entropy(logits, target)
             opt.zero_grad(set_to_none=True)
@@ -191,6 +218,8 @@ def train_run(data: Dataset, proto: Protocol, method: str, seed: int, *, keep_ne
                 best_val, best_epoch = val, epoch + 1
                 best_state = copy.deepcopy(net.state_dict())
 
+    if record is not None:
+        target_cache.update(key=key, targets=record, relabel=(backend, max_diff))
     test_acc = accuracy(net, data.test)
     val_selected = None
     if best_state is not None:
