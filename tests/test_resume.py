@@ -2,6 +2,7 @@
 run would have (images, crops, flips, pairs, targets), on both backends and every data kind, mid-epoch,
 at an epoch's end, twice in one epoch and on two ranks; states from other runs are refused."""
 import io
+import itertools
 import pickle
 import tarfile
 
@@ -234,3 +235,198 @@ def test_resume_on_two_ranks(kinds, backend, tmp_path):
     run_ranks(_two_ranks, kinds, backend, tmp_path, timeout=240.0)
     a, b = ((tmp_path / f"rank{r}").read_text().split(",") for r in range(2))
     assert len(a) == len(b) > 0 and a != b  # each rank resumed its own shard
+
+
+# ---- the host-drawn crops: the generator, the windows, DALI applying them ----------------------------
+
+def test_philox_is_numpys_and_draws_are_uniform_and_independent():
+    from scipy import stats
+
+    from fastgenlabel.loader.crops import philox4x64, uniforms
+
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        c = rng.integers(0, 2 ** 64 - 2, 4, dtype=np.uint64)
+        k = rng.integers(0, 2 ** 64 - 1, 2, dtype=np.uint64)
+        want = np.random.Philox(counter=c, key=k).random_raw(4)  # numpy increments the counter first
+        c[0] += np.uint64(1)
+        assert (philox4x64(c[None], k)[0] == want).all()
+    n = 4000
+    u = uniforms(3, 1, np.arange(n), 23)
+    assert np.array_equal(u[7:9], uniforms(3, 1, [7, 8], 23))  # a row depends on its index only
+    alpha = 1e-3 / 25  # every check below at a family-wise level of 1e-3
+    for col in (0, 9, 10, 22):
+        assert stats.kstest(u[:, col], "uniform").pvalue > alpha
+    pairs = [(u[:, 0], uniforms(3, 2, np.arange(n), 1)[:, 0]),  # the next epoch
+             (u[:, 0], uniforms(4, 1, np.arange(n), 1)[:, 0]),  # another seed
+             (u[1:, 0], u[:-1, 0]),  # neighbouring samples
+             (u[:, 0], u[:, 1]), (u[:, 3], u[:, 4])]  # neighbouring draws, across a counter block
+    for a, b in pairs:
+        assert abs(np.corrcoef(a, b)[0, 1]) < stats.norm.ppf(1 - alpha / 2) / np.sqrt(len(a))
+
+
+def test_crop_windows_are_torchvisions_random_resized_crop():
+    """The vectorised windows equal a written-out torchvision RandomResizedCrop fed the same uniforms."""
+    import math
+
+    from fastgenlabel.loader.crops import ATTEMPTS, crop_windows, uniforms
+
+    rng = np.random.default_rng(3)
+    n = 600
+    widths, heights = rng.integers(1, 400, n), rng.integers(1, 400, n)
+    widths[:50] = 600  # very wide and very tall images: the fallback
+    heights[50:100] = 700
+    heights[:50], widths[50:100] = 10, 12
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    start, shape, flip = crop_windows(widths, heights, seed=5, epoch=2, indices=np.arange(n), scale=scale,
+                                      ratio=ratio)
+    u = uniforms(5, 2, np.arange(n), 2 * ATTEMPTS + 3)
+    fallbacks = 0
+    for i in range(n):
+        W, H = int(widths[i]), int(heights[i])
+        for t in range(ATTEMPTS):
+            target = W * H * (scale[0] + (scale[1] - scale[0]) * u[i, t])
+            aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[i, ATTEMPTS + t])
+            w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if 0 < w <= W and 0 < h <= H:
+                want = (int(u[i, -3] * (W - w + 1)), int(u[i, -2] * (H - h + 1)), w, h)
+                break
+        else:
+            fallbacks += 1
+            r = W / H
+            w, h = (W, int(round(W / min(ratio)))) if r < min(ratio) else \
+                (int(round(H * max(ratio))), H) if r > max(ratio) else (W, H)
+            want = ((W - w) // 2, (H - h) // 2, w, h)
+        assert (*start[i].tolist(), *shape[i].tolist()) == want, i
+        assert flip[i] == (u[i, -1] < 0.5)
+    assert fallbacks >= 100  # the wide and tall images took the fallback
+    assert not crop_windows(widths, heights, seed=5, epoch=2, indices=np.arange(n), flip=False)[2].any()
+
+
+def test_upright_size_is_dalis_for_every_exif_orientation():
+    from nvidia.dali import fn, pipeline_def
+
+    from fastgenlabel.loader.encoded import upright_size
+
+    rgb = np.random.default_rng(4).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    datas = []
+    for fmt in ("JPEG", "PNG"):
+        for o in range(9):
+            buf = io.BytesIO()
+            exif = Image.Exif()
+            exif[0x010F] = "maker"
+            if o:
+                exif[0x0112] = o
+            Image.fromarray(rgb).save(buf, fmt, exif=exif)
+            datas.append(np.frombuffer(buf.getvalue(), np.uint8))
+
+    @pipeline_def(batch_size=len(datas), num_threads=1, device_id=None)
+    def pipe():
+        return fn.peek_image_shape(fn.external_source(source=lambda: datas, batch=True))
+
+    p = pipe()
+    p.build()
+    shapes = np.array(p.run()[0].as_tensor())
+    got = [upright_size(d) for d in datas]
+    assert got == [(int(s[1]), int(s[0])) for s in shapes]
+    assert got.count((24, 40)) == 8  # orientations 5-8 of both formats turn the image
+
+
+def _gradient_pngs(root, sizes):
+    """PNGs whose red channel is x and green is y (lossless): a crop's window can be read off its pixels."""
+    for n, (w, h) in enumerate(sizes):
+        x, y = np.meshgrid(np.arange(w), np.arange(h))
+        img = np.stack([x, y, np.full_like(x, 128)], -1).astype(np.uint8)
+        (root / "c0").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "c0" / f"{n:04d}.png")
+    return root
+
+
+def _read_windows(images):
+    """(left, top, w, h, flipped) of (B, S, S, 3) crops of gradient images, from a straight-line fit of the
+    middle half of the red and green ramps (resizing is linear there: exact up to the uint8 rounding)."""
+    s = images.shape[1]
+    j = np.arange(s // 4, s - s // 4) + 0.5
+    out = []
+    for im in images.astype(np.float64):
+        sx, cx = np.polyfit(j, im[s // 2, s // 4:s - s // 4, 0], 1)
+        sy, cy = np.polyfit(j, im[s // 4:s - s // 4, s // 2, 1], 1)
+        # output pixel j samples x = left + (j + 0.5) w / S - 0.5 (mirrored: left + w - (j + 0.5) w / S - 0.5)
+        left = cx - sx / 2 + 0.5 + (sx * s if sx < 0 else 0.0)
+        out.append((left, cy - sy / 2 + 0.5, abs(sx) * s, sy * s, sx < 0))
+    return np.array(out)
+
+
+@pytest.mark.slow
+def test_dali_crops_the_host_windows_and_keeps_the_distribution_of_its_own_random_crop(tmp_path):
+    """The loader's DALI crops are the host-drawn windows and flips; and those windows have the same
+    distribution as DALI's ``image_random_crop`` (the loader's crops before): two-sample KS tests
+    of area fraction, aspect ratio and centre, on windows read off the pixels of gradient images."""
+    from nvidia.dali import fn, pipeline_def, types
+    from scipy import stats
+
+    from fastgenlabel.loader.crops import crop_windows
+
+    W, H, S, n = 240, 180, 64, 4096  # n: enough that crop_scale (0.12, 1) instead of (0.08, 1) fails
+    sizes = [(W, H)] + [(200, 250), (130, 90)] * 3
+    root = _gradient_pngs(tmp_path / "g", sizes)
+    loader = GenLabelLoader(LoaderConfig(data=str(root), batch_size=7, image_size=S, device="cpu", num_threads=1,
+                                         alpha=0.0, seed=11, mean=(0, 0, 0), std=(1, 1, 1), layout="HWC"))
+    files = sorted((root / "c0").iterdir())
+    batches, feed = [], []
+    for epoch in range(3):
+        batch = next(iter(loader))
+        loader.reset()
+        loader.set_epoch(epoch + 1)
+        idx = batch.indices.numpy()
+        wh = np.array(sizes)[idx]
+        start, shape, flip = crop_windows(wh[:, 0], wh[:, 1], seed=11, epoch=epoch, indices=idx)
+        batches.append(batch.images.numpy())
+        feed.append(([np.fromfile(files[i], np.uint8) for i in idx], start, shape, flip))
+    assert any(f[3].any() for f in feed) and not all(f[3].all() for f in feed)
+    calls = iter(range(100))
+
+    @pipeline_def(batch_size=7, num_threads=1, device_id=None)
+    def reference():  # decode whole, slice the host window, resize, flip: what the loader's graph must give
+        data, start, shape, flips = fn.external_source(source=lambda: feed[next(calls) % 3], num_outputs=4,
+                                                       batch=True)
+        images = fn.slice(fn.decoders.image(data, output_type=types.RGB), start=start, shape=shape,
+                          axis_names="WH")
+        return fn.flip(fn.resize(images, resize_x=S, resize_y=S), horizontal=flips)
+
+    ref = reference()
+    ref.build()
+    for images in batches:
+        assert np.array_equal(images, np.array(ref.run()[0].as_tensor()).astype(np.float32))
+
+    data = np.fromfile(root / "c0" / "0000.png", np.uint8)
+
+    @pipeline_def(batch_size=256, num_threads=1, device_id=None, seed=11)
+    def dalis_own():
+        jpegs = fn.external_source(source=lambda: [data] * 256, batch=True)
+        images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
+                                               random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+        return fn.resize(images, resize_x=S, resize_y=S)
+
+    start, shape, _ = crop_windows(np.full(n, W), np.full(n, H), seed=3, epoch=0, indices=np.arange(n))
+    chunks = itertools.cycle([(start[i:i + 256], shape[i:i + 256]) for i in range(0, n, 256)])  # DALI reads ahead
+
+    @pipeline_def(batch_size=256, num_threads=1, device_id=None)
+    def host_windows():  # the loader's way: the host's windows, read back through the same pixels
+        jpegs, st, sh = fn.external_source(source=lambda: ([data] * 256, *next(chunks)), num_outputs=3, batch=True)
+        images = fn.decoders.image_slice(jpegs, start=st, shape=sh, output_type=types.RGB)
+        return fn.resize(images, resize_x=S, resize_y=S)
+
+    read = []
+    for make in (dalis_own, host_windows):  # windows read off the pixels on both sides: the same reading errors
+        p = make()
+        p.build()
+        read.append(np.concatenate([_read_windows(np.array(p.run()[0].as_tensor())) for _ in range(n // 256)]))
+    theirs, ours = read
+
+    def features(win):
+        left, top, w, h = win[:, 0], win[:, 1], win[:, 2], win[:, 3]
+        return w * h / (W * H), np.log(w / h), (left + w / 2) / W, (top + h / 2) / H
+
+    for name, a, b in zip(("area", "log aspect", "centre x", "centre y"), features(ours), features(theirs)):
+        assert stats.ks_2samp(a, b).pvalue > 1e-3 / 4, name

@@ -3,7 +3,7 @@
 ``image_pipeline`` reads encoded images, their sample indices and the batch's pairs from one
 external source (so the loader owns the order, the shards, the last batch and the pairs: all
 pure functions of (seed, epoch, shard, batch)), decodes (``"mixed"`` on a GPU, the CPU otherwise),
-random-resized-crops, flips, and then:
+random-resized-crops, flips (with ``windows``, at the windows and flags the source hands in), and then:
 
 - CPU (``device_id=None``): the in-graph mix stage normalises, mixes, changes the layout and
   writes the unmixed thumbnails in one pass (``stages.mix_stage``). Outputs:

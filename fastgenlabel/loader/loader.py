@@ -240,6 +240,12 @@ class GenLabelLoader:
         self.epoch = epoch
         self._epoch_chosen = True
 
+    @property
+    def sampler(self) -> EpochSampler:
+        """``loader.sampler.set_epoch(e)`` is :meth:`set_epoch`: the ``DistributedSampler`` idiom that
+        training scripts (and Lightning, every epoch) call on a loader's sampler."""
+        return EpochSampler(self)
+
     # ---- exact resume ----------------------------------------------------------------------------------
 
     def _resume_key(self) -> tuple[int, str | None]:
@@ -377,6 +383,16 @@ class GenLabelLoader:
         c = self.config
         return (f"GenLabelLoader(backend={c.backend!r}, device={str(self.device)!r}, batch_size={c.batch_size}, "
                 f"num_classes={self.num_classes}, features={self.features!r}, model={self.model!r})")
+
+
+class EpochSampler:
+    """The ``sampler`` of a :class:`GenLabelLoader`: only ``set_epoch``, forwarded to the loader."""
+
+    def __init__(self, loader: GenLabelLoader):
+        self.loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
 
 
 def _resolve_device(config) -> torch.device:
