@@ -3,12 +3,12 @@ come from the trainer, the loader's state goes into Lightning's checkpoints, and
 from a mid-epoch checkpoint trains on exactly the batches the uninterrupted run did."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("lightning")
 
 N, K, B = 22, 3, 2
 
@@ -70,8 +70,17 @@ def _run(rank, world, out, resume_from):
     (out / f"{name}{rank}.json").write_text(json.dumps(info))
 
 
+def test_without_lightning_the_core_imports_and_the_module_says_what_to_install():
+    code = ("import sys; sys.modules['lightning'] = None\n"  # as if not installed
+            "import fastgenlabel, fastgenlabel.loader\n"
+            "try:\n    import fastgenlabel.lightning\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "fastgenlabel.lightning needs lightning: pip install" in out
+
+
 @pytest.mark.slow
 def test_two_process_ddp_trainer_resumes_mid_epoch_exactly(tmp_path):
+    pytest.importorskip("lightning")
     from gloo import run_ranks
 
     run_ranks(_run, tmp_path, None, timeout=300.0)
