@@ -59,6 +59,7 @@ def _run(rank, world, out, resume_from):
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=4, save_top_k=-1,
                            filename="{epoch}-{step}")
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", max_epochs=2, logger=False,
+                         default_root_dir=out, enable_checkpointing=not resume_from,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[ckpt] if not resume_from
                          else [], num_sanity_val_steps=0)
     net = Net()
