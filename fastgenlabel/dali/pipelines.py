@@ -3,7 +3,7 @@
 ``image_pipeline`` reads encoded images, their sample indices and the batch's pairs from one
 external source (so the loader owns the order, the shards, the last batch and the pairs: all
 pure functions of (seed, epoch, shard, batch)), decodes (``"mixed"`` on a GPU, the CPU otherwise),
-random-resized-crops, flips, and then:
+random-resized-crops, flips (with ``windows``, at the windows and flags the source hands in), and then:
 
 - CPU (``device_id=None``): the in-graph mix stage normalises, mixes, changes the layout and
   writes the unmixed thumbnails in one pass (``stages.mix_stage``). Outputs:
@@ -28,10 +28,14 @@ from ..functional.pairs import PairFeed
 from . import _compat, stages
 
 
-def _decode_crop(jpegs, *, gpu: bool, image_size: int, train: bool, crop_scale, crop_ratio):
+def _decode_crop(jpegs, *, gpu: bool, image_size: int, train: bool, crop_scale, crop_ratio, window=None):
     from nvidia.dali import fn, types
 
     device = "mixed" if gpu else "cpu"
+    if train and window is not None:  # (start, shape) in pixels of the upright image, "WH" order
+        images = fn.decoders.image_slice(jpegs, device=device, output_type=types.RGB, start=window[0],
+                                         shape=window[1])
+        return fn.resize(images, resize_x=image_size, resize_y=image_size)
     if train:
         images = fn.decoders.image_random_crop(jpegs, device=device, output_type=types.RGB,
                                                random_area=list(crop_scale), random_aspect_ratio=list(crop_ratio),
@@ -42,10 +46,11 @@ def _decode_crop(jpegs, *, gpu: bool, image_size: int, train: bool, crop_scale, 
     return fn.crop(images, crop=(image_size, image_size))
 
 
-def _finish(images, perm, lam, *, gpu, train, flip, mean, std, dtype, layout, thumbnail, per_sample=False):
+def _finish(images, perm, lam, *, gpu, train, flip, mean, std, dtype, layout, thumbnail, per_sample=False,
+            flips=None):
     from nvidia.dali import fn
 
-    coin = fn.random.coin_flip() if train and flip else None
+    coin = (flips if flips is not None else fn.random.coin_flip()) if train and flip else None
     if gpu:
         return (images if coin is None else fn.flip(images, horizontal=coin),)
     out = stages.mix_stage(images, perm, lam, mean=mean, std=std, layout=layout, dtype=dtype, thumbnail=thumbnail,
@@ -56,23 +61,29 @@ def _finish(images, perm, lam, *, gpu, train, flip, mean, std, dtype, layout, th
 def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, num_threads: int = 2,
                    seed: int = 0, prefetch: int = 2, train: bool = True, crop_scale=(0.08, 1.0),
                    crop_ratio=(3 / 4, 4 / 3), mean=None, std=None, dtype: str = "float32", layout: str = "CHW",
-                   thumbnail: int = 0, mix: bool = True, flip: bool = True, per_sample: bool = False):
+                   thumbnail: int = 0, mix: bool = True, flip: bool = True, per_sample: bool = False,
+                   windows: bool = False):
     """Build (not yet built) the pipeline; see the module docstring for its outputs.
 
     Args:
         source: an iterable for ``fn.external_source(num_outputs=4, batch=True)``: each item is
             (encoded images, indices, perm, lam): a list of B uint8 byte arrays, then (B, 1) int64,
             (B, 1) int64 and (B, 1) float32 arrays (lists of B (1,) arrays work too, slower).
-            StopIteration ends an epoch.
+            StopIteration ends an epoch. With ``windows``, each item also has the crop windows
+            and flips: (B, 2) int32 starts (left, top) and shapes (w, h) in pixels of the upright
+            image, and (B,) int32 flip flags (``loader.crops.crop_windows``).
         batch_size: the largest B (shorter batches are allowed: a partial last batch).
         image_size: side of the square crops.
         device_id: None for a CPU-only pipeline, else the GPU.
-        num_threads, seed, prefetch: DALI's; ``seed`` drives crops and flips.
+        num_threads, seed, prefetch: DALI's; ``seed`` drives crops and flips unless ``windows``.
         train: random resized crop + random flip (with ``flip``); else resize + centre crop.
         crop_scale, crop_ratio: random resized crop's area and aspect-ratio ranges.
         mean, std, dtype, layout, thumbnail: the CPU mix stage's (``stages.mix_stage``).
         mix: False replaces the mix stage by ``crop_mirror_normalize`` (CPU; the baseline).
         per_sample: the CPU mix stage's mode (``stages.mix_stage``).
+        windows: crops and flips come from the source (``decoders.image_slice`` and the given
+            flags), not from DALI's generator: then every batch is a pure function of what the
+            source hands in, and a pass can start at any batch (the loader's exact resume).
 
     Returns:
         A ``nvidia.dali.Pipeline``.
@@ -85,10 +96,17 @@ def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=prefetch)
     def pipe():
-        jpegs, index, perm, lam = fn.external_source(source=source, num_outputs=4, batch=True,
-                                                     dtype=[types.UINT8, types.INT64, types.INT64, types.FLOAT])
+        window = flips = None
+        if windows:
+            jpegs, index, perm, lam, start, shape, flips = fn.external_source(
+                source=source, num_outputs=7, batch=True,
+                dtype=[types.UINT8, types.INT64, types.INT64, types.FLOAT, types.INT32, types.INT32, types.INT32])
+            window = (start, shape)
+        else:
+            jpegs, index, perm, lam = fn.external_source(source=source, num_outputs=4, batch=True,
+                                                         dtype=[types.UINT8, types.INT64, types.INT64, types.FLOAT])
         images = _decode_crop(jpegs, gpu=gpu, image_size=image_size, train=train, crop_scale=crop_scale,
-                              crop_ratio=crop_ratio)
+                              crop_ratio=crop_ratio, window=window)
         if not mix and not gpu:
             if dtype == "bfloat16":
                 raise ValueError("dtype: the unmixed baseline (crop_mirror_normalize) has no bfloat16 output")
@@ -96,10 +114,11 @@ def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, 
             m = [0.0, 0.0, 0.0] if mean is None else list(mean)
             s = [1.0, 1.0, 1.0] if std is None else list(std)
             images = fn.crop_mirror_normalize(images, mean=m, std=s, dtype=out_dtype, output_layout=layout,
-                                              mirror=fn.random.coin_flip() if train and flip else 0)
+                                              mirror=(flips if windows else fn.random.coin_flip())
+                                              if train and flip else 0)
             return images, index, perm, lam
         outs = _finish(images, perm, lam, gpu=gpu, train=train, flip=flip, mean=mean, std=std, dtype=dtype,
-                       layout=layout, thumbnail=thumbnail, per_sample=per_sample)
+                       layout=layout, thumbnail=thumbnail, per_sample=per_sample, flips=flips)
         return (*outs, index, perm, lam)
 
     return pipe()

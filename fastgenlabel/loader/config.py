@@ -51,8 +51,9 @@ class LoaderConfig:
     Augmentation and output:
         image_size: side of the square output crop.
         train: random resized crop (``crop_scale``, ``crop_ratio``) and, with ``flip``, a random
-            horizontal flip; False: resize the shorter side to ``image_size / 0.875`` and
-            centre-crop, no flip.
+            horizontal flip, drawn per (seed, epoch, sample) on the host, the same windows on both
+            backends (:mod:`fastgenlabel.loader.crops`); False: resize the shorter side to
+            ``image_size / 0.875`` and centre-crop, no flip.
         mean, std: per-channel normalisation in pixel units (0-255); ImageNet's by default.
         dtype: "float32", "float16" or "bfloat16" images (rounded to nearest even from the float32
             mix); layout "CHW" gives (B, C, H, W).

@@ -35,6 +35,9 @@ class DaliBackend:
                                  shard_id=c.shard_id, num_shards=c.num_shards, on_bad_image=c.on_bad_image,
                                  warned=set(), checked=np.zeros(len(files), bool),
                                  max_image_pixels=c.max_image_pixels)
+        if c.train:  # crop windows and flips drawn on the host: a pass can start at any batch
+            self._source_args.update(crops=dict(scale=c.crop_scale, ratio=c.crop_ratio, flip=c.flip),
+                                     sizes=np.zeros((len(files), 2), np.int32))
         self.source = EpochSource(files, self.feed, **self._source_args)
         self.pipe = None
         self._clean = False  # the pipeline sits at the start of an epoch
@@ -57,16 +60,19 @@ class DaliBackend:
             prefetch=c.prefetch, train=c.train, crop_scale=c.crop_scale, crop_ratio=c.crop_ratio, mean=c.mean,
             std=c.std, dtype=c.dtype, layout=c.written_layout, thumbnail=self.thumbnail, flip=c.flip,
             mix=not c.extra.get("baseline", False),
-            per_sample=c.mix_mode == "sample" or (c.mix_mode == "auto" and c.num_threads >= 4))
+            per_sample=c.mix_mode == "sample" or (c.mix_mode == "auto" and c.num_threads >= 4),
+            windows="crops" in self._source_args)
         self.pipe.build()
         self._clean = True
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, start: int = 0) -> None:
+        """Begin a pass over ``epoch`` at its batch ``start`` (> 0: a resumed loader; the pipeline
+        is rebuilt, since DALI may have asked for the next pass's first batches already)."""
         started = self.source.pass_epoch
-        if self.pipe is None or not self._clean or (started is not None and started != epoch):
+        if self.pipe is None or not self._clean or start or (started is not None and started != epoch):
             self.close()
             self.source = EpochSource(self.files, self.feed, **self._source_args)
-            self.source.epoch = epoch
+            self.source.epoch, self.source.start = epoch, start
             self._build()
         self.source.epoch = epoch
         self._clean = False

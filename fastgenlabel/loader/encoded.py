@@ -234,3 +234,64 @@ def png_structure(data) -> tuple[str | None, int, int]:
         if kind == b"IEND":
             return None, width, height
         pos += 12 + size
+
+
+def upright_size(data) -> tuple[int, int]:
+    """(width, height) of a JPEG or PNG as the decoders return it: turned upright by its EXIF
+    orientation (a JPEG's ``Exif`` APP1 segment, a PNG's ``eXIf`` chunk before IDAT), as DALI's
+    decoders and PIL's ``exif_transpose`` turn it (orientations 5-8 swap the sides). Reads the
+    header only; (0, 0) for anything else."""
+    b = _buffer(data)
+    exif, width, height = None, 0, 0
+    if b[:2] == b"\xff\xd8":
+        pos, n = 2, len(b)
+        while pos + 4 <= n:
+            if b[pos] != 0xFF:
+                break
+            m = b[pos + 1]
+            if m == 0xFF:
+                pos += 1
+                continue
+            if m in (0x01, 0xD8) or 0xD0 <= m <= 0xD7:
+                pos += 2
+                continue
+            end = pos + 2 + (b[pos + 2] << 8 | b[pos + 3])
+            seg = b[pos + 4:end]
+            if m == 0xE1 and exif is None and seg[:6] == b"Exif\x00\x00":
+                exif = seg[6:]
+            elif m in _SOF and len(seg) >= 5:
+                height, width = seg[1] << 8 | seg[2], seg[3] << 8 | seg[4]
+                break
+            if m in (0xDA, 0xD9):
+                break
+            pos = end
+    elif b[:8] == b"\x89PNG\r\n\x1a\n" and len(b) >= 24:
+        width, height = int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
+        pos = 8
+        while pos + 8 <= len(b):
+            size, kind = int.from_bytes(b[pos:pos + 4], "big"), b[pos + 4:pos + 8]
+            if kind in (b"IDAT", b"IEND"):
+                break
+            if kind == b"eXIf":
+                exif = b[pos + 8:pos + 8 + size]
+                break
+            pos += 12 + size
+    return (height, width) if _orientation(exif) >= 5 else (width, height)
+
+
+def _orientation(tiff) -> int:
+    """The Orientation tag (0x0112) of IFD0 of a TIFF-structured EXIF block; 1 when absent or unreadable."""
+    if not tiff or len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "little" if tiff[:2] == b"II" else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    for e in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+        p = ifd + 2 + 12 * e
+        if p + 12 > len(tiff):
+            return 1
+        if int.from_bytes(tiff[p:p + 2], order) == 0x0112 and int.from_bytes(tiff[p + 2:p + 4], order) == 3:
+            value = int.from_bytes(tiff[p + 8:p + 10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1

@@ -2,40 +2,20 @@
 
 The torch backend's default dataset and the benchmark's baseline. The crop follows
 torchvision's ``RandomResizedCrop`` (10 tries at a random area and log-uniform aspect ratio,
-then a centre crop of the clamped ratio) and ``RandomHorizontalFlip``; randomness comes from a
-generator seeded by (seed, epoch, index), so results do not depend on worker scheduling.
+then a centre crop of the clamped ratio) and ``RandomHorizontalFlip``; the windows and flips are
+:func:`~.crops.crop_windows`, pure functions of (seed, epoch, index) (the DALI backend's too), so
+results depend neither on worker scheduling nor on where a pass started.
 """
 from __future__ import annotations
 
 import io
-import math
 import warnings
 
 import numpy as np
 import torch
 
+from .crops import crop_windows
 from .files import DEFAULT_MAX_IMAGE_PIXELS, CorruptImageError, ImageFiles, check_encoded, check_pixels
-
-
-def random_resized_box(width: int, height: int, scale, ratio, rng: np.random.Generator):
-    """(left, top, w, h) of a random resized crop (torchvision's algorithm)."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
@@ -95,10 +75,11 @@ class ImageFileDataset(torch.utils.data.Dataset):
             raise CorruptImageError(path, f"{type(e).__name__}: {e}") from e
         s = self.image_size
         if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-            left, top, w, h = random_resized_box(im.width, im.height, self.crop_scale, self.crop_ratio, rng)
+            start, shape, flip = crop_windows(im.width, im.height, seed=self.seed, epoch=self.epoch, indices=[i],
+                                              scale=self.crop_scale, ratio=self.crop_ratio, flip=self.flip)
+            (left, top), (w, h) = start[0].tolist(), shape[0].tolist()
             im = im.resize((s, s), Image.BILINEAR, box=(left, top, left + w, top + h))
-            if rng.random() < 0.5 and self.flip:
+            if flip[0]:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             short = round(s / 0.875)

@@ -13,6 +13,7 @@ from .batch import LoaderBatch
 from .config import LoaderConfig
 from .files import scan
 from .sampling import num_batches
+from .state import check_state, data_digest, make_state
 from .targets import TargetMaker, cpu_threads
 
 
@@ -32,6 +33,10 @@ class GenLabelLoader:
     samples and the pairs are pure functions of (seed, epoch, shard, batch). Leaving a pass early
     is fine: the next pass starts :attr:`epoch` again from its beginning (the DALI pipeline is
     rebuilt; its kernels are compiled once per process, so that takes well under a second).
+
+    Resume: :meth:`state_dict` (a few hundred bytes) and :meth:`load_state_dict` make a new
+    loader hand out exactly the batches the saved one would have handed out next, without
+    reading the batches before them.
 
     Start-up: the DALI backend's first pipeline in a process compiles its Numba stage (the CPU mix,
     or the thumbnails that ``fit`` reads): 10-12 s on this project's two-core machine. DALI
@@ -79,6 +84,9 @@ class GenLabelLoader:
             raise ValueError("return_thumbnails: set thumbnail (the side t) or give a ThumbnailPCA feature_map")
         self.epoch = 0
         self._epoch_chosen = False
+        self._resume_batch, self._resume_next = 0, None  # where load_state_dict put the next pass
+        self._pass = None  # [epoch, batches handed out, complete] of the last pass started
+        self._digest = None
         self._backend = self._make_backend(dataset)
 
     # ---- resolution of the configuration -----------------------------------------------------------
@@ -222,11 +230,64 @@ class GenLabelLoader:
         return num_batches(-(-n // self.config.num_shards), self.config.batch_size, self.config.last_batch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next pass epoch ``epoch`` (its order and pairs)."""
+        """Make the next pass epoch ``epoch`` (its order and pairs). After :meth:`load_state_dict`,
+        the restored epoch keeps its restored position (a training loop that calls
+        ``set_epoch(epoch)`` before every pass resumes as it should); another epoch starts at 0."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch: expected an integer >= 0, got {epoch!r}")
+        if epoch != self.epoch:
+            self._resume_batch, self._resume_next = 0, None
         self.epoch = epoch
         self._epoch_chosen = True
+
+    @property
+    def sampler(self) -> EpochSampler:
+        """``loader.sampler.set_epoch(e)`` is :meth:`set_epoch`: the ``DistributedSampler`` idiom that
+        training scripts (and Lightning, every epoch) call on a loader's sampler."""
+        return EpochSampler(self)
+
+    # ---- exact resume ----------------------------------------------------------------------------------
+
+    def _resume_key(self) -> tuple[int, str | None]:
+        """(N, data digest) that a state must match; a DataLoader given as the dataset cannot resume."""
+        n = self._backend.sampled_size
+        if n is None:
+            raise ValueError("dataset: a DataLoader given as the dataset has no position to save or restore "
+                             "without replaying it; pass its Dataset (the loader then samples it and resumes "
+                             "exactly)")
+        if self._digest is None and self.files is not None:
+            self._digest = data_digest(self.files)
+        return n, self._digest
+
+    def state_dict(self) -> dict:
+        """Where the next batch sits: epoch, batch, and what decides the batches (a few hundred bytes).
+
+        Taken during a pass, it describes that pass's next batch; after a pass's last batch was
+        handed out, the next epoch's first (so no epoch is lost). A pass left early still counts
+        as in progress until :meth:`reset` (then the state is the next pass from its start).
+        """
+        n, digest = self._resume_key()
+        rec = self._pass
+        if rec is not None and not rec[2]:
+            epoch, batch, after = rec[0], rec[1], (self.epoch if self._epoch_chosen else None)
+        else:
+            epoch, batch, after = self.epoch, self._resume_batch, self._resume_next
+        return make_state(self.config, epoch=epoch, batch=batch, next_epoch=after, samples=n, digest=digest)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (:meth:`state_dict` of a loader with the same configuration and
+        data; another rank's state works too: the ranks move in step). The next pass starts at the
+        saved batch without reading the ones before it; a pass in progress is dropped.
+
+        Raises:
+            ValueError: a state from another configuration, data or world size (naming what
+                differs), of another format version, or not a state at all.
+        """
+        n, digest = self._resume_key()
+        epoch, batch, after = check_state(state, self.config, samples=n, digest=digest, batches=len(self))
+        self.reset()
+        self.epoch, self._resume_batch, self._resume_next = epoch, batch, after
+        self._epoch_chosen = False
 
     def set_model(self, model) -> None:
         """Relabel with ``model`` from the next yielded batch on (e.g. after a refit).
@@ -267,17 +328,23 @@ class GenLabelLoader:
     def reset(self) -> None:
         """Drop any half-finished pass; the next pass starts at the beginning of :attr:`epoch`."""
         self._backend.close()
+        self._pass = None
+        self._resume_batch, self._resume_next = 0, None
 
     def __iter__(self):
         backend = self._backend
-        epoch = self.epoch
+        epoch, start = self.epoch, self._resume_batch
         self._epoch_chosen = False
-        backend.start_epoch(epoch)
+        if self._resume_next is not None:  # set_epoch had chosen the next pass's epoch before the save
+            self.epoch, self._epoch_chosen = self._resume_next, True
+        self._resume_batch, self._resume_next = 0, None
+        backend.start_epoch(epoch, start)
         try:
             expected = len(self)
         except TypeError:  # a user DataLoader without a length
             expected = None
-        handed_out = 0
+        handed_out = start
+        record = self._pass = [epoch, start, False]
         while True:
             try:
                 images, thumbs, indices, labels, pairs = backend.next_raw()
@@ -285,10 +352,13 @@ class GenLabelLoader:
                 break
             batch = self._finish(images, thumbs, indices, labels, pairs)
             handed_out += 1
+            record[1] = handed_out
             if handed_out == expected:  # the pass is complete once its last batch is handed out
+                record[2] = True
                 self._end_pass(epoch)
             yield batch
         if handed_out != expected:
+            record[2] = True
             self._end_pass(epoch)
         backend.finished_epoch(self.epoch)
 
@@ -313,6 +383,16 @@ class GenLabelLoader:
         c = self.config
         return (f"GenLabelLoader(backend={c.backend!r}, device={str(self.device)!r}, batch_size={c.batch_size}, "
                 f"num_classes={self.num_classes}, features={self.features!r}, model={self.model!r})")
+
+
+class EpochSampler:
+    """The ``sampler`` of a :class:`GenLabelLoader`: only ``set_epoch``, forwarded to the loader."""
+
+    def __init__(self, loader: GenLabelLoader):
+        self.loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
 
 
 def _resolve_device(config) -> torch.device:

@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..functional.pairs import PairFeed, split_pairs
+from .crops import crop_windows
+from .encoded import upright_size
 from .files import DEFAULT_MAX_IMAGE_PIXELS, CorruptImageError, ImageFiles, check_encoded
 from .sampling import batch_indices, shard_order
 
@@ -16,10 +18,12 @@ class EpochSource:
     """An iterable for ``fn.external_source(num_outputs=4, batch=True)``; one pass = one epoch.
 
     Each item is (encoded images, indices, perm, lam) for one batch (see
-    ``fastgenlabel.dali.pipelines.image_pipeline``). DALI calls ``iter`` once, at build, and
+    ``fastgenlabel.dali.pipelines.image_pipeline``), followed by the crop windows and flips
+    (start, shape, flip) with ``crops``. DALI calls ``iter`` once, at build, and
     ``next`` across epochs: after an epoch's StopIteration the next call starts a pass over epoch
     ``self.epoch``, whose batches are computed then (``pass_epoch`` says which epoch the pass in
-    progress belongs to, None before its first batch).
+    progress belongs to, None before its first batch). The first pass starts at batch
+    ``self.start`` (a resumed loader: the batches before it are neither read nor decoded).
 
     Args:
         files: the dataset.
@@ -37,17 +41,26 @@ class EpochSource:
             that thread's budget per batch at GPU speeds. The files' reads release the GIL. What
             comes out, and where errors surface, is the same either way.
         checked: which samples passed their checks (the backend keeps one across rebuilt sources).
+        crops: None (DALI draws crops and flips itself, or no random crop), or ``dict(scale=,
+            ratio=, flip=)``: each batch also carries its random resized crop windows and flips,
+            pure functions of (seed, epoch, sample index) (:func:`~.crops.crop_windows`).
+        sizes: (N, 2) int32 upright (width, height) per sample, 0 until first read (shared
+            across rebuilds, like ``checked``).
     """
 
     def __init__(self, files: ImageFiles, feed: PairFeed, *, batch_size: int, last_batch: str, shuffle: bool,
                  seed: int, shard_id: int, num_shards: int, on_bad_image: str = "error", history: int = 8,
                  read_ahead: int = 2, warned: set | None = None, checked: np.ndarray | None = None,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, crops: dict | None = None,
+                 sizes: np.ndarray | None = None):
         self.files, self.feed = files, feed
         self.batch_size, self.last_batch, self.shuffle = batch_size, last_batch, shuffle
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
         self.on_bad_image, self.max_image_pixels = on_bad_image, max_image_pixels
         self.epoch = 0
+        self.start = 0
+        self.crops = crops
+        self._sizes = np.zeros((len(files), 2), np.int32) if sizes is None else sizes
         self.recent = deque(maxlen=history)  # (epoch, batch, sample indices) of the batches handed out last
         self._batches = None
         self._pass_epoch = 0
@@ -80,7 +93,7 @@ class EpochSource:
             self._drop_pending()
             self._pass_epoch = self.epoch
             self._batches = self.batches(self.epoch)
-            self._next = 0
+            self._next, self.start = self.start, 0
         if self._next >= len(self._batches):
             self._batches = None
             raise StopIteration
@@ -100,7 +113,13 @@ class EpochSource:
                 warnings.warn(f"skipping {why} (on_bad_image='skip')", stacklevel=1)
         self.recent.append((self._pass_epoch, b, kept))
         perm, lam = split_pairs(self.feed.draw(len(kept), self._pass_epoch, b))
-        return encoded, np.asarray(kept, np.int64).reshape(-1, 1), perm, lam
+        out = (encoded, np.asarray(kept, np.int64).reshape(-1, 1), perm, lam)
+        if self.crops is None:
+            return out
+        size = self._sizes[kept]
+        c = self.crops
+        return out + crop_windows(size[:, 0], size[:, 1], seed=self.seed, epoch=self._pass_epoch, indices=kept,
+                                  scale=c["scale"], ratio=c["ratio"], flip=c["flip"])
 
     def _read_batch(self, idx) -> tuple[list, list, list]:
         """(encoded images, their sample indices, (name, error) of the skipped bad samples) of one batch."""
@@ -117,6 +136,8 @@ class EpochSource:
                     raise
                 skipped.append((path, str(e)))
                 continue
+            if self.crops is not None and self._sizes[i, 0] == 0:
+                self._sizes[i] = upright_size(data)
             encoded.append(data)
             kept.append(i)
         if not kept:

@@ -39,7 +39,7 @@ class TorchBackend:
     def sampled_size(self) -> int | None:
         return None if self.dataset is None else len(self.dataset)
 
-    def _epoch_loader(self, epoch: int):
+    def _epoch_loader(self, epoch: int, start: int = 0):
         if self.loader is not None:
             sampler = getattr(self.loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
@@ -50,15 +50,19 @@ class TorchBackend:
             self.dataset.set_epoch(epoch)
         order = shard_order(len(self.dataset), seed=c.seed, epoch=epoch, shuffle=c.shuffle, shard_id=c.shard_id,
                             num_shards=c.num_shards)
-        batches = [b.tolist() for b in batch_indices(order, c.batch_size, c.last_batch)]
+        batches = [b.tolist() for b in batch_indices(order, c.batch_size, c.last_batch)[start:]]
         workers = int(c.extra.get("num_workers", 0))
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=workers,
                                            collate_fn=collate_skipping_none,
                                            pin_memory=self.device.type == "cuda", persistent_workers=False)
 
-    def start_epoch(self, epoch: int) -> None:
-        self._epoch, self._batch = epoch, 0
-        self._it = iter(self._epoch_loader(epoch))
+    def start_epoch(self, epoch: int, start: int = 0) -> None:
+        """Begin a pass over ``epoch`` at its batch ``start`` (the batches before it are not loaded)."""
+        if start and self.loader is not None:
+            raise ValueError("dataset: a DataLoader given as the dataset cannot start a pass part-way without "
+                             "replaying it; pass its Dataset (the loader then samples it and resumes exactly)")
+        self._epoch, self._batch = epoch, start
+        self._it = iter(self._epoch_loader(epoch, start))
 
     def finished_epoch(self, next_epoch: int) -> None:
         self._it = None
