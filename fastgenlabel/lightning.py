@@ -1,7 +1,7 @@
 """``GenLabelDataModule``: a LightningDataModule over :class:`~fastgenlabel.GenLabelLoader`.
 
-Needs ``lightning`` (installed by hand beside your torch: ``pip install -c constraints.txt lightning``;
-only this module imports it). At ``setup`` the loader takes its shard and device from the trainer:
+Needs ``lightning`` (the ``lightning`` extra: ``pip install "fastgenlabel[lightning]"``; it leaves
+your torch as it is; only this module imports it). At ``setup`` the loader takes its shard and device from the trainer:
 shard ``trainer.global_rank`` of ``trainer.world_size``, on ``trainer.strategy.root_device``, so
 ``len(train_dataloader())`` is the batches of this rank's shard. The loader is a stateful iterable
 (``state_dict`` / ``load_state_dict``): Lightning's fit loop writes its state into every checkpoint
@@ -16,8 +16,8 @@ import dataclasses
 try:
     import lightning.pytorch as pl
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("fastgenlabel.lightning needs lightning: pip install -c constraints.txt lightning "
-                      "(beside the torch you have)") from e
+    raise ImportError('fastgenlabel.lightning needs lightning: pip install "fastgenlabel[lightning]" '
+                      "(it keeps the torch you have)") from e
 
 from .loader import GenLabelLoader, LoaderConfig
 
