@@ -42,21 +42,23 @@ def _decode_crop(jpegs, *, gpu: bool, image_size: int, train: bool, crop_scale, 
     return fn.crop(images, crop=(image_size, image_size))
 
 
-def _finish(images, perm, lam, *, gpu, train, flip, mean, std, dtype, layout, thumbnail, per_sample=False):
+def _finish(images, perm, lam, *, gpu, train, flip, mean, std, dtype, layout, thumbnail, per_sample=False,
+            boxes=None):
     from nvidia.dali import fn
 
     coin = fn.random.coin_flip() if train and flip else None
     if gpu:
         return (images if coin is None else fn.flip(images, horizontal=coin),)
     out = stages.mix_stage(images, perm, lam, mean=mean, std=std, layout=layout, dtype=dtype, thumbnail=thumbnail,
-                           per_sample=per_sample, flip=coin)
+                           per_sample=per_sample, flip=coin, boxes=boxes)
     return out if thumbnail else (out,)
 
 
 def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, num_threads: int = 2,
                    seed: int = 0, prefetch: int = 2, train: bool = True, crop_scale=(0.08, 1.0),
                    crop_ratio=(3 / 4, 4 / 3), mean=None, std=None, dtype: str = "float32", layout: str = "CHW",
-                   thumbnail: int = 0, mix: bool = True, flip: bool = True, per_sample: bool = False):
+                   thumbnail: int = 0, mix: bool = True, flip: bool = True, per_sample: bool = False,
+                   cut: bool = False):
     """Build (not yet built) the pipeline; see the module docstring for its outputs.
 
     Args:
@@ -73,6 +75,9 @@ def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, 
         mean, std, dtype, layout, thumbnail: the CPU mix stage's (``stages.mix_stage``).
         mix: False replaces the mix stage by ``crop_mirror_normalize`` (CPU; the baseline).
         per_sample: the CPU mix stage's mode (``stages.mix_stage``).
+        cut: the source yields a fifth item, (B, 6) int64 box rows
+            (:func:`~fastgenlabel.functional.switch.box_rows`): CutMix and mixup per sample in the
+            stage (CPU; on a GPU they leave the graph with the crops), returned as a last output.
 
     Returns:
         A ``nvidia.dali.Pipeline``.
@@ -85,8 +90,9 @@ def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=prefetch)
     def pipe():
-        jpegs, index, perm, lam = fn.external_source(source=source, num_outputs=4, batch=True,
-                                                     dtype=[types.UINT8, types.INT64, types.INT64, types.FLOAT])
+        dtypes = [types.UINT8, types.INT64, types.INT64, types.FLOAT] + [types.INT64] * cut
+        jpegs, index, perm, lam, *boxes = fn.external_source(source=source, num_outputs=4 + cut, batch=True,
+                                                             dtype=dtypes)
         images = _decode_crop(jpegs, gpu=gpu, image_size=image_size, train=train, crop_scale=crop_scale,
                               crop_ratio=crop_ratio)
         if not mix and not gpu:
@@ -99,8 +105,9 @@ def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, 
                                               mirror=fn.random.coin_flip() if train and flip else 0)
             return images, index, perm, lam
         outs = _finish(images, perm, lam, gpu=gpu, train=train, flip=flip, mean=mean, std=std, dtype=dtype,
-                       layout=layout, thumbnail=thumbnail, per_sample=per_sample)
-        return (*outs, index, perm, lam)
+                       layout=layout, thumbnail=thumbnail, per_sample=per_sample,
+                       boxes=boxes[0] if boxes else None)
+        return (*outs, index, perm, lam, *boxes)
 
     return pipe()
 

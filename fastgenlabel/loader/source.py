@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..functional.pairs import PairFeed, split_pairs
+from ..functional.switch import box_rows
 from .files import DEFAULT_MAX_IMAGE_PIXELS, CorruptImageError, ImageFiles, check_encoded
 from .sampling import batch_indices, shard_order
 
@@ -37,13 +38,18 @@ class EpochSource:
             that thread's budget per batch at GPU speeds. The files' reads release the GIL. What
             comes out, and where errors surface, is the same either way.
         checked: which samples passed their checks (the backend keeps one across rebuilt sources).
+        switch: a :class:`~fastgenlabel.functional.switch.MixFeed` (timm's CutMix / switched draws
+            for ``image_size`` squares) used instead of ``feed``; each item then has a fifth
+            array, the (B, 6) int64 box rows (:func:`~fastgenlabel.functional.switch.box_rows`).
+        image_size: the crops' side (the boxes are drawn for it).
     """
 
     def __init__(self, files: ImageFiles, feed: PairFeed, *, batch_size: int, last_batch: str, shuffle: bool,
                  seed: int, shard_id: int, num_shards: int, on_bad_image: str = "error", history: int = 8,
                  read_ahead: int = 2, warned: set | None = None, checked: np.ndarray | None = None,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, switch=None, image_size: int = 0):
         self.files, self.feed = files, feed
+        self.switch, self.image_size = switch, image_size
         self.batch_size, self.last_batch, self.shuffle = batch_size, last_batch, shuffle
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
         self.on_bad_image, self.max_image_pixels = on_bad_image, max_image_pixels
@@ -99,8 +105,12 @@ class EpochSource:
                 # called from DALI's machinery: no caller frame of the user's to point at
                 warnings.warn(f"skipping {why} (on_bad_image='skip')", stacklevel=1)
         self.recent.append((self._pass_epoch, b, kept))
+        index = np.asarray(kept, np.int64).reshape(-1, 1)
+        if self.switch is not None:
+            draw = self.switch.draw(len(kept), self._pass_epoch, b, self.image_size, self.image_size)
+            return (encoded, index, *split_pairs(draw.pairs), box_rows(draw))
         perm, lam = split_pairs(self.feed.draw(len(kept), self._pass_epoch, b))
-        return encoded, np.asarray(kept, np.int64).reshape(-1, 1), perm, lam
+        return encoded, index, perm, lam
 
     def _read_batch(self, idx) -> tuple[list, list, list]:
         """(encoded images, their sample indices, (name, error) of the skipped bad samples) of one batch."""
