@@ -149,10 +149,12 @@ class TargetMaker:
         b = len(labels)
         ident = MixPairs(torch.arange(b, device=dev), torch.ones(b, device=dev))
         one_hot = mixup_target(labels, ident, k, smoothing=eps)
-        if z is None or not self.uses_features or bool(keep.all()):
+        if z is None or not self.uses_features:
             return mixup_target(labels, pairs, k, smoothing=eps), None
         z = to_device(z, dev)
         if isinstance(self.features, StoredEmbeddings):
+            if bool(keep.all()):
+                return one_hot, None
             t = relabel(self.model, z, pairs, labels, self.gamma, num_classes=k, smoothing=eps, backend=self.backend,
                         validate=not labels.is_cuda)
             return torch.where(keep, one_hot, t), None
@@ -162,8 +164,43 @@ class TargetMaker:
             cut = (torch.ones(b, dtype=torch.bool) if draw.boxes.cut is None else draw.boxes.cut).to(dev)
             z_mix = torch.where(cut.reshape(-1, 1), to_device(z_cut, dev), z_mix)
         z_mix = z_mix.contiguous()
+        if bool(keep.all()):  # nothing mixed: nothing to relabel
+            return one_hot, z_mix
         y_gen = relabel(self.model, z_mix, ident, labels, 1.0, num_classes=k, backend=self.backend,
                         validate=not labels.is_cuda)
         t = self.gamma * y_gen + (1 - self.gamma) * mixup_target(labels, pairs, k)
         t = t * (1 - eps) + eps / k if eps else t
         return torch.where(keep, one_hot, t.to(torch.float32)), z_mix
+
+
+def deep_targets(model, features: torch.Tensor, batch, gamma: float = 1.0, *, smoothing: float = 0.0,
+                 backend: str = "auto") -> torch.Tensor:
+    """GenLabel targets from the network's own features of the mixed batch (the deep variant).
+
+    ``features`` (B, d) are what the network computed from ``batch.images``, the mixed images
+    themselves, so they are the mixed samples' features for mixup and CutMix alike (docs/MATH.md
+    section 8): ``t = gamma * softmax_c(log p_c(h) + log pi_c) + (1 - gamma) * y_mix``, smoothed,
+    ``y_mix`` with the batch's (box-corrected) lambda. Samples the batch's draw left unmixed keep
+    their smoothed one-hot targets.
+
+    Args:
+        model: a class model fitted on those features; features: (B, d), detached here.
+        batch: the LoaderBatch the features are of (its labels, pairs and draw).
+        gamma, smoothing: GenLabel's weight and label smoothing; backend: ``relabel``'s.
+    """
+    labels = batch.labels
+    if features.ndim != 2 or features.shape[0] != len(labels):
+        raise ValueError(f"features: expected ({len(labels)}, d), one row per sample of the batch, got "
+                         f"{tuple(features.shape)}")
+    dev, k, b = labels.device, model.num_classes, len(labels)
+    pairs = batch.pairs.to(dev)
+    ident = MixPairs(torch.arange(b, device=dev), torch.ones(b, device=dev))
+    h = features.detach().to(device=dev, dtype=torch.float32).contiguous()
+    y_gen = torch.as_tensor(relabel(model, h, ident, labels, 1.0, num_classes=k, backend=backend))
+    t = gamma * y_gen + (1 - gamma) * mixup_target(labels, pairs, k)
+    t = t * (1 - smoothing) + smoothing / k if smoothing else t
+    draw = getattr(batch, "draw", None)
+    if draw is None:
+        return t.to(torch.float32)
+    keep = ((draw.kind.to(dev) == UNMIXED) | (pairs.lam == 1)).reshape(-1, 1)
+    return torch.where(keep, mixup_target(labels, ident, k, smoothing=smoothing), t.to(torch.float32))
