@@ -144,3 +144,33 @@ def test_old_and_new_names_map_onto_each_other():
     assert opts["mode"] == "elem" and opts["mixup_alpha"] == 1.0
     assert LoaderConfig(cutmix_minmax=(0.2, 0.8), alpha=0.0).switch_options()["cutmix_alpha"] == 1.0  # as timm
     assert LoaderConfig(prob=0.5, alpha=0.0).switch_options() is None  # nothing mixes at all
+
+
+def test_deep_targets_relabel_from_the_mixed_batchs_own_features(data):
+    """The deep variant: features the "network" (a fixed nonlinear map here) computes from the
+    yielded images, cut samples included; targets GenLabel's on them, unmixed samples one-hot."""
+    g = torch.Generator().manual_seed(0)
+    proj = torch.randn(3 * 4 * 4, 3, generator=g)
+
+    def net(images):  # a nonlinear feature map of the images themselves: no interpolation would give it
+        return torch.tanh(torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1) @ proj / 20)
+
+    plain = GenLabelLoader(config(data, backend="torch", alpha=0.0, train=False, shuffle=False, last_batch="partial"))
+    batches = list(plain)
+    h = torch.cat([net(b.images) for b in batches])
+    model = fgl.GaussianClassModel("diag").fit(h, torch.cat([b.labels for b in batches]), K)
+    loader = GenLabelLoader(config(data, backend="torch", smoothing=0.1, last_batch="partial", **SWITCHED))
+    seen = set()
+    for m in loader:
+        hm = net(m.images)
+        t = fgl.loader.deep_targets(model, hm, m, 0.6, smoothing=0.1)
+        lam, labels = m.draw.pairs.lam, m.labels
+        ref = fgl.genlabel_target(model, hm, labels, labels[m.draw.pairs.perm], lam, 0.6, num_classes=K,
+                                  smoothing=0.1)
+        keep = ((m.draw.kind == UNMIXED) | (lam == 1)).reshape(-1, 1)
+        one_hot = (torch.nn.functional.one_hot(labels, K) * 0.9 + 0.1 / K).float()
+        torch.testing.assert_close(t, torch.where(keep, one_hot, ref), rtol=1e-4, atol=1e-5)
+        seen |= set(m.draw.kind.tolist())
+    assert {UNMIXED, MIXUP, CUTMIX} <= seen
+    with pytest.raises(ValueError, match="features"):
+        fgl.loader.deep_targets(model, hm[:1], m)
