@@ -7,7 +7,8 @@ random-resized-crops, flips, and then:
 
 - CPU (``device_id=None``): the in-graph mix stage normalises, mixes, changes the layout and
   writes the unmixed thumbnails in one pass (``stages.mix_stage``). Outputs:
-  ``images (B, C, H, W) float, [thumbnails (B, t*t*C) float32,] index (B, 1) int64, perm, lam``.
+  ``images (B, C, H, W) float, [thumbnails (B, t*t*C) float32,] index (B, 1) int64, perm, lam``
+  (with ``cut=True``: then the (B, 6) box rows, and thumbnails (B, 2 t t C), see ``mix_stage``).
 - GPU: the uint8 (B, H, W, C) crops leave the graph and the loader mixes them with one fused
   :func:`fastgenlabel.mix_images` launch (``_compat`` defect 3). Outputs:
   ``crops (B, H, W, C) uint8, index, perm, lam``.
