@@ -26,9 +26,14 @@ Two variants (docs/MATH.md section 4):
 - ``--deep``, (c): the paper's deep variant. Warm up without mixup (``--warmup`` epochs), fit the
   class models on the network's own penultimate features (streamed over an unmixed pass of every
   shard, all-reduced), then train with mixup where the GenLabel label comes from the features of
-  the *mixed* batch, computed in the training step by ``fastgenlabel.relabel``.
+  the *mixed* batch, computed in the training step by ``fastgenlabel.loader.deep_targets``.
   Here the features are the training forward's (train-mode batch norm), detached: one forward
   per step. The class models are fitted once, after the warm-up, as in the paper.
+
+Mixing: ``--alpha`` (mixup), and timm's ``--cutmix-alpha``, ``--mix-prob``, ``--switch-prob`` and
+``--mix-mode`` (batch / pair / elem): CutMix and mixup switched in the loader's pixel stage. The
+targets of cut samples come from the features of the cut-and-pasted images, in both variants
+(docs/MATH.md section 8); samples left unmixed keep their one-hot targets.
 """
 from __future__ import annotations
 
@@ -47,8 +52,8 @@ from fastgenlabel.distributed import model_checksum
 from fastgenlabel.features import ThumbnailPCA, check_model_matches
 from fastgenlabel.fit import ModuleFeatures, StreamingFit
 from fastgenlabel.fit.folder import default_backend, fit_image_folder
-from fastgenlabel.functional import MixPairs, soft_target_cross_entropy
-from fastgenlabel.loader import GenLabelLoader, LoaderConfig
+from fastgenlabel.functional import soft_target_cross_entropy
+from fastgenlabel.loader import GenLabelLoader, LoaderConfig, deep_targets
 
 # ---- the network: a small ResNet-style CNN (torchvision's BasicBlock, narrower) ---------------------
 
@@ -120,14 +125,16 @@ def make_loader(args, rank, world, device, **kw) -> GenLabelLoader:
     base = dict(data=args.data, batch_size=args.batch_size, image_size=args.image_size, shard_id=rank,
                 num_shards=world, seed=args.seed, device=device.type, device_id=device.index or 0,
                 backend=args.backend, num_threads=args.threads, crop_scale=(0.35, 1.0), alpha=args.alpha,
-                gamma=args.gamma)
+                cutmix_alpha=args.cutmix_alpha, prob=args.mix_prob, switch_prob=args.switch_prob,
+                mode=args.mix_mode, gamma=args.gamma)
     base.update(kw)
     return GenLabelLoader(LoaderConfig(**base))
 
 
 def unmixed_loader(args, rank, world, device, **kw) -> GenLabelLoader:
     """One deterministic pass over this rank's shard: no mixing, centre crops, every sample once."""
-    return make_loader(args, rank, world, device, alpha=0.0, train=False, shuffle=False, last_batch="partial", **kw)
+    return make_loader(args, rank, world, device, alpha=0.0, cutmix_alpha=0.0, train=False, shuffle=False,
+                       last_batch="partial", **kw)
 
 
 # ---- class models --------------------------------------------------------------------------------------
@@ -178,14 +185,9 @@ def train_epoch(ddp, loader, opt, epoch, *, class_model=None, gamma=1.0):
             loss = soft_target_cross_entropy(out[0] if isinstance(out, tuple) else out, targets)
         else:
             # The deep variant: one forward (DDP wraps _WithFeatures); relabel from the detached features
-            # of the mixed images.
+            # of the mixed (or cut-and-pasted) images; unmixed samples keep their one-hot targets.
             logits, h = ddp(images)
-            b = h.shape[0]
-            identity = MixPairs(torch.arange(b, device=h.device), torch.ones(b, device=h.device))
-            y_gen = fg.relabel(class_model, h.detach().float().contiguous(), identity, batch.labels, 1.0,
-                               num_classes=targets.shape[1])
-            t = gamma * y_gen + (1.0 - gamma) * targets  # targets: the loader's mixup label
-            loss = soft_target_cross_entropy(logits, t)
+            loss = soft_target_cross_entropy(logits, deep_targets(class_model, h, batch, gamma))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -215,6 +217,11 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--cutmix-alpha", type=float, default=0.0, help="CutMix's Beta parameter (0: no CutMix)")
+    p.add_argument("--mix-prob", type=float, default=1.0, help="probability of mixing a batch / pair / sample")
+    p.add_argument("--switch-prob", type=float, default=0.5, help="probability of CutMix rather than mixup")
+    p.add_argument("--mix-mode", choices=("batch", "pair", "elem"), default=None,
+                   help="timm's mode (default: batch for CutMix or --mix-prob < 1; else the loader's own pairs)")
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--deep", action="store_true", help="the paper's deep variant (features of the mixed batch)")
     p.add_argument("--warmup", type=int, default=1, help="--deep: epochs without mixup before the fit")
@@ -279,7 +286,7 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
             loss, ips = train_epoch(ddp, loader, opt, epoch)
             log(rank, f"epoch {epoch}: loss {loss:.4f}, {ips:,.0f} images/s on this rank")
     else:
-        plain = make_loader(args, rank, world, device, alpha=0.0)
+        plain = make_loader(args, rank, world, device, alpha=0.0, cutmix_alpha=0.0)
         for epoch in range(args.warmup):
             loss, ips = _warmup_epoch(ddp, plain, opt, epoch)
             log(rank, f"warm-up epoch {epoch}: loss {loss:.4f}, {ips:,.0f} images/s on this rank")

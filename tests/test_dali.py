@@ -17,8 +17,9 @@ STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 B, H, W = 5, 7, 9
 
 
-def run_mix(images, pairs, flips=None, **kw):
-    """Feed a uint8 (B, H, W, C) batch and its pairs (and flip flags) through mix_stage in a CPU pipeline."""
+def run_mix(images, pairs, flips=None, rows=None, **kw):
+    """Feed a uint8 (B, H, W, C) batch and its pairs (and flip flags, and CutMix box rows) through
+    mix_stage in a CPU pipeline."""
     perm, lam = split_pairs(pairs)
     labels = [np.array([10 * i], np.int32) for i in range(len(images))]
     flags = None if flips is None else [np.array(f, np.int32) for f in flips]
@@ -30,7 +31,8 @@ def run_mix(images, pairs, flips=None, **kw):
         lm = fn.external_source(source=lambda: lam, batch=True, dtype=types.FLOAT)
         lab = fn.external_source(source=lambda: labels, batch=True, dtype=types.INT32)
         f = None if flags is None else fn.external_source(source=lambda: flags, batch=True, dtype=types.INT32)
-        out = mix_stage(x, p, lm, flip=f, **kw)
+        bx = None if rows is None else fn.external_source(source=lambda: rows, batch=True, dtype=types.INT64)
+        out = mix_stage(x, p, lm, flip=f, boxes=bx, **kw)
         outs = out if isinstance(out, tuple) else (out,)
         return (*outs, partner_labels(lab, p))
 
@@ -66,6 +68,43 @@ def test_mix_stage_flips_each_sample_and_partner_by_its_own_flag(batch, per_samp
     np.testing.assert_allclose(mixed, mix_images(flipped, pairs, MEAN, STD, backend="reference"), rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_allclose(thumbs, thumbnails(flipped, 3), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout,per_sample,dtype", [("CHW", False, "float32"), ("HWC", False, "float16"),
+                                                    ("CHW", True, "bfloat16")])
+def test_mix_stage_cuts_and_pastes_per_sample_with_the_pasted_thumbnails(batch, layout, per_sample, dtype):
+    """Box rows: cut samples take the (flipped) partner inside their box (borders, empty and full
+    boxes), the others are mixed by lambda, in one pass equal to mix_images; the thumbnails are each
+    sample's own followed by its cut-and-pasted image's."""
+    import torch
+
+    from fastgenlabel.functional.pairs import CutBoxes
+    from fastgenlabel.functional.switch import MixDraw, box_rows
+
+    images, pairs = batch
+    flips = [1, 0, 1, 1, 0]
+    boxes = torch.tensor([[0, 7, 0, 9], [2, 5, 3, 9], [0, 0, 0, 0], [6, 7, 0, 4], [1, 4, 2, 6]])
+    cut = torch.tensor([True, True, True, False, True])
+    draw = MixDraw(pairs, CutBoxes(boxes, H, W, cut), torch.where(cut, 2, 1).to(torch.int8))
+    rows = box_rows(draw)
+    mixed, thumbs, _ = run_mix(images, pairs, flips, rows, mean=MEAN, std=STD, thumbnail=3, layout=layout,
+                               dtype=dtype, per_sample=per_sample)
+    flipped = np.stack([im[:, ::-1] if f else im for im, f in zip(images, flips)])
+    want = mix_images(torch.from_numpy(flipped), pairs, MEAN, STD, layout=layout, dtype=dtype, boxes=draw.boxes,
+                      backend="reference")
+    got = torch.from_numpy(mixed)
+    if dtype == "bfloat16":
+        got = got.view(torch.bfloat16)
+    assert torch.equal(got.float(), want.float()) if dtype != "float32" else torch.allclose(got, want, 1e-5, 1e-5)
+    pasted = flipped.copy()
+    for i, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+        if cut[i]:
+            pasted[i, y0:y1, x0:x1] = flipped[pairs.perm[i], y0:y1, x0:x1]
+    k = 3 * 3 * 3
+    assert thumbs.shape == (B, 2 * k)
+    np.testing.assert_allclose(thumbs[:, :k], thumbnails(flipped, 3), rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(thumbs[:, k:], thumbnails(pasted, 3), rtol=1e-6, atol=1e-4)
+    assert not np.array_equal(thumbs[:, k:], thumbs[:, :k])  # the boxes change some thumbnails
 
 
 def test_mix_stage_float16_goes_through_uint16_bits(batch):

@@ -42,8 +42,10 @@ def _checksums(out: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [[], ["--deep", "--covariance", "diag", "--backend", "torch"]],
-                         ids=["thumbnail-pca-default-backend", "deep-torch-backend"])
+@pytest.mark.parametrize("variant", [[], ["--deep", "--covariance", "diag", "--backend", "torch"],
+                                     ["--deep", "--covariance", "diag", "--backend", "torch", "--cutmix-alpha", "1",
+                                      "--mix-mode", "elem", "--mix-prob", "0.8"]],
+                         ids=["thumbnail-pca-default-backend", "deep-torch-backend", "deep-cutmix-switched"])
 def test_train_example_two_cpu_ranks(folder, variant):
     out = _torchrun(folder, *variant)
     sums = _checksums(out)

@@ -133,6 +133,27 @@ def test_resume_mid_epoch_at_epoch_end_and_twice_in_one_epoch(kinds, backend, ki
         same(g, w)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_resume_mid_epoch_with_cutmix_switched_per_sample(kinds, backend):
+    """timm's switched draws (CutMix or mixup per sample, some unmixed) are a pure function of (seed,
+    epoch, batch) too: a resumed loader cuts the same boxes; a state from another mixing setup is
+    refused."""
+    mixing = dict(cutmix_alpha=1.0, mode="elem", prob=0.8, switch_prob=0.5)
+    whole = run(make(kinds, "folder", backend, **mixing), 1)
+    assert any(b.draw is not None and b.draw.boxes.cut.any() for b in whole)  # some samples are cut
+    loader = make(kinds, "folder", backend, **mixing)
+    it = iter(loader)
+    next(it), next(it), next(it)
+    state = loader.state_dict()
+    restored = make(kinds, "folder", backend, **mixing)
+    restored.load_state_dict(state)
+    for g, w in zip(restored, whole[3:], strict=True):
+        same(g, w)
+    with pytest.raises(ValueError, match=r"state: .*cutmix_alpha: saved "):
+        make(kinds, "folder", backend, **dict(mixing, cutmix_alpha=0.5)).load_state_dict(state)
+
+
 def test_state_is_small_versioned_and_refuses_other_runs(kinds, tmp_path):
     loader = make(kinds, "folder", "torch")
     it = iter(loader)

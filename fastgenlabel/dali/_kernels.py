@@ -22,6 +22,7 @@ from . import _compat
 
 # the pixel kernel's row functions (kernels/pixel/cpu.py, arithmetic from kernels/pixel/math.py)
 _pixel_row = _pixel_cpu._mix_row
+_pixel_cut_row = _pixel_cpu._cut_row
 _pixel_store_row = _pixel_cpu._store_row
 _pixel_tiled = _pixel_cpu._tiled
 _OUT_F16 = _pixel_cpu.OUT_F16
@@ -119,11 +120,23 @@ def _thumb_finish(cols, H, W, C, t, out):
                 out[(i * t + j) * C + c] = np.float32(s) * inv
 
 
-@numba.njit(cache=True)
-def mix_sample(o, a, b, ka, fa, fb, th, sc, sh, out_chw, thumb, out_kind):
-    """Mix one sample into ``o``: ``(ka a + (1 - ka) b) * sc + sh``, each flipped by its flag first.
+@numba.njit
+def _thumb_delta_row(xa, ai, xb, bi, lo, hi, y, H, t, cols):
+    """Add ``b - a`` over the row's elements [lo, hi) (a CutMix box's columns) to the column sums
+    ``cols`` (t, n) of every row bin holding row ``y``: the pasted image's sums minus the sample's."""
+    for i in range(t):
+        if (i * H) // t <= y < ((i + 1) * H + t - 1) // t:
+            ci = cols[i]
+            for k in range(lo, hi):
+                ci[k] += np.int32(xb[bi + k]) - np.int32(xa[ai + k])
 
-    One pass over the sample, a row at a time, with the pixel kernel's own row function
+
+@numba.njit(cache=True)
+def mix_sample(o, a, b, ka, fa, fb, th, sc, sh, out_chw, thumb, out_kind, box, th_cut):
+    """Mix one sample into ``o``: ``(ka a + (1 - ka) b) * sc + sh``, each flipped by its flag first;
+    or, with a CutMix box, ``b`` inside the box and ``a`` outside it.
+
+    One pass over the sample, a row at a time, with the pixel kernel's own row functions
     (kernels/pixel/cpu.py: flat indexing, the 3-channel case unrolled, vectorised by LLVM): a
     flipped row (sample or partner) is first copied backwards, pixel by pixel, into a small
     scratch row, so that the mix always reads forwards; float16 or bfloat16 output (``o`` uint16,
@@ -138,6 +151,11 @@ def mix_sample(o, a, b, ka, fa, fb, th, sc, sh, out_chw, thumb, out_kind):
         fa, fb: flip the sample / the partner horizontally.
         th: (thumb * thumb * C,) float32, or anything when ``thumb`` is 0.
         sc, sh: (C,) float32 ``1 / std`` and ``-mean / std``.
+        box: (0,) (mixup) or (>= 5,) int64 ``(y0, y1, x0, x1, cut, ...)``: where ``cut`` is
+            nonzero the sample is cut and pasted (``ka`` unused), else mixed by ``ka``.
+        th_cut: with a box and ``thumb`` > 0, (thumb * thumb * C,) float32: the thumbnail of the
+            cut-and-pasted image (of the sample itself when it is not cut), summed in the same pass
+            (the box's rows add ``b - a`` over its columns to the sample's integer sums).
     """
     kb = np.float32(1.0) - ka
     H, W, C = a.shape
@@ -151,39 +169,62 @@ def mix_sample(o, a, b, ka, fa, fb, th, sc, sh, out_chw, thumb, out_kind):
     d_buf = np.empty(n, np.float32)
     scale_t = _pixel_tiled(sc, C, W)
     shift_t = _pixel_tiled(sh, C, W)
+    cut = box.shape[0] >= 5 and box[4] != 0
     cols = np.zeros((thumb, n if thumb else 0), np.int32)
+    dcols = np.zeros((thumb if cut else 0, n if thumb and cut else 0), np.int32)
     for y in range(H):
         if fa:
             _flip_row(af, y * n, W, C, ra)
             xa, ai = ra, 0
         else:
             xa, ai = af, y * n
-        if fb:
+        x0 = x1 = 0
+        if cut and box[0] <= y < box[1]:
+            x0, x1 = box[2], box[3]
+        if fb and (not cut or x1 > x0):  # a cut row outside the box reads no partner
             _flip_row(bf, y * n, W, C, rb)
             xb, bi = rb, 0
         else:
             xb, bi = bf, y * n
         _emit_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, y * W if out_chw else y * n, W, C, plane,
-                  out_chw, d_buf, out_kind)
+                  out_chw, d_buf, out_kind, cut, x0, x1)
         if thumb:
             _thumb_row(xa, ai, y, H, n, thumb, cols)
+            if x1 > x0:
+                _thumb_delta_row(xa, ai, xb, bi, x0 * C, x1 * C, y, H, thumb, dcols)
     if thumb:
         _thumb_finish(cols, H, W, C, thumb, th)
+        if box.shape[0] >= 5:
+            if cut:
+                _thumb_finish(cols + dcols, H, W, C, thumb, th_cut)
+            else:
+                th_cut[:] = th
 
 
-def _emit_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf, out_kind):
-    """Mix one row into the output row at ``of[oi]``; typed on ``of``'s element type (see the overload)."""
+def _emit_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf, out_kind,
+              cut, x0, x1):
+    """Mix (or cut and paste) one row into the output row at ``of[oi]``; typed on ``of``'s element type."""
 
 
 @overload(_emit_row)
-def _emit_row_for(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf, out_kind):
+def _emit_row_for(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf, out_kind,
+                  cut, x0, x1):
     if of.dtype == numba.types.uint16:  # 16-bit floats: mix into the float32 scratch row, then encode
-        def emit(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf, out_kind):
-            _pixel_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, d_buf, 0, W, C, 0, W, False, out_chw)
+        def emit(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf, out_kind,
+                 cut, x0, x1):
+            if cut:
+                _pixel_cut_row(xa, ai, xb, bi, x0, x1, sc, sh, scale_t, shift_t, d_buf, 0, W, C, 0, W, False, out_chw)
+            else:
+                _pixel_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, d_buf, 0, W, C, 0, W, False, out_chw)
             _pixel_store_row(d_buf, of, oi, W, C, plane, out_chw, out_kind)
     else:
-        def emit(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf, out_kind):
-            _pixel_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, 0, plane, False, out_chw)
+        def emit(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, plane, out_chw, d_buf, out_kind,
+                 cut, x0, x1):
+            if cut:
+                _pixel_cut_row(xa, ai, xb, bi, x0, x1, sc, sh, scale_t, shift_t, of, oi, W, C, 0, plane, False,
+                               out_chw)
+            else:
+                _pixel_row(xa, ai, xb, bi, ka, kb, sc, sh, scale_t, shift_t, of, oi, W, C, 0, plane, False, out_chw)
     return emit
 
 
@@ -277,7 +318,8 @@ def _view3(data, shapes, n, k, s, ns, dtype):
     return numba.carray(_void_ptr(_entry(data, n, k, s, ns)), (sh[0], sh[1], sh[2]), dtype)
 
 
-def mix_cfuncs(scale, shift, out_chw: bool, out_dtype: str, thumb: int, per_sample: bool, flip: bool):
+def mix_cfuncs(scale, shift, out_chw: bool, out_dtype: str, thumb: int, per_sample: bool, flip: bool,
+               cut: bool = False):
     """The C run and setup functions of the CPU mix stage (``stages.mix_stage``), compiled or loaded.
 
     Args:
@@ -285,38 +327,49 @@ def mix_cfuncs(scale, shift, out_chw: bool, out_dtype: str, thumb: int, per_samp
         out_chw: write (C, H, W) samples, else (H, W, C).
         out_dtype: "float32", or "float16" / "bfloat16" written as uint16 bit patterns.
         thumb: thumbnail side t, or 0 for no thumbnail (the output then has shape (0,)).
-        per_sample: False: for ``numba_function(images, perm, lam[, flips], batch_processing=True)``
-            (one call per batch, on one thread, the partner read in place). True: for
-            ``numba_function(images, partners, lam[, flips, partner_flips])`` (one call per sample,
-            spread over DALI's threads; the partners come from ``fn.permute_batch``).
+        per_sample: False: for ``numba_function(images, perm, lam[, boxes][, flips],
+            batch_processing=True)`` (one call per batch, on one thread, the partner read in
+            place). True: for ``numba_function(images, partners, lam[, boxes][, flips,
+            partner_flips])`` (one call per sample, spread over DALI's threads; the partners come
+            from ``fn.permute_batch``).
         flip: the stage also takes per-sample (1,) int32 horizontal-flip flags and flips while it
             mixes (each sample and its partner by their own flag), saving a pass over the batch.
+        cut: the stage also takes per-sample (6,) int64 ``(y0, y1, x0, x1, cut, kind)`` rows
+            (``switch.box_rows``): samples with ``cut`` set are cut and pasted (CutMix), the others
+            mixed by lambda, in the same pass.
 
     Returns:
         (run, setup): ``numba`` ``CFunc`` objects (``.address`` is what DALI calls).
 
     Contract (per sample): out 0 (C, H, W) or (H, W, C) float32 or uint16; out 1
-    (t * t * C,) float32, the thumbnail of the *unmixed* sample; in 0 (H, W, C) uint8, one size
-    for the batch; in 1 (1,) int64 partner index (batch) or the partner image (per sample); in 2
-    (1,) float32 the sample's own weight; in 3 (and 4) (1,) int32 flip flags.
+    (t * t * C,) float32, the thumbnail of the *unmixed* sample (with ``cut``: (2 t t C,), that
+    thumbnail followed by the cut-and-pasted image's, see :func:`mix_sample`); in 0 (H, W, C)
+    uint8, one size for the batch; in 1 (1,) int64 partner index (batch) or the partner image (per
+    sample); in 2 (1,) float32 the sample's own weight; then the (6,) box row with ``cut``; then
+    the (1,) int32 flip flags.
     """
     sc = np.asarray(scale, np.float32)
     sh = np.asarray(shift, np.float32)
     out_kind = {"float16": _OUT_F16, "bfloat16": _OUT_BF16}.get(out_dtype, 0)
     out_np = np.float32 if out_dtype == "float32" else np.uint16
-    chw, t, flips = bool(out_chw), int(thumb), bool(flip)
+    chw, t, flips, cuts = bool(out_chw), int(thumb), bool(flip), bool(cut)
+    fi = 4 if cuts else 3  # the first flip input
+    thumb_n = 2 if cuts else 1  # thumbnails per sample
 
     if per_sample:
         def run(o_ptr, o_shapes, o_ndims, n_out, i_ptr, i_shapes, i_ndims, n_in):
             fa = fb = False
             if flips:
-                fa = _view1(i_ptr, i_shapes, n_in, 3, 0, 1, np.int32)[0] != 0
-                fb = _view1(i_ptr, i_shapes, n_in, 4, 0, 1, np.int32)[0] != 0
+                fa = _view1(i_ptr, i_shapes, n_in, fi, 0, 1, np.int32)[0] != 0
+                fb = _view1(i_ptr, i_shapes, n_in, fi + 1, 0, 1, np.int32)[0] != 0
+            box = _view1(i_ptr, i_shapes, n_in, 3, 0, 1, np.int64) if cuts else np.empty(0, np.int64)
+            th = _view1(o_ptr, o_shapes, n_out, 1, 0, 1, np.float32)
+            k = th.shape[0] // thumb_n
             mix_sample(_view3(o_ptr, o_shapes, n_out, 0, 0, 1, out_np),
                        _view3(i_ptr, i_shapes, n_in, 0, 0, 1, np.uint8),
                        _view3(i_ptr, i_shapes, n_in, 1, 0, 1, np.uint8),
                        _view1(i_ptr, i_shapes, n_in, 2, 0, 1, np.float32)[0], fa, fb,
-                       _view1(o_ptr, o_shapes, n_out, 1, 0, 1, np.float32), sc, sh, chw, t, out_kind)
+                       th[:k], sc, sh, chw, t, out_kind, box, th[k:])
 
         run_sig = RUN_SIG
     else:
@@ -325,13 +378,16 @@ def mix_cfuncs(scale, shift, out_chw: bool, out_dtype: str, thumb: int, per_samp
                 p = _view1(i_ptr, i_shapes, n_in, 1, s, ns, np.int64)[0]
                 fa = fb = False
                 if flips:
-                    fa = _view1(i_ptr, i_shapes, n_in, 3, s, ns, np.int32)[0] != 0
-                    fb = _view1(i_ptr, i_shapes, n_in, 3, p, ns, np.int32)[0] != 0
+                    fa = _view1(i_ptr, i_shapes, n_in, fi, s, ns, np.int32)[0] != 0
+                    fb = _view1(i_ptr, i_shapes, n_in, fi, p, ns, np.int32)[0] != 0
+                box = _view1(i_ptr, i_shapes, n_in, 3, s, ns, np.int64) if cuts else np.empty(0, np.int64)
+                th = _view1(o_ptr, o_shapes, n_out, 1, s, ns, np.float32)
+                k = th.shape[0] // thumb_n
                 mix_sample(_view3(o_ptr, o_shapes, n_out, 0, s, ns, out_np),
                            _view3(i_ptr, i_shapes, n_in, 0, s, ns, np.uint8),
                            _view3(i_ptr, i_shapes, n_in, 0, p, ns, np.uint8),
                            _view1(i_ptr, i_shapes, n_in, 2, s, ns, np.float32)[0], fa, fb,
-                           _view1(o_ptr, o_shapes, n_out, 1, s, ns, np.float32), sc, sh, chw, t, out_kind)
+                           th[:k], sc, sh, chw, t, out_kind, box, th[k:])
 
         run_sig = RUN_BATCH_SIG
 
@@ -340,7 +396,7 @@ def mix_cfuncs(scale, shift, out_chw: bool, out_dtype: str, thumb: int, per_samp
             shape = _shape(i_shapes, n_in, 0, s, ns, 3)
             _set_image_shape(_shape(o_shapes, n_out, 0, s, ns, 3), shape[0], shape[1], shape[2], chw)
             if n_out > 1:
-                _shape(o_shapes, n_out, 1, s, ns, 1)[0] = t * t * shape[2]
+                _shape(o_shapes, n_out, 1, s, ns, 1)[0] = thumb_n * t * t * shape[2]
 
     return _compat.cached_cfunc(run, run_sig, DEPENDS), _compat.cached_cfunc(setup, SETUP_SIG, DEPENDS)
 

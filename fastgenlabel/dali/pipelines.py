@@ -7,7 +7,8 @@ random-resized-crops, flips (with ``windows``, at the windows and flags the sour
 
 - CPU (``device_id=None``): the in-graph mix stage normalises, mixes, changes the layout and
   writes the unmixed thumbnails in one pass (``stages.mix_stage``). Outputs:
-  ``images (B, C, H, W) float, [thumbnails (B, t*t*C) float32,] index (B, 1) int64, perm, lam``.
+  ``images (B, C, H, W) float, [thumbnails (B, t*t*C) float32,] index (B, 1) int64, perm, lam``
+  (with ``cut=True``: then the (B, 6) box rows, and thumbnails (B, 2 t t C), see ``mix_stage``).
 - GPU: the uint8 (B, H, W, C) crops leave the graph and the loader mixes them with one fused
   :func:`fastgenlabel.mix_images` launch (``_compat`` defect 3). Outputs:
   ``crops (B, H, W, C) uint8, index, perm, lam``.
@@ -47,14 +48,14 @@ def _decode_crop(jpegs, *, gpu: bool, image_size: int, train: bool, crop_scale, 
 
 
 def _finish(images, perm, lam, *, gpu, train, flip, mean, std, dtype, layout, thumbnail, per_sample=False,
-            flips=None):
+            flips=None, boxes=None):
     from nvidia.dali import fn
 
     coin = (flips if flips is not None else fn.random.coin_flip()) if train and flip else None
     if gpu:
         return (images if coin is None else fn.flip(images, horizontal=coin),)
     out = stages.mix_stage(images, perm, lam, mean=mean, std=std, layout=layout, dtype=dtype, thumbnail=thumbnail,
-                           per_sample=per_sample, flip=coin)
+                           per_sample=per_sample, flip=coin, boxes=boxes)
     return out if thumbnail else (out,)
 
 
@@ -62,7 +63,7 @@ def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, 
                    seed: int = 0, prefetch: int = 2, train: bool = True, crop_scale=(0.08, 1.0),
                    crop_ratio=(3 / 4, 4 / 3), mean=None, std=None, dtype: str = "float32", layout: str = "CHW",
                    thumbnail: int = 0, mix: bool = True, flip: bool = True, per_sample: bool = False,
-                   windows: bool = False):
+                   windows: bool = False, cut: bool = False):
     """Build (not yet built) the pipeline; see the module docstring for its outputs.
 
     Args:
@@ -84,6 +85,9 @@ def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, 
         windows: crops and flips come from the source (``decoders.image_slice`` and the given
             flags), not from DALI's generator: then every batch is a pure function of what the
             source hands in, and a pass can start at any batch (the loader's exact resume).
+        cut: the source yields one more item, last, (B, 6) int64 box rows
+            (:func:`~fastgenlabel.functional.switch.box_rows`): CutMix and mixup per sample in the
+            stage (CPU; on a GPU they leave the graph with the crops), returned as a last output.
 
     Returns:
         A ``nvidia.dali.Pipeline``.
@@ -97,14 +101,14 @@ def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, 
                   prefetch_queue_depth=prefetch)
     def pipe():
         window = flips = None
+        dtypes = [types.UINT8, types.INT64, types.INT64, types.FLOAT]
+        dtypes += [types.INT32] * (3 * windows) + [types.INT64] * cut
+        jpegs, index, perm, lam, *rest = fn.external_source(source=source, num_outputs=len(dtypes), batch=True,
+                                                            dtype=dtypes)
         if windows:
-            jpegs, index, perm, lam, start, shape, flips = fn.external_source(
-                source=source, num_outputs=7, batch=True,
-                dtype=[types.UINT8, types.INT64, types.INT64, types.FLOAT, types.INT32, types.INT32, types.INT32])
+            start, shape, flips = rest[:3]
             window = (start, shape)
-        else:
-            jpegs, index, perm, lam = fn.external_source(source=source, num_outputs=4, batch=True,
-                                                         dtype=[types.UINT8, types.INT64, types.INT64, types.FLOAT])
+        boxes = rest[3 * windows:]
         images = _decode_crop(jpegs, gpu=gpu, image_size=image_size, train=train, crop_scale=crop_scale,
                               crop_ratio=crop_ratio, window=window)
         if not mix and not gpu:
@@ -118,8 +122,9 @@ def image_pipeline(source, *, batch_size: int, image_size: int, device_id=None, 
                                               if train and flip else 0)
             return images, index, perm, lam
         outs = _finish(images, perm, lam, gpu=gpu, train=train, flip=flip, mean=mean, std=std, dtype=dtype,
-                       layout=layout, thumbnail=thumbnail, per_sample=per_sample, flips=flips)
-        return (*outs, index, perm, lam)
+                       layout=layout, thumbnail=thumbnail, per_sample=per_sample, flips=flips,
+                       boxes=boxes[0] if boxes else None)
+        return (*outs, index, perm, lam, *boxes)
 
     return pipe()
 

@@ -44,7 +44,7 @@ def _check_dtype_layout(dtype: str, layout: str):
 
 
 def mix_stage(images, perm, lam, *, mean=None, std=None, channels: int = 3, layout: str = "CHW",
-              dtype: str = "float32", thumbnail: int = 0, per_sample: bool = False, flip=None):
+              dtype: str = "float32", thumbnail: int = 0, per_sample: bool = False, flip=None, boxes=None):
     """The pixel mix of a CPU pipeline: ``(lam x + (1 - lam) x[perm] - mean) / std``, fused.
 
     Args:
@@ -68,6 +68,12 @@ def mix_stage(images, perm, lam, *, mean=None, std=None, channels: int = 3, layo
             those samples horizontally while mixing (a partner enters the mix flipped by its own
             flag), instead of a separate ``fn.flip`` pass. The thumbnails are of the flipped
             samples.
+        boxes: optional DataNode of per-sample (6,) int64 ``(y0, y1, x0, x1, cut, kind)`` rows
+            (:func:`~fastgenlabel.functional.switch.box_rows`): the samples with ``cut`` set are cut
+            and pasted (CutMix: the partner inside the box, ``lam`` unused), the others mixed by
+            ``lam``, in the same pass. The thumbnails are then (2 t t C,): the sample's own
+            followed by the cut-and-pasted image's (the sample's own again where it is not cut),
+            both summed in the pass.
 
     Returns:
         The mixed images, or (mixed images, thumbnails) with ``thumbnail > 0``.
@@ -78,10 +84,12 @@ def mix_stage(images, perm, lam, *, mean=None, std=None, channels: int = 3, layo
     if isinstance(thumbnail, bool) or not isinstance(thumbnail, int) or thumbnail < 0:
         raise ValueError(f"thumbnail: expected a side length >= 0, got {thumbnail!r}")
     scale, shift = _scale_shift(mean, std, channels)
-    has_flip = flip is not None
-    key = ("mix-cpu", tuple(scale.tolist()), tuple(shift.tolist()), layout, dtype, thumbnail, per_sample, has_flip)
+    has_flip, has_boxes = flip is not None, boxes is not None
+    key = ("mix-cpu", tuple(scale.tolist()), tuple(shift.tolist()), layout, dtype, thumbnail, per_sample, has_flip,
+           has_boxes)
     run_fn, setup_fn = _compat.memo(key, lambda: _kernels.mix_cfuncs(scale, shift, layout == "CHW", dtype, thumbnail,
-                                                                      per_sample, has_flip))
+                                                                      per_sample, has_flip, has_boxes))
+    box_in = [] if boxes is None else [boxes]
     # the thumbnail output always exists (empty without thumbnails): one run function per mode
     out_types = [types.FLOAT if dtype == "float32" else types.UINT16, types.FLOAT]
     flags = [] if not has_flip else [fn.reshape(fn.cast(flip, dtype=types.INT32), shape=[1])]
@@ -89,14 +97,14 @@ def mix_stage(images, perm, lam, *, mean=None, std=None, channels: int = 3, layo
         partner = fn.permute_batch(images, indices=_perm_indices(perm))
         if has_flip:
             flags.append(fn.permute_batch(flags[0], indices=_perm_indices(perm)))
-        inputs = [images, partner, lam, *flags]
-        in_types = [types.UINT8, types.UINT8, types.FLOAT] + [types.INT32] * len(flags)
-        ins_ndim = [3, 3, 1] + [1] * len(flags)
+        inputs = [images, partner, lam, *box_in, *flags]
+        in_types = [types.UINT8, types.UINT8, types.FLOAT] + [types.INT64] * len(box_in) + [types.INT32] * len(flags)
+        ins_ndim = [3, 3, 1] + [1] * (len(box_in) + len(flags))
         batch_processing = False
     else:
-        inputs = [images, perm, lam, *flags]
-        in_types = [types.UINT8, types.INT64, types.FLOAT] + [types.INT32] * len(flags)
-        ins_ndim = [3, 1, 1] + [1] * len(flags)
+        inputs = [images, perm, lam, *box_in, *flags]
+        in_types = [types.UINT8, types.INT64, types.FLOAT] + [types.INT64] * len(box_in) + [types.INT32] * len(flags)
+        ins_ndim = [3, 1, 1] + [1] * (len(box_in) + len(flags))
         batch_processing = True
     mixed, thumbs = _compat.cached_numba_function(
         key, *inputs, run_fn=run_fn, setup_fn=setup_fn, out_types=out_types, in_types=in_types,

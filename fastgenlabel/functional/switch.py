@@ -5,7 +5,8 @@ draws, then one box per cut sample; docs/MATH.md section 7), from NumPy's global
 so that a run seeded as timm seeds it draws what timm would. The result, :class:`MixDraw`, is
 what the fused pixel stage takes in one pass: the pairs (partner ``B - 1 - i``, the targets'
 lambda) and CutBoxes whose ``cut`` mask marks the samples pasted by box (unmixed samples are cut
-samples with an empty box, so that their rows read no partner).
+samples with an empty box, so that their rows read no partner). :class:`MixFeed` draws them for
+a loader, each batch's a pure function of (seed, shard, epoch, batch index), as ``PairFeed`` does.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .pairs import CutBoxes, MixPairs, _check_minmax, _rng, check_alpha
+from .pairs import CutBoxes, MixPairs, _check_minmax, _rng, check_alpha, pair_generator
 
 MIX_MODES = ("batch", "pair", "elem")
 UNMIXED, MIXUP, CUTMIX = 0, 1, 2
@@ -192,3 +193,48 @@ def _per_elem(d: _Draws, n: int, ma: float, ca: float, prob: float, switch_prob:
     lam = np.where(mixed, lam_mix.astype(np.float32), np.float32(1.0))
     kinds = np.where(lam == 1, UNMIXED, np.where(cut, CUTMIX, MIXUP)).astype(np.int8)
     return lam, kinds
+
+
+class MixFeed:
+    """Every batch's :class:`MixDraw` for a loader, a pure function of (seed, shard, epoch, batch index).
+
+    The CutMix / switched counterpart of :class:`~fastgenlabel.functional.pairs.PairFeed`: each
+    batch's draws are :func:`sample_mix`'s (timm's order and meanings) from the generator
+    :func:`~fastgenlabel.functional.pairs.pair_generator` seeds from where the batch sits, so the
+    pairs, boxes and cut mask never depend on threads, prefetching or the backend.
+
+    Args:
+        seed, shard_id, batch_size: as for ``PairFeed``.
+        options: :func:`sample_mix`'s keyword arguments (``mixup_alpha``, ``cutmix_alpha``, ...).
+    """
+
+    def __init__(self, *, seed: int = 0, shard_id: int = 0, batch_size: int, **options):
+        sample_mix(1, 1, 1, **options, generator=0)  # checks the options once, here
+        self.options = dict(options)
+        self.seed, self.shard_id, self.batch_size = int(seed), int(shard_id), int(batch_size)
+
+    def draw(self, batch_size: int, epoch: int, batch_index: int, height: int, width: int) -> MixDraw:
+        """The MixDraw of batch ``batch_index`` of ``epoch`` for height x width images (CPU tensors)."""
+        rng = pair_generator(self.seed, self.shard_id, epoch, batch_index)
+        return sample_mix(batch_size, height, width, **self.options, generator=rng)
+
+
+def box_rows(draw: MixDraw) -> np.ndarray:
+    """(B, 6) int64 ``(y0, y1, x0, x1, cut, kind)`` per sample: a draw's boxes, cut mask and kinds
+    as one array (the form the DALI stage takes through ``external_source``)."""
+    rows = np.zeros((len(draw), 6), np.int64)
+    if draw.boxes is not None:
+        rows[:, :4] = draw.boxes.boxes.numpy()
+        cut = draw.boxes.cut
+        rows[:, 4] = 1 if cut is None else cut.numpy()
+    rows[:, 5] = draw.kind.numpy()
+    return rows
+
+
+def draw_from_rows(pairs: MixPairs, rows: np.ndarray, height: int, width: int) -> MixDraw:
+    """The MixDraw that :func:`box_rows` wrote, back from its rows and the pairs."""
+    rows = np.asarray(rows, np.int64).reshape(-1, 6)
+    cut = torch.from_numpy(rows[:, 4] != 0)
+    boxes = CutBoxes(torch.from_numpy(np.ascontiguousarray(rows[:, :4])), height, width, cut) \
+        if bool(cut.any()) else None
+    return MixDraw(pairs, boxes, torch.from_numpy(rows[:, 5].astype(np.int8)))

@@ -8,6 +8,7 @@ from .batch import LoaderBatch
 from .config import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
 from .files import CorruptImageError, ImageFiles, scan
 from .loader import GenLabelLoader
+from .targets import deep_targets
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CorruptImageError", "GenLabelLoader", "ImageFiles", "LoaderBatch",
-           "LoaderConfig", "scan"]
+           "LoaderConfig", "deep_targets", "scan"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..functional.pairs import MixPairs
+from ..functional.switch import MixDraw
 
 
 @dataclass
@@ -24,6 +25,10 @@ class LoaderBatch:
         indices: (B,) int64 sample indices into the dataset (None when a torch dataset gives none).
         features: (B, d) float32 features of the unmixed samples, or None without features.
         thumbnails: (B, t*t*C) float32 unmixed thumbnails, when asked for (``return_thumbnails``).
+        draw: with timm's options (CutMix, ``prob``, ``mode``): the batch's MixDraw (its pairs,
+            CutBoxes with the cut mask, and each sample's kind); None otherwise.
+        mixed_features: with timm's options and linear features, (B, d) features of each mixed
+            image (the cut-and-pasted image's for cut samples) that the targets were computed from.
     """
 
     images: torch.Tensor
@@ -33,6 +38,8 @@ class LoaderBatch:
     indices: torch.Tensor | None
     features: torch.Tensor | None = None
     thumbnails: torch.Tensor | None = None
+    draw: MixDraw | None = None
+    mixed_features: torch.Tensor | None = None
 
     def __iter__(self):
         yield self.images

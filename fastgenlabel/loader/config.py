@@ -65,6 +65,15 @@ class LoaderConfig:
         alpha: lambda ~ Beta(alpha, alpha), a number >= 0; 0 disables mixing (images unmixed,
             one-hot targets).
         pairing, lam_mode: as for :func:`fastgenlabel.sample_pairs`.
+        mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, correct_lam: timm's
+            ``Mixup`` options, with timm's meanings and draws (:func:`~fastgenlabel.functional.switch.
+            sample_mix`: CutMix, mixup and CutMix switched per batch / pair / sample, ``prob`` < 1
+            leaving some unmixed). ``mixup_alpha`` is timm's name of ``alpha``: give either (both
+            only if equal). Setting any of cutmix_alpha > 0, cutmix_minmax, prob < 1 or mode
+            switches to timm's draws, partners ``B - 1 - i`` (``pairing`` must then stay at its
+            default or be "flip"); ``mode`` defaults to "elem" for ``lam_mode="sample"``, else
+            "batch", and contradicting lam_mode ("sample" with mode "batch" or "pair") is refused.
+            Otherwise the pairs are ``pairing``'s, as without these options.
         model: a fitted class model, or the path of a saved one (``load_model``); None for plain
             mixup targets.
         features: "thumbnail" (a fitted ThumbnailPCA in ``feature_map``: exact), "stored"
@@ -123,6 +132,13 @@ class LoaderConfig:
     alpha: float = 1.0
     pairing: str = "permutation"
     lam_mode: str = "batch"
+    mixup_alpha: float | None = None
+    cutmix_alpha: float = 0.0
+    cutmix_minmax: tuple | None = None
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    mode: str | None = None
+    correct_lam: bool = True
     model: Any = None
     features: str = "auto"
     feature_map: Any = None
@@ -142,6 +158,28 @@ class LoaderConfig:
     label_ext: str = "cls"
     float_range: str | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def mix_alpha(self) -> float:
+        """The mixup Beta parameter: ``mixup_alpha`` when given, else ``alpha``."""
+        return float(self.alpha if self.mixup_alpha is None else self.mixup_alpha)
+
+    @property
+    def mixing(self) -> bool:
+        """Whether any sample may be mixed (mixup or CutMix)."""
+        return self.mix_alpha > 0 or self.cutmix_alpha > 0 or self.cutmix_minmax is not None
+
+    def switch_options(self) -> dict | None:
+        """:func:`~fastgenlabel.functional.switch.sample_mix`'s keyword arguments when timm's draws
+        are asked for (CutMix, ``prob`` < 1 or ``mode``) and anything mixes; None for ``pairing``'s pairs."""
+        timm = self.cutmix_alpha > 0 or self.cutmix_minmax is not None or self.prob < 1 or self.mode is not None
+        if not timm or not self.mixing:
+            return None
+        mode = self.mode or ("elem" if self.lam_mode == "sample" else "batch")
+        cutmix_alpha = 1.0 if self.cutmix_minmax is not None else float(self.cutmix_alpha)  # as timm
+        return dict(mixup_alpha=self.mix_alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=self.cutmix_minmax,
+                    prob=float(self.prob), switch_prob=float(self.switch_prob), mode=mode,
+                    correct_lam=self.correct_lam)
 
     @property
     def written_layout(self) -> str:
@@ -184,6 +222,7 @@ class LoaderConfig:
         if not isinstance(self.alpha, (int, float)):
             raise ValueError(f"alpha: expected a finite number >= 0 (0: no mixing), got {self.alpha!r}")
         check_alpha(self.alpha)
+        _check_switch_options(self)
         for name in ("gamma", "smoothing"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
@@ -205,6 +244,41 @@ class LoaderConfig:
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
             raise ValueError(f"crop_ratio: expected 0 < min <= max, got {self.crop_ratio!r}")
+
+
+def _check_switch_options(self) -> None:
+    """timm's options (``Mixup``'s names) next to the loader's own: refuse contradictions, naming both."""
+    from ..functional.pairs import _check_minmax
+    from ..functional.switch import MIX_MODES, _check_probability
+
+    if self.mixup_alpha is not None:
+        if isinstance(self.mixup_alpha, bool) or not isinstance(self.mixup_alpha, (int, float)):
+            raise ValueError(f"mixup_alpha: expected a finite number >= 0, got {self.mixup_alpha!r}")
+        check_alpha(self.mixup_alpha)
+        if self.alpha != 1.0 and self.alpha != self.mixup_alpha:
+            raise ValueError(f"mixup_alpha, alpha: two names of the mixup Beta parameter with different values "
+                             f"({self.mixup_alpha!r} and {self.alpha!r}); give one")
+    if isinstance(self.cutmix_alpha, bool) or not isinstance(self.cutmix_alpha, (int, float)):
+        raise ValueError(f"cutmix_alpha: expected a finite number >= 0 (0: no CutMix), got {self.cutmix_alpha!r}")
+    check_alpha(self.cutmix_alpha)
+    if self.cutmix_minmax is not None:
+        try:
+            self.cutmix_minmax = _check_minmax(self.cutmix_minmax)
+        except ValueError as e:
+            raise ValueError(f"cutmix_{e}") from None
+    _check_probability(self.prob, "prob")
+    _check_probability(self.switch_prob, "switch_prob")
+    if self.mode is not None:
+        _choice(self.mode, MIX_MODES, "mode")
+        if self.lam_mode == "sample" and self.mode != "elem":
+            raise ValueError(f"mode, lam_mode: lam_mode='sample' (a lambda per sample) contradicts mode={self.mode!r}; "
+                             "use mode='elem' (timm's per-sample mode) or leave lam_mode at 'batch'")
+    if not isinstance(self.correct_lam, bool):
+        raise ValueError(f"correct_lam: expected True or False, got {self.correct_lam!r}")
+    if self.switch_options() is not None and self.pairing == "roll":
+        raise ValueError("pairing, cutmix_alpha/cutmix_minmax/prob/mode: timm's draws pair sample i with B - 1 - i "
+                         "(pairing 'flip'); pairing='roll' contradicts them")
+
 
 
 def _check_data(data) -> None:

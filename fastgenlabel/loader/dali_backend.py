@@ -14,9 +14,11 @@ import torch
 from ..dali import pipelines
 from ..features import thumbnails_torch
 from ..functional.pairs import MixPairs, PairFeed
+from ..functional.switch import draw_from_rows
 from ..kernels.pixel import mix_images
 from .files import CorruptImageError, find_undecodable
 from .source import EpochSource
+from .targets import cut_thumbnails, switch_feed
 
 
 def _cpu_tensor(node) -> torch.Tensor:
@@ -34,7 +36,8 @@ class DaliBackend:
         self._source_args = dict(batch_size=c.batch_size, last_batch=c.last_batch, shuffle=c.shuffle, seed=c.seed,
                                  shard_id=c.shard_id, num_shards=c.num_shards, on_bad_image=c.on_bad_image,
                                  warned=set(), checked=np.zeros(len(files), bool),
-                                 max_image_pixels=c.max_image_pixels)
+                                 max_image_pixels=c.max_image_pixels, switch=switch_feed(c),
+                                 image_size=c.image_size)
         if c.train:  # crop windows and flips drawn on the host: a pass can start at any batch
             self._source_args.update(crops=dict(scale=c.crop_scale, ratio=c.crop_ratio, flip=c.flip),
                                      sizes=np.zeros((len(files), 2), np.int32))
@@ -61,7 +64,7 @@ class DaliBackend:
             std=c.std, dtype=c.dtype, layout=c.written_layout, thumbnail=self.thumbnail, flip=c.flip,
             mix=not c.extra.get("baseline", False),
             per_sample=c.mix_mode == "sample" or (c.mix_mode == "auto" and c.num_threads >= 4),
-            windows="crops" in self._source_args)
+            windows="crops" in self._source_args, cut=self.source.switch is not None)
         self.pipe.build()
         self._clean = True
 
@@ -103,22 +106,34 @@ class DaliBackend:
                 raise CorruptImageError(bad[0], f"cannot be decoded ({bad[1]})") from e
             raise
         gpu = self.device.type == "cuda"
+        size = self.config.image_size
+        if self.source.switch is not None:  # the box rows come last: rebuild the batch's MixDraw
+            *out, rows = out
+            draw = draw_from_rows(MixPairs(_cpu_tensor(out[-2]).reshape(-1), _cpu_tensor(out[-1]).reshape(-1)),
+                                  _cpu_tensor(rows).numpy(), size, size)
+        else:
+            draw = None
         if gpu:
             images, index, perm, lam = out
             crops = self._to_cuda(images, torch.uint8)
             idx = _cpu_tensor(index).reshape(-1)
             pairs = MixPairs(_cpu_tensor(perm).reshape(-1), _cpu_tensor(lam).reshape(-1))
             thumbs = thumbnails_torch(crops, self.thumbnail) if self.thumbnail else None
+            if thumbs is not None and draw is not None and draw.boxes is not None:
+                thumbs = (thumbs, cut_thumbnails(crops, draw, self.thumbnail))
             c = self.config
-            mixed = mix_images(crops, pairs, c.mean, c.std, dtype=c.dtype, layout=c.written_layout)
-            return mixed, thumbs, idx, self.labels_of(idx), pairs
+            mixed = mix_images(crops, pairs, c.mean, c.std, dtype=c.dtype, layout=c.written_layout,
+                               boxes=None if draw is None else draw.boxes)
+            return mixed, thumbs, idx, self.labels_of(idx), pairs if draw is None else draw
         if self.thumbnail:
             images, thumbs, index, perm, lam = out
             thumbs = _cpu_tensor(thumbs)
+            if draw is not None:  # the stage wrote each sample's own thumbnail, then its cut-and-pasted one
+                thumbs = (thumbs[:, :thumbs.shape[1] // 2], thumbs[:, thumbs.shape[1] // 2:])
         else:
             images, index, perm, lam = out
             thumbs = None
-        pairs = MixPairs(_cpu_tensor(perm).reshape(-1), _cpu_tensor(lam).reshape(-1))
+        pairs = MixPairs(_cpu_tensor(perm).reshape(-1), _cpu_tensor(lam).reshape(-1)) if draw is None else draw
         idx = _cpu_tensor(index).reshape(-1)
         images = _cpu_tensor(images)
         if self.config.dtype == "bfloat16":  # the stage's UINT16 bit patterns (DALI has no bfloat16)

@@ -8,6 +8,7 @@ import torch
 
 from ..features import NoFeatures, StoredEmbeddings, ThumbnailPCA, check_model_matches
 from ..functional._arrays import to_device
+from ..functional.switch import MixDraw
 from ..models import load_model
 from .batch import LoaderBatch
 from .config import LoaderConfig
@@ -77,7 +78,7 @@ class GenLabelLoader:
         self.num_classes = self._resolve_num_classes(dataset)
         self.features = self._resolve_features(dataset)
         self.targets = TargetMaker(self.model, self.features, num_classes=self.num_classes, gamma=config.gamma,
-                                   smoothing=config.smoothing, backend=config.relabel_backend, mixing=config.alpha > 0)
+                                   smoothing=config.smoothing, backend=config.relabel_backend, mixing=config.mixing)
         self.thumbnail = (self.features.thumbnail if isinstance(self.features, ThumbnailPCA)
                           else (config.thumbnail if config.return_thumbnails else 0))
         if config.return_thumbnails and not self.thumbnail:
@@ -197,7 +198,7 @@ class GenLabelLoader:
         c = self.config
         if c.backend == "dali":
             self._check_batch_fits(len(self.files))
-            if c.extra.get("baseline") and (c.alpha > 0 or self.thumbnail):
+            if c.extra.get("baseline") and (c.mixing or self.thumbnail):
                 raise ValueError("extra: baseline (the benchmark's unmixed pipeline) needs alpha=0 and no thumbnails "
                                  "or feature_map")
             from .dali_backend import DaliBackend
@@ -371,13 +372,23 @@ class GenLabelLoader:
         if indices is None and self.targets.needs_indices:
             raise ValueError("dataset: stored embeddings are looked up by sample index; the dataset's items "
                              "must be (image, label, index)")
+        draw = z_mixed = None
+        if isinstance(pairs, MixDraw):  # timm's draws (CutMix / switched): boxes, cut mask and kinds
+            draw, pairs = pairs, pairs.pairs
+        thumbs_cut = None
+        if isinstance(thumbs, tuple):  # (the samples' own thumbnails, the cut-and-pasted images')
+            thumbs, thumbs_cut = thumbs
         with cpu_threads(self.config.target_threads if labels.device.type == "cpu" else None):
             z = self.targets.features_of(thumbs, indices)
-            targets = self.targets(z, pairs, labels)
+            if draw is None:
+                targets = self.targets(z, pairs, labels)
+            else:
+                z_cut = None if thumbs_cut is None else self.targets.features_of(thumbs_cut, indices)
+                targets, z_mixed = self.targets.switched(z, z_cut, draw, labels)
         if self.config.channels_last:  # written as (B, H, W, C): the same memory as NCHW channels-last
             images = images.permute(0, 3, 1, 2)
         return LoaderBatch(images=images, targets=targets, labels=labels, pairs=pairs, indices=indices,
-                           features=z, thumbnails=thumbs)
+                           features=z, thumbnails=thumbs, draw=draw, mixed_features=z_mixed)
 
     def __repr__(self) -> str:
         c = self.config

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..functional.pairs import PairFeed, split_pairs
+from ..functional.switch import box_rows
 from .crops import crop_windows
 from .encoded import upright_size
 from .files import DEFAULT_MAX_IMAGE_PIXELS, CorruptImageError, ImageFiles, check_encoded
@@ -46,14 +47,19 @@ class EpochSource:
             pure functions of (seed, epoch, sample index) (:func:`~.crops.crop_windows`).
         sizes: (N, 2) int32 upright (width, height) per sample, 0 until first read (shared
             across rebuilds, like ``checked``).
+        switch: a :class:`~fastgenlabel.functional.switch.MixFeed` (timm's CutMix / switched draws
+            for ``image_size`` squares) used instead of ``feed``; each item then ends with one more
+            array, the (B, 6) int64 box rows (:func:`~fastgenlabel.functional.switch.box_rows`).
+        image_size: the crops' side (the boxes are drawn for it).
     """
 
     def __init__(self, files: ImageFiles, feed: PairFeed, *, batch_size: int, last_batch: str, shuffle: bool,
                  seed: int, shard_id: int, num_shards: int, on_bad_image: str = "error", history: int = 8,
                  read_ahead: int = 2, warned: set | None = None, checked: np.ndarray | None = None,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, crops: dict | None = None,
-                 sizes: np.ndarray | None = None):
+                 sizes: np.ndarray | None = None, switch=None, image_size: int = 0):
         self.files, self.feed = files, feed
+        self.switch, self.image_size = switch, image_size
         self.batch_size, self.last_batch, self.shuffle = batch_size, last_batch, shuffle
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
         self.on_bad_image, self.max_image_pixels = on_bad_image, max_image_pixels
@@ -112,14 +118,21 @@ class EpochSource:
                 # called from DALI's machinery: no caller frame of the user's to point at
                 warnings.warn(f"skipping {why} (on_bad_image='skip')", stacklevel=1)
         self.recent.append((self._pass_epoch, b, kept))
-        perm, lam = split_pairs(self.feed.draw(len(kept), self._pass_epoch, b))
-        out = (encoded, np.asarray(kept, np.int64).reshape(-1, 1), perm, lam)
-        if self.crops is None:
-            return out
-        size = self._sizes[kept]
-        c = self.crops
-        return out + crop_windows(size[:, 0], size[:, 1], seed=self.seed, epoch=self._pass_epoch, indices=kept,
-                                  scale=c["scale"], ratio=c["ratio"], flip=c["flip"])
+        index = np.asarray(kept, np.int64).reshape(-1, 1)
+        extra = ()  # CutMix: the (B, 6) box rows come last
+        if self.switch is not None:
+            draw = self.switch.draw(len(kept), self._pass_epoch, b, self.image_size, self.image_size)
+            perm, lam = split_pairs(draw.pairs)
+            extra = (box_rows(draw),)
+        else:
+            perm, lam = split_pairs(self.feed.draw(len(kept), self._pass_epoch, b))
+        out = (encoded, index, perm, lam)
+        if self.crops is not None:
+            size = self._sizes[kept]
+            c = self.crops
+            out = out + crop_windows(size[:, 0], size[:, 1], seed=self.seed, epoch=self._pass_epoch, indices=kept,
+                                     scale=c["scale"], ratio=c["ratio"], flip=c["flip"])
+        return out + extra
 
     def _read_batch(self, idx) -> tuple[list, list, list]:
         """(encoded images, their sample indices, (name, error) of the skipped bad samples) of one batch."""

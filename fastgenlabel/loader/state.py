@@ -17,7 +17,8 @@ FORMAT = "fastgenlabel.GenLabelLoader"
 VERSION = 1
 # the config fields that decide which samples, crops, flips and pairs every batch has
 RESUME_FIELDS = ("seed", "shuffle", "batch_size", "last_batch", "num_shards", "train", "flip", "crop_scale",
-                 "crop_ratio", "alpha", "pairing", "lam_mode")
+                 "crop_ratio", "alpha", "pairing", "lam_mode", "mixup_alpha", "cutmix_alpha", "cutmix_minmax", "prob",
+                 "switch_prob", "mode", "correct_lam", "image_size")
 
 
 def _plain(v):

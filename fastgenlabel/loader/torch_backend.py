@@ -16,6 +16,7 @@ from ..functional.pairs import PairFeed
 from ..kernels.pixel import mix_images
 from .images import ImageFileDataset, collate_skipping_none
 from .sampling import batch_indices, shard_order
+from .targets import cut_thumbnails, switch_feed
 
 
 class TorchBackend:
@@ -30,6 +31,7 @@ class TorchBackend:
         self.dataset = None if self.loader is not None else dataset
         self.feed = PairFeed(c.alpha, pairing=c.pairing, lam_mode=c.lam_mode, seed=c.seed, shard_id=c.shard_id,
                              batch_size=c.batch_size)
+        self.switch = switch_feed(c)  # timm's CutMix / switched draws, or None for the feed's pairs
         self._it = None
         self._epoch = 0
         self._batch = 0
@@ -84,17 +86,28 @@ class TorchBackend:
             _check_float_range(images, c.float_range)  # before the copy to a GPU: no device sync
             self._float_checked = True
         images = images.to(self.device, non_blocking=True).contiguous()
-        pairs = self.feed.draw(images.shape[0], self._epoch, self._batch)
+        draw = None
+        if self.switch is not None:
+            draw = self.switch.draw(images.shape[0], self._epoch, self._batch, images.shape[1], images.shape[2])
+            pairs = draw.pairs
+        else:
+            pairs = self.feed.draw(images.shape[0], self._epoch, self._batch)
         self._batch += 1
         thumbs = thumbnails_torch(images, self.thumbnail) if self.thumbnail else None
+        if thumbs is not None and draw is not None and draw.boxes is not None:
+            thumbs = (thumbs, cut_thumbnails(images, draw, self.thumbnail))
         mean, std = c.mean, c.std
         if unit:  # (255 x - mean) / std: mean and std and the thumbnails stay in 0-255 units
             channels = images.shape[-1]
             mean = tuple(m / 255 for m in mean) if mean is not None else (0.0,) * channels
             std = tuple(s / 255 for s in std) if std is not None else (1 / 255,) * channels
-            thumbs = thumbs * 255 if thumbs is not None else None
-        mixed = mix_images(images, pairs, mean, std, dtype=c.dtype, layout=c.written_layout)
-        return mixed, thumbs, indices, labels, pairs
+            if isinstance(thumbs, tuple):
+                thumbs = tuple(t * 255 for t in thumbs)
+            elif thumbs is not None:
+                thumbs = thumbs * 255
+        mixed = mix_images(images, pairs, mean, std, dtype=c.dtype, layout=c.written_layout,
+                           boxes=None if draw is None else draw.boxes)
+        return mixed, thumbs, indices, labels, pairs if draw is None else draw
 
 
 def _check_float_range(images: torch.Tensor, float_range) -> None:
