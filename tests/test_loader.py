@@ -41,6 +41,10 @@ def config(data, **kw):
 
 @pytest.fixture(scope="module")
 def fitted(data):
+    return fit_on_one_pass(data)
+
+
+def fit_on_one_pass(data):
     """A ThumbnailPCA and full Gaussians fitted on one unmixed pass (thumbnails written by the graph)."""
     loader = GenLabelLoader(config(data, alpha=0.0, train=False, shuffle=False, last_batch="partial",
                                    return_thumbnails=True, thumbnail=4))

@@ -4,10 +4,10 @@ the images as the reference does on the batch's own draws, the draws are a pure 
 import numpy as np
 import pytest
 import torch
-from test_loader import K, config, write_dataset
+from test_loader import K, config, fit_on_one_pass, write_dataset
 
 import fastgenlabel as fgl
-from fastgenlabel.features import ThumbnailPCA, thumbnails
+from fastgenlabel.features import thumbnails
 from fastgenlabel.functional.images import mix_images
 from fastgenlabel.functional.switch import CUTMIX, MIXUP, UNMIXED
 from fastgenlabel.loader import GenLabelLoader, LoaderConfig
@@ -28,14 +28,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(data):
     """A ThumbnailPCA and full Gaussians fitted on one unmixed pass."""
-    loader = GenLabelLoader(config(data, alpha=0.0, train=False, shuffle=False, last_batch="partial",
-                                   return_thumbnails=True, thumbnail=4))
-    batches = list(loader)
-    thumbs = torch.cat([b.thumbnails for b in batches]).numpy()
-    labels = torch.cat([b.labels for b in batches])
-    fmap = ThumbnailPCA(4, 5).fit(thumbs)
-    model = fgl.GaussianClassModel("full").fit(torch.from_numpy(fmap.transform(thumbs)), labels, K)
-    return fmap, model
+    return fit_on_one_pass(data)
 
 
 def _hwc(images):
