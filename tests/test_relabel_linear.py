@@ -316,7 +316,8 @@ def test_repeated_features_round_coherently_within_the_bound(d, route):
 def test_mkl_route_is_found_where_torch_links_mkl_and_restores_its_thread_setting():
     """On the x86-64 Linux wheels torch links MKL: the fast route must be found there (else the
     product silently falls back to torch.mm and the finish to a second thread pool). After a call,
-    the calling thread's MKL setting is what it was (none: 0)."""
+    the calling thread's MKL setting is what it was before (torch itself sets it, e.g. after
+    torch.set_num_threads), whatever that was."""
     import platform
     import sys
 
@@ -326,17 +327,27 @@ def test_mkl_route_is_found_where_torch_links_mkl_and_restores_its_thread_settin
     assert found is not None and all(isinstance(a, int) and a for a in found)
     model, z, y = model_for("tied", 6, 5)
     zb, pairs, labels = batch(np.random.default_rng(3), z, y, 9, "sample")
-    with mkl.policy("auto"):
-        fg.relabel(model, zb, pairs, labels, 0.5, num_classes=6, backend="numba-cpu")
-    assert _thread_setting(found[1]) == 0
+    for setting in (None, 3):
+        if setting is not None:
+            _set_threads(found[1], setting)
+        before = _thread_setting(found[1])
+        with mkl.policy("auto"):
+            fg.relabel(model, zb, pairs, labels, 0.5, num_classes=6, backend="numba-cpu")
+        assert _thread_setting(found[1]) == before
+    _set_threads(found[1], 0)
 
 
-def _thread_setting(set_threads: int) -> int:
-    """The calling thread's MKL_Set_Num_Threads_Local value (0: none), read by setting it to 0."""
+def _set_threads(address: int, count: int) -> int:
     import ctypes
 
-    fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(set_threads)
-    return fn(0)
+    return ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(address)(count)
+
+
+def _thread_setting(address: int) -> int:
+    """The calling thread's MKL_Set_Num_Threads_Local value (0: none), read and put back."""
+    value = _set_threads(address, 0)
+    _set_threads(address, value)
+    return value
 
 
 def test_mkl_policy_validation():
