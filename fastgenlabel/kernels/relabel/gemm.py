@@ -97,10 +97,11 @@ def use_gemm(num_classes: int, dim: int, typical_error=None) -> bool:
 
 
 @contextlib.contextmanager
-def scoped_policy(module, value: str):
-    """Temporarily set ``module.POLICY`` ("auto", "always", "never"): this module's and ``linear.py``'s."""
-    if value not in ("auto", "always", "never"):
-        raise ValueError(f"policy: expected 'auto', 'always' or 'never', got {value!r}")
+def scoped_policy(module, value: str, allowed=("auto", "always", "never")):
+    """Temporarily set ``module.POLICY`` to one of ``allowed``: this module's, ``linear.py``'s and
+    ``mkl.py``'s."""
+    if value not in allowed:
+        raise ValueError(f"policy: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
     old, module.POLICY = module.POLICY, value
     try:
         yield

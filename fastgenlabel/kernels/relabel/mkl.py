@@ -16,7 +16,6 @@ the product goes through ``torch.mm``.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import pathlib
@@ -108,17 +107,11 @@ def use_mkl() -> bool:
     return POLICY == "auto" and functions() is not None
 
 
-@contextlib.contextmanager
 def policy(value: str):
     """Temporarily set :data:`POLICY` ("auto" or "torch")."""
-    if value not in ("auto", "torch"):
-        raise ValueError(f"policy: expected 'auto' or 'torch', got {value!r}")
-    module = sys.modules[__name__]
-    old, module.POLICY = module.POLICY, value
-    try:
-        yield
-    finally:
-        module.POLICY = old
+    from .gemm import scoped_policy
+
+    return scoped_policy(sys.modules[__name__], value, ("auto", "torch"))
 
 
 __all__ = ["POLICY", "call_set_threads", "call_sgemm", "functions", "policy", "use_mkl"]
